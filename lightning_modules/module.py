@@ -1,0 +1,95 @@
+"""The LightningModule: encode → bundle → plugins → weighted sum of contrastive losses."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from lightning_modules.backbone import Backbone
+from lightning_modules.losses import ContrastiveLoss
+from lightning_modules.plugins.base import MatryoshkaPlugin
+from lightning_modules.views import View
+
+if TYPE_CHECKING:
+    from experiments.config import OptimConfig
+
+
+class MatryoshkaEmbedder(L.LightningModule):
+    """Trains a text-embedding backbone on every nested view the plugins define, from one forward per step.
+
+    Args:
+        backbone: the wrapped Hugging Face model.
+        plugins: Matryoshka axes; ``setup`` runs here, before the optimizer exists, so a plugin that replaces
+            weights (MEL) keeps the replaced ones out of the optimizer.
+        loss: the contrastive loss applied to each view.
+        optim: optimizer and schedule settings.
+    """
+
+    def __init__(self, backbone: Backbone, plugins: list[MatryoshkaPlugin], loss: ContrastiveLoss,
+                 optim: OptimConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.plugins = sorted(plugins, key=lambda plugin: plugin.stage)
+        for plugin in self.plugins:
+            plugin.setup(backbone)
+        self.loss = loss
+        self.optim = optim
+
+    def views(self, batch: dict, step: int) -> list[View]:
+        """All weighted views of one batch, from one forward."""
+        for plugin in self.plugins:
+            plugin.before_forward(step)
+        bundle = self.backbone(batch["input_ids"], batch["attention_mask"])
+        views = [bundle.root_view()]
+        for plugin in self.plugins:
+            views = plugin.expand(views, bundle)
+        return views
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        views = self.views(batch, self.global_step)
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, Tensor | float] = {}
+        for view in views:
+            terms = self.loss(view.embeddings, batch["num_queries"], batch["negatives_per_query"],
+                              batch.get("in_batch", True))
+            view_loss = sum(terms.values())
+            total = total + view.weight * view_loss
+            metrics[f"train/loss/{view.name}"] = view_loss.detach()
+            for term, value in terms.items():
+                metrics[f"train/loss_{term}"] = metrics.get(f"train/loss_{term}", 0.0) + view.weight * value.detach()
+        metrics["train/loss"] = total.detach()
+        metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
+        for plugin in self.plugins:
+            metrics.update({f"train/{key}": value for key, value in plugin.step_metrics().items()})
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch["num_queries"])
+        return total
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for parameter in self.parameters():
+            if parameter.requires_grad:
+                # Biases and norm scales are 1-D and, by common practice, not decayed.
+                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(self.optim.warmup_steps, total_steps, self.optim.min_lr / self.optim.lr))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, floor: float):
+    """LR factor: linear warm-up from 0 to 1 over ``warmup_steps``, then cosine down to ``floor`` at the end."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor

@@ -1,0 +1,93 @@
+"""The plugin contract: a Matryoshka axis is one class with up to three hooks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from lightning_modules.backbone import Backbone, BackboneInfo
+    from lightning_modules.views import EmbeddingBundle, View
+
+
+class PluginConfigError(ValueError):
+    """A plugin's config value is invalid; ``key`` is relative to the plugin's config block."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+@dataclass
+class PluginConfig:
+    """Base of every plugin's typed config (the block under ``plugins.<name>`` in an experiment)."""
+
+
+class MatryoshkaPlugin:
+    """Base class of a Matryoshka axis.
+
+    A subclass sets ``Config`` (a dataclass of its options, typed: unknown keys and wrong types are
+    rejected before any work), validates values in ``__init__`` by raising :class:`PluginConfigError`, and
+    overrides any of the hooks below. ``stage`` orders ``expand`` calls: plugins that choose *which*
+    embedding a view reads (an exit layer) run before plugins that transform it (dims, precision).
+
+    Hooks:
+        setup(backbone): change the model once, before the optimizer exists.
+        before_forward(step): choose this step's configuration; must be a pure function of (seed, step) so
+            every device agrees and a resumed run repeats it. Use :meth:`step_rng`.
+        expand(views, bundle): turn each view into nested, weighted, tagged views.
+    and optionally ``step_metrics()`` to log the step's choices (MEL: its rank).
+    """
+
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    stage: ClassVar[int] = 20
+
+    def __init__(self, config: PluginConfig, info: BackboneInfo, seed: int) -> None:
+        self.config = config
+        self.info = info
+        self.seed = seed
+
+    def setup(self, backbone: Backbone) -> None:
+        """Change the model once (default: nothing)."""
+
+    def before_forward(self, step: int) -> None:
+        """Choose this step's configuration (default: nothing)."""
+
+    def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
+        """Nest each view (default: unchanged)."""
+        return views
+
+    def step_metrics(self) -> dict[str, float]:
+        """Scalars of this step's configuration to log under ``train/`` (default: none)."""
+        return {}
+
+    def step_rng(self, step: int) -> np.random.Generator:
+        """A generator that depends only on (seed, plugin class, step): identical on every device and
+        after a resume, independent of any global RNG state."""
+        name_entropy = int.from_bytes(type(self).__name__.encode()[:8].ljust(8, b"\0"), "little")
+        return np.random.default_rng([self.seed, name_entropy, step])
+
+
+def checked_ladder(key: str, values: list[int], high: int, bound: str, example: list[int]) -> list[int]:
+    """Validates a ladder of sizes (dims, layers, ranks): non-empty, each in ``[1, high]``, no repeats."""
+    bad = [value for value in values if not 1 <= value <= high]
+    if not values or bad:
+        raise PluginConfigError(key, f"{bad or values} not allowed: each value must be an integer in "
+                                f"[1, {high}] ({bound}), e.g. {example}")
+    if len(set(values)) != len(values):
+        raise PluginConfigError(key, f"{values} has repeated values; each may appear once")
+    return list(values)
+
+
+def checked_weights(key: str, weights: list[float] | None, ladder: list[int]) -> dict[int, float] | None:
+    """None when not given, else ``{ladder value: weight}`` for one non-negative weight per ladder entry
+    (paired in the order the user wrote them; not all zero)."""
+    if weights is None:
+        return None
+    if len(weights) != len(ladder) or any(weight < 0 for weight in weights) or not any(weights):
+        raise PluginConfigError(key, f"{list(weights)} must be {len(ladder)} non-negative numbers, not all zero, "
+                                f"one per entry of {ladder}")
+    return dict(zip(ladder, weights))

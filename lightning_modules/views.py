@@ -1,0 +1,82 @@
+"""Embedding bundles and the weighted views that Matryoshka plugins expand them into."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+def view_name(tags: Mapping[str, object]) -> str:
+    """Metric-name fragment of a view, e.g. ``layer_4/dim_64/rank_128``.
+
+    ``key_value`` rather than ``key=value``: MLflow rejects ``=`` in metric names (only alphanumerics,
+    ``_ - . / : space``), and Lightning's MLflow logger would otherwise rewrite it silently.
+    """
+    return "/".join(f"{key}_{value}" for key, value in tags.items()) or "full"
+
+
+@dataclass(frozen=True)
+class View:
+    """One nested embedding the loss is computed on.
+
+    Args:
+        embeddings: ``[num_texts, width]`` pooled, not yet normalised embeddings of every text of the batch
+            (queries, then passages, then hard negatives). Plugins slice them; the loss normalises.
+        weight: factor of this view's loss in the total.
+        tags: the nesting coordinates of this view, in the order plugins added them (``layer``, ``dim``,
+            ``rank``, ...). They name metrics and probe cells.
+    """
+
+    embeddings: Tensor
+    weight: float = 1.0
+    tags: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return view_name(self.tags)
+
+    def derive(self, embeddings: Tensor | None = None, weight_factor: float = 1.0, **tags: object) -> View:
+        """A nested view: same data unless replaced, weight multiplied, tags appended."""
+        return View(
+            embeddings=self.embeddings if embeddings is None else embeddings,
+            weight=self.weight * weight_factor,
+            tags={**self.tags, **tags},
+        )
+
+
+class EmbeddingBundle:
+    """Pooled embeddings at every exit of ONE backbone forward, computed lazily and cached.
+
+    ``layer(l)`` is the embedding read after block ``l`` (1-based; ``num_layers`` is the full model).
+    Decoder exits before the last get the model's final norm, so exit ``l`` equals what a model cut to
+    ``l`` blocks computes; the norm is applied to the pooled vector (per-token norm, same result, cheaper).
+    """
+
+    def __init__(
+        self,
+        hidden_states: tuple[Tensor, ...],
+        pool: Callable[[Tensor], Tensor],
+        exit_norm: Callable[[Tensor], Tensor] | None,
+    ) -> None:
+        self.hidden_states = hidden_states
+        self.num_layers = len(hidden_states) - 1
+        self._pool = pool
+        self._exit_norm = exit_norm
+        self._cache: dict[int, Tensor] = {}
+
+    def layer(self, layer: int) -> Tensor:
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"exit layer {layer} outside the model's blocks 1..{self.num_layers}")
+        if layer not in self._cache:
+            pooled = self._pool(self.hidden_states[layer])
+            if self._exit_norm is not None and layer < self.num_layers:
+                pooled = self._exit_norm(pooled)
+            self._cache[layer] = pooled
+        return self._cache[layer]
+
+    def root_view(self) -> View:
+        """The un-nested view plugins start from: the full-depth, full-width embedding."""
+        return View(embeddings=self.layer(self.num_layers))
+
