@@ -6,7 +6,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
 
-SHOWN_METRICS = ("train/loss", "train/mel/rank", "train/samples_per_sec")
+SHOWN_METRICS = ("train/loss", "train/mel/rank", "train/device/samples_per_sec")
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -27,4 +27,4 @@ class StepProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
         metrics = super().get_metrics(trainer, pl_module)
-        return {key.removeprefix("train/"): value for key, value in metrics.items() if key in SHOWN_METRICS}
+        return {key.rsplit("/", 1)[-1]: value for key, value in metrics.items() if key in SHOWN_METRICS}

@@ -79,7 +79,12 @@ def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
             checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
             if checkpoint.is_file():
                 return run_dir, checkpoint
-    return experiment_dir / datetime.now().strftime("%Y%m%d-%H%M%S"), None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, count = experiment_dir / stamp, 1
+    while run_dir.exists():  # two fresh runs within one second
+        count += 1
+        run_dir = experiment_dir / f"{stamp}-{count}"
+    return run_dir, None
 
 
 def flatten(container: dict, prefix: str = "") -> dict[str, str]:
@@ -138,19 +143,17 @@ def train(config: DictConfig) -> TrainResult:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(config, run_dir / "config.yaml", resolve=True)
     logger = make_logger(config, run_dir)
-    trainer_args = {
-        "logger": logger,
-        "default_root_dir": str(run_dir),
-        "callbacks": [
-            StepProgressBar(),
-            ThroughputMonitor(batch_size_fn=lambda batch: batch["num_queries"],
-                              length_fn=lambda batch: int(batch["attention_mask"].sum())),
-            ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
-                            save_last=True),
-        ],
-        **OmegaConf.to_container(config.trainer, resolve=True),
-    }
-    trainer = L.Trainer(**trainer_args)
+    trainer_args = OmegaConf.to_container(config.trainer, resolve=True)
+    callbacks = [
+        # Logs train/device/{samples,items,flops}_per_sec (items = real tokens) over a 10-step window.
+        ThroughputMonitor(batch_size_fn=lambda batch: batch["num_queries"],
+                          length_fn=lambda batch: int(batch["attention_mask"].sum()), window_size=10),
+        ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
+                        save_last=True),
+    ]
+    if trainer_args.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
+    trainer = L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
     datamodule.trainer = trainer
     datamodule.prepare_data()
     datamodule.setup("fit")

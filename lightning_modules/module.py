@@ -38,6 +38,10 @@ class MatryoshkaEmbedder(L.LightningModule):
             plugin.setup(backbone)
         self.loss = loss
         self.optim = optim
+        embedding = backbone.input_embeddings()
+        # Token-embedding lookups cost no matmul FLOPs; the rest costs ~6 FLOPs per parameter per token.
+        self.dense_parameters = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in embedding.parameters())
+        self.flops_per_batch = 0
 
     def views(self, batch: dict, step: int) -> list[View]:
         """All weighted views of one batch, from one forward."""
@@ -50,6 +54,7 @@ class MatryoshkaEmbedder(L.LightningModule):
         return views
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self.flops_per_batch = 6 * self.dense_parameters * int(batch["attention_mask"].sum())  # read by ThroughputMonitor
         views = self.views(batch, self.global_step)
         total = torch.zeros((), device=self.device)
         metrics: dict[str, Tensor | float] = {}

@@ -78,4 +78,4 @@ def load(config: ModelConfig) -> tuple[Backbone, object]:
         tiny = config.tiny
         model = build(info.vocab_size, tiny.hidden_size, info.num_layers, tiny.num_heads, tiny.intermediate_size)
         tokenizer = byte_tokenizer(eos_is_pad=tiny.eos_is_pad)
-    return Backbone(model, info.family), tokenizer
+    return Backbone(model.train(), info.family), tokenizer  # from_pretrained-style loaders return eval mode

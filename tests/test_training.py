@@ -1,0 +1,65 @@
+"""End-to-end: the tiny experiment learns, logs to MLflow, checkpoints, and resumes exactly."""
+
+import mlflow
+import pytest
+import torch
+
+from experiments.run import train
+from lightning_modules.module import MatryoshkaEmbedder
+
+
+def loss_history(config, run_id):
+    client = mlflow.MlflowClient(config.tracking.uri)
+    return [m.value for m in sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)]
+
+
+def test_tiny_run_learns_and_logs_to_mlflow(tiny_config):
+    config = tiny_config("tiny", ["trainer.max_steps=40", "optim.warmup_steps=4", "data.locales=[de]"])
+    result = train(config)
+    losses = loss_history(config, result.run_id)
+    assert len(losses) == 40
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    run = mlflow.MlflowClient(config.tracking.uri).get_run(result.run_id)
+    assert run.data.params["plugins.mel.rank"] == "16" and run.data.params["optim.lr"] == "0.001"
+    assert run.data.params["corpus.train_pairs.de"].isdigit()
+    assert {"train/lr", "train/mel/rank", "train/loss/layer_4/dim_32/rank_16"} <= set(run.data.metrics)
+    assert result.checkpoint.is_file()
+
+
+def final_state(result) -> dict:
+    return torch.load(result.checkpoint, weights_only=False)
+
+
+def test_crashed_and_resumed_run_ends_where_a_straight_run_ends(tiny_config, tmp_path, monkeypatch):
+    overrides = ["data.locales=[de,fr]", "checkpoint_every=3", "trainer.max_steps=6"]
+    straight = final_state(train(tiny_config("tiny", [*overrides, f"output_dir={tmp_path}/straight"])))
+
+    original_step = MatryoshkaEmbedder.training_step
+
+    def crash_at_step_4(self, batch, batch_idx):
+        if self.global_step == 4:
+            raise RuntimeError("simulated crash")
+        return original_step(self, batch, batch_idx)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MatryoshkaEmbedder, "training_step", crash_at_step_4)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(tiny_config("tiny", overrides))
+    resumed = train(tiny_config("tiny", overrides))  # the same command resumes from the step-3 checkpoint
+    assert resumed.run_dir.parent == tmp_path / "outputs" / "tiny" and len(list(resumed.run_dir.parent.iterdir())) == 1
+    state = final_state(resumed)
+    assert state["global_step"] == 6 and state["TranslationPairsDataModule"]["next_batch"] == 6
+    for key, value in straight["state_dict"].items():
+        torch.testing.assert_close(state["state_dict"][key], value, msg=key)
+    for mine, theirs in zip(state["optimizer_states"][0]["state"].values(),
+                            straight["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(mine["exp_avg"], theirs["exp_avg"])
+    steps = [m.step for m in mlflow.MlflowClient(tiny_config().tracking.uri).get_metric_history(resumed.run_id, "train/loss")]
+    assert set(steps) == set(range(6))
+
+
+def test_resume_false_starts_a_new_run(tiny_config):
+    first = train(tiny_config("tiny", ["trainer.max_steps=2"]))
+    fresh = train(tiny_config("tiny", ["trainer.max_steps=2", "resume=false"]))
+    assert fresh.run_dir != first.run_dir and fresh.run_id != first.run_id and first.checkpoint.is_file()
