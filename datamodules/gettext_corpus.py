@@ -43,14 +43,20 @@ MIN_ENGLISH_WORDS = 4
 MIN_ENGLISH_CHARS = 20
 MAX_ENGLISH_CHARS = 300
 
-# Stored in the manifest so that a change of the filter invalidates old builds.
-FILTER_DESCRIPTION = (
-    "strip whitespace; both sides one line; delete '_' and '&' (accelerator marks) and "
-    "collapse runs of spaces; reject '%', '{', '<' on either side; English >= "
-    f"{MIN_ENGLISH_WORDS} words and {MIN_ENGLISH_CHARS}-{MAX_ENGLISH_CHARS} characters; "
-    "translation non-empty and different from the English; duplicate pairs within a locale "
-    "kept once; near-copies removed from probe and test only"
-)
+
+
+def filter_description(min_words: int = MIN_ENGLISH_WORDS, min_chars: int = MIN_ENGLISH_CHARS) -> str:
+    """The filter in words; stored in the manifest so that a change of the filter invalidates old builds."""
+    return (
+        "strip whitespace; both sides one line; delete '_' and '&' (accelerator marks) and "
+        "collapse runs of spaces; reject '%', '{', '<' on either side; English >= "
+        f"{min_words} words and {min_chars}-{MAX_ENGLISH_CHARS} characters; "
+        "translation non-empty and different from the English; duplicate pairs within a locale "
+        "kept once; near-copies removed from probe and test only"
+    )
+
+
+FILTER_DESCRIPTION = filter_description()
 
 _CHARSET_PATTERN = re.compile(rb"charset=([^\s;]+)", re.IGNORECASE)
 
@@ -146,11 +152,14 @@ def _first_form(raw: bytes, encoding: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def clean_pair(en: str, xx: str) -> tuple[str, str] | None:
+def clean_pair(en: str, xx: str, min_words: int = MIN_ENGLISH_WORDS,
+               min_chars: int = MIN_ENGLISH_CHARS) -> tuple[str, str] | None:
     """Applies the strict sentence filter; returns the cleaned pair or None.
 
     Accelerator marks (``_`` and ``&``) are deleted and the resulting runs of
     spaces collapsed ("Cut & Paste" -> "Cut Paste") before the other checks.
+    ``min_words`` / ``min_chars`` bound the English side from below (catalogs of
+    short UI strings, such as Django's, need lower bounds to yield anything).
     """
     en, xx = en.strip(), xx.strip()
     if not en or not xx or "\n" in en or "\n" in xx or "\r" in en or "\r" in xx:
@@ -161,9 +170,9 @@ def clean_pair(en: str, xx: str) -> tuple[str, str] | None:
         return None
     if not FORBIDDEN_CHARACTERS.isdisjoint(en) or not FORBIDDEN_CHARACTERS.isdisjoint(xx):
         return None
-    if not MIN_ENGLISH_CHARS <= len(en) <= MAX_ENGLISH_CHARS:
+    if not min_chars <= len(en) <= MAX_ENGLISH_CHARS:
         return None
-    if len(en.split()) < MIN_ENGLISH_WORDS:
+    if len(en.split()) < min_words:
         return None
     return en, xx
 
@@ -213,12 +222,15 @@ def is_near_copy(en: str, xx: str, threshold: float = 0.8) -> bool:
 
 def build_gettext_corpus(
     out_dir: str | Path,
-    catalog_dir: str | Path = "/usr/share/locale",
+    catalog_dir: str | Path | Sequence[str | Path] = "/usr/share/locale",
     locales: Sequence[str] | None = None,
     probe_fraction: float = 0.05,
     test_fraction: float = 0.05,
     near_copy_threshold: float = 0.8,
     progress: bool = True,
+    min_words: int = MIN_ENGLISH_WORDS,
+    min_chars: int = MIN_ENGLISH_CHARS,
+    source: str = "gettext",
 ) -> dict:
     """Builds the corpus once and returns the manifest (dict).
 
@@ -226,39 +238,47 @@ def build_gettext_corpus(
     parameters, it is returned without rebuilding. Otherwise the corpus is
     written to a temporary sibling folder that replaces ``out_dir`` only once
     complete, so an interrupted build never looks finished.
+
+    ``catalog_dir`` may also be a list of ``<locale>/LC_MESSAGES`` roots (one per
+    application, as Django ships them); catalogs are then named
+    ``<root's parent folder>/<file stem>``, e.g. ``admin/django``. ``source`` is
+    the corpus label stored in the manifest.
     """
     _check_fractions(probe_fraction, test_fraction)
     out_dir = Path(out_dir)
-    catalog_dir = Path(catalog_dir).resolve()
+    single_root = isinstance(catalog_dir, (str, Path))
+    roots = [Path(root).resolve() for root in ([catalog_dir] if single_root else catalog_dir)]
+    recorded_catalog_dir = str(roots[0]) if single_root else [str(root) for root in roots]
     parameters = {
         "locales": sorted(set(locales)) if locales is not None else None,
         "probe_fraction": probe_fraction,
         "test_fraction": test_fraction,
         "near_copy_threshold": near_copy_threshold,
-        "filter": FILTER_DESCRIPTION,
+        "filter": filter_description(min_words, min_chars),
     }
 
     existing = _read_manifest(out_dir)
     if (
         existing is not None
-        and existing.get("catalog_dir") == str(catalog_dir)
+        and existing.get("catalog_dir") == recorded_catalog_dir
         and existing.get("parameters") == parameters
     ):
         return existing
     if not (out_dir / MANIFEST_NAME).exists() and out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty and holds no {MANIFEST_NAME}; refusing to replace it")
 
-    selected_locales = _select_locales(catalog_dir, parameters["locales"])
+    selected_locales = _select_locales(roots, parameters["locales"])
     catalogs = [
-        (locale, catalog)
+        (locale, catalog, catalog.stem if single_root else f"{root.parent.name}/{catalog.stem}")
         for locale in selected_locales
-        for catalog in sorted((catalog_dir / locale / "LC_MESSAGES").glob("*.mo"))
+        for root in roots
+        for catalog in sorted((root / locale / "LC_MESSAGES").glob("*.mo"))
     ]
 
-    # locale -> {(en, xx): catalog stem}; the first catalog (sorted order) wins for duplicates.
+    # locale -> {(en, xx): catalog name}; the first catalog (sorted order) wins for duplicates.
     pairs_by_locale: dict[str, dict[tuple[str, str], str]] = {locale: {} for locale in selected_locales}
     catalogs_failed = []
-    for locale, catalog in _progress_bar(catalogs, enabled=progress):
+    for locale, catalog, catalog_name in _progress_bar(catalogs, f"{source} catalogs", enabled=progress):
         try:
             entries = read_mo(catalog)
         except (ValueError, OSError) as error:
@@ -266,9 +286,9 @@ def build_gettext_corpus(
             continue
         locale_pairs = pairs_by_locale[locale]
         for msgid, msgstr in entries:
-            cleaned = clean_pair(msgid, msgstr)
+            cleaned = clean_pair(msgid, msgstr, min_words, min_chars)
             if cleaned is not None:
-                locale_pairs.setdefault(cleaned, catalog.stem)
+                locale_pairs.setdefault(cleaned, catalog_name)
 
     staging_dir = out_dir.with_name(f".{out_dir.name}.building-{os.getpid()}")
     shutil.rmtree(staging_dir, ignore_errors=True)
@@ -278,8 +298,8 @@ def build_gettext_corpus(
         )
         manifest = {
             "format": MANIFEST_FORMAT,
-            "source": "gettext",
-            "catalog_dir": str(catalog_dir),
+            "source": source,
+            "catalog_dir": recorded_catalog_dir,
             "build_date": datetime.now(timezone.utc).isoformat(),
             "parameters": parameters,
             "catalogs_read": len(catalogs) - len(catalogs_failed),
@@ -320,15 +340,18 @@ def _is_english_locale(locale: str) -> bool:
     return locale == "en" or locale.startswith(("en_", "en@"))
 
 
-def _select_locales(catalog_dir: Path, requested: list[str] | None) -> list[str]:
-    """Non-English locale folders holding LC_MESSAGES; validates requested names against them."""
-    if not catalog_dir.is_dir():
-        raise ValueError(f"catalog_dir {catalog_dir} is not a directory")
-    available = sorted(
+def _select_locales(roots: list[Path], requested: list[str] | None) -> list[str]:
+    """Non-English locale folders holding LC_MESSAGES (in any root); validates requested names against them."""
+    for root in roots:
+        if not root.is_dir():
+            raise ValueError(f"catalog_dir {root} is not a directory")
+    catalog_dir = roots[0] if len(roots) == 1 else [str(root) for root in roots]
+    available = sorted({
         entry.name
-        for entry in catalog_dir.iterdir()
+        for root in roots
+        for entry in root.iterdir()
         if (entry / "LC_MESSAGES").is_dir() and not _is_english_locale(entry.name)
-    )
+    })
     if requested is None:
         return available
     unknown = [locale for locale in requested if locale not in available]
@@ -344,12 +367,12 @@ def _select_locales(catalog_dir: Path, requested: list[str] | None) -> list[str]
     return requested
 
 
-def _progress_bar(items: list, enabled: bool) -> Iterable:
+def _progress_bar(items: list, description: str, enabled: bool) -> Iterable:
     try:
         from tqdm import tqdm
     except ImportError:
         return items
-    return tqdm(items, desc="gettext catalogs", unit="catalog", disable=not enabled)
+    return tqdm(items, desc=description, unit="catalog", disable=not enabled)
 
 
 def _write_splits(

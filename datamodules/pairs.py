@@ -1,21 +1,35 @@
-"""Minimal real data path: English↔xx translation pairs from gettext catalogs, one locale per batch.
+"""The training DataModule: streams (query, passage, hard negatives) batches, one source per batch.
 
-Each batch is a pure function of (seed, batch index), so a resumed run continues exactly where it stopped
-and every device agrees on the batch's source. Within a source, pairs are visited in a fresh permutation
-each epoch (the tail smaller than a global batch is dropped, so a batch never holds one pair twice).
+Sources come from a built-in translation corpus (gettext catalogs of this machine, or the pinned django
+package's catalogs; one source per locale) or from a folder of parquet / JSONL files (one source per file).
+How batches are drawn, sharded and resumed: :mod:`datamodules.stream`; how files are read: :mod:`datamodules.sources`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+import re
+import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 import lightning as L
-import numpy as np
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
-from datamodules.gettext_corpus import Pair, build_gettext_corpus, load_split
+from datamodules.gettext_corpus import build_gettext_corpus
+from datamodules.sources import (
+    TASKS,
+    DataError,
+    Source,
+    built_locales,
+    check_names,
+    corpus_sources,
+    folder_sources,
+    list_folder,
+    read_sidecar,
+)
+from datamodules.stream import PairBatches, StreamOptions
 
 if TYPE_CHECKING:
     from experiments.config import DataConfig
@@ -23,126 +37,262 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SOURCE_CHUNK = 4096  # source choices are drawn in chunks, so finding a batch's position is vectorised
+STATE_FORMAT = 2
 
 
-class PairBatches(IterableDataset):
-    """Endless stream of tokenized batches, each from one source (locale), starting at ``start_batch``.
+def metric_name(name: str) -> str:
+    """A source or language name usable in an MLflow metric key (which forbids e.g. ``@``: ``sr@latin``)."""
+    return re.sub(r"[^\w\-. /:]", "_", name)
 
-    Args:
-        sources: ``{locale: pairs}``, each with at least ``batch_size · world_size`` pairs.
-        batch_size: pairs per device.
-        sampling_alpha: source probability ∝ size^alpha.
-        direction: ``xx2en``, ``en2xx`` or ``both`` (a random direction per batch).
-        tokenize: builds the model's input from raw texts (runs in DataLoader workers).
-        seed: the run's seed.
-        rank / world_size: this device's slice of each global batch.
-        start_batch: index of the first batch to yield (resume).
+
+def check_data_config(config: DataConfig) -> None:
+    """Cheap checks of the ``data`` section before any weights load; raises ConfigError naming the key.
+
+    The files themselves (columns, emptiness) are checked by :meth:`TranslationPairsDataModule.setup`.
     """
+    from experiments.config import ConfigError
 
-    def __init__(self, sources: dict[str, list[Pair]], batch_size: int, sampling_alpha: float, direction: str,
-                 tokenize: BatchTokenizer, seed: int, rank: int = 0, world_size: int = 1, start_batch: int = 0):
-        self.names = sorted(sources)
-        self.sources = [sources[name] for name in self.names]
-        sizes = np.array([len(pairs) for pairs in self.sources], dtype=np.float64)
-        self.probabilities = sizes**sampling_alpha / (sizes**sampling_alpha).sum()
-        self.batch_size, self.world_size, self.rank = batch_size, world_size, rank
-        self.global_batch = batch_size * world_size
-        self.direction, self.tokenize, self.seed = direction, tokenize, seed
-        self.start_batch = start_batch
+    if config.sampling_alpha < 0:
+        raise ConfigError("data.sampling_alpha", f"{config.sampling_alpha} must be >= 0 (0: uniform, 1: ∝ size)")
+    if config.pool_batches < 1:
+        raise ConfigError("data.pool_batches", f"{config.pool_batches} must be >= 1")
+    if config.num_workers < 0:
+        raise ConfigError("data.num_workers", f"{config.num_workers} must be >= 0")
+    if config.max_examples is not None and config.max_examples < 1:
+        raise ConfigError("data.max_examples", f"{config.max_examples} must be >= 1 (or null: no cap)")
+    for name, cap in config.caps.items():
+        if cap < 1:
+            raise ConfigError(f"data.caps.{name}", f"{cap} must be >= 1")
+    for task, count in config.negatives.items():
+        if task not in TASKS:
+            raise ConfigError(f"data.negatives.{task}", f"unknown task; allowed: {', '.join(TASKS)}")
+        if count < 0:
+            raise ConfigError(f"data.negatives.{task}", f"{count} must be >= 0")
+    try:
+        check_names(config.caps, _cheap_source_names(config), key="data.caps", where=config.dir)
+    except (DataError, ImportError) as error:
+        raise ConfigError(getattr(error, "key", "data.corpus"), str(error)) from None
 
-    def _source_choices(self, chunk: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, 0, chunk]).choice(len(self.sources), SOURCE_CHUNK, p=self.probabilities)
 
-    def locate(self, index: int) -> tuple[int, int]:
-        """``(source, k)``: batch ``index`` is the k-th batch drawn from that source."""
-        chunk, within = divmod(index, SOURCE_CHUNK)
-        source = int(self._source_choices(chunk)[within])
-        earlier = sum(int((self._source_choices(c) == source).sum()) for c in range(chunk))
-        return source, earlier + int((self._source_choices(chunk)[:within] == source).sum())
+def _cheap_source_names(config: DataConfig) -> list[str]:
+    """The run's source names, checked as far as possible without reading the data."""
+    if config.corpus == "folder":
+        if config.direction != "xx2en":
+            raise DataError(f"direction {config.direction} applies to the built-in translation corpora only",
+                            key="data.direction")
+        files = list_folder(config.dir)
+        if config.sources is not None:
+            check_names(config.sources, list(files), key="data.sources", where=config.dir)
+        read_sidecar(config.dir, files)
+        return list(config.sources if config.sources is not None else files)
+    if config.corpus == "django":
+        from datamodules.django_corpus import django_catalog_dirs
 
-    def pairs(self, index: int) -> tuple[str, list[Pair], bool]:
-        """Source name, this device's pairs and whether the English side is the passage, for batch ``index``."""
-        source, k = self.locate(index)
-        pairs = self.sources[source]
-        batches_per_epoch = len(pairs) // self.global_batch
-        epoch, slot = divmod(k, batches_per_epoch)
-        order = np.random.default_rng([self.seed, 1, source, epoch]).permutation(len(pairs))
-        start = slot * self.global_batch + self.rank * self.batch_size
-        english_passage = (self.direction == "xx2en" or
-                           (self.direction == "both" and np.random.default_rng([self.seed, 2, index]).random() < 0.5))
-        return self.names[source], [pairs[i] for i in order[start: start + self.batch_size]], english_passage
+        django_catalog_dirs()  # raises ImportError with the install command
+    if config.sources is not None:
+        raise DataError(f"data.sources selects files of a folder corpus; {config.corpus} sources are chosen "
+                        "with data.locales", key="data.sources")
+    available = built_locales(config.dir)
+    if available is not None:  # else the corpus is built (all locales) before training and checked then
+        check_names(config.locales, available, key="data.locales", where=f"{config.dir} (train split)")
+    return list(config.locales)
 
-    def batch(self, index: int) -> dict:
-        name, pairs, english_passage = self.pairs(index)
-        english, translated = [p.en for p in pairs], [p.xx for p in pairs]
-        queries, passages = (translated, english) if english_passage else (english, translated)
-        return {**self.tokenize(queries, passages), "source": name, "in_batch": True, "batch_index": index}
 
-    def __iter__(self) -> Iterator[dict]:
-        worker = get_worker_info()
-        workers, worker_id = (1, 0) if worker is None else (worker.num_workers, worker.id)
-        # DataLoader reads workers round-robin, so striding keeps the batch order.
-        index = self.start_batch + worker_id
-        while True:
-            yield self.batch(index)
-            index += workers
+class TimedDataLoader(DataLoader):
+    """A DataLoader that records how long the training loop's last ``next()`` waited for a batch."""
+
+    last_wait = 0.0
+
+    def __iter__(self):
+        return _TimedIterator(super().__iter__(), self)
+
+
+class _TimedIterator:
+    def __init__(self, iterator, loader: TimedDataLoader) -> None:
+        self.iterator, self.loader = iterator, loader
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        started = time.perf_counter()
+        batch = next(self.iterator)
+        self.loader.last_wait = time.perf_counter() - started
+        return batch
 
 
 class TranslationPairsDataModule(L.LightningDataModule):
-    """Builds the gettext corpus once (all locales, git-ignored folder) and streams the configured locales.
+    """Streams tokenized batches of (query, passage, hard negatives), one source per batch, resumable exactly.
 
-    Its state (the next batch index) is saved in Lightning checkpoints, so a resumed run sees exactly the
+    Built-in corpora (``data.corpus: gettext | django``) are built once into ``data.dir`` by
+    :meth:`prepare_data`; a ``folder`` corpus is read in place. Sources smaller than one global batch are
+    skipped with a warning. The DataModule's state — the sampler's batch counter, each shard's position in
+    each source, and the running counts — is saved in Lightning checkpoints, so a resumed run sees exactly the
     batches an uninterrupted run would have seen.
+
+    Every training batch gets ``batch["stats"]``, per-step metrics the LightningModule logs: ``data/padding_fraction``,
+    ``data/wait_s`` (time the loop waited for this batch), ``data/wait_fraction`` (waiting / elapsed since the
+    first batch), ``data/examples/<source>`` and ``data/examples_language/<language>`` (examples seen, all
+    devices), ``data/skipped/<source>/<reason>`` (rows skipped on this device).
+
+    Args:
+        config: the ``data`` section.
+        tokenize: builds the model's input from texts; runs in the DataLoader workers.
+        seed: the run's seed.
+
+    Example:
+        >>> datamodule = TranslationPairsDataModule(compose("quickstart").data, tokenize, seed=0)
+        >>> datamodule.prepare_data(); datamodule.setup("fit")
+        >>> batch = next(iter(datamodule.train_dataloader()))  # batch["source"] == "fr", ...
     """
 
     def __init__(self, config: DataConfig, tokenize: BatchTokenizer, seed: int) -> None:
         super().__init__()
         self.config, self.tokenize, self.seed = config, tokenize, seed
+        self.sources: dict[str, Source] = {}
+        self.too_small: dict[str, int] = {}
         self.next_batch = 0
-        self.sources: dict[str, list[Pair]] = {}
-        self.skipped: dict[str, int] = {}
+        self.positions: dict[int, dict[str, list[int]]] = {}
+        self.examples: Counter = Counter()
+        self.skipped: dict[str, Counter] = {}
+        self.loader: TimedDataLoader | None = None
+        self._last_arrival: float | None = None
+        self._waited = self._elapsed = 0.0
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self.trainer is not None else 1
+
+    @property
+    def rank(self) -> int:
+        return self.trainer.global_rank if self.trainer is not None else 0
 
     def prepare_data(self) -> None:
-        build_gettext_corpus(self.config.dir, self.config.catalog_dir)
+        if self.config.corpus == "gettext":
+            build_gettext_corpus(self.config.dir, self.config.catalog_dir)
+        elif self.config.corpus == "django":
+            from datamodules.django_corpus import build_django_corpus
+
+            build_django_corpus(self.config.dir)
 
     def setup(self, stage: str | None = None) -> None:
         if self.sources:
             return
-        world_size = self.trainer.world_size if self.trainer else 1
-        needed = self.config.batch_size * world_size
-        for locale in self.config.locales:
-            by_english = {pair.en: pair for pair in load_split(self.config.dir, "train", locale)}
-            # One pair per English sentence: two translations of one sentence in a batch would be false negatives.
-            pairs = list(by_english.values())[: self.config.max_pairs_per_locale]
-            if len(pairs) < needed:
-                self.skipped[locale] = len(pairs)
-                log.warning("skipping locale %s: %d distinct train pairs < global batch %d", locale, len(pairs), needed)
-            else:
-                self.sources[locale] = pairs
-        if not self.sources:
-            raise ValueError(f"data.locales {list(self.config.locales)}: no locale has the {needed} distinct train "
-                             f"pairs one global batch needs (found {self.skipped}); lower data.batch_size or add locales")
+        from experiments.config import ConfigError
 
-    def train_dataloader(self) -> DataLoader:
-        rank, world_size = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
-        dataset = PairBatches(self.sources, self.config.batch_size, self.config.sampling_alpha, self.config.direction,
-                              self.tokenize, self.seed, rank, world_size, self.next_batch)
-        return DataLoader(dataset, batch_size=None, num_workers=self.config.num_workers,
-                          persistent_workers=self.config.num_workers > 0)
+        config = self.config
+        try:
+            if config.corpus == "folder":
+                sources = folder_sources(config.dir, config.sources)
+            else:
+                sources = corpus_sources(config.dir, list(config.locales), config.direction)
+        except DataError as error:
+            raise ConfigError(error.key, str(error)) from None
+        workers = max(1, config.num_workers)
+        needed = config.batch_size * self.world_size * workers
+        for name, source in sources.items():
+            source.cap = config.caps.get(name, config.max_examples)
+            source.negatives_per_row = min(config.negatives.get(source.task, 0), source.num_negative_fields)
+            if 0 < source.negatives_per_row < config.negatives.get(source.task, 0):
+                log.warning("source %s has %d negative columns; drawing %d per row instead of %d", name,
+                            source.num_negative_fields, source.negatives_per_row, config.negatives[source.task])
+            if not source.in_batch and not source.negatives_per_row:
+                raise ConfigError("data.negatives", f"{source.path}: a {source.task} source trains on hard negatives "
+                                  f"only, but it has no negative_* columns or data.negatives.{source.task} is 0")
+            if source.size < needed:
+                self.too_small[name] = source.size
+            else:
+                self.sources[name] = source
+        if self.too_small:
+            log.warning("skipping sources smaller than %d rows (batch size × devices × workers): %s", needed,
+                        self.too_small)
+        if not self.sources:
+            raise ConfigError("data.batch_size", f"no source has the {needed} rows that one batch per shard needs "
+                              f"(sizes: {self.too_small}); lower data.batch_size or data.num_workers, or add sources")
+
+    def train_dataloader(self) -> TimedDataLoader:
+        workers = self.config.num_workers
+        if workers:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize one batch each
+        options = StreamOptions(self.config.batch_size, self.config.pool_batches, self.config.bucketing,
+                                self.config.strict, self.seed)
+        dataset = PairBatches(list(self.sources.values()), self.tokenize, options, self.config.sampling_alpha,
+                              self.rank, self.world_size, workers, self.next_batch, self.positions)
+        self.loader = TimedDataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        return self.loader
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training:
-            self.next_batch = batch["batch_index"] + 1
+            self.record(batch)
         return batch
 
+    def record(self, batch: dict) -> None:
+        """Takes note of a batch the training loop consumes (position, counts) and attaches its ``stats``."""
+        source = batch["source"]
+        self.next_batch = batch["batch_index"] + 1
+        self.positions.setdefault(batch["data_state"]["worker"], {})[source] = batch["data_state"]["position"]
+        self.examples[source] += batch["num_queries"] * self.world_size
+        self.skipped.setdefault(source, Counter()).update(batch["skipped"])
+
+        now = time.perf_counter()
+        wait = self.loader.last_wait if self.loader is not None else 0.0
+        if self._last_arrival is not None:  # the first batch's wait is start-up (workers, first pool)
+            self._waited += wait
+            self._elapsed += now - self._last_arrival
+        self._last_arrival = now
+        batch["stats"] = {"data/padding_fraction": batch["padding_fraction"], "data/wait_s": wait,
+                          "data/wait_fraction": self._waited / self._elapsed if self._elapsed else 0.0,
+                          **self.counts()}
+
+    def counts(self) -> dict[str, float]:
+        """Running counts as metrics: examples per source (and per language), skipped rows per source and reason."""
+        counts = {f"data/examples/{metric_name(name)}": float(self.examples[name]) for name in self.sources}
+        languages = {name: source.language for name, source in self.sources.items()}
+        if any(language != name for name, language in languages.items()):
+            per_language: Counter = Counter()
+            for name, language in languages.items():
+                per_language[language] += self.examples[name]
+            counts.update({f"data/examples_language/{metric_name(language)}": float(count)
+                           for language, count in per_language.items()})
+        counts.update({f"data/skipped/{metric_name(name)}/{reason}": float(count)
+                       for name, reasons in self.skipped.items() for reason, count in reasons.items()})
+        return counts
+
     def state_dict(self) -> dict:
-        return {"next_batch": self.next_batch, "seed": self.seed, "locales": sorted(self.sources)}
+        """The data position. Each device reads its own shards, so positions and skip counts are gathered from
+        every rank (Lightning builds checkpoints on all ranks) and stored per rank."""
+        per_rank = self._gather({"positions": self.positions,
+                                 "skipped": {name: dict(counts) for name, counts in self.skipped.items()}})
+        return {"format": STATE_FORMAT, "next_batch": self.next_batch, "seed": self.seed,
+                "world_size": self.world_size, "num_workers": max(1, self.config.num_workers),
+                "sources": sorted(self.sources), "examples": dict(self.examples), "ranks": per_rank}
+
+    def _gather(self, mine: dict) -> list[dict]:
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return [mine]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, mine)
+        return gathered
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError("the checkpoint's data state is from an older version of the DataModule and cannot "
+                             "continue the same batches; start a new run with resume=false")
+        layout = (state["world_size"], state["num_workers"])
+        if layout != (self.world_size, max(1, self.config.num_workers)):
+            raise ValueError(f"the checkpoint was written with {layout[0]} device(s) × {layout[1]} data worker(s); "
+                             "resume with the same trainer.devices and data.num_workers to continue the same batches")
+        if state["sources"] != sorted(self.sources):
+            log.warning("resuming with sources %s; the checkpoint had %s: the batch sequence changes",
+                        sorted(self.sources), state["sources"])
+        mine = state["ranks"][self.rank]
         self.next_batch = state["next_batch"]
+        self.positions = {int(worker): dict(sources) for worker, sources in mine["positions"].items()}
+        self.examples = Counter(state["examples"])
+        self.skipped = {name: Counter(reasons) for name, reasons in mine["skipped"].items()}
 
     def summary(self) -> dict[str, int]:
-        """Pairs per source used for training (after skipping), for logs and the run's params."""
-        return {locale: len(pairs) for locale, pairs in self.sources.items()}
-
+        """Rows per training source (after caps), for logs and the run's params."""
+        return {name: source.size for name, source in self.sources.items()}

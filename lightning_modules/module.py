@@ -10,9 +10,11 @@ import torch
 from torch import Tensor
 
 from lightning_modules.backbone import Backbone
+from lightning_modules.distributed import enable_activation_checkpointing, is_sharded, shard_backbone
 from lightning_modules.losses import ContrastiveLoss
+from lightning_modules.optim import build_optimizer
 from lightning_modules.plugins.base import MatryoshkaPlugin
-from lightning_modules.views import View
+from lightning_modules.views import EmbeddingBundle, View
 
 if TYPE_CHECKING:
     from experiments.config import OptimConfig
@@ -26,11 +28,15 @@ class MatryoshkaEmbedder(L.LightningModule):
         plugins: Matryoshka axes; ``setup`` runs here, before the optimizer exists, so a plugin that replaces
             weights (MEL) keeps the replaced ones out of the optimizer.
         loss: the contrastive loss applied to each view.
-        optim: optimizer and schedule settings.
+        optim: optimizer and schedule settings (``optim.name``: see :func:`~lightning_modules.optim.build_optimizer`).
+        activation_checkpointing: recompute each transformer block in the backward pass (``configure_model``).
+
+    Under Lightning's ``ModelParallelStrategy`` (``distributed.strategy: fsdp2``) ``configure_model`` shards the
+    backbone with FSDP2: one unit per transformer block, the token embedding (MEL's factors) and the root.
     """
 
     def __init__(self, backbone: Backbone, plugins: list[MatryoshkaPlugin], loss: ContrastiveLoss,
-                 optim: OptimConfig) -> None:
+                 optim: OptimConfig, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.plugins = sorted(plugins, key=lambda plugin: plugin.stage)
@@ -38,6 +44,7 @@ class MatryoshkaEmbedder(L.LightningModule):
             plugin.setup(backbone)
         self.loss = loss
         self.optim = optim
+        self.activation_checkpointing = activation_checkpointing
         embedding = backbone.input_embeddings()
         # Token-embedding lookups cost no matmul FLOPs; the rest costs ~6 FLOPs per parameter per token.
         self.dense_parameters = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in embedding.parameters())
@@ -47,7 +54,10 @@ class MatryoshkaEmbedder(L.LightningModule):
         """All weighted views of one batch, from one forward."""
         for plugin in self.plugins:
             plugin.before_forward(step)
-        bundle = self.backbone(batch["input_ids"], batch["attention_mask"])
+        return self.expand(self.backbone(batch["input_ids"], batch["attention_mask"]))
+
+    def expand(self, bundle: EmbeddingBundle) -> list[View]:
+        """The plugins' nested, tagged views of one bundle (also the MTEB probe's grid cells)."""
         views = [bundle.root_view()]
         for plugin in self.plugins:
             views = plugin.expand(views, bundle)
@@ -70,18 +80,18 @@ class MatryoshkaEmbedder(L.LightningModule):
         metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
         for plugin in self.plugins:
             metrics.update({f"train/{key}": value for key, value in plugin.step_metrics().items()})
+        metrics.update(batch.get("stats", {}))  # the DataModule's data/... metrics (padding, wait, counts)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch["num_queries"])
         return total
 
+    def configure_model(self) -> None:
+        if self.activation_checkpointing and not self.backbone.model.is_gradient_checkpointing:
+            enable_activation_checkpointing(self.backbone)
+        if self.device_mesh is not None and not is_sharded(self.backbone):  # ModelParallelStrategy: FSDP2
+            shard_backbone(self.backbone, self.device_mesh["data_parallel"], bf16=self.trainer.precision == "bf16-mixed")
+
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for parameter in self.parameters():
-            if parameter.requires_grad:
-                # Biases and norm scales are 1-D and, by common practice, not decayed.
-                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.optim.lr, betas=tuple(self.optim.betas), eps=self.optim.eps)
+        optimizer = build_optimizer(self, self.optim)  # after configure_model: sees the FSDP2 shards
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, warmup_cosine(self.optim.warmup_steps, total_steps, self.optim.min_lr / self.optim.lr))

@@ -27,15 +27,19 @@ def mlflow_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("mlruns")
 
 
+def run_overrides(root, corpus_dir, mlflow_dir) -> list[str]:
+    """Overrides that put a run's checkpoints under ``root``, its corpus and MLflow store in the session's.
+    MTEB probes are off (seconds per probe); tests/test_probe*.py switch them on."""
+    return [f"output_dir={root}/outputs", f"data.dir={corpus_dir}", f"tracking.uri=sqlite:///{mlflow_dir}/mlflow.db",
+            f"tracking.artifact_dir={mlflow_dir}/artifacts", "trainer.enable_progress_bar=false", "probe.enabled=false"]
+
+
 @pytest.fixture
 def tiny_config(tmp_path, corpus_dir, mlflow_dir):
     """``compose(name, overrides)`` writing checkpoints under this test's tmp_path, MLflow in the session store."""
     from experiments.config import compose
 
     def make(name: str = "tiny", overrides: list[str] | None = None):
-        return compose(name, [f"output_dir={tmp_path}/outputs", f"data.dir={corpus_dir}",
-                              f"tracking.uri=sqlite:///{mlflow_dir}/mlflow.db",
-                              f"tracking.artifact_dir={mlflow_dir}/artifacts",
-                              "trainer.enable_progress_bar=false", *(overrides or [])])
+        return compose(name, [*run_overrides(tmp_path, corpus_dir, mlflow_dir), *(overrides or [])])
 
     return make

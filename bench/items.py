@@ -1,0 +1,270 @@
+"""The six benchmark items of issue 6. Each returns result rows: ``{"item", "name", "ratio", "goal", "met", "detail",
+"raw"}``, where ``ratio`` always compares two things measured side by side in this process (or this run)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.export import LoadedRun, export_cell, load_exported, trained_ladders
+from lightning_modules.plugins.mel import FactorizedEmbedding
+
+from bench.common import (build_module, compare, compose_variant, to_device, trainable, translation_texts,
+                          weighted_loss)
+
+# Plugin overrides of the variants compared in items 1, 5 and 6 (on top of the experiment file).
+VARIANTS = {
+    "plain": ["plugins.mll=null", "plugins.mrl=null", "plugins.mel=null"],
+    "mll+mrl": ["plugins.mel=null"],
+    "3d-ml": [],
+}
+
+
+def row(item: str, name: str, ratio: float, goal: str | None, met: bool | None, detail: str, **raw) -> dict:
+    return {"item": item, "name": name, "ratio": round(ratio, 3), "goal": goal, "met": met, "detail": detail,
+            "raw": raw}
+
+
+@dataclass
+class Context:
+    """Models and data shared by the items (built once, released when no longer needed)."""
+
+    args: Namespace
+    device: torch.device
+    work_dir: Path
+    modules: dict = field(default_factory=dict)
+    pairs_cache: list | None = None
+
+    def config(self, variant: str):
+        return compose_variant(self.args.experiment, [*VARIANTS[variant], f"model.max_length={self.args.max_length}"])
+
+    def module(self, variant: str):
+        """``(module, tokenize, config)`` of a variant of the experiment."""
+        if variant not in self.modules:
+            config = self.config(variant)
+            self.modules[variant] = (*build_module(config, self.device), config)
+        return self.modules[variant]
+
+    def release(self, *variants: str) -> None:
+        for variant in variants:
+            self.modules.pop(variant, None)
+        gc.collect()
+
+    def pairs(self, count: int) -> list[tuple[str, str]]:
+        if self.pairs_cache is None or len(self.pairs_cache) < count:
+            self.pairs_cache = translation_texts(self.args.corpus, count)
+        return self.pairs_cache[:count]
+
+    def batch(self, tokenize) -> dict:
+        """One training batch: queries in several languages, their English translations as positives."""
+        pairs = self.pairs(self.args.batch_size)
+        return to_device(tokenize([xx for xx, _ in pairs], [en for _, en in pairs]), self.device)
+
+
+def _train_step(module, batch: dict, optimizer, counter: list[int]):
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        weighted_loss(module, batch, counter[0]).backward()  # MEL draws this step's rank from the step number
+        optimizer.step()
+        counter[0] += 1
+    return run
+
+
+def item_training_step(ctx: Context) -> list[dict]:
+    """1. A training step with the Matryoshka views (and MEL) vs a plain contrastive step: same model and batch."""
+    steps = {}
+    for variant in VARIANTS:
+        module, tokenize, _ = ctx.module(variant)
+        optimizer = torch.optim.AdamW(trainable(module), lr=1e-5)
+        steps[variant] = _train_step(module, ctx.batch(tokenize), optimizer, [0])
+    seconds = compare(steps, ctx.args.steps, ctx.device)
+    ladders = trained_ladders(ctx.module("3d-ml")[0])
+    views = len(ladders["layers"]) * len(ladders["dims"])
+    detail = (f"{ctx.args.experiment} model, batch {ctx.args.batch_size} pairs, max {ctx.args.max_length} tokens, "
+              f"AdamW; s/step: plain {seconds['plain']:.3f}, MLL+MRL {seconds['mll+mrl']:.3f}, "
+              f"MLL+MRL+MEL {seconds['3d-ml']:.3f} ({views} views)")
+    ratio_3d, ratio_views = seconds["3d-ml"] / seconds["plain"], seconds["mll+mrl"] / seconds["plain"]
+    return [row("1", "3D-ML step / plain step", ratio_3d, "≤ 1.10", ratio_3d <= 1.10, detail, seconds=seconds),
+            row("1b", "MLL+MRL step / plain step (no MEL)", ratio_views, "≤ 1.10", ratio_views <= 1.10, detail,
+                seconds=seconds)]
+
+
+def item_mel_gather(ctx: Context) -> list[dict]:
+    """2. MEL embedding forward+backward: gather rows first vs the reference's materialise-then-index."""
+    args = ctx.args
+    generator = torch.Generator().manual_seed(0)
+    embedding = FactorizedEmbedding(torch.randn(args.mel_vocab, args.mel_rank, generator=generator),
+                                    torch.randn(args.mel_rank, args.mel_dim, generator=generator)).to(ctx.device)
+    ids = torch.randint(args.mel_vocab, (args.mel_tokens,), generator=generator).to(ctx.device)
+    upstream = torch.randn(args.mel_tokens, args.mel_dim, generator=generator).to(ctx.device)
+
+    def step(forward):
+        def run():
+            embedding.zero_grad(set_to_none=True)
+            forward(ids).backward(upstream)
+            return embedding.left.grad, embedding.right.grad
+        return run
+
+    gather, materialise = step(embedding.forward), step(embedding.forward_materialized)
+    # Same result both ways (the speed-up is not bought with a different computation).
+    left, right = (grad.clone() for grad in gather())
+    reference_left, reference_right = materialise()
+    agree = bool(torch.allclose(left, reference_left, rtol=1e-4, atol=1e-3)
+                 and torch.allclose(right, reference_right, rtol=1e-4, atol=1e-2))
+    seconds = compare({"gather": gather, "materialise": materialise}, args.mel_repeats, ctx.device,
+                      warmup=0)  # both ran once above
+    ratio = seconds["materialise"] / seconds["gather"]
+    detail = (f"vocab {args.mel_vocab:,}, r {args.mel_rank}, d {args.mel_dim}, {args.mel_tokens:,} tokens: "
+              f"gather {seconds['gather'] * 1e3:.1f} ms, materialise {seconds['materialise'] * 1e3:.1f} ms; "
+              f"gradients agree: {agree}")
+    del embedding, left, right, reference_left, reference_right
+    gc.collect()
+    return [row("2", "MEL fwd+bwd: materialise / gather-first", ratio, "≥ 10×", ratio >= 10, detail,
+                seconds=seconds, gradients_agree=agree)]
+
+
+@torch.no_grad()
+def item_probe_grid(ctx: Context) -> list[dict]:
+    """3. Embeddings of every (layer, dim, rank) cell: one encoding per rank (all exits from one forward, dims by
+    slicing) vs a naive loop that encodes the texts once per cell."""
+    module, tokenize, _ = ctx.module("3d-ml")
+    module.eval()
+    ladders = trained_ladders(module)
+    texts = [text for pair in ctx.pairs(ctx.args.probe_texts // 2) for text in pair]
+    size = ctx.args.encode_batch_size
+    batches = [to_device(tokenize.encode(texts[start: start + size]), ctx.device)
+               for start in range(0, len(texts), size)]
+    embedding = module.backbone.input_embeddings()
+    cells = [(layer, dim, rank) for rank in ladders["ranks"] for layer in ladders["layers"] for dim in ladders["dims"]]
+    encodes = {"per_rank": 0, "per_cell": 0}
+    results: dict[str, dict] = {"per_rank": {}, "per_cell": {}}
+
+    def forward(rank, batch):
+        if rank is not None:
+            embedding.rank = rank
+        return module.backbone(batch["input_ids"], batch["attention_mask"])
+
+    def per_rank():
+        for rank in ladders["ranks"]:
+            bundles = [forward(rank, batch) for batch in batches]
+            encodes["per_rank"] += 1
+            for layer in ladders["layers"]:
+                pooled = torch.cat([bundle.layer(layer) for bundle in bundles])
+                for dim in ladders["dims"]:
+                    results["per_rank"][layer, dim, rank] = F.normalize(pooled[:, :dim], dim=-1)
+
+    def per_cell():
+        for layer, dim, rank in cells:
+            pooled = torch.cat([forward(rank, batch).layer(layer) for batch in batches])
+            encodes["per_cell"] += 1
+            results["per_cell"][layer, dim, rank] = F.normalize(pooled[:, :dim], dim=-1)
+
+    seconds = compare({"per_rank": per_rank, "per_cell": per_cell}, 1, ctx.device, warmup=0)
+    difference = max((results["per_rank"][cell] - results["per_cell"][cell]).abs().max().item() for cell in cells)
+    module.train()
+    ratio = seconds["per_cell"] / seconds["per_rank"]
+    detail = (f"{len(cells)} cells ({len(ladders['layers'])} layers × {len(ladders['dims'])} dims × "
+              f"{len(ladders['ranks'])} ranks), {len(texts)} texts: encodes {encodes['per_rank']} vs "
+              f"{encodes['per_cell']}; {seconds['per_rank']:.2f} s vs {seconds['per_cell']:.2f} s; "
+              f"max |difference| {difference:.1e}")
+    return [row("3", "grid probe encoding: per-cell loop / one pass per rank", ratio, None, None, detail,
+                seconds=seconds, encodes=encodes, cells=len(cells), max_difference=difference)]
+
+
+def item_export_throughput(ctx: Context) -> list[dict]:
+    """4. Encoding throughput (sentence-transformers ``encode``) of an exported depth-l model vs the full depth."""
+    module, tokenize, config = ctx.module("3d-ml")
+    module.eval()
+    run = LoadedRun(module, tokenize, config, ctx.work_dir, Path("(untrained: the experiment's initial weights)"), 0)
+    depth = module.backbone.info.num_layers
+    models = {layers: load_exported(export_cell(run, ctx.work_dir / f"l{layers}", layers=layers).path).to(ctx.device)
+              for layers in (depth, *ctx.args.export_layers)}
+    module.train()
+    texts = [text for pair in ctx.pairs(ctx.args.throughput_texts // 2) for text in pair]
+    encode = {layers: (lambda model=model: model.encode_query(texts, batch_size=ctx.args.encode_batch_size))
+              for layers, model in models.items()}
+    seconds = compare(encode, ctx.args.throughput_repeats, ctx.device)
+    rows = []
+    for layers in ctx.args.export_layers:
+        ratio, goal = seconds[depth] / seconds[layers], 0.8 * depth / layers
+        detail = (f"{len(texts)} texts, batch {ctx.args.encode_batch_size}: {len(texts) / seconds[layers]:.0f} texts/s "
+                  f"at depth {layers} vs {len(texts) / seconds[depth]:.0f} at depth {depth}")
+        rows.append(row("4", f"throughput depth {layers} / depth {depth}", ratio, f"≥ {goal:.2f} (0.8·L/l)",
+                        ratio >= goal, detail, seconds={str(key): value for key, value in seconds.items()}))
+    del models
+    gc.collect()
+    return rows
+
+
+def item_vs_sentence_transformers(ctx: Context) -> list[dict]:
+    """5. Our MLL+MRL loss step vs sentence-transformers' ``Matryoshka2dLoss``: same backbone, batch and dims."""
+    from sentence_transformers.sentence_transformer.losses import Matryoshka2dLoss, MultipleNegativesRankingLoss
+
+    module, tokenize, config = ctx.module("mll+mrl")
+    ladders = trained_ladders(module)
+    module.eval()  # export copies the weights; the same backbone then trains on both sides
+    run = LoadedRun(module, tokenize, config, ctx.work_dir, Path("(bench)"), 0)
+    st_model = load_exported(export_cell(run, ctx.work_dir / "export-st").path).to(ctx.device).train()
+    module.train()
+    # The same number of exits per step (ST samples its prior layers), every dim, MNRL scale 1/τ = our in-batch loss.
+    st_loss = Matryoshka2dLoss(st_model, MultipleNegativesRankingLoss(st_model, scale=1 / config.loss.temperature),
+                               matryoshka_dims=ladders["dims"], n_layers_per_step=len(ladders["layers"]) - 1,
+                               n_dims_per_step=-1)
+    pairs = ctx.pairs(ctx.args.batch_size)
+    features = [to_device(st_model.preprocess([prefix + text for text in texts]), ctx.device)
+                for prefix, texts in ((tokenize.query_prefix, [xx for xx, _ in pairs]),
+                                      (tokenize.passage_prefix, [en for _, en in pairs]))]
+    st_optimizer = torch.optim.AdamW(trainable(st_model), lr=1e-5)
+
+    def st_step():
+        st_optimizer.zero_grad(set_to_none=True)
+        st_loss(features, None).backward()
+        st_optimizer.step()
+
+    ours = _train_step(module, ctx.batch(tokenize), torch.optim.AdamW(trainable(module), lr=1e-5), [0])
+    seconds = compare({"ours": ours, "sentence_transformers": st_step}, ctx.args.steps, ctx.device)
+    ratio = seconds["ours"] / seconds["sentence_transformers"]
+    detail = (f"exits {ladders['layers']} (ST: {len(ladders['layers']) - 1} sampled prior layers + last), dims "
+              f"{ladders['dims']}, batch {ctx.args.batch_size}: ours {seconds['ours']:.3f} s, "
+              f"Matryoshka2dLoss {seconds['sentence_transformers']:.3f} s per step")
+    del st_model, st_loss, st_optimizer
+    gc.collect()
+    return [row("5", "our MLL+MRL loss step / ST Matryoshka2dLoss step", ratio, "< 1 (faster)", ratio < 1, detail,
+                seconds=seconds)]
+
+
+def item_memory(ctx: Context) -> list[dict]:
+    """6. Peak memory of a training step and parameter counts with and without MEL (each variant in its own process,
+    one after the other in this run, so one peak cannot hide the other)."""
+    args = ctx.args
+    measured = {}
+    for variant in ("mll+mrl", "3d-ml"):
+        command = [sys.executable, "-m", "bench.memory", "--experiment", args.experiment, "--variant", variant,
+                   "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                   "--device", str(ctx.device), "--corpus", args.corpus, "--threads", str(torch.get_num_threads())]
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        if completed.returncode != 0:
+            raise RuntimeError(f"bench.memory {variant} failed:\n{completed.stderr[-2000:]}")
+        measured[variant] = json.loads(completed.stdout.strip().splitlines()[-1])
+    without, with_mel = measured["mll+mrl"], measured["3d-ml"]
+    ratio = with_mel["peak_bytes"] / without["peak_bytes"]
+    mib = 2**20
+    memory = (f"peak {with_mel['peak_kind']} over {ctx.args.batch_size}-pair training steps: "
+              f"{with_mel['peak_bytes'] / mib:.0f} MiB with MEL vs {without['peak_bytes'] / mib:.0f} MiB without")
+    counts = (f"trainable {with_mel['trainable'] / 1e6:.1f} M vs {without['trainable'] / 1e6:.1f} M, of which token "
+              f"embedding {with_mel['embedding'] / 1e6:.1f} M vs {without['embedding'] / 1e6:.1f} M")
+    parameter_ratio = with_mel["trainable"] / without["trainable"]
+    return [row("6", "peak memory with MEL / without", ratio, None, None, memory, measured=measured),
+            row("6b", "trainable parameters with MEL / without", parameter_ratio, None, None, counts)]
+
+
+ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
+         "5": item_vs_sentence_transformers, "6": item_memory}

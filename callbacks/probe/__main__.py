@@ -1,0 +1,72 @@
+"""``python -m callbacks.probe CKPT [probe.key=value ...]`` (``make probe CKPT=... ARGS=...``): probe a checkpoint.
+
+Rebuilds the module from the run's resolved ``config.yaml`` (next to ``checkpoints/``), loads the checkpoint's
+weights, scores every (layer, dim, rank) cell, prints the table, writes ``<run_dir>/probe/probe_step_<n>.*`` and,
+when the run has an MLflow run id, logs metrics and files to that MLflow run at the checkpoint's step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+USAGE = "usage: python -m callbacks.probe CKPT [--no-mlflow] [probe.key=value ...]"
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from omegaconf import OmegaConf
+
+    from callbacks.probe import report
+    from callbacks.probe.callback import check_tasks, probe_corpus_dir
+    from callbacks.probe.prober import Prober
+    from experiments.config import ConfigError, validate
+    from experiments.tracking import RUN_ID_FILE
+    from lightning_modules.export import ExportError, load_run
+
+    checkpoint, options = argv[0], argv[1:]
+    use_mlflow = "--no-mlflow" not in options
+    overrides = [option for option in options if option != "--no-mlflow"]
+    try:
+        bad = [option for option in overrides if not option.startswith("probe.")]
+        if bad:
+            raise ConfigError("ARGS", f"{bad}: only probe.* settings apply to a trained checkpoint")
+        run = load_run(checkpoint)
+        config = OmegaConf.merge(run.config, OmegaConf.from_dotlist(overrides))
+        validate(config)
+        check_tasks(config.probe)
+    except (ConfigError, ExportError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    import torch
+
+    from callbacks.probe.tasks import build_tasks
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    module = run.module.to(device)
+    tasks = build_tasks(list(config.probe.tasks), probe_corpus_dir(config), list(config.probe.locales),
+                        config.probe.max_pairs_per_locale)
+    table = Prober(module, run.tokenize, tasks, config.probe.batch_size, f"matryoshka-lab/{config.name}",
+                   device).run(run.global_step)
+    files = report.write(table, run.run_dir)
+    print(report.format_table(table))
+    print(f"\ntable and heatmaps: {files[0].parent}")
+    run_id_file = Path(run.run_dir) / RUN_ID_FILE
+    if use_mlflow and run_id_file.is_file():
+        from mlflow import MlflowClient
+
+        run_id = run_id_file.read_text().strip()
+        report.log_to_mlflow(MlflowClient(config.tracking.uri), run_id,
+                             report.metrics(table, list(config.probe.metrics)), run.global_step, files)
+        print(f"logged to MLflow run {run_id} ({config.tracking.uri}) at step {run.global_step}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

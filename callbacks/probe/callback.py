@@ -1,0 +1,131 @@
+"""The Lightning callback that runs MTEB probes at the start, every N steps and at the end of training."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+from lightning.pytorch.loggers import MLFlowLogger
+
+from callbacks.probe import report
+from callbacks.probe.prober import Prober, preserved_rng
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
+    from experiments.config import ProbeConfig
+    from lightning_modules.backbone import BatchTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def probe_corpus_dir(config: DictConfig) -> str:
+    """The corpus whose probe split feeds the built-in tasks (see ``probe.corpus_dir``)."""
+    if config.probe.corpus_dir:
+        return config.probe.corpus_dir
+    return config.data.dir if config.data.corpus in ("gettext", "django") else "data/gettext"
+
+
+def check_tasks(config: ProbeConfig) -> None:
+    """Raises ConfigError naming ``probe.tasks`` for a name that is neither built-in nor in mteb's registry."""
+    from experiments.config import ConfigError
+
+    with preserved_rng():  # importing mteb and creating tasks reseed the global generators
+        from callbacks.probe.tasks import check_task_names
+
+        problem = check_task_names(list(config.tasks))
+    if problem:
+        raise ConfigError("probe.tasks", problem)
+
+
+class ProbeCallback(L.Callback):
+    """Scores every deployable cell (layer, dim, rank) on mteb tasks while training runs.
+
+    Probes run at the start, every ``every_n_steps`` optimizer steps and at the end (see
+    :class:`~experiments.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
+    ``probe/<task>/<metric>/layer_<l>/dim_<d>/rank_<r>``, ``probe/mean_main_score/{full,cheapest}`` and
+    ``probe/seconds`` to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per rank
+    to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``. A failing task is logged with
+    its name and left out; training goes on. Weights, RNG streams and the data position are left untouched, so
+    a run's losses are the same with and without probes.
+
+    Args:
+        config: the ``probe`` section.
+        corpus_dir: the corpus with the held-out probe split.
+        catalog_dir: gettext catalogs, to build ``corpus_dir`` if it does not exist yet.
+        run_dir: the run folder (tables and heatmaps go to ``run_dir/probe``).
+        tokenize: the run's batch tokenizer (tokenizer and e5 prefixes).
+        model_name: names the model in mteb results (``organisation/name``).
+
+    Example:
+        ``make exp NAME=quickstart ARGS="probe.every_n_steps=20 probe.locales=[de,kk,ta]"``
+    """
+
+    def __init__(self, config: ProbeConfig, corpus_dir: str, catalog_dir: str, run_dir: str | Path,
+                 tokenize: BatchTokenizer, model_name: str = "matryoshka-lab/probe") -> None:
+        check_tasks(config)
+        self.config, self.corpus_dir, self.catalog_dir = config, corpus_dir, catalog_dir
+        self.run_dir, self.tokenize, self.model_name = Path(run_dir), tokenize, model_name
+        self.prober: Prober | None = None
+        self.probed: set[int] = set()
+        self.seconds = 0.0
+        self.started = time.perf_counter()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.config.at_start:
+            self.probe(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        every = self.config.every_n_steps
+        if every and trainer.global_step % every == 0:
+            self.probe(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.config.at_end:
+            self.probe(trainer, pl_module)
+        if trainer.is_global_zero and self.probed:
+            wall = time.perf_counter() - self.started
+            log.info("probe: %d probes took %.1f s, %.1f %% of %.1f s of training wall time", len(self.probed),
+                     self.seconds, 100 * self.seconds / wall, wall)
+            self._log(trainer, {"probe/seconds_total": self.seconds, "probe/wall_share": self.seconds / wall}, [])
+
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
+        """One probe at the current global step (once per step); returns its table."""
+        step = trainer.global_step
+        if step in self.probed:
+            return None
+        self.probed.add(step)
+        if self.prober is None:
+            with preserved_rng():
+                from callbacks.probe.tasks import build_tasks
+
+                if not (Path(self.corpus_dir) / "manifest.json").is_file():
+                    from datamodules.gettext_corpus import build_gettext_corpus
+
+                    build_gettext_corpus(self.corpus_dir, self.catalog_dir)
+                tasks = build_tasks(list(self.config.tasks), self.corpus_dir, list(self.config.locales),
+                                    self.config.max_pairs_per_locale)
+            self.prober = Prober(pl_module, self.tokenize, tasks, self.config.batch_size, self.model_name,
+                                 pl_module.device)
+        table = self.prober.run(step, trainer.precision_plugin.predict_step_context)
+        self.seconds += table["seconds"]
+        if trainer.is_global_zero:
+            files = report.write(table, self.run_dir)
+            self._log(trainer, report.metrics(table, list(self.config.metrics)), files)
+            summary = table["summary"].get("full", {})
+            log.info("probe at step %d: %.1f s, mean main score %.4f at %s", step, table["seconds"],
+                     summary.get("mean_main_score", float("nan")), summary.get("cell", "-"))
+        return table
+
+    def _log(self, trainer: L.Trainer, logged: dict[str, float], files: list[Path]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                report.log_to_mlflow(logger.experiment, logger.run_id, logged, trainer.global_step, files)
+            else:
+                logger.log_metrics(logged, step=trainer.global_step)

@@ -1,0 +1,173 @@
+"""Encode probe texts ONCE per MEL rank and keep every cell of the grid as a slice of that one encoding.
+
+One forward per text gives every MLL exit (``bundle.layer(l)``); the plugins' ``expand`` turns the bundle into
+the tagged views training uses (``layer_4/dim_64/rank_128``, plus any axis a new plugin adds). MRL views are
+prefix slices of their exit, so the cache stores one matrix per distinct tensor storage (one per exit) and a
+cell is ``(source, width)``: slicing and re-normalising at lookup time gives every (layer, dim) cell.
+Nothing here imports mteb (it reseeds the global RNGs on import).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_modules.views import View, view_name
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One deployable configuration of the grid.
+
+    Args:
+        tags: ``{"layer": l, "dim": d, ..., "rank": r}`` in the order plugins add them (``rank: "full"`` without
+            MEL; ``layer``/``dim`` default to the full depth/width when no plugin nests them).
+        source: index of the stored matrix this cell slices.
+        width: number of leading coordinates of that matrix the cell uses.
+    """
+
+    tags: dict
+    source: int
+    width: int
+
+    @property
+    def name(self) -> str:
+        return view_name(self.tags)
+
+
+def split_views(views: Sequence[View], num_layers: int) -> tuple[list[Cell], list[Tensor]]:
+    """``(cells, sources)`` of one batch's views: views that are prefix slices of one tensor (same storage start
+    and strides, e.g. MRL dims of one exit) share a source, the widest of them."""
+    sources: list[Tensor] = []
+    by_storage: dict[tuple, int] = {}
+    cells = []
+    for view in views:
+        embeddings = view.embeddings
+        storage = (embeddings.data_ptr(), embeddings.stride())
+        if storage not in by_storage:
+            by_storage[storage] = len(sources)
+            sources.append(embeddings)
+        source = by_storage[storage]
+        if embeddings.shape[1] > sources[source].shape[1]:
+            sources[source] = embeddings
+        tags = {"layer": num_layers, "dim": embeddings.shape[1], **view.tags}
+        tags.setdefault("rank", "full")
+        cells.append(Cell(tags, source, embeddings.shape[1]))
+    return cells, sources
+
+
+class EmbeddingCache:
+    """Embeddings of texts for every cell, one matrix per source; rows are looked up by text.
+
+    Example:
+        >>> cache = EmbeddingCache()
+        >>> cache.add(["a", "b"], [Cell({"layer": 1, "dim": 2, "rank": "full"}, 0, 2)], [torch.eye(2)])
+        >>> cache.lookup(["b"], cache.cells[0]).tolist()
+        [[0.0, 1.0]]
+    """
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.cells: list[Cell] = []
+        self._chunks: list[list[Tensor]] = []
+        self._matrices: list[Tensor] = []
+
+    def add(self, texts: Sequence[str], cells: list[Cell], sources: Sequence[Tensor]) -> None:
+        """Rows ``sources[s][i]`` belong to ``texts[i]``; ``cells`` must match those of earlier additions."""
+        if not self.cells:
+            self.cells = cells
+            self._chunks = [[] for _ in sources]
+        elif [cell.name for cell in cells] != [cell.name for cell in self.cells]:
+            raise RuntimeError("the plugins produced a different set of views for another batch of probe texts")
+        offset = len(self.index)
+        for i, text in enumerate(texts):
+            self.index[text] = offset + i
+        for chunks, matrix in zip(self._chunks, sources):
+            chunks.append(matrix.detach().float().cpu())
+        self._matrices = []
+
+    def lookup(self, texts: Sequence[str], cell: Cell) -> Tensor:
+        """L2-normalised ``[len(texts), cell.width]`` embeddings (the truncation is re-normalised, as in training)."""
+        if not self._matrices:
+            self._matrices = [torch.cat(chunks) for chunks in self._chunks]
+        rows = torch.tensor([self.index[text] for text in texts], dtype=torch.long)
+        return F.normalize(self._matrices[cell.source][rows, : cell.width], dim=-1)
+
+    def __contains__(self, text: str) -> bool:
+        return text in self.index
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class GridEncoder:
+    """Encodes missing texts with one forward each, on every device together, into an :class:`EmbeddingCache`.
+
+    Under DDP/FSDP2 :meth:`encode_missing` is collective: every device computes the same list of missing texts,
+    encodes a strided shard of it (padded so that every device runs the same number of batches, which FSDP2's
+    per-forward all-gathers need) and the shards are all-gathered. The module must already be in eval mode
+    under ``torch.no_grad`` with the MEL rank set (see :class:`~callbacks.probe.prober.Prober`).
+
+    Args:
+        module: the :class:`~lightning_modules.module.MatryoshkaEmbedder`.
+        tokenize: a :class:`~lightning_modules.backbone.BatchTokenizer` (its ``encode`` pads one batch).
+        batch_size: texts per forward on each device.
+        device: where the module's inputs go.
+        forward_context: e.g. the Trainer's precision context (autocast), so probes see training's numerics.
+    """
+
+    def __init__(self, module, tokenize, batch_size: int, device: torch.device,
+                 forward_context: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        self.module, self.tokenize, self.batch_size = module, tokenize, batch_size
+        self.device, self.forward_context = device, forward_context
+        self.cache = EmbeddingCache()
+        self.encoded = 0  # texts this device ran through the backbone (padding included)
+        self.threads = torch.get_num_threads()  # forwards keep these even when scoring runs single-threaded
+
+    def _forward(self, texts: list[str]) -> tuple[list[Cell], list[Tensor]]:
+        batch = self.tokenize.encode(texts)
+        with self.forward_context():
+            bundle = self.module.backbone(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            return split_views(self.module.expand(bundle), bundle.num_layers)
+
+    def encode_missing(self, texts: Sequence[str]) -> None:
+        """Encodes the texts not yet cached (collective under a process group: call it on every device)."""
+        missing = sorted({text for text in texts if text not in self.cache}, key=lambda text: (-len(text), text))
+        if not missing:
+            return
+        rank, world_size = world()
+        # Longest first, so each batch holds texts of similar length (little padding); strided shards keep that.
+        padded = missing + missing[-1:] * (-len(missing) % world_size)
+        mine = padded[rank::world_size]
+        chunks: list[list[Tensor]] = []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            for start in range(0, len(mine), self.batch_size):
+                cells, sources = self._forward(mine[start: start + self.batch_size])
+                chunks = chunks or [[] for _ in sources]
+                for chunk, source in zip(chunks, sources):
+                    chunk.append(source.float())
+        finally:
+            torch.set_num_threads(threads)
+        self.encoded += len(mine)
+        sources = [torch.cat(chunk) for chunk in chunks]
+        if world_size > 1:
+            sources = [_interleave_gather(source, world_size) for source in sources]
+        self.cache.add(missing, cells, [source[: len(missing)] for source in sources])
+
+
+def _interleave_gather(local: Tensor, world_size: int) -> Tensor:
+    """Rows of every device's strided shard back in the original order (row i of device r is item i·W + r)."""
+    gathered = [torch.empty_like(local) for _ in range(world_size)]
+    torch.distributed.all_gather(gathered, local.contiguous())
+    return torch.stack(gathered, dim=1).reshape(-1, local.shape[1])

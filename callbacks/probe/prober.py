@@ -1,0 +1,240 @@
+"""Score every cell of the Matryoshka grid on mteb tasks, with |ranks| encodings instead of |layers|·|dims|·|ranks|."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+
+import numpy as np
+import torch
+
+from callbacks.probe.encoding import GridEncoder, world
+from lightning_modules.plugins.mel import FactorizedEmbedding
+
+log = logging.getLogger(__name__)
+
+TABLE_FORMAT = 1
+
+
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restores Python's, NumPy's and torch's (CPU and CUDA) global generators on exit: mteb reseeds them when it
+    is imported, when a task is created and when an evaluator starts."""
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+
+
+@contextmanager
+def preserved_state(module: torch.nn.Module, embedding: FactorizedEmbedding | None) -> Iterator[None]:
+    """Eval mode and no grad inside; on exit every submodule's train/eval flag, the MEL rank and the global RNGs
+    are what they were (weights are never written: no grad, no optimizer)."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    rank = embedding.rank if embedding is not None else None
+    module.eval()
+    try:
+        with preserved_rng(), torch.no_grad():
+            yield
+    finally:
+        for submodule, mode in modes:  # per module: a frozen submodule may be in eval mode on purpose
+            submodule.training = mode
+        if embedding is not None:
+            embedding.rank = rank
+        _reshard(module)
+
+
+def _reshard(module: torch.nn.Module) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward without backward; shard them again, as training
+    left them."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for submodule in module.modules():
+        if isinstance(submodule, FSDPModule):
+            submodule.reshard()
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: scoring multiplies small matrices, where torch's thread pool costs more than it saves
+    (10× slower with 2 threads on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def rank_axis(module) -> tuple[FactorizedEmbedding | None, list[int | None]]:
+    """The MEL embedding and the ranks to probe (its plugin's ladder), or ``(None, [None])`` without MEL."""
+    embedding = module.backbone.input_embeddings()
+    if not isinstance(embedding, FactorizedEmbedding):
+        return None, [None]
+    ladder = next((plugin.ranks for plugin in module.plugins if getattr(plugin, "embedding", None) is embedding),
+                  [embedding.max_rank])
+    return embedding, list(ladder)
+
+
+def _all_gather(value):
+    """``[value of device 0, value of device 1, ...]`` (a one-element list without a process group)."""
+    _, world_size = world()
+    if world_size == 1:
+        return [value]
+    gathered = [None] * world_size
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def agreed_tasks(tasks: list) -> list:
+    """The tasks every device could load (a task missing on one device would desynchronise the collectives)."""
+    everywhere = set.intersection(*(set(names) for names in _all_gather([t.metadata.name for t in tasks])))
+    for task in tasks:
+        if task.metadata.name not in everywhere:
+            log.warning("probe: skipping mteb task %s: its data is missing on some device", task.metadata.name)
+    return [task for task in tasks if task.metadata.name in everywhere]
+
+
+class Prober:
+    """Evaluates mteb tasks at every cell (layer, dim, rank, and any axis a plugin adds) of a
+    :class:`~lightning_modules.module.MatryoshkaEmbedder`.
+
+    For each MEL rank (one rank ``full`` without MEL) every probe text is encoded ONCE with all MLL exits; each
+    (layer, dim) cell reads its slice of that encoding, re-normalised. The first cell is evaluated on every device
+    (texts a task had not announced are encoded then, together); the other cells are spread over the devices and
+    the scores gathered, so every device holds the full table. The probe never changes weights, train/eval flags,
+    the MEL rank or the global RNG streams.
+
+    Args:
+        module: the model whose plugins define the grid.
+        tokenize: the run's :class:`~lightning_modules.backbone.BatchTokenizer` (tokenizer and e5 prefixes).
+        tasks: mteb tasks with their data loaded (see :func:`callbacks.probe.tasks.build_tasks`).
+        batch_size: texts per forward on each device.
+        model_name: the mteb model name, ``organisation/name``.
+        device: where the inputs go; default: the module's parameters' device.
+
+    Example:
+        >>> table = Prober(module, datamodule.tokenize, build_tasks(["GettextBitextMining"], "data/gettext",
+        ...                ["de", "kk"], 32)).run(step=0)
+        >>> table["summary"]["full"]
+        {'cell': 'layer_4/dim_384/rank_128', 'mean_main_score': 0.93}
+    """
+
+    def __init__(self, module, tokenize, tasks: list, batch_size: int = 64, model_name: str = "matryoshka-lab/probe",
+                 device: torch.device | None = None) -> None:
+        self.module, self.tokenize, self.batch_size, self.model_name = module, tokenize, batch_size, model_name
+        self.tasks = agreed_tasks(tasks)
+        self.device = device if device is not None else next(module.parameters()).device
+        # Tasks built for the probe announce their texts and roles (query / document): encoded ahead in one pass.
+        self.roles = {task.metadata.name: {text: role for role, text in task.probe_inputs()}
+                      for task in self.tasks if hasattr(task, "probe_inputs")}
+
+    def _announced_texts(self) -> list[str]:
+        from callbacks.probe.grid import prefix
+
+        return [prefix(self.tokenize, role) + text for roles in self.roles.values() for text, role in roles.items()]
+
+    def run(self, step: int, forward_context: Callable[[], AbstractContextManager] = nullcontext) -> dict:
+        """Scores every cell at training step ``step``; the returned table is identical on every device."""
+        started = time.perf_counter()
+        embedding, ranks = rank_axis(self.module)
+        device_rank, world_size = world()
+        results: dict[str, dict] = {}
+        errors: dict[str, str] = {}
+        order: list[str] = []  # the grid's cell order (devices score cells in different orders)
+        encoded = 0
+        with preserved_state(self.module, embedding):
+            from callbacks.probe.grid import CellModel, evaluate, model_meta
+
+            meta = model_meta(self.model_name, f"step-{step}", self.module.backbone.info.hidden_size,
+                              sum(p.numel() for p in self.module.parameters()),
+                              bool(self.tokenize.query_prefix or self.tokenize.passage_prefix))
+
+            def score(encoder: GridEncoder, task, index: int, may_encode: bool) -> None:
+                name = task.metadata.name
+                if name in errors:
+                    return
+                try:
+                    with single_thread():
+                        scores = evaluate(CellModel(encoder, index, meta, may_encode, self.roles.get(name)), task,
+                                          self.batch_size)
+                except Exception as error:  # noqa: BLE001 - a failing task must not stop training
+                    cell = encoder.cache.cells[index].name if index < len(encoder.cache.cells) else f"cell {index}"
+                    errors[name] = f"{type(error).__name__} at {cell}: {str(error).strip()[:500]}"
+                    log.debug("probe task %s failed", name, exc_info=True)
+                    return
+                cell = encoder.cache.cells[index]
+                results.setdefault(cell.name, {"tags": cell.tags, "scores": {}})["scores"][name] = scores
+
+            for rank in ranks:
+                if embedding is not None:
+                    embedding.rank = rank
+                encoder = GridEncoder(self.module, self.tokenize, self.batch_size, self.device, forward_context)
+                encoder.encode_missing(self._announced_texts())
+                for task in self.tasks:  # warm-up cell on every device: the only place new texts may be encoded
+                    score(encoder, task, 0, may_encode=True)
+                for index in range(1, len(encoder.cache.cells)):
+                    if index % world_size == device_rank:
+                        for task in self.tasks:
+                            score(encoder, task, index, may_encode=world_size == 1)
+                encoded += encoder.encoded
+                order += [cell.name for cell in encoder.cache.cells]
+                for other_results, other_errors in _all_gather((results, errors)):
+                    for name, cell in other_results.items():
+                        results.setdefault(name, {"tags": cell["tags"], "scores": {}})["scores"].update(cell["scores"])
+                    for task, error in other_errors.items():
+                        errors.setdefault(task, error)
+        for task, error in errors.items():
+            log.error("probe: task %s failed at step %d and is left out of this probe: %s", task, step, error)
+        results = {name: results[name] for name in order if name in results}
+        return self._table(step, ranks, results, errors, _all_gather(encoded), time.perf_counter() - started)
+
+    def _table(self, step: int, ranks: list, results: dict, errors: dict, encoded: list[int], seconds: float) -> dict:
+        cells = []
+        for name, cell in results.items():
+            mains = [scores["main_score"] for scores in cell["scores"].values()]
+            cells.append({"name": name, "tags": cell["tags"], "scores": cell["scores"],
+                          "mean_main_score": sum(mains) / len(mains)})
+        axes: dict[str, list] = {}
+        for cell in cells:
+            for key, value in cell["tags"].items():
+                if value not in axes.setdefault(key, []):
+                    axes[key].append(value)
+        return {
+            "format": TABLE_FORMAT,
+            "step": step,
+            "seconds": seconds,
+            "ranks_encoded": len(ranks),
+            "texts_encoded_per_device": encoded,
+            "axes": axes,
+            "tasks": {task.metadata.name: {"type": task.metadata.type, "main_score": task.metadata.main_score,
+                                           "subsets": list(task.hf_subsets)}
+                      for task in self.tasks if task.metadata.name not in errors},
+            "errors": errors,
+            "cells": cells,
+            "summary": summary(cells),
+        }
+
+
+def summary(cells: list[dict]) -> dict:
+    """The mean main score at the full cell (deepest, widest, highest rank) and at the cheapest (the smallest of
+    each); with another tag axis the first of its values in the grid's order."""
+    if not cells:
+        return {}
+
+    def size(cell: dict) -> tuple:
+        return tuple(value if isinstance(value, (int, float)) else math.inf
+                     for value in (cell["tags"]["layer"], cell["tags"]["dim"], cell["tags"]["rank"]))
+
+    return {label: {"cell": chosen["name"], "mean_main_score": chosen["mean_main_score"]}
+            for label, chosen in (("full", max(cells, key=size)), ("cheapest", min(cells, key=size)))}

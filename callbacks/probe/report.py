@@ -1,0 +1,147 @@
+"""A probe table as MLflow metrics, files in the run folder (JSON, CSV, one heatmap per rank) and text.
+
+Files of the probe at step n, in ``<run_dir>/probe/``: ``probe_step_<n>.json`` (the full table, see
+:meth:`~callbacks.probe.prober.Prober.run`, plus its flat ``rows``), ``probe_step_<n>.csv`` (those rows: one per
+cell and task, a column per score) and ``probe_step_<n>_<group>.png`` (layers × dims heatmaps of each task's main
+score, one file per rank).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+from lightning_modules.views import view_name
+
+PROBE_DIR = "probe"
+FILE_PREFIX = "probe_step_"
+MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+
+
+def metrics(table: dict, extra: list[str]) -> dict[str, float]:
+    """``probe/<task>/<metric>/<cell>`` for each task's main score and the ``extra`` scores it reports, the summaries
+    ``probe/mean_main_score/{full,cheapest}`` and ``probe/seconds``."""
+    logged = {}
+    for cell in table["cells"]:
+        for task, scores in cell["scores"].items():
+            main = table["tasks"][task]["main_score"]
+            for metric in dict.fromkeys([main, *extra]):
+                if isinstance(scores.get(metric), float):
+                    logged[f"probe/{task}/{metric}/{cell['name']}"] = scores[metric]
+    for label, entry in table["summary"].items():
+        logged[f"probe/mean_main_score/{label}"] = entry["mean_main_score"]
+    logged["probe/seconds"] = table["seconds"]
+    return logged
+
+
+def _groups(table: dict) -> dict[str, list[dict]]:
+    """Cells grouped by every tag but layer and dim (one heatmap each: ``rank_128``, or ``squash_tanh/rank_128``)."""
+    groups: dict[str, list[dict]] = {}
+    for cell in table["cells"]:
+        rest = {key: value for key, value in cell["tags"].items() if key not in ("layer", "dim")}
+        groups.setdefault(view_name(rest), []).append(cell)
+    return groups
+
+
+def heatmap(table: dict, group: str, cells: list[dict], path: Path) -> None:
+    """One panel per task: layers (rows) × dims (columns, widest first), each square annotated with the main score."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = sorted({cell["tags"]["layer"] for cell in cells})
+    dims = sorted({cell["tags"]["dim"] for cell in cells}, reverse=True)
+    tasks = list(table["tasks"])
+    figure = Figure(figsize=(1.2 + 0.75 * len(dims) * len(tasks), 1.0 + 0.55 * len(layers)), layout="constrained")
+    FigureCanvasAgg(figure)
+    for i, task in enumerate(tasks):
+        grid = [[math.nan] * len(dims) for _ in layers]
+        for cell in cells:
+            if task in cell["scores"]:
+                grid[layers.index(cell["tags"]["layer"])][dims.index(cell["tags"]["dim"])] = cell["scores"][task]["main_score"]
+        axes = figure.add_subplot(1, len(tasks), i + 1)
+        axes.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        for row, values in enumerate(grid):
+            for column, value in enumerate(values):
+                if not math.isnan(value):
+                    axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                              color="black" if value > 0.6 else "white")
+        axes.set_xticks(range(len(dims)), [str(d) for d in dims])
+        axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        axes.set_xlabel("dim")
+        axes.set_ylabel("layer")
+        axes.set_title(f"{task}\n{table['tasks'][task]['main_score']}", fontsize=9)
+    figure.suptitle(f"step {table['step']} · {group}", fontsize=10)
+    figure.savefig(path, dpi=110)
+
+
+def rows(table: dict) -> list[dict]:
+    """Flat rows, one per cell and task: ``step``, the cell's tags, ``task``, ``main_score``, every other score and
+    ``main_score/<subset>`` per subset (the CSV, and the JSON table's ``rows``)."""
+    flat = []
+    for cell in table["cells"]:
+        for task, scores in cell["scores"].items():
+            row = {"step": table["step"], **cell["tags"], "task": task, "main_score": scores["main_score"]}
+            row.update({metric: value for metric, value in scores.items() if metric not in ("main_score", "subsets")})
+            row.update({f"main_score/{subset}": value for subset, value in scores["subsets"].items()})
+            flat.append(row)
+    return flat
+
+
+def write(table: dict, run_dir: str | Path) -> list[Path]:
+    """Writes the JSON table (with its flat ``rows``), the CSV and the heatmaps under ``run_dir/probe``; returns
+    their paths."""
+    out = Path(run_dir) / PROBE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{FILE_PREFIX}{table['step']}"
+    flat = rows(table)
+    paths = [out / f"{stem}.json", out / f"{stem}.csv"]
+    paths[0].write_text(json.dumps({**table, "rows": flat}, indent=1))
+    columns = list(dict.fromkeys(key for row in flat for key in row))
+    with paths[1].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+    for group, cells in _groups(table).items():
+        if table["tasks"]:
+            path = out / f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', group)}.png"
+            heatmap(table, group, cells, path)
+            paths.append(path)
+    return paths
+
+
+def log_to_mlflow(client, run_id: str, logged: dict[str, float], step: int, files: list[Path]) -> None:
+    """Metrics at ``step`` (in batches MLflow accepts) and the files as artifacts under ``probe/step_<n>``."""
+    from mlflow.entities import Metric
+
+    stamp = int(time.time() * 1000)
+    entries = [Metric(key, value, stamp, step) for key, value in logged.items()]
+    for start in range(0, len(entries), MLFLOW_BATCH):
+        client.log_batch(run_id, metrics=entries[start: start + MLFLOW_BATCH])
+    for path in files:
+        client.log_artifact(run_id, str(path), artifact_path=f"{PROBE_DIR}/step_{step}")
+
+
+def latest_table(run_dir: str | Path) -> dict | None:
+    """The probe table of the latest step in ``run_dir/probe`` (e.g. for a model card), None without any."""
+    tables = sorted(Path(run_dir, PROBE_DIR).glob(f"{FILE_PREFIX}*.json"),
+                    key=lambda path: int(path.stem.removeprefix(FILE_PREFIX)))
+    return json.loads(tables[-1].read_text()) if tables else None
+
+
+def format_table(table: dict) -> str:
+    """A text table: one row per cell, one column per task's main score and their mean."""
+    tasks = list(table["tasks"])
+    width = max([len(cell["name"]) for cell in table["cells"]] + [4])
+    header = f"{'cell':<{width}}  " + "  ".join(f"{task[:22]:>22}" for task in tasks) + "      mean"
+    lines = [f"probe at step {table['step']} ({table['seconds']:.1f} s)", header]
+    for cell in table["cells"]:
+        scores = "  ".join(f"{cell['scores'][task]['main_score']:>22.4f}" if task in cell["scores"] else f"{'-':>22}"
+                           for task in tasks)
+        lines.append(f"{cell['name']:<{width}}  {scores}  {cell['mean_main_score']:8.4f}")
+    for task, error in table["errors"].items():
+        lines.append(f"failed: {task}: {error}")
+    return "\n".join(lines)

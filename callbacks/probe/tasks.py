@@ -1,0 +1,217 @@
+"""The probe's mteb tasks: two offline tasks on the corpus's held-out probe split, plus any registry task by name.
+
+Imported lazily, inside the probe's RNG guard: importing mteb and creating a task reseed Python's, NumPy's and
+torch's global generators.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import mteb
+import numpy as np
+from datasets import Dataset
+from mteb.abstasks.abstask import AbsTask
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+from mteb.abstasks.task_metadata import TaskMetadata
+from mteb.abstasks.text.bitext_mining import AbsTaskBitextMining
+from mteb.languages.check_language_code import check_language_code
+from mteb.languages.iso_mappings import _hf_lang_to_iso_lang_script
+from mteb.types import PromptType
+
+from datamodules.gettext_corpus import MANIFEST_NAME, Pair, load_split
+
+log = logging.getLogger(__name__)
+
+SPLIT = "probe"
+SCRIPT_VARIANTS = {"latin": "Latn", "cyrillic": "Cyrl", "TW": "Hant", "HK": "Hant"}
+
+
+def mteb_language(locale: str) -> str:
+    """mteb's ``iso639_3-Script`` code of a gettext locale: ``kk`` → ``kaz-Cyrl``, ``sr@latin`` → ``srp-Latn``,
+    ``zh_TW`` → ``zho-Hant``; ``und`` (undetermined) when mteb does not know the language."""
+    base, _, variant = locale.replace("@", "_").partition("_")
+    code = _hf_lang_to_iso_lang_script(base)
+    if code is None:
+        return "und"
+    if variant in SCRIPT_VARIANTS:
+        code = f"{code.split('-')[0]}-{SCRIPT_VARIANTS[variant]}"
+    try:
+        check_language_code(code)
+    except ValueError:
+        return "und"
+    return code
+
+
+def probe_pairs(corpus_dir: str | Path, locales: list[str], max_pairs: int) -> dict[str, list[Pair]]:
+    """Up to ``max_pairs`` held-out pairs per locale, one per English sentence and per translation.
+
+    Pairs are taken in the order of a hash of the English sentence, the same order for every locale, so the
+    locales share English sentences where they can (fewer texts to encode). A locale without probe pairs is
+    skipped with one log line.
+    """
+    def english_order(pair: Pair) -> str:
+        return hashlib.sha1(pair.en.encode()).hexdigest()
+
+    selected = {}
+    for locale in locales:
+        try:
+            pairs = load_split(corpus_dir, SPLIT, locale)
+        except FileNotFoundError:
+            pairs = []
+        chosen, seen = [], set()
+        for pair in sorted(pairs, key=english_order):
+            if pair.en not in seen and pair.xx not in seen:
+                seen.update((pair.en, pair.xx))
+                chosen.append(pair)
+        if len(chosen) < 2:
+            log.warning("probe: skipping locale %s: %d usable pairs in the %s split of %s", locale, len(chosen),
+                        SPLIT, corpus_dir)
+            continue
+        selected[locale] = chosen[:max_pairs]
+    if not selected:
+        raise ValueError(f"probe.locales {locales}: none has probe pairs in {corpus_dir}")
+    return selected
+
+
+def _metadata(name: str, task_type: str, main_score: str, description: str, eval_langs, revision: str) -> TaskMetadata:
+    return TaskMetadata(
+        name=name, type=task_type, main_score=main_score, description=description,
+        dataset={"path": "local/gettext-probe", "revision": revision}, reference=None, category="t2t",
+        modalities=["text"], eval_splits=[SPLIT], eval_langs=eval_langs, date=None, domains=["Web"],
+        task_subtypes=None, license="not specified", annotations_creators="human-annotated", dialect=[],
+        sample_creation="found", bibtex_citation="")
+
+
+def corpus_revision(corpus_dir: str | Path) -> str:
+    """The corpus's content hash (the task's dataset revision), ``unknown`` without a manifest."""
+    manifest = Path(corpus_dir) / MANIFEST_NAME
+    return json.loads(manifest.read_text())["content_hash"] if manifest.is_file() else "unknown"
+
+
+class GettextBitextMining(AbsTaskBitextMining):
+    """xx→en bitext mining on held-out gettext translations: one subset per locale (``kk-en``), each
+    translation must find its English source among that locale's English sentences. Main score: accuracy
+    (acc@1). Translations are read as queries and English sentences as passages, as in training (mteb's bitext
+    evaluator passes no prompt type: :meth:`probe_inputs` declares the roles).
+
+    Args:
+        pairs: ``{locale: pairs}`` (see :func:`probe_pairs`).
+        revision: the corpus's content hash.
+    """
+
+    def __init__(self, pairs: dict[str, list[Pair]], revision: str = "unknown") -> None:
+        self.metadata = _metadata(
+            "GettextBitextMining", "BitextMining", "accuracy",
+            "Translations (xx) mined against English sources, per locale, from the held-out probe split of "
+            "the gettext catalogs.",
+            {f"{locale}-en": [mteb_language(locale), "eng-Latn"] for locale in pairs}, revision)
+        self.pairs = pairs
+        super().__init__()
+        self.load_data()  # in memory: loaded tasks are never unloaded by mteb (which drops instance metadata)
+
+    def load_data(self, num_proc: int | None = None, **kwargs) -> None:
+        self.dataset = {
+            f"{locale}-en": {SPLIT: Dataset.from_dict({"sentence1": [p.xx for p in pairs],
+                                                       "sentence2": [p.en for p in pairs]})}
+            for locale, pairs in self.pairs.items()}
+        self.data_loaded = True
+
+    def probe_inputs(self) -> list[tuple[PromptType, str]]:
+        """Every text the task will encode, with its role (encoded ahead, in one pass)."""
+        return [(role, text) for pairs in self.pairs.values() for p in pairs
+                for role, text in ((PromptType.query, p.xx), (PromptType.document, p.en))]
+
+    def _compute_metrics(self, nearest_neighbors: list[dict[str, float]], gold: list[tuple[int, int]]) -> dict:
+        """mteb's metrics, vectorised: sklearn's weighted precision, recall and F1 (zero_division=0) and accuracy.
+        sklearn's input validation cost ~30 ms per subset and cell, most of a probe's scoring time."""
+        predictions = np.array([neighbour["corpus_id"] for neighbour in nearest_neighbors])
+        labels = np.array([gold[i][1] for i in range(len(predictions))])
+        classes, index = np.unique(np.concatenate([labels, predictions]), return_inverse=True)
+        true_index, predicted_index = index[: len(labels)], index[len(labels):]
+        true = np.bincount(true_index, minlength=len(classes))
+        predicted = np.bincount(predicted_index, minlength=len(classes))
+        hits = np.bincount(true_index[labels == predictions], minlength=len(classes))
+
+        def weighted(numerator: np.ndarray, denominator: np.ndarray) -> float:
+            ratio = np.divide(numerator, denominator, out=np.zeros(len(classes)), where=denominator > 0)
+            return float(np.average(ratio, weights=true))
+
+        return {"precision": weighted(hits, predicted), "recall": weighted(hits, true),
+                "f1": weighted(2.0 * hits, true + predicted), "accuracy": float(np.mean(labels == predictions))}
+
+
+class GettextRetrieval(AbsTaskRetrieval):
+    """Cross-lingual retrieval: each held-out translation (from every probe locale, one pooled query set)
+    retrieves its English source from the pool of all held-out English sources. Main score: nDCG@10.
+
+    Args:
+        pairs: ``{locale: pairs}`` (see :func:`probe_pairs`).
+        revision: the corpus's content hash.
+    """
+
+    k_values = (1, 10)  # each cut-off adds ~10 scores (and their nAUCs) to compute per cell
+
+    def __init__(self, pairs: dict[str, list[Pair]], revision: str = "unknown") -> None:
+        languages = sorted({mteb_language(locale) for locale in pairs} | {"eng-Latn"})
+        self.metadata = _metadata(
+            "GettextRetrieval", "Retrieval", "ndcg_at_10",
+            "Translations from every probe locale (pooled queries) retrieve their English source among all "
+            "held-out English sources of the gettext probe split.", languages, revision)
+        self.pairs = pairs
+        self.english = sorted({p.en for pairs in pairs.values() for p in pairs})
+        super().__init__()
+        self.load_data()
+
+    def load_data(self, num_proc: int | None = None, **kwargs) -> None:
+        document = {text: f"en-{i}" for i, text in enumerate(self.english)}
+        queries = [(f"{locale}-{i}", p) for locale, pairs in self.pairs.items() for i, p in enumerate(pairs)]
+        self.dataset = {"default": {SPLIT: RetrievalSplitData(
+            queries=Dataset.from_dict({"id": [qid for qid, _ in queries], "text": [p.xx for _, p in queries]}),
+            corpus=Dataset.from_dict({"id": list(document.values()), "text": self.english,
+                                      "title": [""] * len(self.english)}),
+            relevant_docs={qid: {document[p.en]: 1} for qid, p in queries},
+            top_ranked=None)}}
+        self.data_loaded = True
+
+    def probe_inputs(self) -> list[tuple[PromptType, str]]:
+        return ([(PromptType.query, p.xx) for pairs in self.pairs.values() for p in pairs]
+                + [(PromptType.document, text) for text in self.english])
+
+
+BUILTIN_TASKS = {"GettextBitextMining": GettextBitextMining, "GettextRetrieval": GettextRetrieval}
+
+
+def check_task_names(names: list[str]) -> str | None:
+    """None when every name is a built-in or an mteb registry task, else a one-line message naming the bad one."""
+    for name in names:
+        if name in BUILTIN_TASKS:
+            continue
+        try:
+            mteb.get_task(name)
+        except KeyError:
+            return (f"unknown task {name!r}: neither a built-in ({', '.join(BUILTIN_TASKS)}) nor an mteb registry "
+                    f"task (list them with `python -m mteb available-tasks`)")
+    return None
+
+
+def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], max_pairs: int) -> list[AbsTask]:
+    """The configured tasks with their data loaded. A registry task whose data is not available locally (no
+    hub access, not in the cache) is left out with one log line."""
+    pairs = probe_pairs(corpus_dir, locales, max_pairs) if set(names) & set(BUILTIN_TASKS) else {}
+    revision = corpus_revision(corpus_dir)
+    tasks = []
+    for name in names:
+        task = BUILTIN_TASKS[name](pairs, revision) if name in BUILTIN_TASKS else mteb.get_task(name)
+        try:
+            task.load_data()
+        except Exception as error:  # noqa: BLE001 - datasets raises many kinds for missing data
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            log.warning("probe: skipping mteb task %s: its data is not available locally (%s)", name, reason[:300])
+            continue
+        tasks.append(task)
+    return tasks

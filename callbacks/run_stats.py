@@ -1,0 +1,70 @@
+"""Training wall time and peak memory, logged next to the losses (data statistics come from the DataModule)."""
+
+from __future__ import annotations
+
+import re
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start peak-memory counting afresh: runs of a suite share one process, and model set-up (e.g. MEL's SVD) is
+    not training. On Linux writing 5 to /proc/self/clear_refs resets the process's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: peak_rss_mb falls back to the process-lifetime peak
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB since :func:`reset_peak_memory` (Linux VmHWM), else since start."""
+    try:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+    except (OSError, AttributeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+class RunStats(L.Callback):
+    """Logs at every training step (the logger keeps the trainer's logging steps):
+
+    - ``train/elapsed_s``: seconds of training so far, summed over resumed sessions. Saved in checkpoints; the time a
+      killed session spent after its last checkpoint is not counted (those steps are recomputed on resume).
+    - ``train/memory/peak_rss_mb`` (host process) and, on CUDA, ``train/memory/peak_cuda_mb`` (allocated tensors):
+      peaks since this training session started.
+
+    Example:
+        >>> trainer = L.Trainer(callbacks=[RunStats()], logger=...)
+    """
+
+    def __init__(self) -> None:
+        self.elapsed_before = 0.0
+        self._session_start: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._session_start = time.perf_counter()
+        reset_peak_memory(pl_module.device)
+
+    def elapsed(self) -> float:
+        session = 0.0 if self._session_start is None else time.perf_counter() - self._session_start
+        return self.elapsed_before + session
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        metrics = {"train/elapsed_s": self.elapsed(), "train/memory/peak_rss_mb": peak_rss_mb()}
+        if pl_module.device.type == "cuda":
+            metrics["train/memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed_s": self.elapsed()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.elapsed_before = state_dict["elapsed_s"]
+        self._session_start = None

@@ -1,0 +1,188 @@
+"""Read the MLflow store: a terminal table comparing runs, and the MLflow UI launcher.
+
+    python -m experiments.runs [--suite smoke | --experiment NAME ...] [--uri URI]   # make runs [SUITE=smoke]
+    python -m experiments.runs ui [--port 5000] [--uri URI]                          # make ui
+
+The table has one row per run (oldest first): its name and status, the steps it logged, the params that differ
+between the runs of the table (``axes`` summarises which Matryoshka plugins a run trains), and its key metrics:
+final losses (mean of the last 10 logged values), throughput, peak memory, training wall time, and any probe
+summary metrics (``probe/...`` names without a view coordinate).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+# (column, metrics in order of preference, how): "tail" = mean of the last logged values (one step is noisy),
+# "last" = the latest value.
+METRIC_COLUMNS = (
+    ("loss", ("train/loss",), "tail"),
+    ("loss_in_batch", ("train/loss_in_batch",), "tail"),
+    ("loss_hard", ("train/loss_hard",), "tail"),
+    ("samples/s", ("train/device/samples_per_sec",), "tail"),
+    ("tokens/s", ("train/device/items_per_sec",), "tail"),
+    ("peak_MB", ("train/memory/peak_cuda_mb", "train/memory/peak_rss_mb"), "last"),  # device memory when on CUDA
+    ("wall_s", ("train/elapsed_s",), "last"),
+)
+# Params that name or place a run rather than say what it trains; the run column already shows the name.
+HIDDEN_PARAMS = ("name", "tracking.run_name", "tracking.experiment", "output_dir")
+AXIS_ORDER = ("mll", "mrl", "mel")
+VIEW_PART = re.compile(r"(layer|dim|rank)_\d+")
+MAX_CELL = 28
+
+
+def axes_of(params: dict[str, str]) -> str:
+    """``mll+mrl+mel`` from a run's ``plugins.<name>.*`` params (``none`` for the baseline)."""
+    names = {key.split(".")[1] for key in params if key.startswith("plugins.") and key.count(".") >= 2}
+    ordered = [name for name in AXIS_ORDER if name in names] + sorted(names - set(AXIS_ORDER))
+    return "+".join(ordered) or "none"
+
+
+def differing_params(all_params: Sequence[dict[str, str]]) -> list[str]:
+    """Param keys whose value differs between runs ('-' where a run lacks it), except :data:`HIDDEN_PARAMS` and
+    plugin options that differ only by presence (the ``axes`` column shows which plugins a run has)."""
+    keys = sorted(set().union(*all_params) - set(HIDDEN_PARAMS))
+    columns = []
+    for key in keys:
+        values = [params.get(key, "-") for params in all_params]
+        if len(set(values)) < 2:
+            continue
+        if key == "plugins" or key.startswith("plugins."):
+            if len({value for value in values if value != "-"}) < 2:
+                continue
+        columns.append(key)
+    return columns
+
+
+def probe_summary_keys(metric_keys: set[str]) -> list[str]:
+    """``probe/...`` metrics that are summaries, not one cell of the (layer, dim, rank) grid."""
+    return sorted(key for key in metric_keys
+                  if key.startswith("probe/") and not any(VIEW_PART.fullmatch(part) for part in key.split("/")))
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
+def run_table(client, runs) -> tuple[list[str], list[list[str]]]:
+    """``(header, rows)`` comparing ``runs`` (MLflow Run objects)."""
+    from experiments.tracking import tail_mean
+
+    runs = sorted(runs, key=lambda run: run.info.start_time or 0)
+    all_params = [run.data.params for run in runs]
+    param_columns = differing_params(all_params)
+    present = set().union(*(run.data.metrics for run in runs))
+    metric_columns = [(column, keys, how) for column, keys, how in METRIC_COLUMNS if present & set(keys)]
+    metric_columns += [(key, (key,), "last") for key in probe_summary_keys(present)]
+    header = ["run", "status", "steps", "axes", *param_columns, *[column for column, *_ in metric_columns]]
+    rows = []
+    for run in runs:
+        run_id, metrics = run.info.run_id, run.data.metrics
+        history = client.get_metric_history(run_id, "train/loss") if "train/loss" in metrics else []
+        steps = max(metric.step for metric in history) + 1 if history else 0
+        row = [run.info.run_name, run.info.status, steps, axes_of(run.data.params),
+               *[run.data.params.get(key, "-") for key in param_columns]]
+        for _, keys, how in metric_columns:
+            key = next((key for key in keys if key in metrics), None)
+            if key is None:
+                row.append(math.nan)
+            else:
+                row.append(tail_mean(client, run_id, key) if how == "tail" else float(metrics[key]))
+        rows.append([row[0], *map(_cell, row[1:])])  # run names are never shortened
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    numeric = [all(re.fullmatch(r"-?[\d.e+-]+|-", row[i]) for row in rows) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cell.rjust(width) if right else cell.ljust(width)
+                         for cell, width, right in zip(cells, widths, numeric)).rstrip()
+
+    return "\n".join([line(header), line(["-" * width for width in widths]), *map(line, rows)])
+
+
+def print_runs(uri: str, experiments: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
+    """Prints one table per MLflow experiment (all experiments with runs when ``experiments`` is None); returns the
+    number of runs shown. An experiment that does not exist is named with the ones that do."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    known = {experiment.name: experiment for experiment in client.search_experiments()}
+    names = list(experiments) if experiments else sorted(known)
+    missing = [name for name in names if name not in known]
+    if missing:
+        raise SystemExit(f"no MLflow experiment {', '.join(missing)} in {uri}; there are: {', '.join(sorted(known))}")
+    shown = 0
+    for name in names:
+        runs = client.search_runs([known[name].experiment_id], max_results=1000)
+        if not runs and not experiments:
+            continue
+        print(f"\nMLflow experiment {name!r} ({uri}): {len(runs)} runs", file=out)
+        if runs:
+            print(format_table(*run_table(client, runs)), file=out)
+        shown += len(runs)
+    return shown
+
+
+def default_tracking_uri() -> str:
+    """``tracking.uri`` of ``experiments/base.yaml``: the project's store."""
+    from omegaconf import OmegaConf
+
+    from experiments.config import EXPERIMENTS_DIR, Config
+
+    return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(EXPERIMENTS_DIR / "base.yaml")).tracking.uri
+
+
+def ui_command(uri: str, port: int) -> tuple[list[str], dict[str, str]]:
+    """``mlflow ui`` on 127.0.0.1 with background job workers off and one web worker: up in seconds, two processes,
+    stopped by one Ctrl-C (by default it starts 7 job workers that outlive a killed server, and 4 web workers of
+    ~170 MB each, more than one user's browser needs)."""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--backend-store-uri", uri,
+               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    return command, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    if argv[:1] == ["ui"]:
+        parser = argparse.ArgumentParser(prog="python -m experiments.runs ui",
+                                         description="MLflow UI on 127.0.0.1 against the project's store")
+        parser.add_argument("--port", type=int, default=5000)
+        parser.add_argument("--uri", default=None, help="tracking store (default: tracking.uri of base.yaml)")
+        args = parser.parse_args(argv[1:])
+        uri = args.uri or default_tracking_uri()
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        command, env = ui_command(uri, args.port)
+        print(f"MLflow UI: http://127.0.0.1:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
+        os.execvpe(command[0], command, env)  # this process becomes mlflow: Ctrl-C and kill reach it directly
+    parser = argparse.ArgumentParser(prog="python -m experiments.runs", description="Compare runs from MLflow")
+    parser.add_argument("--suite", action="append", default=[], help="a suite name (MLflow experiment suite-<name>)")
+    parser.add_argument("--experiment", action="append", default=[], help="an MLflow experiment name")
+    parser.add_argument("--uri", default=None, help="tracking store (default: tracking.uri of base.yaml)")
+    args = parser.parse_args(argv)
+    names = [f"suite-{suite}" for suite in args.suite] + args.experiment
+    uri = args.uri or default_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        print(f"no MLflow store at {uri} yet: train something first (make exp NAME=tiny)", file=sys.stderr)
+        return 1
+    if not print_runs(uri, names or None):
+        print(f"no runs in {uri}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

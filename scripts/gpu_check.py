@@ -1,0 +1,201 @@
+"""GPU check: training throughput, MFU and peak memory of a Qwen3-0.6B-shaped embedder under FSDP2.
+
+    python scripts/gpu_check.py            # make gpu-check; on a CUDA machine: < 8 minutes, no network, no download
+
+On CUDA: a random-init Qwen3 with the real 0.6B shape (hidden 1024, 28 blocks, 16 heads × 128, vocab 151,936),
+bf16 mixed precision, FSDP2 over every GPU present (the script re-launches itself under torchrun when there is
+more than one), synthetic full-length batches. Without CUDA it runs a tiny shape on the CPU (fp32, FSDP2 over
+one gloo process) so CI keeps it alive; those numbers mean nothing.
+
+One row per setup: plain contrastive, MRL, MLL, MEL, all three, all three with activation checkpointing, and all
+three with ``adamw8bit`` (skipped when bitsandbytes is not installed). Needs only torch, lightning and
+transformers (+ numpy): nothing of the project that imports omegaconf, mlflow or mteb.
+
+Columns: tokens/s over all GPUs (median step time after warm-up); MFU = model FLOPs / (GPUs × dense bf16 peak),
+model FLOPs per token = 6 · non-embedding parameters + 12 · blocks · attention width · sequence length
+(activation recomputation not counted); peak memory = ``torch.cuda.max_memory_allocated`` on rank 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from transformers import Qwen3Config, Qwen3Model  # noqa: E402
+
+from lightning_modules.backbone import Backbone  # noqa: E402
+from lightning_modules.distributed import FSDP2Strategy  # noqa: E402
+from lightning_modules.losses import ContrastiveLoss  # noqa: E402
+from lightning_modules.module import MatryoshkaEmbedder  # noqa: E402
+from lightning_modules.plugins import MEL, MLL, MRL  # noqa: E402
+
+QWEN3_0_6B = dict(vocab_size=151_936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, intermediate_size=3072)
+TINY = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, intermediate_size=128)
+# Dense bf16 tensor-core peaks (NVIDIA datasheets); H200 has H100 SXM's compute.
+PEAK_BF16 = (("h200", 989.4e12), ("h100 pcie", 756e12), ("h100", 989.4e12), ("a100", 312e12), ("l40s", 362e12))
+PLUGINS = {"mrl": MRL, "mll": MLL, "mel": MEL}
+
+
+@dataclass
+class Setup:
+    name: str
+    plugins: tuple[str, ...] = ()
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    result: dict = field(default_factory=dict)
+
+
+SETUPS = [Setup("plain contrastive"), Setup("MRL", ("mrl",)), Setup("MLL", ("mll",)), Setup("MEL", ("mel",)),
+          Setup("MLL+MRL+MEL", ("mll", "mrl", "mel")),
+          Setup("MLL+MRL+MEL, act. ckpt", ("mll", "mrl", "mel"), activation_checkpointing=True),
+          Setup("MLL+MRL+MEL, adamw8bit", ("mll", "mrl", "mel"), optimizer="adamw8bit")]
+
+
+class StepTimer(L.Callback):
+    """Wall time of every optimizer step (device synchronised), and peak memory after warm-up."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.times, self.started = warmup, [], 0.0
+
+    def _sync(self, module: L.LightningModule) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self._sync(module)
+        if trainer.global_step == self.warmup and module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(module.device)
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._sync(module)
+        if trainer.global_step > self.warmup:
+            self.times.append(time.perf_counter() - self.started)
+
+
+def synthetic_batches(num_queries: int, seq_len: int, vocab_size: int, seed: int):
+    """Endless full-length batches of random token ids: queries then passages, no padding, no hard negatives."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, vocab_size, (2 * num_queries, seq_len), generator=generator)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "num_queries": num_queries,
+               "negatives_per_query": 0}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((flops for key, flops in PEAK_BF16 if key in name), None)
+
+
+def run_setup(setup: Setup, args: argparse.Namespace, shape: dict, on_cuda: bool) -> None:
+    L.seed_everything(0, verbose=False)
+    with torch.device("cuda" if on_cuda else "cpu"):  # random init straight on the GPU: seconds, not minutes
+        model = Qwen3Model(Qwen3Config(max_position_embeddings=max(512, args.seq_len), tie_word_embeddings=False,
+                                       **shape))
+    backbone = Backbone(model.train(), "decoder")
+    plugins = [PLUGINS[name](PLUGINS[name].Config(), backbone.info, 0) for name in setup.plugins]
+    optim = SimpleNamespace(name=setup.optimizer, lr=1e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
+                            warmup_steps=2, min_lr=1e-7)
+    module = MatryoshkaEmbedder(backbone, plugins, ContrastiveLoss(0.05), optim, setup.activation_checkpointing)
+    timer = StepTimer(args.warmup)
+    devices = torch.cuda.device_count() if on_cuda else 1
+    trainer = L.Trainer(accelerator="cuda" if on_cuda else "cpu", devices=devices, strategy=FSDP2Strategy(),
+                        precision="bf16-mixed" if on_cuda else "32-true", max_steps=args.warmup + args.steps,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[timer])
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, train_dataloaders=synthetic_batches(args.queries, args.seq_len, shape["vocab_size"], 0))
+    step = statistics.median(timer.times)
+    tokens = 2 * args.queries * args.seq_len * devices
+    flops_per_token = (6 * module.dense_parameters
+                       + 12 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"] * args.seq_len)
+    peak = peak_flops(module.device)
+    setup.result = {
+        "tokens_per_s": tokens / step, "step_s": step,
+        "mfu": flops_per_token * tokens / step / (peak * devices) if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(module.device) / 2**30 if on_cuda else None,
+        "world_size": devices, "device": torch.cuda.get_device_name(module.device) if on_cuda else "cpu",
+    }
+    del trainer, module, backbone, model
+    gc.collect()  # the Trainer and the module refer to each other: free this setup's memory before the next one
+    if on_cuda:
+        torch.cuda.empty_cache()
+
+
+def table(setups: list[Setup]) -> str:
+    lines = [f"{'setup':<26} {'tokens/s':>12} {'step (s)':>9} {'MFU':>7} {'peak mem (GB)':>14}"]
+    for setup in setups:
+        r = setup.result
+        if "skipped" in r:
+            lines.append(f"{setup.name:<26} skipped: {r['skipped']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "n/a"
+        lines.append(f"{setup.name:<26} {r['tokens_per_s']:>12,.0f} {r['step_s']:>9.3f} {mfu:>7} {memory:>14}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str], on_cuda: bool) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=10 if on_cuda else 2, help="timed steps per setup")
+    parser.add_argument("--warmup", type=int, default=3 if on_cuda else 1, help="untimed steps first")
+    parser.add_argument("--queries", type=int, default=16 if on_cuda else 4,
+                        help="queries per GPU (as many passages: 2x sequences)")
+    parser.add_argument("--seq-len", type=int, default=512 if on_cuda else 32)
+    parser.add_argument("--only", nargs="*", help="run only these setups (names as in the table)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    on_cuda = torch.cuda.is_available()
+    args = parse_args(argv, on_cuda)
+    if on_cuda and torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
+        # FSDP2 over every GPU: one process per GPU, all running this same script (torchrun sets the ranks).
+        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc-per-node={torch.cuda.device_count()}", __file__, *argv])
+    if on_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before any model is built on "cuda"
+    shape = QWEN3_0_6B if on_cuda else TINY
+    setups = [setup for setup in SETUPS if not args.only or setup.name in args.only]
+    for setup in setups:
+        if setup.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+            setup.result = {"skipped": "bitsandbytes is not installed"}
+            continue
+        started = time.perf_counter()
+        run_setup(setup, args, shape, on_cuda)
+        setup.result["setup_s"] = time.perf_counter() - started
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"[gpu-check] {setup.name}: {setup.result['tokens_per_s']:,.0f} tokens/s "
+                  f"({setup.result['setup_s']:.0f} s)", file=sys.stderr, flush=True)
+    if int(os.environ.get("RANK", 0)) == 0:
+        device = next((s.result["device"] for s in setups if "device" in s.result), "cpu")
+        world = next((s.result["world_size"] for s in setups if "world_size" in s.result), 1)
+        print(f"\nGPU check on {world} x {device}: hidden {shape['hidden_size']}, {shape['num_hidden_layers']} blocks, "
+              f"vocab {shape['vocab_size']:,}; {2 * args.queries} sequences x {args.seq_len} tokens per device; "
+              f"{'bf16-mixed' if on_cuda else 'fp32 (CPU fallback: tiny shape)'}, FSDP2\n" + table(setups))
+        if args.json:
+            args.json.write_text(json.dumps({s.name: s.result for s in setups}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

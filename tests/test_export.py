@@ -1,0 +1,215 @@
+"""Export of one (depth, dim, rank) cell: the exported folder reproduces the training embeddings at that cell."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from experiments.config import compose
+from experiments.run import build, train
+from lightning_modules.export import (Cell, ExportError, LoadedRun, cell_embeddings, export_cell, load_exported,
+                                      load_run, main, model_card, probe_scores, resolve_cell)
+from tests.conftest import run_overrides
+
+# Different lengths (padding), non-Latin scripts, and one text longer than max_length (truncation).
+TEXTS = ["The file could not be opened.", "Die Datei konnte nicht geöffnet werden.", "ok",
+         "Файл не найден", "x" * 30 + " very long " * 8]
+VOCAB, HIDDEN = 260, 32  # tiny backbones: byte tokenizer, hidden 32, 4 blocks, MEL ranks [16, 8]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus_dir, mlflow_dir):
+    """Two trained tiny runs: an encoder with e5-style prompts, a decoder whose tokenizer has eos == pad."""
+    overrides = {
+        "tiny_bert": ["model.source=tiny_bert", "model.query_prefix='query: '", "model.passage_prefix='passage: '"],
+        "tiny_qwen3": ["model.source=tiny_qwen3", "model.tiny.eos_is_pad=true"],
+    }
+    loaded = {}
+    for source, extra in overrides.items():
+        root = tmp_path_factory.mktemp(source)
+        config = compose("tiny", [*run_overrides(root, corpus_dir, mlflow_dir), "trainer.max_steps=3", *extra])
+        loaded[source] = load_run(train(config).checkpoint)
+    return loaded
+
+
+def safetensor_shapes(path) -> dict[str, list[int]]:
+    with safe_open(str(path / "model.safetensors"), "pt") as handle:
+        return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
+
+
+@pytest.mark.parametrize("source, mode, cell", [
+    ("tiny_bert", "compat", Cell(2, 16, 8)),
+    ("tiny_bert", "factorized", Cell(4, 32, 16)),
+    ("tiny_qwen3", "compat", Cell(1, 8, 16)),
+    ("tiny_qwen3", "factorized", Cell(2, 16, 8)),
+])
+def test_exported_embeddings_equal_training_embeddings_at_the_cell(runs, tmp_path, source, mode, cell):
+    run = runs[source]
+    result = export_cell(run, tmp_path / "export", cell.layers, cell.dim, cell.rank, mode)
+    model = load_exported(result.path)
+    assert model.truncate_dim == cell.dim and model.get_embedding_dimension() == cell.dim
+    for prompt, encode in (("query", model.encode_query), ("passage", model.encode_document)):
+        exported = encode(TEXTS, convert_to_tensor=True)
+        expected = cell_embeddings(run, TEXTS, cell, prompt)
+        assert exported.shape == (len(TEXTS), cell.dim)
+        assert (exported - expected).abs().max().item() <= 1e-5, prompt
+    # The same texts at another rank/depth give different embeddings: the comparison can fail.
+    other = Cell(4 if cell.layers != 4 else 2, cell.dim, 16 if cell.rank == 8 else 8)
+    assert (model.encode_query(TEXTS, convert_to_tensor=True) - cell_embeddings(run, TEXTS, other)).abs().max() > 1e-3
+
+    saved = json.loads((result.path / "config.json").read_text())
+    assert saved["num_hidden_layers"] == cell.layers
+    shapes = safetensor_shapes(result.path)
+    if mode == "factorized":
+        assert [cell.rank, HIDDEN] in shapes.values() and [VOCAB, cell.rank] in shapes.values()
+        assert [VOCAB, HIDDEN] not in shapes.values()  # the merged matrix is not stored
+    else:
+        assert [VOCAB, HIDDEN] in shapes.values() and not any(key.endswith((".left", ".right")) for key in shapes)
+
+
+def test_parameter_counts_of_both_modes(runs, tmp_path):
+    results = {mode: export_cell(runs["tiny_qwen3"], tmp_path / mode, 2, 16, 8, mode)
+               for mode in ("compat", "factorized")}
+    # Qwen3 has no unused heads: the stored tensors are exactly the counted parameters.
+    stored = {mode: sum(int(np.prod(shape)) for shape in safetensor_shapes(result.path).values())
+              for mode, result in results.items()}
+    assert results["compat"].parameters == results["factorized"].parameters == stored
+    # vocab·d merged vs vocab·r + r·d factorised: 260·32 − 8·(260 + 32) = 5984 fewer.
+    assert stored["compat"] - stored["factorized"] == VOCAB * HIDDEN - 8 * (VOCAB + HIDDEN) == 5984
+    card = (tmp_path / "factorized" / "README.md").read_text()
+    assert "layer_2/dim_16/rank_8" in card and f"{stored['factorized']:,}" in card and f"{stored['compat']:,}" in card
+
+
+def test_decoder_tokenizer_reproduces_training_batches(runs, tmp_path):
+    run = runs["tiny_qwen3"]
+    model = load_exported(export_cell(run, tmp_path / "export", 2, 16, 8).path)
+    texts = ["ab", "abcd", "y" * 100]  # padding with eos == pad, and truncation to max_length with EOS last
+    features, expected = model.preprocess(texts), run.tokenize.encode(texts)
+    assert features["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert features["attention_mask"].tolist() == expected["attention_mask"].tolist()
+    eos = run.tokenize.tokenizer.eos_token_id
+    assert eos == run.tokenize.pad_id
+    assert [row[int(mask.sum()) - 1] for row, mask in zip(features["input_ids"].tolist(),
+                                                           features["attention_mask"])] == [eos] * 3
+    assert features["attention_mask"][0].tolist()[:4] == [1, 1, 1, 0]  # the EOS is kept, the pad (same id) is not
+
+
+def no_mel_run(corpus_dir, tmp_path) -> LoadedRun:
+    """An untrained tiny encoder without MEL (errors and the full-rank path need no training)."""
+    config = compose("tiny", [*run_overrides(tmp_path, corpus_dir, tmp_path), "plugins.mel=null"])
+    module, datamodule = build(config)
+    return LoadedRun(module.eval(), datamodule.tokenize, config, tmp_path, tmp_path / "none.ckpt", 0)
+
+
+@pytest.mark.parametrize("layers, dim, rank, message", [
+    (5, None, None, r"LAYERS=5 outside \[1, 4\]"),
+    (3, None, None, r"LAYERS=3 is not a trained exit; choose one of \[1, 2, 4\]"),
+    (None, 64, None, r"DIM=64 outside \[1, 32\]"),
+    (None, 12, None, r"DIM=12 is not a trained dim; choose one of \[32, 16, 8\]"),
+    (None, None, 12, r"RANK=12 is not in the run's MEL ladder; choose one of \[16, 8\]"),
+])
+def test_invalid_cells_are_rejected(runs, layers, dim, rank, message):
+    with pytest.raises(ExportError, match=message):
+        resolve_cell(runs["tiny_bert"].module, layers, dim, rank)
+
+
+def test_defaults_are_the_full_cell_and_the_largest_rank(runs):
+    assert resolve_cell(runs["tiny_bert"].module) == Cell(4, 32, 16)
+
+
+def test_run_without_mel(corpus_dir, tmp_path):
+    run = no_mel_run(corpus_dir, tmp_path)
+    with pytest.raises(ExportError, match="RANK=8 not available: the run has no MEL plugin"):
+        resolve_cell(run.module, rank=8)
+    with pytest.raises(ExportError, match="MODE=factorized needs a run trained with MEL"):
+        export_cell(run, tmp_path / "export", mode="factorized")
+    with pytest.raises(ExportError, match="MODE='merged' not allowed"):
+        export_cell(run, tmp_path / "export", mode="merged")
+    result = export_cell(run, tmp_path / "export", 2, 8)
+    assert result.cell == Cell(2, 8, None) and result.parameters["factorized"] is None
+    exported = load_exported(result.path).encode(TEXTS, convert_to_tensor=True)
+    assert (exported - cell_embeddings(run, TEXTS, result.cell)).abs().max().item() <= 1e-5
+
+
+def test_probe_scores_of_the_cell_reach_the_model_card(runs, tmp_path):
+    (tmp_path / "probe").mkdir()
+    (tmp_path / "probe" / "probe_step_3.csv").write_text(  # the layout of callbacks/probe/report.py
+        "step,task,layer,dim,rank,main_score\n"
+        "0,bitext,2,16,8,0.10\n"
+        "3,bitext,2,16,8,0.25\n"
+        "3,bitext,2,16,16,0.30\n"
+        "3,retrieval,2,16,8,0.50\n"
+        "3,bitext,4,16,8,0.90\n")
+    cell = Cell(2, 16, 8)
+    assert probe_scores(tmp_path / "probe" / "probe_step_3.csv", cell) == {"bitext/main_score": 0.25,
+                                                                         "retrieval/main_score": 0.5}
+    json_table = tmp_path / "probe.json"
+    json_table.write_text(json.dumps({"rows": [{"layer": 2, "dim": 16, "rank": 8, "ndcg": 0.4}]}))
+    assert probe_scores(json_table, cell) == {"ndcg": 0.4}
+    json_table.unlink()
+    run = dataclasses.replace(runs["tiny_bert"], run_dir=tmp_path)
+    result = export_cell(run, tmp_path / "export", 2, 16, 8)
+    card = model_card(run, result)
+    assert "| bitext/main_score | 0.2500 |" in card and "| retrieval/main_score | 0.5000 |" in card
+
+
+def test_cli_exports_checks_and_reports_errors(runs, capsys):
+    checkpoint = str(runs["tiny_bert"].checkpoint)
+    assert main([checkpoint, "--layers", "9"]) == 2
+    assert "export error: LAYERS=9 outside [1, 4]" in capsys.readouterr().err
+    assert main([checkpoint, "--layers", "1", "--dim", "8", "--rank", "8", "--mode", "factorized"]) == 0
+    out = capsys.readouterr().out
+    expected_dir = runs["tiny_bert"].run_dir / "export" / "layer_1-dim_8-rank_8-factorized"
+    assert f"to {expected_dir}" in out and (expected_dir / "modeling_factorized.py").is_file()
+    assert float(out.split("max |export - training| over 3 texts = ")[1].split()[0]) <= 1e-5
+
+
+CLEAN_LOADER = textwrap.dedent("""
+    import sys
+
+    import numpy as np
+
+    class NoProject:  # the exported folders must load without this project's packages
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in {"lightning_modules", "experiments", "datamodules", "callbacks", "bench"}:
+                raise ImportError(f"{name} imported while loading an export")
+
+    sys.meta_path.insert(0, NoProject())
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    compat, factorized, texts_file, out = sys.argv[1:]
+    texts = open(texts_file, encoding="utf8").read().split("\\n")
+    np.save(f"{out}/compat.npy", SentenceTransformer(compat).encode_query(texts))
+    np.save(f"{out}/factorized.npy", SentenceTransformer(factorized, trust_remote_code=True).encode_query(texts))
+    assert AutoModel.from_pretrained(compat).config.num_hidden_layers == 2
+    assert type(AutoModel.from_pretrained(factorized, trust_remote_code=True).get_input_embeddings()).__name__ \\
+        == "FactorizedEmbedding"
+    try:
+        AutoModel.from_pretrained(factorized)  # without the loader: refused, never a random embedding
+    except ValueError as error:
+        print("refused:", str(error).splitlines()[0])
+""")
+
+
+def test_exports_load_without_the_project(runs, tmp_path):
+    compat = export_cell(runs["tiny_bert"], tmp_path / "compat", 2, 16, 8, "compat")
+    factorized = export_cell(runs["tiny_qwen3"], tmp_path / "factorized", 1, 8, 16, "factorized")
+    (tmp_path / "texts.txt").write_text("\n".join(TEXTS), encoding="utf8")
+    (tmp_path / "load.py").write_text(CLEAN_LOADER)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    completed = subprocess.run([sys.executable, str(tmp_path / "load.py"), str(compat.path), str(factorized.path),
+                                str(tmp_path / "texts.txt"), str(tmp_path)], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "refused: " in completed.stdout and "trust_remote_code" in completed.stdout
+    for name, result, run in (("compat", compat, runs["tiny_bert"]), ("factorized", factorized, runs["tiny_qwen3"])):
+        loaded = torch.from_numpy(np.load(tmp_path / f"{name}.npy"))
+        assert (loaded - cell_embeddings(run, TEXTS, result.cell)).abs().max().item() <= 1e-5, name

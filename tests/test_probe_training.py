@@ -1,0 +1,78 @@
+"""The probe callback inside a training run, and ``make probe`` on the run's checkpoint."""
+
+import json
+
+import mlflow
+import pytest
+import torch
+
+from callbacks.probe import latest_table
+from experiments.config import compose
+from experiments.run import train
+from tests.conftest import run_overrides
+
+COMMON = ["trainer.max_steps=4", "data.locales=[de]", "plugins.mll.layers=[2,4]", "plugins.mrl.dims=[32,16]"]
+PROBE = ["probe.enabled=true", "probe.every_n_steps=2", "probe.locales=[de,kk]", "probe.max_pairs_per_locale=8",
+         "probe.batch_size=16"]
+
+
+def losses(result, config) -> list[float]:
+    history = mlflow.MlflowClient(config.tracking.uri).get_metric_history(result.run_id, "train/loss")
+    return [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, corpus_dir, mlflow_dir):
+    """The same tiny run without and with probes (at steps 0, 2 and 4)."""
+    results = {}
+    for name, extra in (("plain", []), ("probed", PROBE)):
+        config = compose("tiny", [*run_overrides(tmp_path_factory.mktemp(name), corpus_dir, mlflow_dir), *COMMON, *extra])
+        results[name] = config, train(config)
+    return results
+
+
+def test_probes_leave_the_training_trajectory_unchanged(runs):
+    (plain_config, plain), (probed_config, probed) = runs["plain"], runs["probed"]
+    assert len(losses(plain, plain_config)) == 4
+    assert losses(probed, probed_config) == losses(plain, plain_config)
+    plain_state = torch.load(plain.checkpoint, weights_only=False)
+    probed_state = torch.load(probed.checkpoint, weights_only=False)
+    for name, value in plain_state["state_dict"].items():
+        assert torch.equal(probed_state["state_dict"][name], value), name
+    assert probed_state["TranslationPairsDataModule"] == plain_state["TranslationPairsDataModule"]
+
+
+def test_probe_tables_metrics_and_heatmaps(runs):
+    config, result = runs["probed"]
+    client = mlflow.MlflowClient(config.tracking.uri)
+    cell = "probe/GettextBitextMining/accuracy/layer_4/dim_32/rank_16"
+    assert [metric.step for metric in client.get_metric_history(result.run_id, cell)] == [0, 2, 4]
+    metrics = client.get_run(result.run_id).data.metrics
+    for name in ("probe/GettextRetrieval/ndcg_at_10/layer_2/dim_16/rank_8",
+                 "probe/GettextRetrieval/recall_at_1/layer_2/dim_16/rank_8", "probe/mean_main_score/full",
+                 "probe/mean_main_score/cheapest", "probe/seconds", "probe/wall_share"):
+        assert name in metrics, name
+    table = latest_table(result.run_dir)
+    assert table["step"] == 4 and len(table["cells"]) == 8 and table["errors"] == {}
+    assert metrics[cell] == pytest.approx(next(c for c in table["cells"] if c["name"] == cell.split("/", 3)[3])
+                                          ["scores"]["GettextBitextMining"]["main_score"])
+    assert table["summary"]["full"]["cell"] == "layer_4/dim_32/rank_16"
+    artifacts = {artifact.path for artifact in client.list_artifacts(result.run_id, "probe/step_4")}
+    assert {f"probe/step_4/probe_step_4{suffix}" for suffix in (".json", ".csv", "_rank_16.png", "_rank_8.png")} == artifacts
+    header = (result.run_dir / "probe" / "probe_step_4.csv").read_text().splitlines()[0].split(",")
+    assert header[:6] == ["step", "layer", "dim", "rank", "task", "main_score"]
+
+
+def test_make_probe_on_the_checkpoint_reproduces_the_last_probe(runs, capsys):
+    from callbacks.probe.__main__ import main
+
+    config, result = runs["probed"]
+    during_training = latest_table(result.run_dir)
+    options = [option for option in PROBE if option not in ("probe.enabled=true", "probe.every_n_steps=2")]
+    assert main([str(result.checkpoint), "--no-mlflow", *options]) == 0
+    again = json.loads((result.run_dir / "probe" / "probe_step_4.json").read_text())
+    assert [cell["name"] for cell in again["cells"]] == [cell["name"] for cell in during_training["cells"]]
+    for mine, theirs in zip(again["cells"], during_training["cells"]):
+        assert mine["mean_main_score"] == pytest.approx(theirs["mean_main_score"], abs=1e-9), mine["name"]
+    assert "layer_4/dim_32/rank_16" in capsys.readouterr().out
+    assert main([str(result.checkpoint), "data.batch_size=4"]) == 2  # only probe.* settings apply
