@@ -16,12 +16,7 @@ OUT    ?=
 MODE   ?= compat
 
 .DEFAULT_GOAL := help
-.PHONY: help install exp test test-slow data clean
-.PHONY: ablation runs ui
-.PHONY: export bench
-.PHONY: bench-data
-.PHONY: gpu-check
-.PHONY: probe
+.PHONY: help install exp test test-slow data clean ablation runs ui export bench bench-data gpu-check probe
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'

@@ -41,8 +41,9 @@ STATE_FORMAT = 2
 
 
 def metric_name(name: str) -> str:
-    """A source or language name usable in an MLflow metric key (which forbids e.g. ``@``: ``sr@latin``)."""
-    return re.sub(r"[^\w\-. /:]", "_", name)
+    """A source or language name usable as one level of an MLflow metric key: ASCII letters, digits, ``_ - .``
+    (MLflow forbids e.g. ``@`` in ``sr@latin``; Lightning's logger would silently drop ``:`` or non-ASCII)."""
+    return re.sub(r"[^A-Za-z0-9_\-.]", "_", name)
 
 
 def check_data_config(config: DataConfig) -> None:

@@ -12,7 +12,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import ConfigError, compose, plugin_configs
-from experiments.tracking import RUN_ID_FILE, flatten  # noqa: F401  (moved to experiments.tracking; kept importable)
 from experiments.tracking import check_tracking, log_run_inputs, log_run_summary, make_logger
 from lightning_modules.backbone import BackboneInfo
 from lightning_modules.plugins import MatryoshkaPlugin, PluginConfigError
@@ -172,8 +171,8 @@ def main(argv: list[str]) -> int:
           f"{result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint}")
     print(f"MLflow run {result.run_id} in experiment {config.tracking.experiment!r} ({config.tracking.uri}); open it with:\n"
-          f"  MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri {config.tracking.uri} "
-          f"--host 127.0.0.1")
+          f"  make ui    (or: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri {config.tracking.uri} "
+          f"--host 127.0.0.1)")
     return 0
 
 

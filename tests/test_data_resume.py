@@ -95,9 +95,10 @@ def test_lightning_resume_sees_the_batches_of_a_straight_run(tiny_config, tmp_pa
 
 def test_counts_per_source_and_language_as_metric_names(tmp_path):
     data = tmp_path / "languages"
-    for name in ("wiki_de", "news_de", "sr@latin"):
+    for name in ("wiki_de", "news_de", "sr@latin", "ü:x"):
         write_jsonl(data / f"{name}.jsonl", records(40, tag=name))
-    (data / "sources.yaml").write_text("wiki_de: {language: de}\nnews_de: {language: de}\nsr@latin: {language: sr}\n")
+    (data / "sources.yaml").write_text(
+        "wiki_de: {language: de}\nnews_de: {language: de}\nsr@latin: {language: sr}\n'ü:x': {language: x}\n")
     config = folder_config(tmp_path, ["data.batch_size=2", f"data.dir={data}", "data.bucketing=false"])
     datamodule = TranslationPairsDataModule(config, echo, seed=0)
     datamodule.setup("fit")
@@ -106,5 +107,6 @@ def test_counts_per_source_and_language_as_metric_names(tmp_path):
     counts = datamodule.counts()
     assert counts == {"data/examples/wiki_de": per_source["wiki_de"], "data/examples/news_de": per_source["news_de"],
                       "data/examples/sr_latin": per_source["sr@latin"],  # MLflow forbids '@' in metric names
+                      "data/examples/__x": per_source["ü:x"], "data/examples_language/x": per_source["ü:x"],
                       "data/examples_language/de": per_source["wiki_de"] + per_source["news_de"],
                       "data/examples_language/sr": per_source["sr@latin"]}

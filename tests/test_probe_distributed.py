@@ -43,7 +43,7 @@ def reference(overrides, corpus_dir):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_process_probe_equals_one_process(strategy, overrides, reference, tmp_path, mlflow_dir):
     run_dir = tmp_path / "run"
     run_worker("train_worker", tmp_path, *overrides, f"distributed.strategy={strategy}", torchrun=True,

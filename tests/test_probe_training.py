@@ -70,7 +70,8 @@ def test_make_probe_on_the_checkpoint_reproduces_the_last_probe(runs, capsys):
     during_training = latest_table(result.run_dir)
     options = [option for option in PROBE if option not in ("probe.enabled=true", "probe.every_n_steps=2")]
     assert main([str(result.checkpoint), "--no-mlflow", *options]) == 0
-    again = json.loads((result.run_dir / "probe" / "probe_step_4.json").read_text())
+    again = json.loads((result.run_dir / "probe" / "checkpoint" / "probe_step_4.json").read_text())
+    assert latest_table(result.run_dir) == during_training  # written beside the training's tables, not over them
     assert [cell["name"] for cell in again["cells"]] == [cell["name"] for cell in during_training["cells"]]
     for mine, theirs in zip(again["cells"], during_training["cells"]):
         assert mine["mean_main_score"] == pytest.approx(theirs["mean_main_score"], abs=1e-9), mine["name"]

@@ -1,11 +1,19 @@
 """Mid-training MTEB probes over the (layer × dim × rank) grid.
 
 :class:`ProbeCallback` runs them during training; ``python -m callbacks.probe CKPT`` (``make probe``) probes a
-checkpoint. mteb is imported lazily, inside an RNG guard: importing it reseeds the global generators.
+checkpoint. Imports are lazy: ``python -m callbacks.probe`` must switch the hub offline before anything imports
+huggingface_hub, and mteb is only imported inside an RNG guard (it reseeds the global generators on import).
 """
 
-from callbacks.probe.callback import ProbeCallback, probe_corpus_dir
-from callbacks.probe.prober import Prober, preserved_rng, preserved_state
-from callbacks.probe.report import latest_table
+import importlib
 
-__all__ = ["ProbeCallback", "Prober", "latest_table", "preserved_rng", "preserved_state", "probe_corpus_dir"]
+_EXPORTS = {"ProbeCallback": "callback", "probe_corpus_dir": "callback", "Prober": "prober",
+            "preserved_rng": "prober", "preserved_state": "prober", "latest_table": "report"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

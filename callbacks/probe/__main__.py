@@ -1,8 +1,9 @@
 """``python -m callbacks.probe CKPT [probe.key=value ...]`` (``make probe CKPT=... ARGS=...``): probe a checkpoint.
 
 Rebuilds the module from the run's resolved ``config.yaml`` (next to ``checkpoints/``), loads the checkpoint's
-weights, scores every (layer, dim, rank) cell, prints the table, writes ``<run_dir>/probe/probe_step_<n>.*`` and,
-when the run has an MLflow run id, logs metrics and files to that MLflow run at the checkpoint's step.
+weights, scores every (layer, dim, rank) cell, prints the table, writes ``<run_dir>/probe/checkpoint/probe_step_<n>.*``
+(beside the tables of training) and, when the run has an MLflow run id, logs the metrics to that MLflow run at the
+checkpoint's step and the files under its artifacts ``probe/checkpoint/step_<n>``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+CHECKPOINT_DIR = "checkpoint"
 USAGE = "usage: python -m callbacks.probe CKPT [--no-mlflow] [probe.key=value ...]"
 
 
@@ -20,7 +22,8 @@ def main(argv: list[str]) -> int:
         print(USAGE)
         return 0 if argv else 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("callbacks.probe").setLevel(logging.INFO)
     from omegaconf import OmegaConf
 
     from callbacks.probe import report
@@ -54,7 +57,8 @@ def main(argv: list[str]) -> int:
                         config.probe.max_pairs_per_locale)
     table = Prober(module, run.tokenize, tasks, config.probe.batch_size, f"matryoshka-lab/{config.name}",
                    device).run(run.global_step)
-    files = report.write(table, run.run_dir)
+    # Beside, not over, the tables written during training (this probe may use other settings).
+    files = report.write(table, Path(run.run_dir) / report.PROBE_DIR / CHECKPOINT_DIR)
     print(report.format_table(table))
     print(f"\ntable and heatmaps: {files[0].parent}")
     run_id_file = Path(run.run_dir) / RUN_ID_FILE
@@ -63,7 +67,8 @@ def main(argv: list[str]) -> int:
 
         run_id = run_id_file.read_text().strip()
         report.log_to_mlflow(MlflowClient(config.tracking.uri), run_id,
-                             report.metrics(table, list(config.probe.metrics)), run.global_step, files)
+                             report.metrics(table, list(config.probe.metrics)), run.global_step, files,
+                             f"{report.PROBE_DIR}/{CHECKPOINT_DIR}/step_{run.global_step}")
         print(f"logged to MLflow run {run_id} ({config.tracking.uri}) at step {run.global_step}")
     return 0
 

@@ -116,7 +116,7 @@ class ProbeCallback(L.Callback):
         table = self.prober.run(step, trainer.precision_plugin.predict_step_context)
         self.seconds += table["seconds"]
         if trainer.is_global_zero:
-            files = report.write(table, self.run_dir)
+            files = report.write(table, self.run_dir / report.PROBE_DIR)
             self._log(trainer, report.metrics(table, list(self.config.metrics)), files)
             summary = table["summary"].get("full", {})
             log.info("probe at step %d: %.1f s, mean main score %.4f at %s", step, table["seconds"],

@@ -91,10 +91,10 @@ def rows(table: dict) -> list[dict]:
     return flat
 
 
-def write(table: dict, run_dir: str | Path) -> list[Path]:
-    """Writes the JSON table (with its flat ``rows``), the CSV and the heatmaps under ``run_dir/probe``; returns
-    their paths."""
-    out = Path(run_dir) / PROBE_DIR
+def write(table: dict, out: str | Path) -> list[Path]:
+    """Writes the JSON table (with its flat ``rows``), the CSV and the heatmaps into ``out`` (training:
+    ``<run_dir>/probe``); returns their paths."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{FILE_PREFIX}{table['step']}"
     flat = rows(table)
@@ -113,8 +113,10 @@ def write(table: dict, run_dir: str | Path) -> list[Path]:
     return paths
 
 
-def log_to_mlflow(client, run_id: str, logged: dict[str, float], step: int, files: list[Path]) -> None:
-    """Metrics at ``step`` (in batches MLflow accepts) and the files as artifacts under ``probe/step_<n>``."""
+def log_to_mlflow(client, run_id: str, logged: dict[str, float], step: int, files: list[Path],
+                  artifact_path: str | None = None) -> None:
+    """Metrics at ``step`` (in batches MLflow accepts) and the files as artifacts under ``artifact_path`` (default
+    ``probe/step_<n>``)."""
     from mlflow.entities import Metric
 
     stamp = int(time.time() * 1000)
@@ -122,7 +124,7 @@ def log_to_mlflow(client, run_id: str, logged: dict[str, float], step: int, file
     for start in range(0, len(entries), MLFLOW_BATCH):
         client.log_batch(run_id, metrics=entries[start: start + MLFLOW_BATCH])
     for path in files:
-        client.log_artifact(run_id, str(path), artifact_path=f"{PROBE_DIR}/step_{step}")
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path or f"{PROBE_DIR}/step_{step}")
 
 
 def latest_table(run_dir: str | Path) -> dict | None:
