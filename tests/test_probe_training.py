@@ -26,7 +26,8 @@ def runs(tmp_path_factory, corpus_dir, mlflow_dir):
     """The same tiny run without and with probes (at steps 0, 2 and 4)."""
     results = {}
     for name, extra in (("plain", []), ("probed", PROBE)):
-        config = compose("tiny", [*run_overrides(tmp_path_factory.mktemp(name), corpus_dir, mlflow_dir), *COMMON, *extra])
+        root = tmp_path_factory.mktemp(name)
+        config = compose("tiny", [*run_overrides(root, corpus_dir, mlflow_dir), *COMMON, *extra])
         results[name] = config, train(config)
     return results
 
@@ -58,7 +59,8 @@ def test_probe_tables_metrics_and_heatmaps(runs):
                                           ["scores"]["GettextBitextMining"]["main_score"])
     assert table["summary"]["full"]["cell"] == "layer_4/dim_32/rank_16"
     artifacts = {artifact.path for artifact in client.list_artifacts(result.run_id, "probe/step_4")}
-    assert {f"probe/step_4/probe_step_4{suffix}" for suffix in (".json", ".csv", "_rank_16.png", "_rank_8.png")} == artifacts
+    suffixes = (".json", ".csv", "_rank_16.png", "_rank_8.png")
+    assert artifacts == {f"probe/step_4/probe_step_4{suffix}" for suffix in suffixes}
     header = (result.run_dir / "probe" / "probe_step_4.csv").read_text().splitlines()[0].split(",")
     assert header[:6] == ["step", "layer", "dim", "rank", "task", "main_score"]
 

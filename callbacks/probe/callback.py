@@ -70,6 +70,7 @@ class ProbeCallback(L.Callback):
         self.config, self.corpus_dir, self.catalog_dir = config, corpus_dir, catalog_dir
         self.run_dir, self.tokenize, self.model_name = Path(run_dir), tokenize, model_name
         self.prober: Prober | None = None
+        self.disabled = False
         self.probed: set[int] = set()
         self.seconds = 0.0
         self.started = time.perf_counter()
@@ -81,7 +82,8 @@ class ProbeCallback(L.Callback):
         if self.config.at_start:
             self.probe(trainer, pl_module)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
         every = self.config.every_n_steps
         if every and trainer.global_step % every == 0:
             self.probe(trainer, pl_module)
@@ -98,21 +100,11 @@ class ProbeCallback(L.Callback):
     def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
         """One probe at the current global step (once per step); returns its table."""
         step = trainer.global_step
-        if step in self.probed:
+        if step in self.probed or self.disabled:
             return None
         self.probed.add(step)
-        if self.prober is None:
-            with preserved_rng():
-                from callbacks.probe.tasks import build_tasks
-
-                if not (Path(self.corpus_dir) / "manifest.json").is_file():
-                    from datamodules.gettext_corpus import build_gettext_corpus
-
-                    build_gettext_corpus(self.corpus_dir, self.catalog_dir)
-                tasks = build_tasks(list(self.config.tasks), self.corpus_dir, list(self.config.locales),
-                                    self.config.max_pairs_per_locale)
-            self.prober = Prober(pl_module, self.tokenize, tasks, self.config.batch_size, self.model_name,
-                                 pl_module.device)
+        if self.prober is None and not self._setup(trainer, pl_module):
+            return None
         table = self.prober.run(step, trainer.precision_plugin.predict_step_context)
         self.seconds += table["seconds"]
         if trainer.is_global_zero:
@@ -122,6 +114,30 @@ class ProbeCallback(L.Callback):
             log.info("probe at step %d: %.1f s, mean main score %.4f at %s", step, table["seconds"],
                      summary.get("mean_main_score", float("nan")), summary.get("cell", "-"))
         return table
+
+    def _setup(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Builds the tasks once (and the corpus if needed); False, with one error line, if that fails: the
+        probes are then off for this run and training goes on."""
+        try:
+            with preserved_rng():
+                from callbacks.probe.tasks import build_tasks
+
+                if not (Path(self.corpus_dir) / "manifest.json").is_file():
+                    if trainer.is_global_zero:
+                        from datamodules.gettext_corpus import build_gettext_corpus
+
+                        build_gettext_corpus(self.corpus_dir, self.catalog_dir)
+                    trainer.strategy.barrier("probe corpus")
+                tasks = build_tasks(list(self.config.tasks), self.corpus_dir, list(self.config.locales),
+                                    self.config.max_pairs_per_locale)
+        except Exception as error:  # noqa: BLE001 - probes must not stop training
+            log.error("probe: no probes in this run: cannot build the probe tasks (%s: %s)", type(error).__name__,
+                      error)
+            self.disabled = True
+            return False
+        self.prober = Prober(pl_module, self.tokenize, tasks, self.config.batch_size, self.model_name,
+                             pl_module.device)
+        return True
 
     def _log(self, trainer: L.Trainer, logged: dict[str, float], files: list[Path]) -> None:
         for logger in trainer.loggers:

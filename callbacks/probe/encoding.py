@@ -9,8 +9,8 @@ Nothing here imports mteb (it reseeds the global RNGs on import).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +102,17 @@ class EmbeddingCache:
         return text in self.index
 
 
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """torch's intra-op thread count inside; the previous one on exit."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def world() -> tuple[int, int]:
     """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -149,16 +160,12 @@ class GridEncoder:
         padded = missing + missing[-1:] * (-len(missing) % world_size)
         mine = padded[rank::world_size]
         chunks: list[list[Tensor]] = []
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
+        with intra_op_threads(self.threads):
             for start in range(0, len(mine), self.batch_size):
                 cells, sources = self._forward(mine[start: start + self.batch_size])
                 chunks = chunks or [[] for _ in sources]
                 for chunk, source in zip(chunks, sources):
                     chunk.append(source.float())
-        finally:
-            torch.set_num_threads(threads)
         self.encoded += len(mine)
         sources = [torch.cat(chunk) for chunk in chunks]
         if world_size > 1:

@@ -87,10 +87,14 @@ class CellModel(AbsEncoder):
         return cache.lookup(texts, cache.cells[self.cell])
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
-        return F.normalize(torch.as_tensor(embeddings1), dim=-1) @ F.normalize(torch.as_tensor(embeddings2), dim=-1).T
+        return _unit(embeddings1) @ _unit(embeddings2).T
 
     def similarity_pairwise(self, embeddings1, embeddings2) -> torch.Tensor:
-        return (F.normalize(torch.as_tensor(embeddings1), dim=-1) * F.normalize(torch.as_tensor(embeddings2), dim=-1)).sum(-1)
+        return (_unit(embeddings1) * _unit(embeddings2)).sum(-1)
+
+
+def _unit(embeddings) -> torch.Tensor:
+    return F.normalize(torch.as_tensor(embeddings), dim=-1)
 
 
 def evaluate(model: AbsEncoder, task: AbsTask, batch_size: int) -> dict:
@@ -103,7 +107,8 @@ def evaluate(model: AbsEncoder, task: AbsTask, batch_size: int) -> dict:
         result = mteb.evaluate(model, task, cache=None, overwrite_strategy="always", show_progress_bar=False,
                                encode_kwargs={"batch_size": batch_size, "show_progress_bar": False})
     splits = result.task_results[0].scores
-    rows = {(f"{split}/" if len(splits) > 1 else "") + row["hf_subset"]: row for split in splits for row in splits[split]}
+    rows = {(f"{split}/" if len(splits) > 1 else "") + row["hf_subset"]: row
+            for split in splits for row in splits[split]}
     first = next(iter(rows.values()))
     numeric = [key for key, value in first.items() if isinstance(value, (int, float)) and not isinstance(value, bool)
                and all(isinstance(row.get(key), (int, float)) for row in rows.values())]

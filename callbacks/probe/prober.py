@@ -1,4 +1,4 @@
-"""Score every cell of the Matryoshka grid on mteb tasks, with |ranks| encodings instead of |layers|·|dims|·|ranks|."""
+"""Score every cell of the Matryoshka grid on mteb tasks: |ranks| encodings, not |layers|·|dims|·|ranks|."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import numpy as np
 import torch
 
-from callbacks.probe.encoding import GridEncoder, world
+from callbacks.probe.encoding import GridEncoder, intra_op_threads, world
 from lightning_modules.plugins.mel import FactorizedEmbedding
 
 log = logging.getLogger(__name__)
@@ -62,18 +62,6 @@ def _reshard(module: torch.nn.Module) -> None:
     for submodule in module.modules():
         if isinstance(submodule, FSDPModule):
             submodule.reshard()
-
-
-@contextmanager
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: scoring multiplies small matrices, where torch's thread pool costs more than it saves
-    (10× slower with 2 threads on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def rank_axis(module) -> tuple[FactorizedEmbedding | None, list[int | None]]:
@@ -126,8 +114,8 @@ class Prober:
     Example:
         >>> table = Prober(module, datamodule.tokenize, build_tasks(["GettextBitextMining"], "data/gettext",
         ...                ["de", "kk"], 32)).run(step=0)
-        >>> table["summary"]["full"]
-        {'cell': 'layer_4/dim_384/rank_128', 'mean_main_score': 0.93}
+        >>> table["summary"]["full"]["cell"], len(table["cells"])  # quickstart: 3 exits × 7 dims × 2 ranks
+        ('layer_4/dim_384/rank_128', 42)
     """
 
     def __init__(self, module, tokenize, tasks: list, batch_size: int = 64, model_name: str = "matryoshka-lab/probe",
@@ -164,8 +152,9 @@ class Prober:
                 name = task.metadata.name
                 if name in errors:
                     return
-                try:
-                    with single_thread():
+                try:  # one thread: scoring multiplies small matrices, where torch's thread pool costs more than it
+                    # saves (10× slower with 2 threads on a busy 2-core machine)
+                    with intra_op_threads(1):
                         scores = evaluate(CellModel(encoder, index, meta, may_encode, self.roles.get(name)), task,
                                           self.batch_size)
                 except Exception as error:  # noqa: BLE001 - a failing task must not stop training
@@ -202,9 +191,12 @@ class Prober:
     def _table(self, step: int, ranks: list, results: dict, errors: dict, encoded: list[int], seconds: float) -> dict:
         cells = []
         for name, cell in results.items():
-            mains = [scores["main_score"] for scores in cell["scores"].values()]
-            cells.append({"name": name, "tags": cell["tags"], "scores": cell["scores"],
-                          "mean_main_score": sum(mains) / len(mains)})
+            # A task that failed anywhere is left out of the whole probe, also from cells scored before it failed.
+            scores = {task: values for task, values in cell["scores"].items() if task not in errors}
+            if scores:
+                mains = [values["main_score"] for values in scores.values()]
+                cells.append({"name": name, "tags": cell["tags"], "scores": scores,
+                              "mean_main_score": sum(mains) / len(mains)})
         axes: dict[str, list] = {}
         for cell in cells:
             for key, value in cell["tags"].items():

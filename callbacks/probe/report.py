@@ -61,7 +61,8 @@ def heatmap(table: dict, group: str, cells: list[dict], path: Path) -> None:
         grid = [[math.nan] * len(dims) for _ in layers]
         for cell in cells:
             if task in cell["scores"]:
-                grid[layers.index(cell["tags"]["layer"])][dims.index(cell["tags"]["dim"])] = cell["scores"][task]["main_score"]
+                row, column = layers.index(cell["tags"]["layer"]), dims.index(cell["tags"]["dim"])
+                grid[row][column] = cell["scores"][task]["main_score"]
         axes = figure.add_subplot(1, len(tasks), i + 1)
         axes.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         for row, values in enumerate(grid):
