@@ -207,6 +207,16 @@ def test_probe_leaves_weights_modes_rank_and_rng_untouched(tiny_module):
         assert torch.equal(value, weights[name]), name
 
 
+def test_a_task_without_announced_texts_is_encoded_in_its_warm_up_cell(tiny_module):
+    module, tokenize, _ = tiny_module
+    with preserved_rng():
+        task = PairSimilarity()  # like a registry task: no probe_inputs, texts seen only when mteb encodes them
+        task.load_data()
+    table = Prober(module, tokenize, [task], batch_size=16).run(step=1)
+    assert len(table["cells"]) == 8 and all("HandSTS" in cell["scores"] for cell in table["cells"])
+    assert table["texts_encoded_per_device"] == [2 * 6]  # its 6 texts, once per rank
+
+
 class BrokenTask(GettextBitextMining):
     def load_data(self, num_proc=None, **kwargs):
         super().load_data()
