@@ -266,5 +266,28 @@ def item_memory(ctx: Context) -> list[dict]:
             row("6b", "trainable parameters with MEL / without", parameter_ratio, None, None, counts)]
 
 
+def item_optimizer_state(ctx: Context) -> list[dict]:
+    """7. Optimizer-state bytes of bitsandbytes' 8-bit AdamW vs 32-bit AdamW on the 3D-ML model, after one step."""
+    from omegaconf import OmegaConf
+
+    from lightning_modules.optim import build_optimizer, optimizer_state_bytes
+
+    module, tokenize, config = ctx.module("3d-ml")
+    batch, parameters = ctx.batch(tokenize), sum(p.numel() for p in trainable(module))
+    state_bytes = {}
+    for name in ("adamw", "adamw8bit"):
+        optimizer = build_optimizer(module, OmegaConf.merge(config.optim, {"name": name}))
+        _train_step(module, batch, optimizer, [0])()  # state is allocated at the first step
+        state_bytes[name] = optimizer_state_bytes(optimizer)
+        del optimizer
+    ratio = state_bytes["adamw8bit"] / state_bytes["adamw"]
+    mib = 2**20
+    detail = (f"{parameters / 1e6:.1f} M trainable parameters: adamw {state_bytes['adamw'] / mib:.1f} MiB "
+              f"({state_bytes['adamw'] / parameters:.2f} B/param), adamw8bit {state_bytes['adamw8bit'] / mib:.1f} MiB "
+              f"({state_bytes['adamw8bit'] / parameters:.2f} B/param)")
+    return [row("7", "optimizer state: adamw8bit / adamw", ratio, None, None, detail, state_bytes=state_bytes,
+                parameters=parameters)]
+
+
 ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
-         "5": item_vs_sentence_transformers, "6": item_memory}
+         "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state}

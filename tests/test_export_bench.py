@@ -37,8 +37,8 @@ def test_bench_items_1_to_5_at_tiny_sizes(corpus_dir, tmp_path, capsys):
 
 
 def test_bench_rejects_unknown_items(tmp_path, capsys):
-    assert main(["--items", "7", "--out", str(tmp_path / "x.json")]) == 2
-    assert "unknown item(s) ['7']" in capsys.readouterr().err
+    assert main(["--items", "9", "--out", str(tmp_path / "x.json")]) == 2
+    assert "unknown item(s) ['9']" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -51,3 +51,13 @@ def test_bench_memory_item_at_tiny_size(corpus_dir, tmp_path, capsys):
     assert measured["3d-ml"]["trainable"] == measured["mll+mrl"]["trainable"] - 8320 + 4672
     assert parameters["ratio"] == round(measured["3d-ml"]["trainable"] / measured["mll+mrl"]["trainable"], 3)
     assert all(value["peak_bytes"] > 0 for value in measured.values())
+
+
+def test_bench_item_7_reports_optimizer_state_bytes(corpus_dir, tmp_path, capsys):
+    report, _ = run_bench("7", corpus_dir, tmp_path, capsys)
+    (row,) = report["rows"]
+    state, parameters = row["raw"]["state_bytes"], row["raw"]["parameters"]
+    # AdamW keeps two fp32 moments: 8 B/param (plus a 4-byte step counter per tensor).
+    assert state["adamw"] / parameters == pytest.approx(8.0, abs=0.1)
+    # bitsandbytes quantises tensors of >= 4096 elements to uint8 moments; the tiny model's small ones stay fp32.
+    assert state["adamw8bit"] < state["adamw"] and row["ratio"] == round(state["adamw8bit"] / state["adamw"], 3)
