@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.config import EXPERIMENTS_DIR, ConfigError, compose
+from experiments.config import EXPERIMENTS_DIR, ConfigError, compose, run_command
 
 if TYPE_CHECKING:
     from experiments.run import TrainResult
@@ -139,24 +139,19 @@ def run_suite(name: str, args: list[str] | None = None, suites_dir: Path = SUITE
     return runs
 
 
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m experiments.ablation SUITE [key=value ...]\nsuites: {', '.join(available_suites())}")
-        return 0 if argv else 2
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        runs = run_suite(argv[0], argv[1:])
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+def run_and_compare(name: str, args: list[str]) -> int:
     from experiments.runs import print_runs
 
+    runs = run_suite(name, args)
     tracking = runs[0][0].tracking
-    print(f"\nsuite {argv[0]}: {len(runs)} runs in MLflow experiment {tracking.experiment!r} ({tracking.uri})")
+    print(f"\nsuite {name}: {len(runs)} runs in MLflow experiment {tracking.experiment!r} ({tracking.uri})")
     print_runs(tracking.uri, [tracking.experiment])
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_command(argv, "python -m experiments.ablation SUITE [key=value ...]",
+                       f"suites: {', '.join(available_suites())}", run_and_compare)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +202,20 @@ CHOICES = {
 }
 POSITIVE = ("model.max_length", "loss.temperature", "data.batch_size", "optim.lr", "checkpoint_every",
             "probe.batch_size", "probe.max_pairs_per_locale")
+
+
+def run_command(argv: list[str], usage: str, choices: str, command: Callable[[str, list[str]], int]) -> int:
+    """Shared entry of the ``python -m experiments.*`` commands: ``-h`` / no argument prints usage, the hub stays
+    offline unless the user set otherwise, and a ConfigError becomes one line on stderr with exit status 2."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: {usage}\n{choices}")
+        return 0 if argv else 2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return command(argv[0], argv[1:])
+    except ConfigError as error:
+        print(error, file=sys.stderr)
+        return 2
 
 
 def available_experiments(experiments_dir: Path = EXPERIMENTS_DIR) -> list[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.config import ConfigError, compose, plugin_configs
+from experiments.config import ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.tracking import check_tracking, log_run_inputs, log_run_summary, make_logger
 from lightning_modules.backbone import BackboneInfo
 from lightning_modules.plugins import MatryoshkaPlugin, PluginConfigError
@@ -154,19 +154,9 @@ def train(config: DictConfig) -> TrainResult:
     return TrainResult(checkpoint, logger.run_id, run_dir, metrics, time.perf_counter() - started)
 
 
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help"):
-        from experiments.config import available_experiments
-
-        print(f"usage: python -m experiments.run NAME [key=value ...]\nexperiments: {', '.join(available_experiments())}")
-        return 0 if argv else 2
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        config = compose(argv[0], argv[1:])
-        result = train(config)  # validation errors are raised before any weights load
-    except ConfigError as error:
-        print(error, file=sys.stderr)
-        return 2
+def train_and_report(name: str, overrides: list[str]) -> int:
+    config = compose(name, overrides)
+    result = train(config)  # validation errors are raised before any weights load
     print(f"\nfinished {config.name} in {result.seconds:.0f} s; final train/loss = "
           f"{result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint}")
@@ -174,6 +164,11 @@ def main(argv: list[str]) -> int:
           f"  make ui    (or: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri {config.tracking.uri} "
           f"--host 127.0.0.1)")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    return run_command(argv, "python -m experiments.run NAME [key=value ...]",
+                       f"experiments: {', '.join(available_experiments())}", train_and_report)
 
 
 if __name__ == "__main__":
