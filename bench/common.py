@@ -89,12 +89,8 @@ def translation_texts(corpus_dir: str, count: int,
 def weighted_loss(module, batch: dict, step: int) -> torch.Tensor:
     """The training objective of one batch: Σ view weight · contrastive loss of the view, as ``training_step``
     computes it, without Lightning's logging (so it can be timed against plain PyTorch loops)."""
-    total = torch.zeros((), device=batch["input_ids"].device)
-    for view in module.views(batch, step):
-        terms = module.loss(view.embeddings, batch["num_queries"], batch["negatives_per_query"],
-                            batch.get("in_batch", True))
-        total = total + view.weight * sum(terms.values())
-    return total
+    views = module.views(batch, step)
+    return sum(view.weight * sum(terms.values()) for view, terms in zip(views, module.view_losses(views, batch)))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

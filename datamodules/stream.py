@@ -34,7 +34,7 @@ from datamodules.sources import NOT_BAD_DATA, SKIP_REASONS, DataError, Row, Sour
 log = logging.getLogger(__name__)
 
 # Distinct first seed words keep the random streams of the different decisions independent.
-SAMPLER, PASS_ORDER, BLOCK_ORDER, POOL, DIRECTION = range(5)
+SAMPLER, PASS_ORDER, BLOCK_ORDER, POOL, DIRECTION, NEGATIVES = range(6)
 SAMPLER_CHUNK = 4096
 LOGGED_SKIPS = 5  # per stream, the first skipped rows are logged with file and line
 
@@ -169,9 +169,10 @@ class SourceStream:
         seed, source, size = self.options.seed, self.source, self.options.batch_size
         rng = np.random.default_rng([seed, POOL, source.key, self.shard, *start])
         k = source.negatives_per_row
-        if k:
+        if k:  # a stream of their own: the batches' queries and passages do not depend on k (with/without runs)
+            draw = np.random.default_rng([seed, NEGATIVES, source.key, self.shard, *start])
             rows = [Row(row.query, row.passage,
-                        tuple(row.negatives[i] for i in rng.choice(len(row.negatives), k, replace=False)), row.index)
+                        tuple(row.negatives[i] for i in draw.choice(len(row.negatives), k, replace=False)), row.index)
                     for row in rows]
         count = len(rows) // size
         order = rng.permutation(len(rows))[: count * size]  # at a pass's end, random rows wait for the next

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,7 +102,18 @@ def run_table(client, runs) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def format_table(header: list[str], rows: list[list[str]]) -> str:
+def format_table(header: list[str], rows: list[list[str]], max_width: int | None = None) -> str:
+    """Aligned text: one line per run, or, when that is wider than ``max_width`` (default: the terminal), one line
+    per column with the runs side by side."""
+    table = _aligned(header, rows)
+    limit = max_width or shutil.get_terminal_size((160, 40)).columns
+    if max(map(len, table.splitlines())) <= limit:
+        return table
+    return _aligned(["", *[row[0] for row in rows]], [[name, *[row[i] for row in rows]] for i, name in enumerate(header)
+                                                     if i > 0])
+
+
+def _aligned(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
     numeric = [all(re.fullmatch(r"-?[\d.e+-]+|-", row[i]) for row in rows) for i in range(len(header))]
 

@@ -74,8 +74,9 @@ class BatchTokenizer:
     """Turns raw texts into one padded batch (picklable, so it runs in DataLoader workers).
 
     Layout of a training batch: queries, then passages, then each query's hard negatives in order, so the
-    whole batch is ONE forward. Encoders get the tokenizer's own special tokens. Decoders always end in EOS,
-    appended here and kept in the attention mask even when ``eos == pad``; padding is on the right.
+    whole batch is ONE forward; ``texts`` lists the raw texts (without prefixes) in the same order. Encoders get
+    the tokenizer's own special tokens. Decoders always end in EOS, appended here and kept in the attention mask
+    even when ``eos == pad``; padding is on the right.
 
     Args:
         tokenizer: a Hugging Face fast tokenizer.
@@ -120,6 +121,8 @@ class BatchTokenizer:
                  + [self.passage_prefix + text for text in passages]
                  + [self.passage_prefix + text for row in negatives for text in row])
         batch = self.encode(texts)
+        # The raw texts in the same order, for teachers with their own tokenizer (distillation).
+        batch["texts"] = [*queries, *passages, *(text for row in negatives for text in row)]
         batch["num_queries"] = len(queries)
         batch["negatives_per_query"] = per_query
         return batch

@@ -400,9 +400,12 @@ def probe_scores(table: Path, cell: Cell) -> dict[str, float]:
         if (number(row.get("step")) or 0.0) != last:
             continue
         task = row.get("task")
+        # Text columns besides the task are the tags of other axes (precision: fp32 | int8 | binary).
+        other_tags = "".join(f" [{key} {value}]" for key, value in row.items()
+                             if key not in ("task", "rank") and value and number(value) is None)
         for key, value in row.items():
-            if key not in ("layer", "dim", "rank", "step", "task") and number(value) is not None:
-                scores[f"{task}/{key}" if task else key] = number(value)
+            if key not in ("layer", "dim", "rank", "step", "task", "bytes") and number(value) is not None:
+                scores[(f"{task}/{key}" if task else key) + other_tags] = number(value)
     return scores
 
 

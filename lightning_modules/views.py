@@ -27,22 +27,32 @@ class View:
         weight: factor of this view's loss in the total.
         tags: the nesting coordinates of this view, in the order plugins added them (``layer``, ``dim``,
             ``rank``, ...). They name metrics and probe cells.
+        bits_per_value: storage of one coordinate at deployment (32: float32; the precision axis lowers it), so
+            a vector of this view costs ``width · bits_per_value / 8`` bytes.
     """
 
     embeddings: Tensor
     weight: float = 1.0
     tags: dict[str, object] = field(default_factory=dict)
+    bits_per_value: int = 32
 
     @property
     def name(self) -> str:
         return view_name(self.tags)
 
-    def derive(self, embeddings: Tensor | None = None, weight_factor: float = 1.0, **tags: object) -> View:
-        """A nested view: same data unless replaced, weight multiplied, tags appended."""
+    @property
+    def bytes_per_vector(self) -> int:
+        """Bytes of one stored vector of this view, packed (64-d binary: 8 bytes)."""
+        return -(-self.embeddings.shape[-1] * self.bits_per_value // 8)
+
+    def derive(self, embeddings: Tensor | None = None, weight_factor: float = 1.0, bits_per_value: int | None = None,
+               **tags: object) -> View:
+        """A nested view: same data and storage unless replaced, weight multiplied, tags appended."""
         return View(
             embeddings=self.embeddings if embeddings is None else embeddings,
             weight=self.weight * weight_factor,
             tags={**self.tags, **tags},
+            bits_per_value=self.bits_per_value if bits_per_value is None else bits_per_value,
         )
 
 

@@ -7,13 +7,15 @@ bf16 mixed precision, FSDP2 over every GPU present (the script re-launches itsel
 more than one), synthetic full-length batches. Without CUDA it runs a tiny shape on the CPU (fp32, FSDP2 over
 one gloo process) so CI keeps it alive; those numbers mean nothing.
 
-One row per setup: plain contrastive, MRL, MLL, MEL, all three, all three with activation checkpointing, and all
-three with ``adamw8bit`` (skipped when bitsandbytes is not installed). Needs only torch, lightning and
+One row per setup: plain contrastive, MRL, MLL, MEL, all three, all three with the precision axis (3x the views),
+all three with activation checkpointing, and all three with ``adamw8bit`` (skipped when bitsandbytes is not
+installed). Needs only torch, lightning and
 transformers (+ numpy): nothing of the project that imports omegaconf, mlflow or mteb.
 
 Columns: tokens/s over all GPUs (median step time after warm-up); MFU = model FLOPs / (GPUs × dense bf16 peak),
 model FLOPs per token = 6 · non-embedding parameters + 12 · blocks · attention width · sequence length
-(activation recomputation not counted); peak memory = ``torch.cuda.max_memory_allocated`` on rank 0.
+(activation recomputation not counted); peak memory = ``torch.cuda.max_memory_allocated`` on rank 0 after warm-up,
+less what was allocated before the setup's model was built.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from lightning_modules.backbone import Backbone  # noqa: E402
 from lightning_modules.distributed import FSDP2Strategy  # noqa: E402
 from lightning_modules.losses import ContrastiveLoss  # noqa: E402
 from lightning_modules.module import MatryoshkaEmbedder  # noqa: E402
-from lightning_modules.plugins import MEL, MLL, MRL  # noqa: E402
+from lightning_modules.plugins import MEL, MLL, MRL, Precision  # noqa: E402
 
 QWEN3_0_6B = dict(vocab_size=151_936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, intermediate_size=3072)
@@ -48,7 +50,7 @@ TINY = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=4, num_attention_
             head_dim=16, intermediate_size=128)
 # Dense bf16 tensor-core peaks (NVIDIA datasheets); H200 has H100 SXM's compute.
 PEAK_BF16 = (("h200", 989.4e12), ("h100 pcie", 756e12), ("h100", 989.4e12), ("a100", 312e12), ("l40s", 362e12))
-PLUGINS = {"mrl": MRL, "mll": MLL, "mel": MEL}
+PLUGINS = {"mrl": MRL, "mll": MLL, "mel": MEL, "precision": Precision}
 
 
 @dataclass
@@ -62,6 +64,7 @@ class Setup:
 
 SETUPS = [Setup("plain contrastive"), Setup("MRL", ("mrl",)), Setup("MLL", ("mll",)), Setup("MEL", ("mel",)),
           Setup("MLL+MRL+MEL", ("mll", "mrl", "mel")),
+          Setup("MLL+MRL+MEL+precision", ("mll", "mrl", "mel", "precision")),
           Setup("MLL+MRL+MEL, act. ckpt", ("mll", "mrl", "mel"), activation_checkpointing=True),
           Setup("MLL+MRL+MEL, adamw8bit", ("mll", "mrl", "mel"), optimizer="adamw8bit")]
 
@@ -106,6 +109,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 def run_setup(setup: Setup, args: argparse.Namespace, shape: dict, on_cuda: bool) -> None:
     L.seed_everything(0, verbose=False)
+    floor = torch.cuda.memory_allocated() if on_cuda else 0  # what earlier setups still hold is not this one's
     with torch.device("cuda" if on_cuda else "cpu"):  # random init straight on the GPU: seconds, not minutes
         model = Qwen3Model(Qwen3Config(max_position_embeddings=max(512, args.seq_len), tie_word_embeddings=False,
                                        **shape))
@@ -120,8 +124,6 @@ def run_setup(setup: Setup, args: argparse.Namespace, shape: dict, on_cuda: bool
                         precision="bf16-mixed" if on_cuda else "32-true", max_steps=args.warmup + args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats()
     trainer.fit(module, train_dataloaders=synthetic_batches(args.queries, args.seq_len, shape["vocab_size"], 0))
     step = statistics.median(timer.times)
     tokens = 2 * args.queries * args.seq_len * devices
@@ -131,7 +133,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, shape: dict, on_cuda: bool
     setup.result = {
         "tokens_per_s": tokens / step, "step_s": step,
         "mfu": flops_per_token * tokens / step / (peak * devices) if peak else None,
-        "peak_memory_gb": torch.cuda.max_memory_allocated(module.device) / 2**30 if on_cuda else None,
+        "peak_memory_gb": (torch.cuda.max_memory_allocated() - floor) / 2**30 if on_cuda else None,
         "world_size": devices, "device": torch.cuda.get_device_name(module.device) if on_cuda else "cpu",
     }
     del trainer, module, backbone, model

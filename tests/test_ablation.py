@@ -10,7 +10,7 @@ import torch
 from experiments.ablation import available_suites, load_suite, run_suite, suite_configs
 from experiments.config import EXPERIMENTS_DIR, ConfigError, available_experiments, compose, plugin_configs
 from experiments.run import build, build_plugins, describe_backbone
-from experiments.runs import axes_of, differing_params, print_runs, probe_summary_keys
+from experiments.runs import axes_of, differing_params, format_table, print_runs, probe_summary_keys
 from experiments.tracking import tail_mean
 from tests.conftest import run_overrides
 
@@ -117,7 +117,15 @@ def test_axes_and_differing_params_of_the_runs_table():
     assert differing_params([mrl, custom]) == ["plugins.mrl.dims"]  # an option with two values is shown
     assert differing_params([mrl, custom, reference]) == ["loss.gather", "plugins.mrl.dims"]
     assert probe_summary_keys({"probe/mean/full", "probe/seconds", "probe/bitext/recall_at_1/layer_4/dim_64/rank_16",
-                               "train/loss"}) == ["probe/mean/full", "probe/seconds"]
+                               "probe/mean/full/precision_binary", "train/loss"}) == [
+        "probe/mean/full", "probe/mean/full/precision_binary", "probe/seconds"]
+
+
+def test_a_runs_table_wider_than_the_terminal_puts_the_runs_side_by_side():
+    header, rows = ["run", "loss", "probe/mean/full"], [["posthoc", "1.9", "0.88"], ["precision", "2.1", "0.87"]]
+    assert format_table(header, rows, max_width=80).splitlines()[2].split() == ["posthoc", "1.9", "0.88"]
+    assert [line.split() for line in format_table(header, rows, max_width=20).splitlines()] == [
+        ["posthoc", "precision"], ["-" * 15, "-" * 7, "-" * 9], ["loss", "1.9", "2.1"], ["probe/mean/full", "0.88", "0.87"]]
 
 
 def test_a_suite_trains_each_experiment_into_one_mlflow_experiment_and_the_table_compares_them(tmp_path, corpus_dir,

@@ -2,6 +2,7 @@ import pytest
 
 from experiments.config import ConfigError, available_experiments, compose
 from experiments.run import build, build_plugins, describe_backbone
+from lightning_modules.plugins import BUILTIN_PLUGINS
 
 
 def error_of(name: str, overrides: list[str]) -> str:
@@ -52,7 +53,7 @@ def test_overrides_apply_last_and_tracking_defaults_to_name():
 def test_every_experiment_file_composes_and_validates(name):
     config = compose(name)
     plugins = build_plugins(config, describe_backbone(config))
-    assert {type(p).__name__.lower() for p in plugins} == {k for k, v in config.plugins.items() if v is not None}
+    assert {type(p) for p in plugins} == {BUILTIN_PLUGINS[k] for k, v in config.plugins.items() if v is not None}
 
 
 def test_tiny_experiment_builds_without_training(tmp_path):

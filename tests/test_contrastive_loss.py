@@ -26,6 +26,26 @@ def test_hard_negative_and_in_batch_terms_match_hand_computation():
     assert terms["in_batch"].item() == pytest.approx(in_batch, rel=1e-6)
 
 
+def test_views_of_equal_width_are_computed_together_with_the_same_values_and_gradients():
+    torch.manual_seed(0)
+    loss = ContrastiveLoss(temperature=0.05)
+    embeddings = [torch.randn(4 * 4, width, requires_grad=True) for width in (16, 8, 16, 8, 16)]
+    together = loss.per_view(embeddings, num_queries=4, negatives_per_query=2)
+    one_by_one = [loss(view, num_queries=4, negatives_per_query=2) for view in embeddings]
+    for grouped, single in zip(together, one_by_one):
+        assert grouped.keys() == single.keys() == {"hard", "in_batch"}
+        assert all(torch.allclose(grouped[term], single[term], atol=1e-6) for term in single)
+    weights = torch.rand(len(embeddings))
+
+    def gradients(per_view_terms):
+        total = sum(weight * sum(terms.values()) for weight, terms in zip(weights, per_view_terms))
+        return torch.autograd.grad(total, embeddings)
+
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(gradients(together), gradients(one_by_one)))
+    stacked = loss(torch.stack(embeddings[::2]), num_queries=4, negatives_per_query=2)  # [views, texts, width]
+    assert stacked["hard"].shape == (3,) and torch.allclose(stacked["hard"][1], one_by_one[2]["hard"], atol=1e-6)
+
+
 def test_temperature_divides_the_cosines():
     terms = ContrastiveLoss(temperature=0.05)(EMBEDDINGS.double(), num_queries=2, negatives_per_query=1)
     assert terms["hard"].item() == pytest.approx((softplus(-20.0) + softplus(-COS_Q2_P2 / 0.05)) / 2, rel=1e-5)

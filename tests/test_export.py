@@ -153,6 +153,11 @@ def test_probe_scores_of_the_cell_reach_the_model_card(runs, tmp_path):
     json_table = tmp_path / "probe.json"
     json_table.write_text(json.dumps({"rows": [{"layer": 2, "dim": 16, "rank": 8, "ndcg": 0.4}]}))
     assert probe_scores(json_table, cell) == {"ndcg": 0.4}
+    json_table.write_text(json.dumps({"rows": [  # a precision axis: one row per level, bytes are not a score
+        {"layer": 2, "dim": 16, "rank": 8, "precision": level, "bytes": size, "task": "bitext", "main_score": score}
+        for level, size, score in (("fp32", 64, 0.4), ("binary", 2, 0.3))]}))
+    assert probe_scores(json_table, cell) == {"bitext/main_score [precision fp32]": 0.4,
+                                              "bitext/main_score [precision binary]": 0.3}
     json_table.unlink()
     run = dataclasses.replace(runs["tiny_bert"], run_dir=tmp_path)
     result = export_cell(run, tmp_path / "export", 2, 16, 8)

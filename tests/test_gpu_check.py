@@ -21,8 +21,8 @@ def test_gpu_check_runs_every_setup_on_cpu_without_project_only_packages(tmp_pat
                             env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert list(rows) == ["plain contrastive", "MRL", "MLL", "MEL", "MLL+MRL+MEL", "MLL+MRL+MEL, act. ckpt",
-                          "MLL+MRL+MEL, adamw8bit"]
+    assert list(rows) == ["plain contrastive", "MRL", "MLL", "MEL", "MLL+MRL+MEL", "MLL+MRL+MEL+precision",
+                          "MLL+MRL+MEL, act. ckpt", "MLL+MRL+MEL, adamw8bit"]
     for name, row in rows.items():
         assert row["tokens_per_s"] > 0 and row["device"] == "cpu" and row["mfu"] is None, name
     assert "GPU check on 1 x cpu" in result.stdout and "MLL+MRL+MEL, adamw8bit" in result.stdout

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from callbacks.probe.encoding import Cell, EmbeddingCache, split_views
-from callbacks.probe.prober import Prober, preserved_rng, rank_axis
+from callbacks.probe.prober import Prober, preserved_rng, rank_axis, summary
 from datamodules.gettext_corpus import Pair
-from lightning_modules.views import View
+from lightning_modules.views import View, view_name
 
 with preserved_rng():  # mteb reseeds the global generators on import
     import mteb  # noqa: F401
@@ -33,7 +33,7 @@ PREFIXES = SimpleNamespace(query_prefix="q: ", passage_prefix="p: ")
 def hand_encoder(vectors: dict[str, list[float]]):
     """A stand-in for GridEncoder whose cache holds the given (prefixed) texts, one 4-d cell."""
     cache = EmbeddingCache()
-    cache.add(list(vectors), [Cell({"layer": 1, "dim": 4, "rank": "full"}, 0, 4)],
+    cache.add(list(vectors), [Cell({"layer": 1, "dim": 4, "rank": "full"}, 0, 4, 16)],
               [torch.tensor(list(vectors.values()), dtype=torch.float32)])
     return SimpleNamespace(cache=cache, tokenize=PREFIXES)
 
@@ -133,12 +133,15 @@ def test_split_views_shares_one_source_per_exit():
     assert cells[4].name == "layer_4/dim_8/squash_tanh/rank_16"
     bare, _ = split_views([View(exit_4)], num_layers=4)  # no plugin: full depth, width and rank
     assert bare[0].tags == {"layer": 4, "dim": 8, "rank": "full"}
+    assert [cell.bytes for cell in cells] == [32, 16, 32, 16, 32]  # float32: 4 bytes per coordinate
+    packed, _ = split_views([View(exit_4[:, :4], bits_per_value=1)], num_layers=4)
+    assert packed[0].bytes == 1  # 4 sign bits still take a whole byte
 
 
 def test_cache_lookup_slices_then_renormalises():
     cache = EmbeddingCache()
     full = torch.tensor([[3.0, 4.0, 12.0], [1.0, 0.0, 5.0]])
-    cache.add(["a", "b"], [Cell({}, 0, 3), Cell({}, 0, 2)], [full])
+    cache.add(["a", "b"], [Cell({}, 0, 3, 12), Cell({}, 0, 2, 8)], [full])
     torch.testing.assert_close(cache.lookup(["b", "a"], cache.cells[1]), torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
 
 
@@ -256,3 +259,21 @@ def test_probe_config_errors_name_the_key(tiny_config):
         tiny_config("tiny", ["probe.every_n_steps=-1"])
     with pytest.raises(ConfigError, match="probe.batch_size"):
         tiny_config("tiny", ["probe.batch_size=0"])
+
+
+def test_summary_picks_full_and_cheapest_by_depth_storage_rank_and_per_value_of_a_new_axis():
+    def cell(layer, dim, rank, precision, bits, score):
+        tags = {"layer": layer, "dim": dim, "rank": rank, "precision": precision}
+        return {"name": view_name(tags), "tags": tags, "bytes": -(-dim * bits // 8), "mean_main_score": score}
+
+    cells = [cell(4, 64, 16, "fp32", 32, 0.9), cell(4, 64, 16, "binary", 1, 0.7),
+             cell(2, 8, 8, "fp32", 32, 0.5), cell(2, 8, 8, "binary", 1, 0.2), cell(2, 64, 8, "binary", 1, 0.4)]
+    chosen = {label: (entry["cell"], entry["mean_main_score"]) for label, entry in summary(cells).items()}
+    assert chosen == {
+        "full": ("layer_4/dim_64/rank_16/precision_fp32", 0.9),
+        "cheapest": ("layer_2/dim_8/rank_8/precision_binary", 0.2),  # 1 byte: fewer than 64-d binary's 8
+        "full/precision_fp32": ("layer_4/dim_64/rank_16/precision_fp32", 0.9),
+        "cheapest/precision_fp32": ("layer_2/dim_8/rank_8/precision_fp32", 0.5),
+        "full/precision_binary": ("layer_4/dim_64/rank_16/precision_binary", 0.7),
+        "cheapest/precision_binary": ("layer_2/dim_8/rank_8/precision_binary", 0.2),
+    }

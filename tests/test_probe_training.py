@@ -62,7 +62,7 @@ def test_probe_tables_metrics_and_heatmaps(runs):
     suffixes = (".json", ".csv", "_rank_16.png", "_rank_8.png")
     assert artifacts == {f"probe/step_4/probe_step_4{suffix}" for suffix in suffixes}
     header = (result.run_dir / "probe" / "probe_step_4.csv").read_text().splitlines()[0].split(",")
-    assert header[:6] == ["step", "layer", "dim", "rank", "task", "main_score"]
+    assert header[:7] == ["step", "layer", "dim", "rank", "bytes", "task", "main_score"]
 
 
 def test_make_probe_on_the_checkpoint_reproduces_the_last_probe(runs, capsys):

@@ -29,11 +29,13 @@ class Cell:
             MEL; ``layer``/``dim`` default to the full depth/width when no plugin nests them).
         source: index of the stored matrix this cell slices.
         width: number of leading coordinates of that matrix the cell uses.
+        bytes: storage of one vector of this cell at deployment (``width`` × the view's bits per value / 8).
     """
 
     tags: dict
     source: int
     width: int
+    bytes: int
 
     @property
     def name(self) -> str:
@@ -57,7 +59,7 @@ def split_views(views: Sequence[View], num_layers: int) -> tuple[list[Cell], lis
             sources[source] = embeddings
         tags = {"layer": num_layers, "dim": embeddings.shape[1], **view.tags}
         tags.setdefault("rank", "full")
-        cells.append(Cell(tags, source, embeddings.shape[1]))
+        cells.append(Cell(tags, source, embeddings.shape[1], view.bytes_per_vector))
     return cells, sources
 
 
@@ -66,7 +68,7 @@ class EmbeddingCache:
 
     Example:
         >>> cache = EmbeddingCache()
-        >>> cache.add(["a", "b"], [Cell({"layer": 1, "dim": 2, "rank": "full"}, 0, 2)], [torch.eye(2)])
+        >>> cache.add(["a", "b"], [Cell({"layer": 1, "dim": 2, "rank": "full"}, 0, 2, 8)], [torch.eye(2)])
         >>> cache.lookup(["b"], cache.cells[0]).tolist()
         [[0.0, 1.0]]
     """

@@ -14,6 +14,7 @@ import torch
 
 from callbacks.probe.encoding import GridEncoder, intra_op_threads, world
 from lightning_modules.plugins.mel import FactorizedEmbedding
+from lightning_modules.views import view_name
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class Prober:
                     log.debug("probe task %s failed", name, exc_info=True)
                     return
                 cell = encoder.cache.cells[index]
-                results.setdefault(cell.name, {"tags": cell.tags, "scores": {}})["scores"][name] = scores
+                results.setdefault(cell.name, {"tags": cell.tags, "bytes": cell.bytes, "scores": {}})["scores"][name] = scores
 
             for rank in ranks:
                 if embedding is not None:
@@ -180,7 +181,8 @@ class Prober:
                 order += [cell.name for cell in encoder.cache.cells]
                 for other_results, other_errors in _all_gather((results, errors)):
                     for name, cell in other_results.items():
-                        results.setdefault(name, {"tags": cell["tags"], "scores": {}})["scores"].update(cell["scores"])
+                        results.setdefault(name, {"tags": cell["tags"], "bytes": cell["bytes"], "scores": {}}
+                                           )["scores"].update(cell["scores"])
                     for task, error in other_errors.items():
                         errors.setdefault(task, error)
         for task, error in errors.items():
@@ -195,7 +197,7 @@ class Prober:
             scores = {task: values for task, values in cell["scores"].items() if task not in errors}
             if scores:
                 mains = [values["main_score"] for values in scores.values()]
-                cells.append({"name": name, "tags": cell["tags"], "scores": scores,
+                cells.append({"name": name, "tags": cell["tags"], "bytes": cell["bytes"], "scores": scores,
                               "mean_main_score": sum(mains) / len(mains)})
         axes: dict[str, list] = {}
         for cell in cells:
@@ -219,14 +221,19 @@ class Prober:
 
 
 def summary(cells: list[dict]) -> dict:
-    """The mean main score at the full cell (deepest, widest, highest rank) and at the cheapest (the smallest of
-    each); with another tag axis the first of its values in the grid's order."""
-    if not cells:
-        return {}
+    """The mean main score at the full cell (deepest, most bytes per vector, highest rank) and at the cheapest (the
+    smallest of each), labelled ``full`` and ``cheapest``; and the same within each value of any other tag axis
+    (``full/precision_binary``), so a new axis gets its summaries without an edit here."""
 
     def size(cell: dict) -> tuple:
         return tuple(value if isinstance(value, (int, float)) else math.inf
-                     for value in (cell["tags"]["layer"], cell["tags"]["dim"], cell["tags"]["rank"]))
+                     for value in (cell["tags"]["layer"], cell["bytes"], cell["tags"]["rank"]))
 
-    return {label: {"cell": chosen["name"], "mean_main_score": chosen["mean_main_score"]}
-            for label, chosen in (("full", max(cells, key=size)), ("cheapest", min(cells, key=size)))}
+    groups = {"": cells}
+    for cell in cells:
+        for key, value in cell["tags"].items():
+            if key not in ("layer", "dim", "rank"):
+                groups.setdefault(f"/{view_name({key: value})}", []).append(cell)
+    return {f"{label}{group}": {"cell": chosen["name"], "mean_main_score": chosen["mean_main_score"]}
+            for group, members in groups.items() if members
+            for label, chosen in (("full", max(members, key=size)), ("cheapest", min(members, key=size)))}

@@ -48,12 +48,14 @@ def _groups(table: dict) -> dict[str, list[dict]]:
 
 
 def heatmap(table: dict, group: str, cells: list[dict], path: Path) -> None:
-    """One panel per task: layers (rows) × dims (columns, widest first), each square annotated with the main score."""
+    """One panel per task: layers (rows) × dims (columns, widest first, with bytes per vector), each square annotated
+    with the main score."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     layers = sorted({cell["tags"]["layer"] for cell in cells})
     dims = sorted({cell["tags"]["dim"] for cell in cells}, reverse=True)
+    storage = {cell["tags"]["dim"]: cell["bytes"] for cell in cells}
     tasks = list(table["tasks"])
     figure = Figure(figsize=(1.2 + 0.75 * len(dims) * len(tasks), 1.0 + 0.55 * len(layers)), layout="constrained")
     FigureCanvasAgg(figure)
@@ -70,7 +72,7 @@ def heatmap(table: dict, group: str, cells: list[dict], path: Path) -> None:
                 if not math.isnan(value):
                     axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
                               color="black" if value > 0.6 else "white")
-        axes.set_xticks(range(len(dims)), [str(d) for d in dims])
+        axes.set_xticks(range(len(dims)), [f"{d}\n{storage[d]} B" for d in dims], fontsize=8)
         axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
         axes.set_xlabel("dim")
         axes.set_ylabel("layer")
@@ -80,12 +82,13 @@ def heatmap(table: dict, group: str, cells: list[dict], path: Path) -> None:
 
 
 def rows(table: dict) -> list[dict]:
-    """Flat rows, one per cell and task: ``step``, the cell's tags, ``task``, ``main_score``, every other score and
-    ``main_score/<subset>`` per subset (the CSV, and the JSON table's ``rows``)."""
+    """Flat rows, one per cell and task: ``step``, the cell's tags, ``bytes`` per vector, ``task``, ``main_score``,
+    every other score and ``main_score/<subset>`` per subset (the CSV, and the JSON table's ``rows``)."""
     flat = []
     for cell in table["cells"]:
         for task, scores in cell["scores"].items():
-            row = {"step": table["step"], **cell["tags"], "task": task, "main_score": scores["main_score"]}
+            row = {"step": table["step"], **cell["tags"], "bytes": cell["bytes"], "task": task,
+                   "main_score": scores["main_score"]}
             row.update({metric: value for metric, value in scores.items() if metric not in ("main_score", "subsets")})
             row.update({f"main_score/{subset}": value for subset, value in scores["subsets"].items()})
             flat.append(row)
@@ -139,12 +142,12 @@ def format_table(table: dict) -> str:
     """A text table: one row per cell, one column per task's main score and their mean."""
     tasks = list(table["tasks"])
     width = max([len(cell["name"]) for cell in table["cells"]] + [4])
-    header = f"{'cell':<{width}}  " + "  ".join(f"{task[:22]:>22}" for task in tasks) + "      mean"
+    header = f"{'cell':<{width}}  {'bytes':>6}  " + "  ".join(f"{task[:22]:>22}" for task in tasks) + "      mean"
     lines = [f"probe at step {table['step']} ({table['seconds']:.1f} s)", header]
     for cell in table["cells"]:
         scores = "  ".join(f"{cell['scores'][task]['main_score']:>22.4f}" if task in cell["scores"] else f"{'-':>22}"
                            for task in tasks)
-        lines.append(f"{cell['name']:<{width}}  {scores}  {cell['mean_main_score']:8.4f}")
+        lines.append(f"{cell['name']:<{width}}  {cell['bytes']:>6}  {scores}  {cell['mean_main_score']:8.4f}")
     for task, error in table["errors"].items():
         lines.append(f"failed: {task}: {error}")
     return "\n".join(lines)

@@ -48,31 +48,57 @@ class ContrastiveLoss:
 
     def __call__(self, embeddings: Tensor, num_queries: int, negatives_per_query: int = 0,
                  in_batch: bool = True) -> dict[str, Tensor]:
-        """Loss terms for one view.
+        """Loss terms for one view, or for a stack of views of equal width (one value per view).
 
         Args:
-            embeddings: ``[B + B + B·k, width]``: queries, positives, then each query's k negatives.
+            embeddings: ``[B + B + B·k, width]``: queries, positives, then each query's k negatives; or
+                ``[views, B + B + B·k, width]`` for several views at once (terms are then ``[views]``).
             num_queries: B.
             negatives_per_query: k (0: no hard-negative term).
             in_batch: this batch's source allows in-batch negatives.
         """
+        stacked = embeddings if embeddings.dim() == 3 else embeddings.unsqueeze(0)
         expected = num_queries * (2 + negatives_per_query)
-        if embeddings.shape[0] != expected:
-            raise ValueError(f"{embeddings.shape[0]} embeddings, expected {expected} for {num_queries} queries "
+        if stacked.shape[1] != expected:
+            raise ValueError(f"{stacked.shape[1]} embeddings, expected {expected} for {num_queries} queries "
                              f"with {negatives_per_query} negatives each")
-        normed = F.normalize(embeddings, dim=-1)
-        queries, positives = normed[:num_queries], normed[num_queries: 2 * num_queries]
+        num_views = stacked.shape[0]
+        normed = F.normalize(stacked, dim=-1)
+        queries, positives = normed[:, :num_queries], normed[:, num_queries: 2 * num_queries]
         terms: dict[str, Tensor] = {}
         if self.hard_negative and negatives_per_query:
-            negatives = normed[2 * num_queries:].view(num_queries, negatives_per_query, -1)
-            candidates = torch.cat([positives.unsqueeze(1), negatives], dim=1)
-            logits = torch.einsum("bd,bkd->bk", queries, candidates) / self.temperature
-            terms["hard"] = F.cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long, device=logits.device))
+            negatives = normed[:, 2 * num_queries:].reshape(num_views, num_queries, negatives_per_query, -1)
+            candidates = torch.cat([positives.unsqueeze(2), negatives], dim=2)
+            logits = torch.einsum("vbd,vbkd->vbk", queries, candidates) / self.temperature
+            terms["hard"] = _mean_cross_entropy(logits, torch.zeros(num_queries, dtype=torch.long,
+                                                                    device=logits.device))
         if self.in_batch and in_batch:
-            all_positives, offset = gather_positives(positives, self.gather)
-            logits = queries @ all_positives.T / self.temperature
-            targets = torch.arange(num_queries, device=logits.device) + offset
-            terms["in_batch"] = F.cross_entropy(logits, targets)
+            # Rows of the batch first, so devices concatenate their positives along the batch.
+            gathered, offset = gather_positives(positives.transpose(0, 1).contiguous(), self.gather)
+            logits = queries @ gathered.permute(1, 2, 0) / self.temperature
+            terms["in_batch"] = _mean_cross_entropy(logits, torch.arange(num_queries, device=logits.device) + offset)
         if not terms:
             raise ValueError("no loss term applies: the batch has no hard negatives and in-batch loss is off")
-        return terms
+        return terms if embeddings.dim() == 3 else {name: value[0] for name, value in terms.items()}
+
+    def per_view(self, embeddings: list[Tensor], num_queries: int, negatives_per_query: int = 0,
+                 in_batch: bool = True) -> list[dict[str, Tensor]]:
+        """The terms of each view: views of equal width are stacked and computed together (a few batched kernels
+        instead of a few per view, which dominates a GPU step with dozens of views)."""
+        groups: dict[tuple, list[int]] = {}
+        for index, view_embeddings in enumerate(embeddings):
+            groups.setdefault(tuple(view_embeddings.shape), []).append(index)
+        results: list[dict[str, Tensor]] = [{} for _ in embeddings]
+        for indices in groups.values():
+            terms = self(torch.stack([embeddings[index] for index in indices]), num_queries, negatives_per_query,
+                         in_batch)
+            for position, index in enumerate(indices):
+                results[index] = {name: value[position] for name, value in terms.items()}
+        return results
+
+
+def _mean_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy of ``[views, B, classes]`` logits against the same ``[B]`` targets: one mean per view."""
+    num_views, num_queries = logits.shape[:2]
+    losses = F.cross_entropy(logits.flatten(0, 1), targets.repeat(num_views), reduction="none")
+    return losses.view(num_views, num_queries).mean(dim=1)

@@ -30,9 +30,23 @@ def gather_positives(passages: Tensor, mode: str) -> tuple[Tensor, int]:
     rank, world = dist.get_rank(), dist.get_world_size()
     offset = rank * passages.shape[0]
     if mode == "full":
-        return torch.cat(dist_nn.all_gather(passages), dim=0), offset
+        return ContiguousGradient.apply(torch.cat(dist_nn.all_gather(passages), dim=0)), offset
     gathered = [torch.empty_like(passages) for _ in range(world)]
     dist.all_gather(gathered, passages.detach().contiguous())
     if mode == "local":
         gathered[rank] = passages
     return torch.cat(gathered, dim=0), offset
+
+
+class ContiguousGradient(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous. The autograd all-gather's backward hands its
+    gradient chunks to an all-to-all that reads them as dense memory: a strided gradient (the gathered positives
+    used through a permutation, as the stacked-views loss does) would be silently scrambled."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor) -> Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, gradient: Tensor) -> Tensor:
+        return gradient.contiguous()

@@ -5,14 +5,17 @@ from __future__ import annotations
 import importlib
 
 from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, PluginConfigError
+from lightning_modules.plugins.distillation import Distillation
 from lightning_modules.plugins.mel import MEL
 from lightning_modules.plugins.mll import MLL
 from lightning_modules.plugins.mrl import MRL
+from lightning_modules.plugins.precision import Precision
 
-BUILTIN_PLUGINS: dict[str, type[MatryoshkaPlugin]] = {"mll": MLL, "mrl": MRL, "mel": MEL}
+BUILTIN_PLUGINS: dict[str, type[MatryoshkaPlugin]] = {"mll": MLL, "mrl": MRL, "mel": MEL, "precision": Precision,
+                                                   "distill": Distillation}
 
-__all__ = ["BUILTIN_PLUGINS", "MEL", "MLL", "MRL", "MatryoshkaPlugin", "PluginConfig", "PluginConfigError",
-           "resolve_plugin"]
+__all__ = ["BUILTIN_PLUGINS", "Distillation", "MEL", "MLL", "MRL", "MatryoshkaPlugin", "PluginConfig",
+           "PluginConfigError", "Precision", "resolve_plugin"]
 
 
 def resolve_plugin(name: str, target: str | None) -> type[MatryoshkaPlugin]:

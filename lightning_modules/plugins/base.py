@@ -1,4 +1,4 @@
-"""The plugin contract: a Matryoshka axis is one class with up to three hooks."""
+"""The plugin contract: a Matryoshka axis is one class with up to three hooks; a loss plugin adds a fourth."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from lightning_modules.backbone import Backbone, BackboneInfo
     from lightning_modules.views import EmbeddingBundle, View
 
@@ -39,6 +41,9 @@ class MatryoshkaPlugin:
         before_forward(step): choose this step's configuration; must be a pure function of (seed, step) so
             every device agrees and a resumed run repeats it. Use :meth:`step_rng`.
         expand(views, bundle): turn each view into nested, weighted, tagged views.
+        loss_terms(view, batch): extra loss terms of one view (distillation), added to its contrastive terms:
+            weighted by ``view.weight``, summed into the total and logged like them (``train/loss_<term>`` and
+            ``train/loss_<term>/<view>``). Names must differ from ``hard``, ``in_batch`` and other plugins' terms.
     and optionally ``step_metrics()`` to log the step's choices (MEL: its rank).
     """
 
@@ -59,6 +64,10 @@ class MatryoshkaPlugin:
     def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
         """Nest each view (default: unchanged)."""
         return views
+
+    def loss_terms(self, view: View, batch: dict) -> dict[str, Tensor]:
+        """Extra loss terms of one view, before ``view.weight`` (the module applies it; default: none)."""
+        return {}
 
     def step_metrics(self) -> dict[str, float]:
         """Scalars of this step's configuration to log under ``train/`` (default: none)."""
