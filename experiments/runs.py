@@ -26,6 +26,7 @@ METRIC_COLUMNS = (
     ("loss", ("train/loss",), "tail"),
     ("loss_in_batch", ("train/loss_in_batch",), "tail"),
     ("loss_hard", ("train/loss_hard",), "tail"),
+    ("loss_distill", ("train/loss_distill",), "tail"),
     ("samples/s", ("train/device/samples_per_sec",), "tail"),
     ("tokens/s", ("train/device/items_per_sec",), "tail"),
     ("peak_MB", ("train/memory/peak_cuda_mb", "train/memory/peak_rss_mb"), "last"),  # device memory when on CUDA
