@@ -110,8 +110,8 @@ def format_table(header: list[str], rows: list[list[str]], max_width: int | None
     limit = max_width or shutil.get_terminal_size((160, 40)).columns
     if max(map(len, table.splitlines())) <= limit:
         return table
-    return _aligned(["", *[row[0] for row in rows]], [[name, *[row[i] for row in rows]] for i, name in enumerate(header)
-                                                     if i > 0])
+    columns = [[name, *[row[i] for row in rows]] for i, name in enumerate(header) if i > 0]
+    return _aligned(["", *[row[0] for row in rows]], columns)
 
 
 def _aligned(header: list[str], rows: list[list[str]]) -> str:

@@ -9,8 +9,8 @@ one gloo process) so CI keeps it alive; those numbers mean nothing.
 
 One row per setup: plain contrastive, MRL, MLL, MEL, all three, all three with the precision axis (3x the views),
 all three with activation checkpointing, and all three with ``adamw8bit`` (skipped when bitsandbytes is not
-installed). Needs only torch, lightning and
-transformers (+ numpy): nothing of the project that imports omegaconf, mlflow or mteb.
+installed). Needs only torch, lightning and transformers (+ numpy): nothing of the project that imports omegaconf,
+mlflow or mteb.
 
 Columns: tokens/s over all GPUs (median step time after warm-up); MFU = model FLOPs / (GPUs × dense bf16 peak),
 model FLOPs per token = 6 · non-embedding parameters + 12 · blocks · attention width · sequence length

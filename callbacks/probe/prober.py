@@ -164,7 +164,8 @@ class Prober:
                     log.debug("probe task %s failed", name, exc_info=True)
                     return
                 cell = encoder.cache.cells[index]
-                results.setdefault(cell.name, {"tags": cell.tags, "bytes": cell.bytes, "scores": {}})["scores"][name] = scores
+                entry = results.setdefault(cell.name, {"tags": cell.tags, "bytes": cell.bytes, "scores": {}})
+                entry["scores"][name] = scores
 
             for rank in ranks:
                 if embedding is not None:
@@ -181,8 +182,8 @@ class Prober:
                 order += [cell.name for cell in encoder.cache.cells]
                 for other_results, other_errors in _all_gather((results, errors)):
                     for name, cell in other_results.items():
-                        results.setdefault(name, {"tags": cell["tags"], "bytes": cell["bytes"], "scores": {}}
-                                           )["scores"].update(cell["scores"])
+                        entry = results.setdefault(name, {"tags": cell["tags"], "bytes": cell["bytes"], "scores": {}})
+                        entry["scores"].update(cell["scores"])
                     for task, error in other_errors.items():
                         errors.setdefault(task, error)
         for task, error in errors.items():
