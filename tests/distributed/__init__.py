@@ -22,8 +22,13 @@ def run_worker(module: str, *args, torchrun: bool = False, env: dict[str, str] |
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK"):
         environment.pop(key, None)  # a fresh process group, whatever launched pytest
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD_SIZE}"] if torchrun else []
-    result = subprocess.run([sys.executable, *launcher, "-m", f"tests.distributed.{module}", *map(str, args)],
-                            cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, *launcher, "-m", f"tests.distributed.{module}", *map(str, args)]
+    result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0 and "terminate called without an active exception" in result.stderr:
+        # A rare native abort of a gloo process (seen once in ~20 runs of optim_worker, in a fresh clone; not
+        # reproducible since): run it once more, and say so. An assertion or Python error still fails at once.
+        print(f"worker {module} aborted natively; running it again:\n{result.stderr[-2000:]}", file=sys.stderr)
+        result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"worker {module} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result
