@@ -16,7 +16,7 @@ from lightning_modules.module import MatryoshkaEmbedder
 from lightning_modules.plugins import Distillation, PluginConfigError
 from lightning_modules.plugins.distillation import BackboneTeacher, mse_distillation, similarity_distillation
 from lightning_modules.views import View
-from tests.test_training import final_state
+from tests.test_training import final_state, train_until_crash
 
 
 def test_mse_normalises_the_student_and_the_teacher_cut_to_its_width():
@@ -206,17 +206,7 @@ def test_use_teacher_gives_unit_512_d_vectors_that_match_translations():
 def test_a_resumed_run_with_distillation_ends_where_a_straight_run_ends(tiny_config, tmp_path, monkeypatch):
     overrides = ["data.locales=[de,fr]", "checkpoint_every=3", "trainer.max_steps=6", "plugins.distill.mode=similarity"]
     straight = final_state(train(tiny_config("tiny", [*overrides, f"output_dir={tmp_path}/straight"])))
-    original_step = MatryoshkaEmbedder.training_step
-
-    def crash_at_step_4(self, batch, batch_idx):
-        if self.global_step == 4:
-            raise RuntimeError("simulated crash")
-        return original_step(self, batch, batch_idx)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(MatryoshkaEmbedder, "training_step", crash_at_step_4)
-        with pytest.raises(RuntimeError, match="simulated crash"):
-            train(tiny_config("tiny", overrides))
+    train_until_crash(tiny_config("tiny", overrides), 4, monkeypatch)
     resumed = final_state(train(tiny_config("tiny", overrides)))  # a fresh teacher copy and an empty cache
     assert resumed["global_step"] == 6
     for key, value in straight["state_dict"].items():

@@ -31,21 +31,25 @@ def final_state(result) -> dict:
     return torch.load(result.checkpoint, weights_only=False)
 
 
-def test_crashed_and_resumed_run_ends_where_a_straight_run_ends(tiny_config, tmp_path, monkeypatch):
-    overrides = ["data.locales=[de,fr]", "checkpoint_every=3", "trainer.max_steps=6"]
-    straight = final_state(train(tiny_config("tiny", [*overrides, f"output_dir={tmp_path}/straight"])))
-
+def train_until_crash(config, step: int, monkeypatch) -> None:
+    """Trains ``config`` until its training step ``step`` raises, as a killed run would stop."""
     original_step = MatryoshkaEmbedder.training_step
 
-    def crash_at_step_4(self, batch, batch_idx):
-        if self.global_step == 4:
+    def crash_at_step(self, batch, batch_idx):
+        if self.global_step == step:
             raise RuntimeError("simulated crash")
         return original_step(self, batch, batch_idx)
 
     with monkeypatch.context() as patch:
-        patch.setattr(MatryoshkaEmbedder, "training_step", crash_at_step_4)
+        patch.setattr(MatryoshkaEmbedder, "training_step", crash_at_step)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            train(tiny_config("tiny", overrides))
+            train(config)
+
+
+def test_crashed_and_resumed_run_ends_where_a_straight_run_ends(tiny_config, tmp_path, monkeypatch):
+    overrides = ["data.locales=[de,fr]", "checkpoint_every=3", "trainer.max_steps=6"]
+    straight = final_state(train(tiny_config("tiny", [*overrides, f"output_dir={tmp_path}/straight"])))
+    train_until_crash(tiny_config("tiny", overrides), 4, monkeypatch)
     resumed = train(tiny_config("tiny", overrides))  # the same command resumes from the step-3 checkpoint
     assert resumed.run_dir.parent == tmp_path / "outputs" / "tiny" and len(list(resumed.run_dir.parent.iterdir())) == 1
     state = final_state(resumed)
