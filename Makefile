@@ -15,10 +15,12 @@ RANK   ?=
 OUT    ?=
 MODE   ?= compat
 SOURCE ?=
+A      ?=
+B      ?=
 MODEL  ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install exp test test-slow data clean ablation runs ui export bench bench-data gpu-check probe mine
+.PHONY: help install exp test test-slow data clean ablation runs ui export bench bench-data gpu-check probe compare mine
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -57,6 +59,10 @@ export: $(STAMP) ## Export one cell: make export CKPT=path [LAYERS=l DIM=d RANK=
 probe: $(STAMP) ## MTEB-probe every (layer, dim, rank) cell of a checkpoint: make probe CKPT=path [ARGS="probe.locales=[de,kk]"]
 	@test -n "$(CKPT)" || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
 	$(BIN)/python -m callbacks.probe $(CKPT) $(ARGS)
+
+compare: $(STAMP) ## Two runs' probe tables cell by cell, with B − A heatmaps: make compare A=<run_dir|table.json> B=<...> [ARGS="--task GettextRetrieval"]
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=<run_dir|probe_step_<n>.json> B=<run_dir|probe_step_<n>.json> [ARGS=\"--task NAME --out DIR\"]"; exit 2; }
+	$(BIN)/python -m callbacks.probe.compare $(A) $(B) $(ARGS)
 
 mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE=quickstart [MODEL=backbone|path.ckpt] [ARGS="mine.max_queries=1000 mine.max_score=0.9"]
 	@test -n "$(SOURCE)" || { $(BIN)/python -m datamodules.mining; exit 2; }

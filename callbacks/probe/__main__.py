@@ -13,7 +13,6 @@ import os
 import sys
 from pathlib import Path
 
-CHECKPOINT_DIR = "checkpoint"
 USAGE = "usage: python -m callbacks.probe CKPT [--no-mlflow] [probe.key=value ...]"
 
 
@@ -58,7 +57,7 @@ def main(argv: list[str]) -> int:
     table = Prober(module, run.tokenize, tasks, config.probe.batch_size, f"matryoshka-lab/{config.name}",
                    device).run(run.global_step)
     # Beside, not over, the tables written during training (this probe may use other settings).
-    files = report.write(table, Path(run.run_dir) / report.PROBE_DIR / CHECKPOINT_DIR)
+    files = report.write(table, Path(run.run_dir) / report.PROBE_DIR / report.CHECKPOINT_DIR)
     print(report.format_table(table))
     print(f"\ntable and heatmaps: {files[0].parent}")
     run_id_file = Path(run.run_dir) / RUN_ID_FILE
@@ -68,7 +67,7 @@ def main(argv: list[str]) -> int:
         run_id = run_id_file.read_text().strip()
         report.log_to_mlflow(MlflowClient(config.tracking.uri), run_id,
                              report.metrics(table, list(config.probe.metrics)), run.global_step, files,
-                             f"{report.PROBE_DIR}/{CHECKPOINT_DIR}/step_{run.global_step}")
+                             f"{report.PROBE_DIR}/{report.CHECKPOINT_DIR}/step_{run.global_step}")
         print(f"logged to MLflow run {run_id} ({config.tracking.uri}) at step {run.global_step}")
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from lightning_modules.views import view_name
 
 PROBE_DIR = "probe"
+CHECKPOINT_DIR = "checkpoint"  # make probe's tables: <run_dir>/probe/checkpoint, beside those of training
 FILE_PREFIX = "probe_step_"
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
@@ -38,7 +39,7 @@ def metrics(table: dict, extra: list[str]) -> dict[str, float]:
     return logged
 
 
-def _groups(table: dict) -> dict[str, list[dict]]:
+def heatmap_groups(table: dict) -> dict[str, list[dict]]:
     """Cells grouped by every tag but layer and dim (one heatmap each: ``rank_128``, or ``squash_tanh/rank_128``)."""
     groups: dict[str, list[dict]] = {}
     for cell in table["cells"]:
@@ -109,7 +110,7 @@ def write(table: dict, out: str | Path) -> list[Path]:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
-    for group, cells in _groups(table).items():
+    for group, cells in heatmap_groups(table).items():
         if table["tasks"]:
             path = out / f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', group)}.png"
             heatmap(table, group, cells, path)

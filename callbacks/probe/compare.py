@@ -1,0 +1,201 @@
+"""``python -m callbacks.probe.compare A B [--task NAME] [--out DIR]`` (``make compare A=... B=...``): two runs' probe
+tables cell by cell.
+
+An ablation asks "is B better than A in the cells I care about", not only at the full and cheapest cell. This prints,
+for all common cells and for each value of every axis but layer and dim (``rank_64``, ``precision_binary``), how
+many cells B scores higher and lower, the mean, smallest and largest difference in points, the difference at that
+group's full and cheapest cell, and a two-sided sign-test p-value (cells of one run share weights, so read it as a
+guide, not as independent trials). It writes ``compare.json`` and ``compare.png``: one layers × dims heatmap of
+B − A per group of the probe's own heatmaps (every tag but layer and dim).
+
+A and B are probe tables (``probe_step_<n>.json``) or run folders; a run folder's table is the latest one of
+``make probe`` (``<run_dir>/probe/checkpoint``) or, without one, of training (``<run_dir>/probe``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from callbacks.probe.prober import summary
+from callbacks.probe.report import CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, heatmap_groups
+from lightning_modules.views import view_name
+
+MEAN = "mean_main_score"
+
+
+class CompareError(ValueError):
+    """A path or table that cannot be compared; the message names it."""
+
+
+def table_file(path: str | Path) -> Path:
+    """The probe table of ``path``: itself if a file, else the latest of ``make probe``, else of training."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise CompareError(f"{path}: no such probe table or run folder")
+    for folder in (path / PROBE_DIR / CHECKPOINT_DIR, path / PROBE_DIR):
+        tables = sorted(folder.glob(f"{FILE_PREFIX}*.json"), key=lambda file: int(file.stem.removeprefix(FILE_PREFIX)))
+        if tables:
+            return tables[-1]
+    raise CompareError(f"{path}: no {FILE_PREFIX}<n>.json in {path / PROBE_DIR / CHECKPOINT_DIR} or {path / PROBE_DIR}")
+
+
+def load_table(path: str | Path) -> tuple[dict, Path]:
+    file = table_file(path)
+    try:
+        table = json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise CompareError(f"{file}: not a JSON probe table ({error})") from None
+    if not isinstance(table, dict) or not isinstance(table.get("cells"), list):
+        raise CompareError(f"{file}: not a probe table (no 'cells' list)")
+    return table, file
+
+
+def cell_scores(table: dict, task: str | None, file: Path) -> dict[str, tuple[dict, float]]:
+    """``{cell name: (cell, score)}``: the cell's mean main score, or ``task``'s main score."""
+    if task is not None and task not in table.get("tasks", {}):
+        raise CompareError(f"--task {task}: not in {file} (its tasks: {', '.join(table.get('tasks', {})) or 'none'})")
+    return {cell["name"]: (cell, cell[MEAN] if task is None else cell["scores"][task]["main_score"])
+            for cell in table["cells"] if task is None or task in cell["scores"]}
+
+
+def sign_test(higher: int, lower: int) -> float:
+    """Two-sided exact sign test of ``higher`` against ``lower`` (ties left out): P(a split at least this uneven)."""
+    trials = higher + lower
+    if trials == 0:
+        return 1.0
+    tail = sum(math.comb(trials, k) for k in range(min(higher, lower) + 1)) / 2 ** trials
+    return min(1.0, 2 * tail)
+
+
+def group_stats(pairs: list[tuple[dict, float, float]]) -> dict:
+    """Counts, differences (B − A, in points) and the sign test of ``[(cell of A, score A, score B), ...]``."""
+    deltas = [100 * (b - a) for _, a, b in pairs]
+    higher, lower = sum(delta > 0 for delta in deltas), sum(delta < 0 for delta in deltas)
+    by_name = {cell["name"]: 100 * (b - a) for cell, a, b in pairs}
+    ends = summary([cell for cell, _, _ in pairs])
+    return {"cells": len(deltas), "higher": higher, "lower": lower, "mean_delta": sum(deltas) / len(deltas),
+            "min_delta": min(deltas), "max_delta": max(deltas), "sign_test_p": sign_test(higher, lower),
+            "full": {"cell": ends["full"]["cell"], "delta": by_name[ends["full"]["cell"]]},
+            "cheapest": {"cell": ends["cheapest"]["cell"], "delta": by_name[ends["cheapest"]["cell"]]}}
+
+
+def compare(a: dict, b: dict, task: str | None = None, files: tuple[Path, Path] = (Path("A"), Path("B"))) -> dict:
+    """B − A over the cells both tables have: ``{"groups": {"all": stats, "precision_binary": stats, ...},
+    "deltas": {cell: points}, "only_a": [...], "only_b": [...]}`` (see :func:`group_stats`)."""
+    scores_a, scores_b = cell_scores(a, task, files[0]), cell_scores(b, task, files[1])
+    common = [name for name in scores_a if name in scores_b]
+    if not common:
+        raise CompareError(f"{files[0]} and {files[1]} share no probe cell (A: {', '.join(list(scores_a)[:3])}...; "
+                           f"B: {', '.join(list(scores_b)[:3])}...)")
+    pairs = [(scores_a[name][0], scores_a[name][1], scores_b[name][1]) for name in common]
+    groups = {"all": pairs}
+    for pair in pairs:
+        for key, value in pair[0]["tags"].items():
+            if key not in ("layer", "dim"):
+                groups.setdefault(view_name({key: value}), []).append(pair)
+    return {"a": str(files[0]), "b": str(files[1]), "score": task or MEAN, "steps": [a.get("step"), b.get("step")],
+            "groups": {label: group_stats(members) for label, members in groups.items()},
+            "deltas": {cell["name"]: 100 * (score_b - score_a) for cell, score_a, score_b in pairs},
+            "only_a": [name for name in scores_a if name not in scores_b],
+            "only_b": [name for name in scores_b if name not in scores_a]}
+
+
+def format_comparison(result: dict) -> str:
+    lines = [f"B − A in points of {result['score']} (A: {result['a']}, step {result['steps'][0]}; "
+             f"B: {result['b']}, step {result['steps'][1]})",
+             f"{'group':<18} {'cells':>5} {'B higher':>8} {'lower':>5} {'mean':>7} {'min':>7} {'max':>7} "
+             f"{'full':>7} {'cheapest':>8} {'sign p':>7}"]
+    for label, stats in result["groups"].items():
+        lines.append(f"{label:<18} {stats['cells']:>5} {stats['higher']:>8} {stats['lower']:>5} "
+                     f"{stats['mean_delta']:>+7.2f} {stats['min_delta']:>+7.2f} {stats['max_delta']:>+7.2f} "
+                     f"{stats['full']['delta']:>+7.2f} {stats['cheapest']['delta']:>+8.2f} {stats['sign_test_p']:>7.3f}")
+    for side in ("a", "b"):
+        if result[f"only_{side}"]:
+            lines.append(f"only in {side.upper()} (not compared): {len(result[f'only_{side}'])} cells, e.g. "
+                         f"{result[f'only_{side}'][0]}")
+    return "\n".join(lines)
+
+
+def heatmaps(a: dict, result: dict, path: Path) -> None:
+    """One panel per group of the probe heatmaps (e.g. ``rank_64/precision_binary``): layers × dims of B − A in
+    points, red where B is lower and blue where higher, on one colour scale for all panels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    deltas = result["deltas"]
+    groups = {label: [cell for cell in cells if cell["name"] in deltas] for label, cells in heatmap_groups(a).items()}
+    groups = {label: cells for label, cells in groups.items() if cells}
+    limit = max(abs(delta) for delta in deltas.values()) or 1.0
+    columns = min(3, len(groups))
+    rows = math.ceil(len(groups) / columns)
+    layers_max = max(len({cell["tags"]["layer"] for cell in cells}) for cells in groups.values())
+    dims_max = max(len({cell["tags"]["dim"] for cell in cells}) for cells in groups.values())
+    figure = Figure(figsize=(1.5 + 0.7 * dims_max * columns, 1.2 + (0.5 * layers_max + 0.9) * rows),
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    for index, (label, cells) in enumerate(groups.items()):
+        layers = sorted({cell["tags"]["layer"] for cell in cells})
+        dims = sorted({cell["tags"]["dim"] for cell in cells}, reverse=True)
+        grid = [[math.nan] * len(dims) for _ in layers]
+        for cell in cells:
+            grid[layers.index(cell["tags"]["layer"])][dims.index(cell["tags"]["dim"])] = deltas[cell["name"]]
+        axes = figure.add_subplot(rows, columns, index + 1)
+        image = axes.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        for row, values in enumerate(grid):
+            for column, value in enumerate(values):
+                if not math.isnan(value):
+                    axes.text(column, row, f"{value:+.1f}", ha="center", va="center", fontsize=7)
+        storage = {cell["tags"]["dim"]: cell["bytes"] for cell in cells}
+        axes.set_xticks(range(len(dims)), [f"{d}\n{storage[d]} B" for d in dims], fontsize=7)
+        axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        axes.set_xlabel("dim")
+        axes.set_ylabel("layer")
+        values = [deltas[cell["name"]] for cell in cells]
+        axes.set_title(f"{label}\nB higher in {sum(value > 0 for value in values)}/{len(values)}, "
+                       f"mean {sum(values) / len(values):+.2f}", fontsize=8)
+    figure.colorbar(image, ax=figure.axes, label="B − A (points)", shrink=0.8)
+    figure.suptitle(f"B − A, {result['score']}\nA: {result['a']}\nB: {result['b']}", fontsize=8)
+    figure.savefig(path, dpi=110)
+
+
+def default_out(file_a: Path, file_b: Path) -> Path:
+    """``outputs/compare/<A>__vs__<B>``, each named by its run folder (``precision_20261127-160948``)."""
+    def label(file: Path) -> str:
+        run_dir = next((parent for parent in file.parents if parent.name == PROBE_DIR), None)
+        run_dir = run_dir.parent if run_dir else file.parent
+        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{run_dir.parent.name}_{run_dir.name}")
+
+    return Path("outputs", "compare", f"{label(file_a)}__vs__{label(file_b)}")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m callbacks.probe.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("a", help="probe table (.json) or run folder: the reference")
+    parser.add_argument("b", help="probe table (.json) or run folder: the run compared with A")
+    parser.add_argument("--task", help="compare this task's main score (default: the mean over tasks)")
+    parser.add_argument("--out", help="folder for compare.json and compare.png (default: outputs/compare/<A>__vs__<B>)")
+    options = parser.parse_args(argv)
+    try:
+        (a, file_a), (b, file_b) = load_table(options.a), load_table(options.b)
+        result = compare(a, b, options.task, (file_a, file_b))
+    except CompareError as error:
+        print(error, file=sys.stderr)
+        return 2
+    out = Path(options.out) if options.out else default_out(file_a, file_b)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    heatmaps(a, result, out / "compare.png")
+    print(format_comparison(result))
+    print(f"\nper-cell differences and heatmaps: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,108 @@
+"""make compare: two probe tables cell by cell, against hand-computed counts, differences and sign-test p-values."""
+
+import json
+import math
+
+import pytest
+
+from callbacks.probe.compare import CompareError, compare, load_table, main, sign_test, table_file
+from lightning_modules.views import view_name
+
+TASKS = {"Bitext": {"type": "BitextMining", "main_score": "f1", "subsets": ["de-en"]},
+         "Retrieval": {"type": "Retrieval", "main_score": "ndcg_at_10", "subsets": ["default"]}}
+
+
+def cell(layer, dim, precision, bitext, retrieval):
+    tags = {"layer": layer, "dim": dim, "rank": 16, "precision": precision}
+    return {"name": view_name(tags), "tags": tags, "bytes": dim * (32 if precision == "fp32" else 1) // 8,
+            "scores": {"Bitext": {"main_score": bitext}, "Retrieval": {"main_score": retrieval}},
+            "mean_main_score": (bitext + retrieval) / 2}
+
+
+def table(step, cells):
+    return {"step": step, "tasks": TASKS, "cells": cells}
+
+
+# A: the reference; B: +2 points at (2, 8, fp32), −1 at (1, 8, fp32), +4 at (2, 8, binary), equal at (1, 8, binary).
+A = table(10, [cell(2, 8, "fp32", 0.50, 0.70), cell(1, 8, "fp32", 0.40, 0.60),
+               cell(2, 8, "binary", 0.30, 0.50), cell(1, 8, "binary", 0.20, 0.40), cell(1, 4, "fp32", 0.1, 0.1)])
+B = table(10, [cell(2, 8, "fp32", 0.52, 0.72), cell(1, 8, "fp32", 0.38, 0.60),
+               cell(2, 8, "binary", 0.36, 0.52), cell(1, 8, "binary", 0.20, 0.40), cell(4, 8, "fp32", 0.9, 0.9)])
+
+
+def test_sign_test_against_hand_computed_binomial_tails():
+    assert sign_test(3, 0) == pytest.approx(2 / 8)  # 2 · P(0 of 3)
+    assert sign_test(5, 1) == pytest.approx(2 * (1 + 6) / 64)  # 2 · P(≤ 1 of 6)
+    assert sign_test(1, 5) == sign_test(5, 1)
+    assert sign_test(2, 2) == 1.0  # 2 · 11/16, capped
+    assert sign_test(0, 0) == 1.0
+
+
+def test_compare_counts_differences_and_ends_per_axis_value():
+    result = compare(A, B)
+    assert result["deltas"] == pytest.approx({"layer_2/dim_8/rank_16/precision_fp32": 2.0,
+                                              "layer_1/dim_8/rank_16/precision_fp32": -1.0,
+                                              "layer_2/dim_8/rank_16/precision_binary": 4.0,
+                                              "layer_1/dim_8/rank_16/precision_binary": 0.0})
+    assert result["only_a"] == ["layer_1/dim_4/rank_16/precision_fp32"]
+    assert result["only_b"] == ["layer_4/dim_8/rank_16/precision_fp32"]
+    assert set(result["groups"]) == {"all", "rank_16", "precision_fp32", "precision_binary"}
+    everything = result["groups"]["all"]
+    assert (everything["cells"], everything["higher"], everything["lower"]) == (4, 2, 1)
+    assert everything["mean_delta"] == pytest.approx(5.0 / 4)
+    assert (everything["min_delta"], everything["max_delta"]) == pytest.approx((-1.0, 4.0))
+    assert everything["sign_test_p"] == pytest.approx(1.0)  # 2 · P(≤ 1 of 3) = 2 · 4/8
+    assert everything["full"] == {"cell": "layer_2/dim_8/rank_16/precision_fp32", "delta": pytest.approx(2.0)}
+    assert everything["cheapest"] == {"cell": "layer_1/dim_8/rank_16/precision_binary", "delta": pytest.approx(0.0)}
+    binary = result["groups"]["precision_binary"]
+    assert (binary["cells"], binary["higher"], binary["lower"], binary["mean_delta"]) == (2, 1, 0, pytest.approx(2.0))
+    assert binary["full"]["cell"] == "layer_2/dim_8/rank_16/precision_binary"
+
+
+def test_compare_one_task_uses_its_main_score():
+    result = compare(A, B, task="Retrieval")
+    assert result["score"] == "Retrieval"
+    assert result["deltas"]["layer_2/dim_8/rank_16/precision_binary"] == pytest.approx(2.0)
+    assert result["deltas"]["layer_1/dim_8/rank_16/precision_fp32"] == pytest.approx(0.0)
+    with pytest.raises(CompareError, match="--task STS: not in .*Bitext, Retrieval"):
+        compare(A, B, task="STS")
+
+
+def test_tables_without_a_shared_cell_are_refused():
+    with pytest.raises(CompareError, match="share no probe cell"):
+        compare(A, table(10, [cell(4, 8, "fp32", 0.9, 0.9)]))
+
+
+def write_table(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(content))
+    return path
+
+
+def test_a_run_folder_resolves_to_its_latest_checkpoint_probe_else_its_latest_training_probe(tmp_path):
+    run = tmp_path / "run"
+    write_table(run / "probe" / "probe_step_9.json", A)
+    latest_training = write_table(run / "probe" / "probe_step_10.json", A)  # numeric, not text, order
+    assert table_file(run) == latest_training
+    reprobe = write_table(run / "probe" / "checkpoint" / "probe_step_10.json", B)
+    assert table_file(run) == reprobe
+    assert table_file(latest_training) == latest_training
+    with pytest.raises(CompareError, match="no probe_step_<n>.json in"):
+        table_file(tmp_path)
+    with pytest.raises(CompareError, match="no such probe table or run folder"):
+        table_file(tmp_path / "missing")
+    with pytest.raises(CompareError, match="not a probe table"):
+        load_table(write_table(tmp_path / "other.json", {"step": 1}))
+
+
+def test_main_writes_json_and_heatmaps_and_names_a_bad_path(tmp_path, capsys):
+    file_a, file_b = write_table(tmp_path / "a.json", A), write_table(tmp_path / "b.json", B)
+    out = tmp_path / "out"
+    assert main([str(file_a), str(file_b), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "precision_binary" in printed and "+2.00" in printed
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["groups"]["all"]["higher"] == 2 and not math.isnan(saved["groups"]["all"]["mean_delta"])
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([str(tmp_path / "missing"), str(file_b)]) == 2
+    assert "missing: no such probe table or run folder" in capsys.readouterr().err
