@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from lightning_modules.plugins import MEL, MLL, MRL
 from lightning_modules.plugins.mel import FactorizedEmbedding
+from lightning_modules.plugins.precision import LEVELS, Precision
 from lightning_modules.views import view_name
 
 MODES = ("compat", "factorized")
@@ -409,6 +410,27 @@ def probe_scores(table: Path, cell: Cell) -> dict[str, float]:
     return scores
 
 
+# The stored vectors the probe scores for the precision axis (lightning_modules/plugins/precision.py), in numpy.
+QUANTIZE_SNIPPET = """\
+import numpy as np
+
+e = model.encode_document(texts)  # float32, L2-normalised: [n, dim]
+codes = np.round(127 * e / np.abs(e).max(axis=1, keepdims=True)).astype(np.int8)  # int8: compare by cosine
+bits = np.packbits(e >= 0, axis=1)  # binary: rank by Hamming distance (bitwise XOR, then count the ones)"""
+
+
+def _quantized_storage(precision: Precision, dim: int) -> list[str]:
+    """The model card's section on int8 and binary vectors of a run trained with the precision axis."""
+    rows = [f"| {level} | {weight:g} | {-(-dim * LEVELS[level][1] // 8)} |"
+            for level, weight in zip(precision.levels, precision.weights)]
+    return ["", "## Storing int8 or binary vectors", "",
+            "Trained with the precision axis: the loss also saw each view after quantization (straight-through "
+            "gradients), and the probe scores below are labelled by precision.", "",
+            "| precision | loss weight | bytes per vector |", "|---|---|---|", *rows, "",
+            "The stored vectors the probe scored (int8: per vector, 255 symmetric levels of its largest coordinate; "
+            "binary: the sign bits):", "", "```python", QUANTIZE_SNIPPET, "```"]
+
+
 def _millions(count: int | None) -> str:
     return "n/a (no MEL)" if count is None else f"{count / 1e6:.2f} M ({count:,})"
 
@@ -459,6 +481,9 @@ def model_card(run: LoadedRun, result: ExportResult) -> str:
     if result.mode == "factorized":
         lines += ["", f"The token embedding is stored as two factors (`{FACTORIZED_CODE_FILE}`, imported by "
                       "transformers with `trust_remote_code=True`): `E[ids] = U[ids] @ V`."]
+    precision = _plugin(run.module, Precision)
+    if precision is not None:
+        lines += _quantized_storage(precision, cell.dim)
     table = find_probe_table(run.run_dir)
     scores = probe_scores(table, cell) if table else {}
     lines += ["", "## Probe scores", ""]

@@ -14,8 +14,9 @@ from safetensors import safe_open
 
 from experiments.config import compose
 from experiments.run import build, train
-from lightning_modules.export import (Cell, ExportError, LoadedRun, cell_embeddings, export_cell, load_exported,
-                                      load_run, main, model_card, probe_scores, resolve_cell)
+from lightning_modules.export import (QUANTIZE_SNIPPET, Cell, ExportError, LoadedRun, cell_embeddings, export_cell,
+                                      load_exported, load_run, main, model_card, probe_scores, resolve_cell)
+from lightning_modules.plugins.precision import Precision, PrecisionConfig, binary, int8
 from tests.conftest import run_overrides
 
 # Different lengths (padding), non-Latin scripts, and one text longer than max_length (truncation).
@@ -163,6 +164,27 @@ def test_probe_scores_of_the_cell_reach_the_model_card(runs, tmp_path):
     result = export_cell(run, tmp_path / "export", 2, 16, 8)
     card = model_card(run, result)
     assert "| bitext/main_score | 0.2500 |" in card and "| retrieval/main_score | 0.5000 |" in card
+    assert "## Storing int8 or binary vectors" not in card  # no precision axis in this run
+
+
+def test_model_card_of_a_precision_run_stores_the_vectors_the_probe_scored(runs, tmp_path, monkeypatch):
+    run = dataclasses.replace(runs["tiny_bert"], run_dir=tmp_path)
+    precision = Precision(PrecisionConfig(weights=[1.0, 0.0, 2.0]), run.module.backbone.info, seed=0)
+    monkeypatch.setattr(run.module, "plugins", [*run.module.plugins, precision])
+    card = model_card(run, export_cell(run, tmp_path / "export", 2, 16, 8))
+    assert "| int8 | 0 | 16 |" in card and "| binary | 2 | 2 |" in card and "| fp32 | 1 | 64 |" in card
+    assert QUANTIZE_SNIPPET in card
+    embeddings = torch.nn.functional.normalize(torch.randn(6, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
+    embeddings[0, 3] = 0.0  # a zero coordinate is a 1 bit, as in the plugin
+    stub = type("Model", (), {"encode_document": lambda self, texts: embeddings.numpy()})()
+    scope = {"model": stub, "texts": ["a"] * 6}
+    exec(QUANTIZE_SNIPPET, scope)
+    codes, bits = torch.from_numpy(scope["codes"]).float(), np.unpackbits(scope["bits"], axis=1)[:, :16]
+    scale = embeddings.abs().amax(dim=1, keepdim=True) / 127
+    torch.testing.assert_close(codes * scale, int8(embeddings))
+    assert codes.abs().amax(dim=1).eq(127).all() and scope["codes"].dtype == np.int8
+    torch.testing.assert_close(torch.from_numpy(bits * 2.0 - 1).float(), torch.sign(binary(embeddings)))
+    assert scope["bits"].shape == (6, 2)
 
 
 def test_cli_exports_checks_and_reports_errors(runs, capsys):
