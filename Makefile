@@ -60,9 +60,9 @@ probe: $(STAMP) ## MTEB-probe every (layer, dim, rank) cell of a checkpoint: mak
 	@test -n "$(CKPT)" || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
 	$(BIN)/python -m callbacks.probe $(CKPT) $(ARGS)
 
-compare: $(STAMP) ## Two runs' probe tables cell by cell, with B − A heatmaps: make compare A=<run_dir|table.json> B=<...> [ARGS="--task GettextRetrieval"]
-	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=<run_dir|probe_step_<n>.json> B=<run_dir|probe_step_<n>.json> [ARGS=\"--task NAME --out DIR\"]"; exit 2; }
-	$(BIN)/python -m callbacks.probe.compare $(A) $(B) $(ARGS)
+compare: $(STAMP) ## Probe tables cell by cell, B − A heatmaps: make compare A=<run_dir|table.json ...> B=<...> [ARGS="--task GettextRetrieval"]
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR\"] (several runs per side: their mean per cell)"; exit 2; }
+	$(BIN)/python -m callbacks.probe.compare $(A) --vs $(B) $(ARGS)
 
 mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE=quickstart [MODEL=backbone|path.ckpt] [ARGS="mine.max_queries=1000 mine.max_score=0.9"]
 	@test -n "$(SOURCE)" || { $(BIN)/python -m datamodules.mining; exit 2; }

@@ -39,7 +39,7 @@ def test_sign_test_against_hand_computed_binomial_tails():
 
 
 def test_compare_counts_differences_and_ends_per_axis_value():
-    result = compare(A, B)
+    result = compare([A], [B])
     assert result["deltas"] == pytest.approx({"layer_2/dim_8/rank_16/precision_fp32": 2.0,
                                               "layer_1/dim_8/rank_16/precision_fp32": -1.0,
                                               "layer_2/dim_8/rank_16/precision_binary": 4.0,
@@ -59,18 +59,28 @@ def test_compare_counts_differences_and_ends_per_axis_value():
     assert binary["full"]["cell"] == "layer_2/dim_8/rank_16/precision_binary"
 
 
+def test_several_tables_per_side_compare_their_means_over_the_cells_all_of_them_have():
+    # Against A: +10 points at (2, 8, fp32), equal at (2, 8, binary); B was +2 and +4 there.
+    shifted = table(20, [cell(2, 8, "fp32", 0.60, 0.80), cell(2, 8, "binary", 0.30, 0.50)])
+    result = compare([A, A], [B, shifted])
+    assert result["deltas"] == pytest.approx({"layer_2/dim_8/rank_16/precision_fp32": (2.0 + 10.0) / 2,
+                                              "layer_2/dim_8/rank_16/precision_binary": (4.0 + 0.0) / 2})
+    assert result["steps"] == [[10, 10], [10, 20]]
+    assert "layer_1/dim_8/rank_16/precision_fp32" in result["only_a"] and result["groups"]["all"]["cells"] == 2
+
+
 def test_compare_one_task_uses_its_main_score():
-    result = compare(A, B, task="Retrieval")
+    result = compare([A], [B], task="Retrieval")
     assert result["score"] == "Retrieval"
     assert result["deltas"]["layer_2/dim_8/rank_16/precision_binary"] == pytest.approx(2.0)
     assert result["deltas"]["layer_1/dim_8/rank_16/precision_fp32"] == pytest.approx(0.0)
     with pytest.raises(CompareError, match="--task STS: not in .*Bitext, Retrieval"):
-        compare(A, B, task="STS")
+        compare([A], [B], task="STS")
 
 
 def test_tables_without_a_shared_cell_are_refused():
     with pytest.raises(CompareError, match="share no probe cell"):
-        compare(A, table(10, [cell(4, 8, "fp32", 0.9, 0.9)]))
+        compare([A], [table(10, [cell(4, 8, "fp32", 0.9, 0.9)])])
 
 
 def write_table(path, content):
@@ -98,11 +108,11 @@ def test_a_run_folder_resolves_to_its_latest_checkpoint_probe_else_its_latest_tr
 def test_main_writes_json_and_heatmaps_and_names_a_bad_path(tmp_path, capsys):
     file_a, file_b = write_table(tmp_path / "a.json", A), write_table(tmp_path / "b.json", B)
     out = tmp_path / "out"
-    assert main([str(file_a), str(file_b), "--out", str(out)]) == 0
+    assert main([str(file_a), "--vs", str(file_b), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "precision_binary" in printed and "+2.00" in printed
     saved = json.loads((out / "compare.json").read_text())
     assert saved["groups"]["all"]["higher"] == 2 and not math.isnan(saved["groups"]["all"]["mean_delta"])
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert main([str(tmp_path / "missing"), str(file_b)]) == 2
+    assert main([str(tmp_path / "missing"), "--vs", str(file_b)]) == 2
     assert "missing: no such probe table or run folder" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""``python -m callbacks.probe.compare A B [--task NAME] [--out DIR]`` (``make compare A=... B=...``): two runs' probe
-tables cell by cell.
+"""``python -m callbacks.probe.compare A [A ...] --vs B [B ...] [--task NAME] [--out DIR]`` (``make compare A=...
+B=...``): two runs' probe tables cell by cell, or two sets of runs (seeds) by their mean per cell.
 
 An ablation asks "is B better than A in the cells I care about", not only at the full and cheapest cell. This prints,
 for all common cells and for each value of every axis but layer and dim (``rank_64``, ``precision_binary``), how
@@ -8,7 +8,8 @@ group's full and cheapest cell, and a two-sided sign-test p-value (cells of one 
 guide, not as independent trials). It writes ``compare.json`` and ``compare.png``: one layers × dims heatmap of
 B − A per group of the probe's own heatmaps (every tag but layer and dim).
 
-A and B are probe tables (``probe_step_<n>.json``) or run folders; a run folder's table is the latest one of
+A and B are probe tables (``probe_step_<n>.json``) or run folders, one or more each (their mean per cell, e.g. over
+seeds; only cells every table has are compared); a run folder's table is the latest one of
 ``make probe`` (``<run_dir>/probe/checkpoint``) or, without one, of training (``<run_dir>/probe``).
 """
 
@@ -86,30 +87,42 @@ def group_stats(pairs: list[tuple[dict, float, float]]) -> dict:
             "cheapest": {"cell": ends["cheapest"]["cell"], "delta": by_name[ends["cheapest"]["cell"]]}}
 
 
-def compare(a: dict, b: dict, task: str | None = None, files: tuple[Path, Path] = (Path("A"), Path("B"))) -> dict:
-    """B − A over the cells both tables have: ``{"groups": {"all": stats, "precision_binary": stats, ...},
-    "deltas": {cell: points}, "only_a": [...], "only_b": [...]}`` (see :func:`group_stats`)."""
-    scores_a, scores_b = cell_scores(a, task, files[0]), cell_scores(b, task, files[1])
-    common = [name for name in scores_a if name in scores_b]
+def compare(a: list[dict], b: list[dict], task: str | None = None,
+            files: tuple[list[Path], list[Path]] | None = None) -> dict:
+    """B − A over the cells that every table has, each side's score the mean over its tables (e.g. seeds):
+    ``{"groups": {"all": stats, "precision_binary": stats, ...}, "deltas": {cell: points}, "only_a": [...],
+    "only_b": [...]}`` (see :func:`group_stats`)."""
+    files = files or ([Path(f"A{i}") for i in range(len(a))], [Path(f"B{i}") for i in range(len(b))])
+    sides = [[cell_scores(table, task, file) for table, file in zip(tables, side_files)]
+             for tables, side_files in ((a, files[0]), (b, files[1]))]
+    tables = sides[0] + sides[1]
+    common = [name for name in tables[0] if all(name in scores for scores in tables)]
     if not common:
-        raise CompareError(f"{files[0]} and {files[1]} share no probe cell (A: {', '.join(list(scores_a)[:3])}...; "
-                           f"B: {', '.join(list(scores_b)[:3])}...)")
-    pairs = [(scores_a[name][0], scores_a[name][1], scores_b[name][1]) for name in common]
+        raise CompareError(f"{', '.join(map(str, files[0] + files[1]))} share no probe cell "
+                           f"(A: {', '.join(list(tables[0])[:3])}...; B: {', '.join(list(sides[1][0])[:3])}...)")
+
+    def mean(side: list[dict], name: str) -> float:
+        return sum(scores[name][1] for scores in side) / len(side)
+
+    pairs = [(tables[0][name][0], mean(sides[0], name), mean(sides[1], name)) for name in common]
     groups = {"all": pairs}
     for pair in pairs:
         for key, value in pair[0]["tags"].items():
             if key not in ("layer", "dim"):
                 groups.setdefault(view_name({key: value}), []).append(pair)
-    return {"a": str(files[0]), "b": str(files[1]), "score": task or MEAN, "steps": [a.get("step"), b.get("step")],
+    left_out = [list(dict.fromkeys(name for scores in side for name in scores if name not in common)) for side in sides]
+    return {"a": [str(file) for file in files[0]], "b": [str(file) for file in files[1]], "score": task or MEAN,
+            "steps": [[table.get("step") for table in a], [table.get("step") for table in b]],
             "groups": {label: group_stats(members) for label, members in groups.items()},
             "deltas": {cell["name"]: 100 * (score_b - score_a) for cell, score_a, score_b in pairs},
-            "only_a": [name for name in scores_a if name not in scores_b],
-            "only_b": [name for name in scores_b if name not in scores_a]}
+            "only_a": left_out[0], "only_b": left_out[1]}
 
 
 def format_comparison(result: dict) -> str:
-    lines = [f"B − A in points of {result['score']} (A: {result['a']}, step {result['steps'][0]}; "
-             f"B: {result['b']}, step {result['steps'][1]})",
+    lines = [f"B − A in points of {result['score']}" + (", each side the mean of its tables" if
+                                                          len(result["a"]) + len(result["b"]) > 2 else ""),
+             *(f"{side.upper()}: {file} (step {step})" for side in ("a", "b")
+               for file, step in zip(result[side], result["steps"][side == "b"])),
              f"{'group':<18} {'cells':>5} {'B higher':>8} {'lower':>5} {'mean':>7} {'min':>7} {'max':>7} "
              f"{'full':>7} {'cheapest':>8} {'sign p':>7}"]
     for label, stats in result["groups"].items():
@@ -118,7 +131,7 @@ def format_comparison(result: dict) -> str:
                      f"{stats['full']['delta']:>+7.2f} {stats['cheapest']['delta']:>+8.2f} {stats['sign_test_p']:>7.3f}")
     for side in ("a", "b"):
         if result[f"only_{side}"]:
-            lines.append(f"only in {side.upper()} (not compared): {len(result[f'only_{side}'])} cells, e.g. "
+            lines.append(f"not in every table, left out: {len(result[f'only_{side}'])} cells of {side.upper()}, e.g. "
                          f"{result[f'only_{side}'][0]}")
     return "\n".join(lines)
 
@@ -161,37 +174,41 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
         axes.set_title(f"{label}\nB higher in {sum(value > 0 for value in values)}/{len(values)}, "
                        f"mean {sum(values) / len(values):+.2f}", fontsize=8)
     figure.colorbar(image, ax=figure.axes, label="B − A (points)", shrink=0.8)
-    figure.suptitle(f"B − A, {result['score']}\nA: {result['a']}\nB: {result['b']}", fontsize=8)
+    figure.suptitle(f"B − A, {result['score']}\nA: {', '.join(result['a'])}\nB: {', '.join(result['b'])}", fontsize=8)
     figure.savefig(path, dpi=110)
 
 
-def default_out(file_a: Path, file_b: Path) -> Path:
-    """``outputs/compare/<A>__vs__<B>``, each named by its run folder (``precision_20261127-160948``)."""
-    def label(file: Path) -> str:
-        run_dir = next((parent for parent in file.parents if parent.name == PROBE_DIR), None)
-        run_dir = run_dir.parent if run_dir else file.parent
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{run_dir.parent.name}_{run_dir.name}")
+def default_out(files_a: list[Path], files_b: list[Path]) -> Path:
+    """``outputs/compare/<A>__vs__<B>``, each side named by its first run folder (``precision_20261127-160948``,
+    ``+2`` for two more tables)."""
+    def label(files: list[Path]) -> str:
+        run_dir = next((parent for parent in files[0].parents if parent.name == PROBE_DIR), None)
+        run_dir = run_dir.parent if run_dir else files[0].parent
+        more = f"+{len(files) - 1}" if len(files) > 1 else ""
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{run_dir.parent.name}_{run_dir.name}{more}")
 
-    return Path("outputs", "compare", f"{label(file_a)}__vs__{label(file_b)}")
+    return Path("outputs", "compare", f"{label(files_a)}__vs__{label(files_b)}")
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m callbacks.probe.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("a", help="probe table (.json) or run folder: the reference")
-    parser.add_argument("b", help="probe table (.json) or run folder: the run compared with A")
+    parser.add_argument("a", nargs="+", help="probe tables (.json) or run folders: the reference (several: their mean)")
+    parser.add_argument("--vs", nargs="+", required=True, metavar="B",
+                        help="probe tables or run folders compared with A (several: their mean)")
     parser.add_argument("--task", help="compare this task's main score (default: the mean over tasks)")
     parser.add_argument("--out", help="folder for compare.json and compare.png (default: outputs/compare/<A>__vs__<B>)")
     options = parser.parse_args(argv)
     try:
-        (a, file_a), (b, file_b) = load_table(options.a), load_table(options.b)
-        result = compare(a, b, options.task, (file_a, file_b))
+        loaded = [[load_table(path) for path in paths] for paths in (options.a, options.vs)]
+        (a, files_a), (b, files_b) = ([list(column) for column in zip(*side)] for side in loaded)
+        result = compare(a, b, options.task, (files_a, files_b))
     except CompareError as error:
         print(error, file=sys.stderr)
         return 2
-    out = Path(options.out) if options.out else default_out(file_a, file_b)
+    out = Path(options.out) if options.out else default_out(files_a, files_b)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=1))
-    heatmaps(a, result, out / "compare.png")
+    heatmaps(a[0], result, out / "compare.png")
     print(format_comparison(result))
     print(f"\nper-cell differences and heatmaps: {out}")
     return 0
