@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from callbacks.probe.compare import CompareError, compare, load_table, main, sign_test, table_file
+from callbacks.probe.compare import CompareError, compare, default_out, load_table, main, sign_test, table_file
 from lightning_modules.views import view_name
 
 TASKS = {"Bitext": {"type": "BitextMining", "main_score": "f1", "subsets": ["de-en"]},
@@ -103,6 +103,9 @@ def test_a_run_folder_resolves_to_its_latest_checkpoint_probe_else_its_latest_tr
         table_file(tmp_path / "missing")
     with pytest.raises(CompareError, match="not a probe table"):
         load_table(write_table(tmp_path / "other.json", {"step": 1}))
+    broken = table(1, [cell(2, 8, "fp32", 0.5, 0.5), {"name": "x", "tags": {"layer": 1}, "scores": {}}])
+    with pytest.raises(CompareError, match=r"cells\[1\] lacks bytes, mean_main_score, tags.dim"):
+        load_table(write_table(tmp_path / "broken.json", broken))
 
 
 def test_main_writes_json_and_heatmaps_and_names_a_bad_path(tmp_path, capsys):
@@ -114,5 +117,9 @@ def test_main_writes_json_and_heatmaps_and_names_a_bad_path(tmp_path, capsys):
     saved = json.loads((out / "compare.json").read_text())
     assert saved["groups"]["all"]["higher"] == 2 and not math.isnan(saved["groups"]["all"]["mean_delta"])
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    run_a = tmp_path / "suite" / "posthoc" / "20260101-000000"
+    table_a = write_table(run_a / "probe" / "checkpoint" / "probe_step_10.json", A)
+    assert default_out([table_a], [file_b, file_b]).as_posix() == \
+        f"outputs/compare/posthoc_20260101-000000__vs__{tmp_path.parent.name}_{tmp_path.name}+1"
     assert main([str(tmp_path / "missing"), "--vs", str(file_b)]) == 2
     assert "missing: no such probe table or run folder" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from callbacks.probe.report import CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, heatm
 from lightning_modules.views import view_name
 
 MEAN = "mean_main_score"
+CELL_KEYS = ("name", "tags", "bytes", "scores", MEAN)
 
 
 class CompareError(ValueError):
@@ -55,6 +56,12 @@ def load_table(path: str | Path) -> tuple[dict, Path]:
         raise CompareError(f"{file}: not a JSON probe table ({error})") from None
     if not isinstance(table, dict) or not isinstance(table.get("cells"), list):
         raise CompareError(f"{file}: not a probe table (no 'cells' list)")
+    for index, cell in enumerate(table["cells"]):
+        missing = [key for key in CELL_KEYS if key not in cell] + [f"tags.{key}" for key in ("layer", "dim")
+                                                                    if key not in cell.get("tags", {})]
+        if missing:
+            raise CompareError(f"{file}: cells[{index}] lacks {', '.join(missing)} (a probe table's cells have "
+                               f"{', '.join(CELL_KEYS)})")
     return table, file
 
 
@@ -95,16 +102,16 @@ def compare(a: list[dict], b: list[dict], task: str | None = None,
     files = files or ([Path(f"A{i}") for i in range(len(a))], [Path(f"B{i}") for i in range(len(b))])
     sides = [[cell_scores(table, task, file) for table, file in zip(tables, side_files)]
              for tables, side_files in ((a, files[0]), (b, files[1]))]
-    tables = sides[0] + sides[1]
-    common = [name for name in tables[0] if all(name in scores for scores in tables)]
+    every = sides[0] + sides[1]
+    common = [name for name in every[0] if all(name in scores for scores in every)]
     if not common:
         raise CompareError(f"{', '.join(map(str, files[0] + files[1]))} share no probe cell "
-                           f"(A: {', '.join(list(tables[0])[:3])}...; B: {', '.join(list(sides[1][0])[:3])}...)")
+                           f"(A: {', '.join(list(every[0])[:3])}...; B: {', '.join(list(sides[1][0])[:3])}...)")
 
     def mean(side: list[dict], name: str) -> float:
         return sum(scores[name][1] for scores in side) / len(side)
 
-    pairs = [(tables[0][name][0], mean(sides[0], name), mean(sides[1], name)) for name in common]
+    pairs = [(every[0][name][0], mean(sides[0], name), mean(sides[1], name)) for name in common]
     groups = {"all": pairs}
     for pair in pairs:
         for key, value in pair[0]["tags"].items():
@@ -174,18 +181,22 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
         axes.set_title(f"{label}\nB higher in {sum(value > 0 for value in values)}/{len(values)}, "
                        f"mean {sum(values) / len(values):+.2f}", fontsize=8)
     figure.colorbar(image, ax=figure.axes, label="B − A (points)", shrink=0.8)
-    figure.suptitle(f"B − A, {result['score']}\nA: {', '.join(result['a'])}\nB: {', '.join(result['b'])}", fontsize=8)
+    names = [", ".join(run_label(Path(file)) for file in result[side]) for side in ("a", "b")]
+    figure.suptitle(f"B − A, {result['score']}\nA: {names[0]}\nB: {names[1]}", fontsize=8)
     figure.savefig(path, dpi=110)
 
 
+def run_label(file: Path) -> str:
+    """``precision_20261127-160948`` for ``.../precision/20261127-160948/probe/checkpoint/probe_step_360.json``
+    (the run folder above ``probe/``, or the table's folder)."""
+    run_dir = next((parent.parent for parent in file.parents if parent.name == PROBE_DIR), file.parent)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{run_dir.parent.name}_{run_dir.name}")
+
+
 def default_out(files_a: list[Path], files_b: list[Path]) -> Path:
-    """``outputs/compare/<A>__vs__<B>``, each side named by its first run folder (``precision_20261127-160948``,
-    ``+2`` for two more tables)."""
+    """``outputs/compare/<A>__vs__<B>``, each side named by its first run (``+2``: and two more tables)."""
     def label(files: list[Path]) -> str:
-        run_dir = next((parent for parent in files[0].parents if parent.name == PROBE_DIR), None)
-        run_dir = run_dir.parent if run_dir else files[0].parent
-        more = f"+{len(files) - 1}" if len(files) > 1 else ""
-        return re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{run_dir.parent.name}_{run_dir.name}{more}")
+        return run_label(files[0]) + (f"+{len(files) - 1}" if len(files) > 1 else "")
 
     return Path("outputs", "compare", f"{label(files_a)}__vs__{label(files_b)}")
 
