@@ -424,8 +424,9 @@ def _quantized_storage(precision: Precision, dim: int) -> list[str]:
     rows = [f"| {level} | {weight:g} | {-(-dim * LEVELS[level][1] // 8)} |"
             for level, weight in zip(precision.levels, precision.weights)]
     return ["", "## Storing int8 or binary vectors", "",
-            "Trained with the precision axis: the loss also saw each view after quantization (straight-through "
-            "gradients), and the probe scores below are labelled by precision.", "",
+            "The run has the precision axis: a level with a non-zero loss weight was trained on its quantized vectors "
+            "(straight-through gradients), one with weight 0 only probed. The probe scores below are labelled by "
+            "precision.", "",
             "| precision | loss weight | bytes per vector |", "|---|---|---|", *rows, "",
             "The stored vectors the probe scored (int8: per vector, 255 symmetric levels of its largest coordinate; "
             "binary: the sign bits):", "", "```python", QUANTIZE_SNIPPET, "```"]
