@@ -49,12 +49,23 @@ def test_expand_nests_every_width_with_tags_weights_and_storage():
     assert torch.allclose(views[5].embeddings, binary(embeddings[:, :8]))  # each width quantized on its own
 
 
+def test_quantized_views_below_min_bytes_are_probed_with_weight_zero():
+    dims = MRL(MRLConfig(dims=[64, 32, 16]), INFO, seed=0).expand([View(torch.randn(5, 64))], bundle=None)
+    views = Precision(PrecisionConfig(min_bytes=4), INFO, seed=0).expand(dims, bundle=None)
+    weights = {(view.embeddings.shape[-1], view.tags["precision"]): view.weight for view in views}
+    assert [view.bytes_per_vector for view in views] == [256, 64, 8, 128, 32, 4, 64, 16, 2]
+    assert weights[(16, "binary")] == 0.0  # 2 bytes < 4
+    assert weights[(32, "binary")] == pytest.approx(dims[1].weight)  # 4 bytes: trained
+    assert weights[(16, "fp32")] == weights[(16, "int8")] == pytest.approx(dims[2].weight)
+
+
 @pytest.mark.parametrize("config, key, fragment", [
     (PrecisionConfig(levels=["fp16"]), "levels", "fp32, int8, binary"),
     (PrecisionConfig(levels=[]), "levels", "choose one or more"),
     (PrecisionConfig(levels=["int8", "int8"]), "levels", "repeated"),
     (PrecisionConfig(weights=[1.0, 1.0]), "weights", "3 non-negative"),
     (PrecisionConfig(binary_gradient="tanh"), "binary_gradient", "clipped, identity"),
+    (PrecisionConfig(min_bytes=-1), "min_bytes", ">= 0"),
 ])
 def test_invalid_config_names_key_and_allowed_values(config, key, fragment):
     with pytest.raises(PluginConfigError) as error:

@@ -56,6 +56,9 @@ class PrecisionConfig(PluginConfig):
     binary_gradient: str = "clipped"
     """Straight-through estimator of the sign: ``clipped`` (only coordinates within one RMS of zero get a gradient)
     or ``identity`` (every coordinate). int8 always uses the identity: rounding moves a value by half a step."""
+    min_bytes: int = 0
+    """Quantized views storing fewer bytes per vector than this are probed but not trained (weight 0): 4 keeps the
+    8- and 16-d binary codes (1 and 2 bytes, near chance) out of the loss."""
 
 
 class Precision(MatryoshkaPlugin):
@@ -68,7 +71,7 @@ class Precision(MatryoshkaPlugin):
     reported per probe cell.
 
     Args:
-        config: ``levels`` and ``weights`` (see :class:`PrecisionConfig`).
+        config: ``levels``, ``weights``, ``binary_gradient`` and ``min_bytes`` (see :class:`PrecisionConfig`).
         info: unused (every width can be quantized).
         seed: unused (no randomness).
 
@@ -96,6 +99,9 @@ class Precision(MatryoshkaPlugin):
             raise PluginConfigError("binary_gradient", f"{config.binary_gradient!r} not allowed: choose one of "
                                     f"{', '.join(BINARY_GRADIENTS)}")
         self.estimators = {"int8": identity_gradient, "binary": BINARY_GRADIENTS[config.binary_gradient]}
+        if config.min_bytes < 0:
+            raise PluginConfigError("min_bytes", f"{config.min_bytes} must be >= 0 (bytes per stored vector)")
+        self.min_bytes = config.min_bytes
         explicit = checked_weights("weights", config.weights, self.levels)
         self.weights = [1.0] * len(self.levels) if explicit is None else [explicit[level] for level in self.levels]
 
@@ -106,6 +112,8 @@ class Precision(MatryoshkaPlugin):
                 quantize, bits = LEVELS[level]
                 embeddings = (None if quantize is None
                               else self.estimators[level](view.embeddings, quantize(view.embeddings)))
-                nested.append(view.derive(embeddings=embeddings, weight_factor=weight, bits_per_value=bits,
-                                          precision=level))
+                stored = -(-view.embeddings.shape[-1] * bits // 8)
+                trained = quantize is None or stored >= self.min_bytes
+                nested.append(view.derive(embeddings=embeddings, weight_factor=weight if trained else 0.0,
+                                          bits_per_value=bits, precision=level))
         return nested
