@@ -425,8 +425,9 @@ def _quantized_storage(precision: Precision, dim: int) -> list[str]:
             for level, weight in zip(precision.levels, precision.weights)]
     return ["", "## Storing int8 or binary vectors", "",
             "The run has the precision axis: a level with a non-zero loss weight was trained on its quantized vectors "
-            "(straight-through gradients), one with weight 0 only probed. The probe scores below are labelled by "
-            "precision.", "",
+            "(straight-through gradients), one with weight 0 only probed"
+            + (f", as were codes under {precision.min_bytes} bytes" if precision.min_bytes else "")
+            + ". The probe scores below are labelled by precision.", "",
             "| precision | loss weight | bytes per vector |", "|---|---|---|", *rows, "",
             "The stored vectors the probe scored (int8: per vector, 255 symmetric levels of its largest coordinate; "
             "binary: the sign bits):", "", "```python", QUANTIZE_SNIPPET, "```"]

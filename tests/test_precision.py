@@ -40,7 +40,7 @@ def test_straight_through_forward_is_quantized_and_backward_passes_the_flippable
 def test_expand_nests_every_width_with_tags_weights_and_storage():
     embeddings = torch.randn(5, 64)
     dims = MRL(MRLConfig(dims=[64, 8]), INFO, seed=0).expand([View(embeddings, tags={"layer": 4})], bundle=None)
-    views = Precision(PrecisionConfig(weights=[1.0, 0.5, 0.25]), INFO, seed=0).expand(dims, bundle=None)
+    views = Precision(PrecisionConfig(weights=[1.0, 0.5, 0.25], min_bytes=0), INFO, seed=0).expand(dims, bundle=None)
     assert [view.name for view in views[:3]] == [
         "layer_4/dim_64/precision_fp32", "layer_4/dim_64/precision_int8", "layer_4/dim_64/precision_binary"]
     assert [view.bytes_per_vector for view in views] == [256, 64, 8, 32, 8, 1]
@@ -51,7 +51,7 @@ def test_expand_nests_every_width_with_tags_weights_and_storage():
 
 def test_quantized_views_below_min_bytes_are_probed_with_weight_zero():
     dims = MRL(MRLConfig(dims=[64, 32, 16]), INFO, seed=0).expand([View(torch.randn(5, 64))], bundle=None)
-    views = Precision(PrecisionConfig(min_bytes=4), INFO, seed=0).expand(dims, bundle=None)
+    views = Precision(PrecisionConfig(), INFO, seed=0).expand(dims, bundle=None)  # default min_bytes: 4
     weights = {(view.embeddings.shape[-1], view.tags["precision"]): view.weight for view in views}
     assert [view.bytes_per_vector for view in views] == [256, 64, 8, 128, 32, 4, 64, 16, 2]
     assert weights[(16, "binary")] == 0.0  # 2 bytes < 4

@@ -56,9 +56,11 @@ class PrecisionConfig(PluginConfig):
     binary_gradient: str = "clipped"
     """Straight-through estimator of the sign: ``clipped`` (only coordinates within one RMS of zero get a gradient)
     or ``identity`` (every coordinate). int8 always uses the identity: rounding moves a value by half a step."""
-    min_bytes: int = 0
-    """Quantized views storing fewer bytes per vector than this are probed but not trained (weight 0): 4 keeps the
-    8- and 16-d binary codes (1 and 2 bytes, near chance) out of the loss."""
+    min_bytes: int = 4
+    """Quantized views storing fewer bytes per vector than this are probed but not trained (weight 0). The default
+    keeps the 8- and 16-d binary codes (1 and 2 bytes, near chance) out of the loss, which lifts the other binary
+    cells (360 steps, 3 seeds: 39 of 42 binary cells above quantizing afterwards, against 33 when every code
+    trains); 0 trains every view."""
 
 
 class Precision(MatryoshkaPlugin):
