@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from lightning_modules.plugins import MEL, MLL, MRL
 from lightning_modules.plugins.mel import FactorizedEmbedding
 from lightning_modules.plugins.precision import LEVELS, Precision
-from lightning_modules.views import view_name
+from lightning_modules.views import vector_bytes, view_name
 
 MODES = ("compat", "factorized")
 FACTORIZED_CODE_FILE = "modeling_factorized.py"
@@ -421,7 +421,7 @@ bits = np.packbits(e >= 0, axis=1)  # binary: rank by Hamming distance (bitwise 
 
 def _quantized_storage(precision: Precision, dim: int) -> list[str]:
     """The model card's section on int8 and binary vectors of a run trained with the precision axis."""
-    rows = [f"| {level} | {weight:g} | {-(-dim * LEVELS[level][1] // 8)} |"
+    rows = [f"| {level} | {weight:g} | {vector_bytes(dim, LEVELS[level][1])} |"
             for level, weight in zip(precision.levels, precision.weights)]
     return ["", "## Storing int8 or binary vectors", "",
             "The run has the precision axis: a level with a non-zero loss weight was trained on its quantized vectors "

@@ -17,6 +17,11 @@ def view_name(tags: Mapping[str, object]) -> str:
     return "/".join(f"{key}_{value}" for key, value in tags.items()) or "full"
 
 
+def vector_bytes(width: int, bits_per_value: int) -> int:
+    """Bytes of one stored vector, packed (64-d binary: 8 bytes)."""
+    return -(-width * bits_per_value // 8)
+
+
 @dataclass(frozen=True)
 class View:
     """One nested embedding the loss is computed on.
@@ -42,8 +47,8 @@ class View:
 
     @property
     def bytes_per_vector(self) -> int:
-        """Bytes of one stored vector of this view, packed (64-d binary: 8 bytes)."""
-        return -(-self.embeddings.shape[-1] * self.bits_per_value // 8)
+        """Bytes of one stored vector of this view (see :func:`vector_bytes`)."""
+        return vector_bytes(self.embeddings.shape[-1], self.bits_per_value)
 
     def derive(self, embeddings: Tensor | None = None, weight_factor: float = 1.0, bits_per_value: int | None = None,
                **tags: object) -> View:

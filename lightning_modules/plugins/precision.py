@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -114,8 +114,9 @@ class Precision(MatryoshkaPlugin):
                 quantize, bits = LEVELS[level]
                 embeddings = (None if quantize is None
                               else self.estimators[level](view.embeddings, quantize(view.embeddings)))
-                stored = -(-view.embeddings.shape[-1] * bits // 8)
-                trained = quantize is None or stored >= self.min_bytes
-                nested.append(view.derive(embeddings=embeddings, weight_factor=weight if trained else 0.0,
-                                          bits_per_value=bits, precision=level))
+                derived = view.derive(embeddings=embeddings, weight_factor=weight, bits_per_value=bits,
+                                      precision=level)
+                if quantize is not None and derived.bytes_per_vector < self.min_bytes:
+                    derived = replace(derived, weight=0.0)  # probed, not trained
+                nested.append(derived)
         return nested
