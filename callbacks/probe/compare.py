@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from callbacks.probe.prober import summary
-from callbacks.probe.report import CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, heatmap_groups
+from callbacks.probe.report import CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_panel, heatmap_groups
 from lightning_modules.views import view_name
 
 MEAN = "mean_main_score"
@@ -161,22 +161,9 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
                     layout="constrained")
     FigureCanvasAgg(figure)
     for index, (label, cells) in enumerate(groups.items()):
-        layers = sorted({cell["tags"]["layer"] for cell in cells})
-        dims = sorted({cell["tags"]["dim"] for cell in cells}, reverse=True)
-        grid = [[math.nan] * len(dims) for _ in layers]
-        for cell in cells:
-            grid[layers.index(cell["tags"]["layer"])][dims.index(cell["tags"]["dim"])] = deltas[cell["name"]]
         axes = figure.add_subplot(rows, columns, index + 1)
-        image = axes.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-        for row, values in enumerate(grid):
-            for column, value in enumerate(values):
-                if not math.isnan(value):
-                    axes.text(column, row, f"{value:+.1f}", ha="center", va="center", fontsize=7)
-        storage = {cell["tags"]["dim"]: cell["bytes"] for cell in cells}
-        axes.set_xticks(range(len(dims)), [f"{d}\n{storage[d]} B" for d in dims], fontsize=7)
-        axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-        axes.set_xlabel("dim")
-        axes.set_ylabel("layer")
+        image = grid_panel(axes, cells, lambda cell: deltas[cell["name"]], "RdBu", (-limit, limit), "+.1f",
+                           fontsize=7)
         values = [deltas[cell["name"]] for cell in cells]
         axes.set_title(f"{label}\nB higher in {sum(value > 0 for value in values)}/{len(values)}, "
                        f"mean {sum(values) / len(values):+.2f}", fontsize=8)

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lightning_modules.views import view_name
@@ -48,35 +49,46 @@ def heatmap_groups(table: dict) -> dict[str, list[dict]]:
     return groups
 
 
-def heatmap(table: dict, group: str, cells: list[dict], path: Path) -> None:
-    """One panel per task: layers (rows) × dims (columns, widest first, with bytes per vector), each square annotated
-    with the main score."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+def grid_panel(axes, cells: list[dict], value: Callable[[dict], float | None], cmap: str,
+               limits: tuple[float, float], number: str, text_color: Callable[[float], str] = lambda value: "black",
+               fontsize: int = 8):
+    """One heatmap of ``value(cell)`` (None: an empty square): layers (rows) × dims (columns, widest first, ticks
+    with bytes per vector), each square annotated with ``format(value, number)``. Returns the image (colour bars)."""
     layers = sorted({cell["tags"]["layer"] for cell in cells})
     dims = sorted({cell["tags"]["dim"] for cell in cells}, reverse=True)
     storage = {cell["tags"]["dim"]: cell["bytes"] for cell in cells}
+    grid = [[math.nan] * len(dims) for _ in layers]
+    for cell in cells:
+        cell_value = value(cell)
+        if cell_value is not None:
+            grid[layers.index(cell["tags"]["layer"])][dims.index(cell["tags"]["dim"])] = cell_value
+    image = axes.imshow(grid, cmap=cmap, vmin=limits[0], vmax=limits[1], aspect="auto")
+    for row, values in enumerate(grid):
+        for column, cell_value in enumerate(values):
+            if not math.isnan(cell_value):
+                axes.text(column, row, format(cell_value, number), ha="center", va="center", fontsize=fontsize,
+                          color=text_color(cell_value))
+    axes.set_xticks(range(len(dims)), [f"{d}\n{storage[d]} B" for d in dims], fontsize=fontsize)
+    axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    axes.set_xlabel("dim")
+    axes.set_ylabel("layer")
+    return image
+
+
+def heatmap(table: dict, group: str, cells: list[dict], path: Path) -> None:
+    """One panel per task (see :func:`grid_panel`), each square annotated with the main score."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = {cell["tags"]["layer"] for cell in cells}
+    dims = {cell["tags"]["dim"] for cell in cells}
     tasks = list(table["tasks"])
     figure = Figure(figsize=(1.2 + 0.75 * len(dims) * len(tasks), 1.0 + 0.55 * len(layers)), layout="constrained")
     FigureCanvasAgg(figure)
     for i, task in enumerate(tasks):
-        grid = [[math.nan] * len(dims) for _ in layers]
-        for cell in cells:
-            if task in cell["scores"]:
-                row, column = layers.index(cell["tags"]["layer"]), dims.index(cell["tags"]["dim"])
-                grid[row][column] = cell["scores"][task]["main_score"]
         axes = figure.add_subplot(1, len(tasks), i + 1)
-        axes.imshow(grid, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
-        for row, values in enumerate(grid):
-            for column, value in enumerate(values):
-                if not math.isnan(value):
-                    axes.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                              color="black" if value > 0.6 else "white")
-        axes.set_xticks(range(len(dims)), [f"{d}\n{storage[d]} B" for d in dims], fontsize=8)
-        axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-        axes.set_xlabel("dim")
-        axes.set_ylabel("layer")
+        grid_panel(axes, cells, lambda cell: cell["scores"][task]["main_score"] if task in cell["scores"] else None,
+                   "viridis", (0.0, 1.0), ".2f", lambda value: "black" if value > 0.6 else "white")
         axes.set_title(f"{task}\n{table['tasks'][task]['main_score']}", fontsize=9)
     figure.suptitle(f"step {table['step']} · {group}", fontsize=10)
     figure.savefig(path, dpi=110)
