@@ -12,6 +12,7 @@ CKPT   ?=
 LAYERS ?=
 DIM    ?=
 RANK   ?=
+CELL   ?=
 OUT    ?=
 MODE   ?= compat
 SOURCE ?=
@@ -52,13 +53,13 @@ runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smo
 ui: $(STAMP) ## MLflow UI on 127.0.0.1 against the project's store: make ui [PORT=5000]
 	@$(BIN)/python -m experiments.runs ui --port $(PORT)
 
-export: $(STAMP) ## Export one cell: make export CKPT=path [LAYERS=l DIM=d RANK=r OUT=dir MODE=compat|factorized]
-	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [LAYERS=l DIM=d RANK=r OUT=dir MODE=compat|factorized]"; exit 2; }
-	$(BIN)/python -m lightning_modules.export $(CKPT) --mode $(MODE) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT))
+export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
+	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name> | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized]"; exit 2; }
+	$(BIN)/python -m experiments.export $(CKPT) --mode $(MODE) $(if $(CELL),--cell $(CELL)) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
-probe: $(STAMP) ## MTEB-probe every (layer, dim, rank) cell of a checkpoint: make probe CKPT=path [ARGS="probe.locales=[de,kk]"]
+probe: $(STAMP) ## MTEB-probe every cell of a checkpoint: make probe CKPT=path [ARGS="probe.locales=[de,kk]"]
 	@test -n "$(CKPT)" || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
-	$(BIN)/python -m callbacks.probe $(CKPT) $(ARGS)
+	$(BIN)/python -m experiments.probe $(CKPT) $(ARGS)
 
 compare: $(STAMP) ## Probe tables cell by cell, B − A heatmaps: make compare A=<run_dir|table.json ...> B=<...> [ARGS="--task GettextRetrieval"]
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR\"] (several runs per side: their mean per cell)"; exit 2; }

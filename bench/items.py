@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.export import LoadedRun, export_cell, load_exported, trained_ladders
+from lightning_modules.embedding_model import EmbeddingModel
+from lightning_modules.export import Origin, export_cell, load_exported
 from lightning_modules.plugins.mel import FactorizedEmbedding
+from lightning_modules.views import axis_values
 
 from bench.common import (build_module, compare, compose_variant, to_device, trainable, translation_texts,
                           weighted_loss)
@@ -86,8 +88,8 @@ def item_training_step(ctx: Context) -> list[dict]:
         optimizer = torch.optim.AdamW(trainable(module), lr=1e-5)
         steps[variant] = _train_step(module, ctx.batch(tokenize), optimizer, [0])
     seconds = compare(steps, ctx.args.steps, ctx.device)
-    ladders = trained_ladders(ctx.module("3d-ml")[0])
-    views = len(ladders["layers"]) * len(ladders["dims"])
+    axes = axis_values(ctx.module("3d-ml")[0].cells())
+    views = len(axes["layer"]) * len(axes["dim"])
     detail = (f"{ctx.args.experiment} model, batch {ctx.args.batch_size} pairs, max {ctx.args.max_length} tokens, "
               f"AdamW; s/step: plain {seconds['plain']:.3f}, MLL+MRL {seconds['mll+mrl']:.3f}, "
               f"MLL+MRL+MEL {seconds['3d-ml']:.3f} ({views} views)")
@@ -133,59 +135,54 @@ def item_mel_gather(ctx: Context) -> list[dict]:
 
 @torch.no_grad()
 def item_probe_grid(ctx: Context) -> list[dict]:
-    """3. Embeddings of every (layer, dim, rank) cell: one encoding per rank (all exits from one forward, dims by
+    """3. Embeddings of every cell: one encoding per model-side setting (all exits from one forward, dims by
     slicing) vs a naive loop that encodes the texts once per cell."""
     module, tokenize, _ = ctx.module("3d-ml")
     module.eval()
-    ladders = trained_ladders(module)
     texts = [text for pair in ctx.pairs(ctx.args.probe_texts // 2) for text in pair]
     size = ctx.args.encode_batch_size
     batches = [to_device(tokenize.encode(texts[start: start + size]), ctx.device)
                for start in range(0, len(texts), size)]
-    embedding = module.backbone.input_embeddings()
-    cells = [(layer, dim, rank) for rank in ladders["ranks"] for layer in ladders["layers"] for dim in ladders["dims"]]
-    encodes = {"per_rank": 0, "per_cell": 0}
-    results: dict[str, dict] = {"per_rank": {}, "per_cell": {}}
+    cells = module.cells()
+    encodes = {"per_setting": 0, "per_cell": 0}
+    results: dict[str, dict] = {"per_setting": {}, "per_cell": {}}
 
-    def forward(rank, batch):
-        if rank is not None:
-            embedding.rank = rank
-        return module.backbone(batch["input_ids"], batch["attention_mask"])
+    def encode(wanted):
+        parts = [module.encode(batch["input_ids"], batch["attention_mask"], wanted) for batch in batches]
+        return {cell.name: torch.cat([part[cell.name] for part in parts]) for cell in wanted}
 
-    def per_rank():
-        for rank in ladders["ranks"]:
-            bundles = [forward(rank, batch) for batch in batches]
-            encodes["per_rank"] += 1
-            for layer in ladders["layers"]:
-                pooled = torch.cat([bundle.layer(layer) for bundle in bundles])
-                for dim in ladders["dims"]:
-                    results["per_rank"][layer, dim, rank] = F.normalize(pooled[:, :dim], dim=-1)
+    def per_setting():
+        for setting in module.settings():
+            results["per_setting"] |= encode([cell for cell in cells if module.setting_of(cell) == setting])
+            encodes["per_setting"] += 1
 
     def per_cell():
-        for layer, dim, rank in cells:
-            pooled = torch.cat([forward(rank, batch).layer(layer) for batch in batches])
+        for cell in cells:
+            results["per_cell"] |= encode([cell])
             encodes["per_cell"] += 1
-            results["per_cell"][layer, dim, rank] = F.normalize(pooled[:, :dim], dim=-1)
 
-    seconds = compare({"per_rank": per_rank, "per_cell": per_cell}, 1, ctx.device, warmup=0)
-    difference = max((results["per_rank"][cell] - results["per_cell"][cell]).abs().max().item() for cell in cells)
+    seconds = compare({"per_setting": per_setting, "per_cell": per_cell}, 1, ctx.device, warmup=0)
+    difference = max((results["per_setting"][cell.name] - results["per_cell"][cell.name]).abs().max().item()
+                     for cell in cells)
     module.train()
-    ratio = seconds["per_cell"] / seconds["per_rank"]
-    detail = (f"{len(cells)} cells ({len(ladders['layers'])} layers × {len(ladders['dims'])} dims × "
-              f"{len(ladders['ranks'])} ranks), {len(texts)} texts: encodes {encodes['per_rank']} vs "
-              f"{encodes['per_cell']}; {seconds['per_rank']:.2f} s vs {seconds['per_cell']:.2f} s; "
-              f"max |difference| {difference:.1e}")
-    return [row("3", "grid probe encoding: per-cell loop / one pass per rank", ratio, None, None, detail,
-                seconds=seconds, encodes=encodes, cells=len(cells), max_difference=difference)]
+    ratio = seconds["per_cell"] / seconds["per_setting"]
+    axes = axis_values(cells)
+    detail = (f"{len(cells)} cells ({' × '.join(f'{len(values)} {tag}' for tag, values in axes.items())}), "
+              f"{len(texts)} texts: encodes {encodes['per_setting']} vs {encodes['per_cell']}; "
+              f"{seconds['per_setting']:.2f} s vs {seconds['per_cell']:.2f} s; max |difference| {difference:.1e}")
+    return [row("3", "grid probe encoding: per-cell loop / one pass per model-side setting", ratio, None, None,
+                detail, seconds=seconds, encodes=encodes, cells=len(cells), max_difference=difference)]
 
 
 def item_export_throughput(ctx: Context) -> list[dict]:
     """4. Encoding throughput (sentence-transformers ``encode``) of an exported depth-l model vs the full depth."""
     module, tokenize, config = ctx.module("3d-ml")
     module.eval()
-    run = LoadedRun(module, tokenize, config, ctx.work_dir, Path("(untrained: the experiment's initial weights)"), 0)
+    model = EmbeddingModel(module, tokenize)
+    origin = Origin(config.name, config.model.source, None, 0, None)  # the experiment's initial weights
     depth = module.backbone.info.num_layers
-    models = {layers: load_exported(export_cell(run, ctx.work_dir / f"l{layers}", layers=layers).path).to(ctx.device)
+    models = {layers: load_exported(export_cell(model, ctx.work_dir / f"l{layers}", model.cell(layer=layers), origin,
+                                                overwrite=True).path).to(ctx.device)
               for layers in (depth, *ctx.args.export_layers)}
     module.train()
     texts = [text for pair in ctx.pairs(ctx.args.throughput_texts // 2) for text in pair]
@@ -209,14 +206,16 @@ def item_vs_sentence_transformers(ctx: Context) -> list[dict]:
     from sentence_transformers.sentence_transformer.losses import Matryoshka2dLoss, MultipleNegativesRankingLoss
 
     module, tokenize, config = ctx.module("mll+mrl")
-    ladders = trained_ladders(module)
+    axes = axis_values(module.cells())
     module.eval()  # export copies the weights; the same backbone then trains on both sides
-    run = LoadedRun(module, tokenize, config, ctx.work_dir, Path("(bench)"), 0)
-    st_model = load_exported(export_cell(run, ctx.work_dir / "export-st").path).to(ctx.device).train()
+    model = EmbeddingModel(module, tokenize)
+    st_model = load_exported(export_cell(model, ctx.work_dir / "export-st", model.full_cell(),
+                                         Origin(config.name, config.model.source, None, 0, None),
+                                         overwrite=True).path).to(ctx.device).train()
     module.train()
     # The same number of exits per step (ST samples its prior layers), every dim, MNRL scale 1/τ = our in-batch loss.
     st_loss = Matryoshka2dLoss(st_model, MultipleNegativesRankingLoss(st_model, scale=1 / config.loss.temperature),
-                               matryoshka_dims=ladders["dims"], n_layers_per_step=len(ladders["layers"]) - 1,
+                               matryoshka_dims=axes["dim"], n_layers_per_step=len(axes["layer"]) - 1,
                                n_dims_per_step=-1)
     pairs = ctx.pairs(ctx.args.batch_size)
     features = [to_device(st_model.preprocess([prefix + text for text in texts]), ctx.device)
@@ -232,8 +231,8 @@ def item_vs_sentence_transformers(ctx: Context) -> list[dict]:
     ours = _train_step(module, ctx.batch(tokenize), torch.optim.AdamW(trainable(module), lr=1e-5), [0])
     seconds = compare({"ours": ours, "sentence_transformers": st_step}, ctx.args.steps, ctx.device)
     ratio = seconds["ours"] / seconds["sentence_transformers"]
-    detail = (f"exits {ladders['layers']} (ST: {len(ladders['layers']) - 1} sampled prior layers + last), dims "
-              f"{ladders['dims']}, batch {ctx.args.batch_size}: ours {seconds['ours']:.3f} s, "
+    detail = (f"exits {axes['layer']} (ST: {len(axes['layer']) - 1} sampled prior layers + last), dims "
+              f"{axes['dim']}, batch {ctx.args.batch_size}: ours {seconds['ours']:.3f} s, "
               f"Matryoshka2dLoss {seconds['sentence_transformers']:.3f} s per step")
     del st_model, st_loss, st_optimizer
     gc.collect()

@@ -285,27 +285,26 @@ class Encoder:
     picks the tokenizer's prefix), from the experiment's backbone or a checkpoint's full cell; eval mode, no grad."""
 
     def __init__(self, config: DictConfig, mining: MiningConfig) -> None:
-        from lightning_modules.export import ExportError, LoadedRun, load_run, resolve_cell
+        from experiments.loading import RunLoadError, load_run
+        from lightning_modules.embedding_model import EmbeddingModel
 
         if mining.model == BACKBONE:
             from experiments.run import build
 
             backbone_config = config.copy()
             backbone_config.plugins, backbone_config.model.num_layers = {}, None
-            module, datamodule = build(backbone_config)
-            self.run = LoadedRun(module.eval(), datamodule.tokenize, backbone_config, Path(config.output_dir),
-                                 checkpoint=None, global_step=0)  # no run: the pretrained backbone
+            module, datamodule = build(backbone_config)  # no run: the pretrained backbone
+            self.model = EmbeddingModel(module.eval(), datamodule.tokenize)
         else:
             try:
-                self.run = load_run(mining.model)
-            except ExportError as error:
+                self.model = load_run(mining.model).model
+            except RunLoadError as error:
                 raise ConfigError(OPTION_PREFIX + "model", str(error)) from None
-        self.cell = resolve_cell(self.run.module)
+        self.model.batch_size = mining.batch_size  # one forward per encoder call: mining batches the texts
+        self.cell = self.model.full_cell()
 
     def __call__(self, texts: list[str], role: str) -> np.ndarray:
-        from lightning_modules.export import cell_embeddings
-
-        return cell_embeddings(self.run, texts, self.cell, role).float().numpy()
+        return self.model.encode(texts, self.cell, role).float().numpy()
 
 
 def model_fingerprint(config: DictConfig, mining: MiningConfig) -> dict:

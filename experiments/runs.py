@@ -34,16 +34,18 @@ METRIC_COLUMNS = (
 )
 # Params that name or place a run rather than say what it trains; the run column already shows the name.
 HIDDEN_PARAMS = ("name", "tracking.run_name", "tracking.experiment", "output_dir")
-AXIS_ORDER = ("mll", "mrl", "mel")
-VIEW_PART = re.compile(r"(layer|dim|rank)_\d+")
+CELL_PART = re.compile(r"layer_\d+")  # every probe cell metric names its exit layer
 MAX_CELL = 28
 
 
 def axes_of(params: dict[str, str]) -> str:
-    """``mll+mrl+mel`` from a run's ``plugins.<name>.*`` params (``none`` for the baseline)."""
+    """``mll+mrl+mel`` from a run's ``plugins.<name>.*`` params, in the order plugins nest views (their ``stage``;
+    plugins given by ``_target_`` last), ``none`` for the baseline."""
+    from lightning_modules.plugins import BUILTIN_PLUGINS
+
     names = {key.split(".")[1] for key in params if key.startswith("plugins.") and key.count(".") >= 2}
-    ordered = [name for name in AXIS_ORDER if name in names] + sorted(names - set(AXIS_ORDER))
-    return "+".join(ordered) or "none"
+    order = {name: plugin.stage for name, plugin in BUILTIN_PLUGINS.items()}
+    return "+".join(sorted(names, key=lambda name: (order.get(name, float("inf")), name))) or "none"
 
 
 def differing_params(all_params: Sequence[dict[str, str]]) -> list[str]:
@@ -63,9 +65,9 @@ def differing_params(all_params: Sequence[dict[str, str]]) -> list[str]:
 
 
 def probe_summary_keys(metric_keys: set[str]) -> list[str]:
-    """``probe/...`` metrics that are summaries, not one cell of the (layer, dim, rank) grid."""
+    """``probe/...`` metrics that are summaries, not one cell of the grid."""
     return sorted(key for key in metric_keys
-                  if key.startswith("probe/") and not any(VIEW_PART.fullmatch(part) for part in key.split("/")))
+                  if key.startswith("probe/") and not any(CELL_PART.fullmatch(part) for part in key.split("/")))
 
 
 def _cell(value) -> str:

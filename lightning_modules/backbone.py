@@ -21,6 +21,8 @@ class BackboneInfo:
     num_layers: int
     vocab_size: int
     family: Family
+    intermediate_size: int
+    """Hidden units of each block's feed-forward layer."""
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -54,7 +56,8 @@ class Backbone(nn.Module):
     @property
     def info(self) -> BackboneInfo:
         config = self.model.config
-        return BackboneInfo(config.hidden_size, config.num_hidden_layers, config.vocab_size, self.family)
+        return BackboneInfo(config.hidden_size, config.num_hidden_layers, config.vocab_size, self.family,
+                            config.intermediate_size)
 
     def input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

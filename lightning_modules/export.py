@@ -1,84 +1,35 @@
-"""Export one (depth, dim, rank) cell of a 3D-ML run as a plain Hugging Face / sentence-transformers model.
+"""Export one cell of a trained run as a plain Hugging Face / sentence-transformers model.
 
-``python -m lightning_modules.export CKPT --layers l --dim d --rank r --out DIR [--mode compat|factorized]``
-(or ``make export CKPT=... LAYERS=l DIM=d RANK=r OUT=DIR [MODE=...]``) writes a folder that loads with
-``SentenceTransformer(DIR)`` and ``AutoModel.from_pretrained(DIR)`` on a machine without this project:
+The CLI is ``python -m experiments.export`` (``make export CKPT=... CELL=layer_2/dim_64/rank_64``); the folder it
+writes loads with ``SentenceTransformer(DIR)`` and ``AutoModel.from_pretrained(DIR)`` on a machine without this
+project:
 
-- the backbone cut to its first ``l`` blocks (``num_hidden_layers`` updated);
-- the token embedding at rank ``r``: ``compat`` mode merges ``U[:, :r] · V[:r]`` into an ordinary embedding matrix;
-  ``factorized`` mode keeps ``U[:, :r]`` and ``V[:r]`` (``vocab·r + r·d`` parameters) and ships a short
-  ``modeling_factorized.py`` that transformers imports with ``trust_remote_code=True``;
+- the backbone cut to the cell's depth (``num_hidden_layers`` updated);
+- every model-side axis writes its setting into that copy (MEL: the token embedding at rank ``r``, merged
+  ``U[:, :r] · V[:r]`` in ``compat`` mode or kept as two factors in ``factorized`` mode with a short modeling file
+  for ``trust_remote_code=True``; FFN: the sliced projections and a smaller ``intermediate_size``);
 - sentence-transformers modules: Transformer → Pooling (mean for encoders, last token for decoders, whose
-  tokenizer is saved to append EOS) → the first ``d`` coordinates → L2 normalisation; ``truncate_dim = d``,
+  tokenizer is saved to append EOS) → the first ``dim`` coordinates → L2 normalisation; ``truncate_dim = dim``,
   the query / passage prompts of the run, cosine similarity;
-- the tokenizer and a model card (cell, parameter counts of both modes, probe scores of the cell if the run
-  has a probe table).
+- the tokenizer and a model card (cell, parameters, every axis' notes, probe scores of the cell if the run has a
+  probe table).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import nn
 
-from lightning_modules.plugins import MEL, MLL, MRL
-from lightning_modules.plugins.mel import FactorizedEmbedding
-from lightning_modules.plugins.precision import LEVELS, Precision
-from lightning_modules.views import vector_bytes, view_name
+from lightning_modules.embedding_model import EmbeddingModel
+from lightning_modules.views import Cell, axis_values
 
 MODES = ("compat", "factorized")
-FACTORIZED_CODE_FILE = "modeling_factorized.py"
-
-# Written next to a factorized export; transformers imports it with trust_remote_code=True. It must not import
-# this project: the folder has to load anywhere transformers is installed.
-FACTORIZED_CODE = '''"""Token embedding kept as two factors, E[ids] = U[ids] @ V (matryoshka-lab, MODE=factorized).
-
-Load with ``AutoModel.from_pretrained(path, trust_remote_code=True)`` or
-``SentenceTransformer(path, trust_remote_code=True)``; ``config.matryoshka_rank`` is the rank r. The model type
-``{model_type}`` is unknown to transformers on purpose: loading without this file fails instead of silently
-building a random full-size embedding.
-"""
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-from transformers import {config_base} as _BaseConfig
-from transformers import {base} as _Base
-
-
-class {config_name}(_BaseConfig):
-    model_type = "{model_type}"
-
-
-class FactorizedEmbedding(nn.Module):
-    """``left``: [vocab, r] (U·S), ``right``: [r, d] (V); rows are gathered before the product."""
-
-    def __init__(self, num_embeddings: int, rank: int, embedding_dim: int) -> None:
-        super().__init__()
-        self.left = nn.Parameter(torch.zeros(num_embeddings, rank))
-        self.right = nn.Parameter(torch.zeros(rank, embedding_dim))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.left) @ self.right
-
-
-class {name}(_Base):
-    config_class = {config_name}
-
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.set_input_embeddings(FactorizedEmbedding(config.vocab_size, config.matryoshka_rank, config.hidden_size))
-'''
 
 
 def _update_json(path: Path, **updates) -> None:
@@ -90,18 +41,15 @@ class ExportError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Cell:
-    """A deployable model of a 3D-ML run: the first ``layers`` blocks, the first ``dim`` coordinates of the
-    embedding, the token embedding at ``rank`` (None: the run has no MEL, the embedding is the model's own)."""
+class Origin:
+    """Where an exported cell comes from, for its model card."""
 
-    layers: int
-    dim: int
-    rank: int | None
-
-    @property
-    def name(self) -> str:
-        tags = {"layer": self.layers, "dim": self.dim} | ({"rank": self.rank} if self.rank is not None else {})
-        return view_name(tags)
+    name: str
+    backbone: str
+    checkpoint: Path | None
+    global_step: int
+    run_dir: Path | None
+    """Searched for the run's newest probe table (None: no scores in the card)."""
 
 
 @dataclasses.dataclass
@@ -109,135 +57,12 @@ class ExportResult:
     path: Path
     cell: Cell
     mode: str
-    parameters: dict[str, int | None]
-    """Parameters of the exported transformer in each mode (``factorized`` is None without MEL)."""
+    parameters: int
+    """Parameters of the exported transformer."""
 
 
-@dataclasses.dataclass
-class LoadedRun:
-    """A trained module rebuilt from its run folder, in eval mode."""
-
-    module: object  # MatryoshkaEmbedder
-    tokenize: object  # BatchTokenizer
-    config: DictConfig
-    run_dir: Path
-    checkpoint: Path
-    global_step: int
-
-
-def _known_keys(schema: DictConfig, loaded: dict, prefix: str = "") -> dict:
-    """``loaded`` without the keys the current schema no longer has (a run config can be older than the code);
-    open sections (``plugins``, ``trainer``) are kept whole. Dropped keys are reported on stderr."""
-    kept = {}
-    for key, value in loaded.items():
-        if key not in schema:
-            print(f"export: ignoring `{prefix}{key}` of the run config (not in the current schema)", file=sys.stderr)
-        elif isinstance(value, dict) and dataclasses.is_dataclass(OmegaConf.get_type(schema, key)):
-            kept[key] = _known_keys(schema[key], value, f"{prefix}{key}.")
-        else:
-            kept[key] = value
-    return kept
-
-
-def load_run(checkpoint: str | Path) -> LoadedRun:
-    """Rebuilds the module of ``<run_dir>/checkpoints/<name>.ckpt`` from ``<run_dir>/config.yaml``, loads its
-    weights and puts it in eval mode.
-
-    Args:
-        checkpoint: a Lightning checkpoint written by ``experiments.run.train``.
-    """
-    from experiments.config import Config
-    from experiments.run import build
-
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        raise ExportError(f"CKPT {checkpoint} is a sharded (FSDP2) checkpoint folder; export reads one file: train "
-                          f"with distributed.sharded_checkpoint=false")
-    if not checkpoint.is_file():
-        raise ExportError(f"CKPT {checkpoint}: no such checkpoint file")
-    run_dir = checkpoint.parent.parent
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise ExportError(f"CKPT {checkpoint}: no run config at {config_file} (expected <run_dir>/checkpoints/*.ckpt)")
-    schema = OmegaConf.structured(Config)
-    # Typed like a composed config; build() validates the model and plugin sections again.
-    config = OmegaConf.merge(schema, _known_keys(schema, OmegaConf.to_container(OmegaConf.load(config_file))))
-    module, datamodule = build(config)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    module.load_state_dict(state["state_dict"])
-    return LoadedRun(module.eval(), datamodule.tokenize, config, run_dir, checkpoint, int(state.get("global_step", 0)))
-
-
-def _plugin(module, plugin_type):
-    return next((plugin for plugin in module.plugins if isinstance(plugin, plugin_type)), None)
-
-
-def trained_ladders(module) -> dict[str, list]:
-    """The values each axis was trained on: ``{"layers": [...], "dims": [...], "ranks": [...]}``.
-
-    An axis without its plugin has one value: the full depth, the full width, or rank None (no MEL).
-    """
-    info = module.backbone.info
-    mll, mrl, mel = _plugin(module, MLL), _plugin(module, MRL), _plugin(module, MEL)
-    return {"layers": mll.layers if mll else [info.num_layers],
-            "dims": mrl.dims if mrl else [info.hidden_size],
-            "ranks": mel.ranks if mel else [None]}
-
-
-def resolve_cell(module, layers: int | None = None, dim: int | None = None, rank: int | None = None) -> Cell:
-    """The requested cell, defaults filled (full depth, full width, the largest trained rank), checked against
-    what the run trained; an invalid value raises :class:`ExportError` naming the argument and what is allowed."""
-    info = module.backbone.info
-    ladders = trained_ladders(module)
-    layers = info.num_layers if layers is None else layers
-    dim = info.hidden_size if dim is None else dim
-    if not 1 <= layers <= info.num_layers:
-        raise ExportError(f"LAYERS={layers} outside [1, {info.num_layers}] (the model's depth); "
-                          f"trained exits: {ladders['layers']}")
-    if layers not in ladders["layers"]:
-        raise ExportError(f"LAYERS={layers} is not a trained exit; choose one of {ladders['layers']}")
-    if not 1 <= dim <= info.hidden_size:
-        raise ExportError(f"DIM={dim} outside [1, {info.hidden_size}] (the model's hidden size); "
-                          f"trained dims: {ladders['dims']}")
-    if dim not in ladders["dims"]:
-        raise ExportError(f"DIM={dim} is not a trained dim; choose one of {ladders['dims']}")
-    if ladders["ranks"] == [None]:
-        if rank is not None:
-            raise ExportError(f"RANK={rank} not available: the run has no MEL plugin (its embedding is full-rank); "
-                              f"leave RANK empty")
-    elif rank is None:
-        rank = ladders["ranks"][0]
-    elif rank not in ladders["ranks"]:
-        raise ExportError(f"RANK={rank} is not in the run's MEL ladder; choose one of {ladders['ranks']}")
-    return Cell(layers, dim, rank)
-
-
-@torch.no_grad()
-def cell_embeddings(run: LoadedRun, texts: list[str], cell: Cell, prompt: str = "query") -> Tensor:
-    """What training computes at ``cell`` (the reference an export must reproduce): the pooled exit of block
-    ``layers`` with the token embedding at ``rank``, its first ``dim`` coordinates, L2-normalised.
-
-    Args:
-        prompt: ``query`` or ``passage``: which of the run's prefixes is prepended.
-    """
-    tokenize = run.tokenize
-    prefix = tokenize.query_prefix if prompt == "query" else tokenize.passage_prefix
-    batch = tokenize.encode([prefix + text for text in texts])
-    embedding = run.module.backbone.input_embeddings()
-    saved_rank = getattr(embedding, "rank", None)
-    if cell.rank is not None:
-        embedding.rank = cell.rank
-    try:
-        bundle = run.module.backbone(batch["input_ids"], batch["attention_mask"])
-        return F.normalize(bundle.layer(cell.layers)[:, : cell.dim], dim=-1)
-    finally:
-        if cell.rank is not None:
-            embedding.rank = saved_rank
-
-
-def _cut(model: nn.Module, layers: int, embedding: nn.Module | None) -> nn.Module:
-    """A copy of ``model`` with its first ``layers`` blocks (config updated) and ``embedding`` as token embedding
-    (None: a copy of its own)."""
+def _cut(model: nn.Module, layers: int) -> nn.Module:
+    """A copy of ``model`` with its first ``layers`` blocks (config updated)."""
     depth = model.config.num_hidden_layers
     cut = copy.deepcopy(model)
     # The block list is the one ModuleList with one entry per layer (``encoder.layer``, ``layers``, ...).
@@ -249,16 +74,7 @@ def _cut(model: nn.Module, layers: int, embedding: nn.Module | None) -> nn.Modul
     cut.config.num_hidden_layers = layers
     if getattr(cut.config, "layer_types", None):  # per-layer attention types must match the depth
         cut.config.layer_types = cut.config.layer_types[:layers]
-    if embedding is not None:
-        cut.set_input_embeddings(embedding)
     return cut
-
-
-def _parameter_counts(cut: nn.Module, info, rank: int | None) -> dict[str, int | None]:
-    embedding_parameters = sum(p.numel() for p in cut.get_input_embeddings().parameters())
-    body = sum(p.numel() for p in cut.parameters()) - embedding_parameters
-    return {"compat": body + info.vocab_size * info.hidden_size,
-            "factorized": None if rank is None else body + rank * (info.vocab_size + info.hidden_size)}
 
 
 def _export_tokenizer(tokenize, out: Path) -> None:
@@ -278,20 +94,22 @@ def _export_tokenizer(tokenize, out: Path) -> None:
         _update_json(out / "tokenizer_config.json", add_bos_token=False, add_eos_token=True, padding_side="right")
 
 
-def export_cell(run: LoadedRun, out: str | Path, layers: int | None = None, dim: int | None = None,
-                rank: int | None = None, mode: str = "compat") -> ExportResult:
-    """Writes the cell ``(layers, dim, rank)`` of ``run`` to ``out`` as a Hugging Face + sentence-transformers folder.
+def export_cell(model: EmbeddingModel, out: str | Path, cell: Cell, origin: Origin, mode: str = "compat",
+                overwrite: bool = False) -> ExportResult:
+    """Writes ``cell`` of ``model`` to ``out`` as a Hugging Face + sentence-transformers folder.
 
     Args:
-        run: from :func:`load_run`.
-        out: output folder (created; existing files of the same names are overwritten).
-        layers, dim, rank: the cell; None picks the full depth, the full width, the largest trained rank.
-        mode: ``compat`` (plain embedding matrix ``U[:, :r]·V[:r]``; loads with no extra code) or
-            ``factorized`` (keeps ``U[:, :r]``, ``V[:r]``; loads with ``trust_remote_code=True``).
+        model: the trained model (``experiments.loading.load_run(...).model``).
+        out: output folder; it must not exist or be empty, unless ``overwrite`` (then only the files an export
+            writes are replaced).
+        cell: one of ``model.cells()``.
+        origin: the run it comes from, for the model card.
+        mode: ``compat`` (plain modules only; loads with no extra code) or ``factorized`` (an axis with a compact
+            form keeps it, e.g. MEL's two factors; loads with ``trust_remote_code=True``).
 
     Example:
-        >>> run = load_run("outputs/quickstart/<timestamp>/checkpoints/last.ckpt")
-        >>> export_cell(run, "exports/l2-d128-r64", layers=2, dim=128, rank=64)
+        >>> run = load_run("outputs/quickstart/<timestamp>/checkpoints/last.ckpt")  # experiments.loading
+        >>> export_cell(run.model, "exports/l2-d128-r64", run.model.cell("layer_2/dim_128/rank_64"), run.origin())
         >>> SentenceTransformer("exports/l2-d128-r64").encode_query(["Wie spät ist es?"])  # shape [1, 128]
     """
     from sentence_transformers import SentenceTransformer
@@ -300,43 +118,38 @@ def export_cell(run: LoadedRun, out: str | Path, layers: int | None = None, dim:
 
     if mode not in MODES:
         raise ExportError(f"MODE={mode!r} not allowed; choose one of {', '.join(MODES)}")
-    module, info = run.module, run.module.backbone.info
-    cell = resolve_cell(module, layers, dim, rank)
-    embedding = module.backbone.input_embeddings()
-    if mode == "factorized" and cell.rank is None:
-        raise ExportError("MODE=factorized needs a run trained with MEL (a factorised embedding); use MODE=compat")
+    module, info = model.module, model.module.backbone.info
+    if cell.name not in {known.name for known in model.cells()}:
+        raise ExportError(f"CELL={cell.name} is not a cell of this run")
+    axes = module.model_side
     out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"OUT={out} exists and is not empty; choose a new folder or pass --overwrite")
+    cut = _cut(module.backbone.model, cell.layer)
+    files: dict[str, str] = {}
+    config_updates: dict[str, object] = {}
+    for axis in axes:
+        extra_files, updates = axis.export(cut, cell.tags[axis.tag], mode)
+        files |= extra_files
+        config_updates |= updates
+    if mode == "factorized" and not files:
+        raise ExportError("MODE=factorized needs an axis with a factorized form (MEL); this run has none: use "
+                          "MODE=compat")
+    parameters = sum(p.numel() for p in cut.parameters())
     out.mkdir(parents=True, exist_ok=True)
-
-    token_embedding = None  # without MEL the model keeps its own embedding
-    with torch.no_grad():
-        if cell.rank is not None and mode == "compat":
-            token_embedding = nn.Embedding.from_pretrained(
-                embedding.merged_weight(cell.rank), freeze=False,
-                padding_idx=getattr(module.backbone.model.config, "pad_token_id", None))
-        elif cell.rank is not None:
-            token_embedding = FactorizedEmbedding(embedding.left[:, : cell.rank].clone(),
-                                                  embedding.right[: cell.rank].clone())
-    cut = _cut(module.backbone.model, cell.layers, token_embedding)
-    parameters = _parameter_counts(cut, info, cell.rank)
     cut.save_pretrained(out)
-    if mode == "factorized":
-        names = {"base": type(cut).__name__, "config_base": type(cut.config).__name__,
-                 "model_type": f"{cut.config.model_type}_factorized"}
-        names |= {"name": f"Factorized{names['base']}", "config_name": f"Factorized{names['config_base']}"}
-        (out / FACTORIZED_CODE_FILE).write_text(FACTORIZED_CODE.format(**names))
-        code = FACTORIZED_CODE_FILE.removesuffix(".py")
-        _update_json(out / "config.json", model_type=names["model_type"], architectures=[names["name"]],
-                     matryoshka_rank=cell.rank,
-                     auto_map={"AutoConfig": f"{code}.{names['config_name']}", "AutoModel": f"{code}.{names['name']}"})
-    _export_tokenizer(run.tokenize, out)
+    for name, text in files.items():
+        (out / name).write_text(text)
+    if config_updates:
+        _update_json(out / "config.json", **config_updates)
+    _export_tokenizer(model.tokenize, out)
 
     # Load what was just written, as a user would, and add the sentence-transformers modules around it.
-    trust = {"trust_remote_code": True} if mode == "factorized" else {}
+    trust = {"trust_remote_code": True} if files else {}
     verbosity = transformers_logging.get_verbosity()
     transformers_logging.set_verbosity_error()  # the load report lists the heads handled just below
     try:
-        transformer = Transformer(str(out), max_seq_length=run.tokenize.max_length, model_kwargs=trust,
+        transformer = Transformer(str(out), max_seq_length=model.tokenize.max_length, model_kwargs=trust,
                                   config_kwargs=trust, processor_kwargs=trust)
     finally:
         transformers_logging.set_verbosity(verbosity)
@@ -352,13 +165,13 @@ def export_cell(run: LoadedRun, out: str | Path, layers: int | None = None, dim:
         modules.append(Dense(info.hidden_size, cell.dim, bias=False, activation_function=None,
                              init_weight=torch.eye(info.hidden_size)[: cell.dim].clone()))
     modules.append(Normalize())
-    prompts = {name: prefix for name, prefix in (("query", run.tokenize.query_prefix),
-                                                 ("document", run.tokenize.passage_prefix)) if prefix}
-    model = SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine",
-                                truncate_dim=cell.dim, device="cpu")
-    model.save(str(out), create_model_card=False)
+    prompts = {name: prefix for name, prefix in (("query", model.tokenize.query_prefix),
+                                                 ("document", model.tokenize.passage_prefix)) if prefix}
+    sentence_model = SentenceTransformer(modules=modules, prompts=prompts, similarity_fn_name="cosine",
+                                         truncate_dim=cell.dim, device="cpu")
+    sentence_model.save(str(out), create_model_card=False)
     result = ExportResult(out, cell, mode, parameters)
-    (out / "README.md").write_text(model_card(run, result))
+    (out / "README.md").write_text(model_card(model, result, origin))
     return result
 
 
@@ -371,8 +184,10 @@ def find_probe_table(run_dir: Path) -> Path | None:
 def probe_scores(table: Path, cell: Cell) -> dict[str, float]:
     """Scores of ``cell`` at the table's last step.
 
-    The table is rows with ``layer``, ``dim``, optionally ``rank`` and ``step``, and one or more numeric score
-    columns (CSV with a header, or JSON: a list of row objects or ``{"rows": [...]}``).
+    The table is rows with the cell's tags as columns (``layer``, ``dim``, ``rank``, ...; a column a row leaves
+    empty or a table lacks matches any value), optionally ``step`` and ``task``, and numeric score columns (CSV with
+    a header, or JSON: a list of row objects or ``{"rows": [...]}``). Rows that differ only in a tag the cell does
+    not have (precision levels) are reported apart, labelled ``[tag value]``.
     """
     if table.suffix == ".csv":
         with table.open(newline="") as handle:
@@ -387,12 +202,10 @@ def probe_scores(table: Path, cell: Cell) -> dict[str, float]:
         except (TypeError, ValueError):
             return None
 
-    def matches(row: dict) -> bool:
-        rank = number(row.get("rank"))
-        return (number(row.get("layer")) == cell.layers and number(row.get("dim")) == cell.dim
-                and (cell.rank is None or rank is None or rank == cell.rank))
+    def same(value, wanted) -> bool:
+        return value in (None, "") or (number(value) == wanted if number(value) is not None else value == str(wanted))
 
-    rows = [row for row in rows if matches(row)]
+    rows = [row for row in rows if all(same(row.get(key), value) for key, value in cell.tags.items())]
     if not rows:
         return {}
     last = max(number(row.get("step")) or 0.0 for row in rows)
@@ -403,70 +216,39 @@ def probe_scores(table: Path, cell: Cell) -> dict[str, float]:
         task = row.get("task")
         # Text columns besides the task are the tags of other axes (precision: fp32 | int8 | binary).
         other_tags = "".join(f" [{key} {value}]" for key, value in row.items()
-                             if key not in ("task", "rank") and value and number(value) is None)
+                             if key != "task" and key not in cell.tags and value and number(value) is None)
         for key, value in row.items():
-            if key not in ("layer", "dim", "rank", "step", "task", "bytes") and number(value) is not None:
+            if key not in cell.tags and key not in ("step", "task", "bytes") and number(value) is not None:
                 scores[(f"{task}/{key}" if task else key) + other_tags] = number(value)
     return scores
 
 
-# The stored vectors the probe scores for the precision axis (lightning_modules/plugins/precision.py), in numpy.
-QUANTIZE_SNIPPET = """\
-import numpy as np
-
-e = model.encode_document(texts)  # float32, L2-normalised: [n, dim]
-codes = np.round(127 * e / np.abs(e).max(axis=1, keepdims=True)).astype(np.int8)  # int8: compare by cosine
-bits = np.packbits(e >= 0, axis=1)  # binary: rank by Hamming distance (bitwise XOR, then count the ones)"""
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f} M ({count:,})"
 
 
-def _quantized_storage(precision: Precision, dim: int) -> list[str]:
-    """The model card's section on int8 and binary vectors of a run trained with the precision axis."""
-    rows = [f"| {level} | {weight:g} | {vector_bytes(dim, LEVELS[level][1])} |"
-            for level, weight in zip(precision.levels, precision.weights)]
-    return ["", "## Storing int8 or binary vectors", "",
-            "The run has the precision axis: a level with a non-zero loss weight was trained on its quantized vectors "
-            "(straight-through gradients), one with weight 0 only probed"
-            + (f", as were codes under {precision.min_bytes} bytes" if precision.min_bytes else "")
-            + ". The probe scores below are labelled by precision.", "",
-            "| precision | loss weight | bytes per vector |", "|---|---|---|", *rows, "",
-            "The stored vectors the probe scored (int8: per vector, 255 symmetric levels of its largest coordinate; "
-            "binary: the sign bits):", "", "```python", QUANTIZE_SNIPPET, "```"]
-
-
-def _millions(count: int | None) -> str:
-    return "n/a (no MEL)" if count is None else f"{count / 1e6:.2f} M ({count:,})"
-
-
-def model_card(run: LoadedRun, result: ExportResult) -> str:
+def model_card(model: EmbeddingModel, result: ExportResult, origin: Origin) -> str:
     """The README of an exported folder."""
-    config, cell, info = run.config, result.cell, run.module.backbone.info
-    ladders = trained_ladders(run.module)
+    cell, info, tokenize = result.cell, model.module.backbone.info, model.tokenize
+    values = axis_values(model.cells())
     pooling = ("last token (EOS appended by the tokenizer)" if info.family == "decoder"
                else "mean over the attention mask")
-    rank = "full (no MEL)" if cell.rank is None else str(cell.rank)
-    load_args = ", trust_remote_code=True" if result.mode == "factorized" else ""
+    load_args = ", trust_remote_code=True" if _remote_code(result.path) else ""
     lines = [
         "---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
         "tags: [sentence-transformers, matryoshka, 3d-matryoshka]", "---", "",
-        f"# {config.name}: cell {cell.name}", "",
-        f"One deployable cell of a 3D Matryoshka (MRL × MLL × MEL) run of matryoshka-lab, exported in "
-        f"`{result.mode}` mode.",
+        f"# {origin.name}: cell {cell.name}", "",
+        f"One deployable cell of a Matryoshka run of matryoshka-lab, exported in `{result.mode}` mode.",
         "",
-        "| | value | trained values |", "|---|---|---|",
-        f"| depth (blocks kept) | {cell.layers} of {info.num_layers} | {ladders['layers']} |",
-        f"| embedding dim | {cell.dim} of {info.hidden_size} | {ladders['dims']} |",
-        f"| token-embedding rank | {rank} | {ladders['ranks']} |",
+        "| axis | this cell | trained values |", "|---|---|---|",
+        *(f"| {key} | {value} | {values[key]} |" for key, value in cell.tags.items()),
         "",
-        f"- Backbone: `{config.model.source}`{f' ({config.model.path})' if config.model.path else ''}, "
-        f"{info.family}, vocab {info.vocab_size:,}; pooling: {pooling}; output L2-normalised, cosine similarity.",
-        f"- Prompts: query `{run.tokenize.query_prefix!r}`, passage/document `{run.tokenize.passage_prefix!r}`; "
-        f"max {run.tokenize.max_length} tokens.",
-        f"- Source: `{run.checkpoint}` (step {run.global_step}).",
-        "",
-        "## Parameters (transformer, this depth)", "",
-        "| mode | parameters |", "|---|---|",
-        f"| compat (merged embedding matrix) | {_millions(result.parameters['compat'])} |",
-        f"| factorized (U[:, :r], V[:r]) | {_millions(result.parameters['factorized'])} |",
+        f"- Backbone: `{origin.backbone}`, {info.family}, {info.num_layers} blocks, hidden {info.hidden_size}, vocab "
+        f"{info.vocab_size:,}; pooling: {pooling}; output L2-normalised, cosine similarity.",
+        f"- Prompts: query `{tokenize.query_prefix!r}`, passage/document `{tokenize.passage_prefix!r}`; "
+        f"max {tokenize.max_length} tokens.",
+        f"- Source: `{origin.checkpoint}` (step {origin.global_step}).",
+        f"- Parameters of the exported transformer: {_millions(result.parameters)}.",
         "",
         "## Usage", "",
         "```python",
@@ -480,13 +262,9 @@ def model_card(run: LoadedRun, result: ExportResult) -> str:
         f"Plain transformers: `AutoModel.from_pretrained(path{load_args})` returns the cut backbone; pool as above, "
         f"keep the first {cell.dim} coordinates, then L2-normalise.",
     ]
-    if result.mode == "factorized":
-        lines += ["", f"The token embedding is stored as two factors (`{FACTORIZED_CODE_FILE}`, imported by "
-                      "transformers with `trust_remote_code=True`): `E[ids] = U[ids] @ V`."]
-    precision = _plugin(run.module, Precision)
-    if precision is not None:
-        lines += _quantized_storage(precision, cell.dim)
-    table = find_probe_table(run.run_dir)
+    for plugin in model.module.plugins:
+        lines += plugin.card_lines(cell)
+    table = find_probe_table(origin.run_dir) if origin.run_dir is not None else None
     scores = probe_scores(table, cell) if table else {}
     lines += ["", "## Probe scores", ""]
     if scores:
@@ -497,46 +275,15 @@ def model_card(run: LoadedRun, result: ExportResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _remote_code(path: Path) -> str:
+    """The modeling file an export ships for ``trust_remote_code`` (named in its config's ``auto_map``), or ""."""
+    auto_map = json.loads((path / "config.json").read_text()).get("auto_map", {})
+    return next(iter(auto_map.values()), "").split(".")[0] + ".py" if auto_map else ""
+
+
 def load_exported(path: str | Path):
     """``SentenceTransformer`` of an exported folder (either mode)."""
     from sentence_transformers import SentenceTransformer
 
     path = Path(path)
-    return SentenceTransformer(str(path), device="cpu", trust_remote_code=(path / FACTORIZED_CODE_FILE).is_file())
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_modules.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="outputs/<NAME>/<timestamp>/checkpoints/last.ckpt")
-    parser.add_argument("--layers", type=int, help="blocks to keep (default: all)")
-    parser.add_argument("--dim", type=int, help="embedding width (default: the hidden size)")
-    parser.add_argument("--rank", type=int,
-                        help="token-embedding rank (default: the largest trained; none without MEL)")
-    parser.add_argument("--mode", default="compat", choices=MODES)
-    parser.add_argument("--out", help="output folder (default: <run_dir>/export/<cell>-<mode>)")
-    parser.add_argument("--no-check", action="store_true", help="skip comparing the export with the training model")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from experiments.config import ConfigError
-
-    try:
-        run = load_run(args.checkpoint)
-        cell = resolve_cell(run.module, args.layers, args.dim, args.rank)  # fail fast, before writing anything
-        out = Path(args.out) if args.out else run.run_dir / "export" / f"{cell.name.replace('/', '-')}-{args.mode}"
-        result = export_cell(run, out, cell.layers, cell.dim, cell.rank, args.mode)
-    except (ExportError, ConfigError) as error:
-        print(f"export error: {error}", file=sys.stderr)
-        return 2
-    print(f"exported cell {result.cell.name} ({result.mode}) to {result.path}")
-    for mode, count in result.parameters.items():
-        print(f"  parameters, {mode:<10}: {_millions(count)}")
-    if not args.no_check:
-        texts = ["The file could not be opened.", "Die Datei konnte nicht geöffnet werden.", "Fichier introuvable"]
-        exported = load_exported(result.path).encode_query(texts, convert_to_tensor=True)
-        difference = (exported - cell_embeddings(run, texts, result.cell, "query")).abs().max().item()
-        print(f"  check: max |export - training| over {len(texts)} texts = {difference:.2e}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    return SentenceTransformer(str(path), device="cpu", trust_remote_code=bool(_remote_code(path)))

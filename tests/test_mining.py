@@ -338,10 +338,9 @@ def test_datamodule_draws_k_of_n_mined_negatives_and_the_same_batches_without_th
 @pytest.mark.slow
 def test_a_training_checkpoint_mines_at_its_full_cell(tmp_path, corpus_dir, mlflow_dir):
     from experiments.run import train
-    from lightning_modules.export import Cell
 
     checkpoint = train(compose("tiny", [*run_overrides(tmp_path, corpus_dir, mlflow_dir), "trainer.max_steps=2"])).checkpoint
     config, mining = tiny_mining(tmp_path, corpus_dir, mlflow_dir, tmp_path / "out", [f"mine.model={checkpoint}"])
-    assert Encoder(config, mining).cell == Cell(4, 32, 16)  # 4 blocks, hidden 32, the largest MEL rank
+    assert Encoder(config, mining).cell.name == "layer_4/dim_32/rank_16"  # 4 blocks, hidden 32, the largest rank
     report = mine(config, mining)
     assert report["model"] == str(checkpoint) and report["sources"]["kk"]["rows_written"] > 0

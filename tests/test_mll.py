@@ -18,14 +18,14 @@ def test_paper_layer_sets(depth, expected):
 
 
 def test_uniform_weights_and_explicit_pairing():
-    info = BackboneInfo(hidden_size=8, num_layers=28, vocab_size=10, family="decoder")
+    info = BackboneInfo(hidden_size=8, num_layers=28, vocab_size=10, family="decoder", intermediate_size=64)
     assert MLL(MLLConfig(), info, 0).weights == pytest.approx([1 / 7] * 7)
     plugin = MLL(MLLConfig(layers=[28, 4], weights=[0.75, 0.25]), info, 0)
     assert plugin.layers == [4, 28] and plugin.weights == [0.25, 0.75]
 
 
 def test_layer_beyond_depth_is_rejected():
-    info = BackboneInfo(hidden_size=8, num_layers=4, vocab_size=10, family="encoder")
+    info = BackboneInfo(hidden_size=8, num_layers=4, vocab_size=10, family="encoder", intermediate_size=64)
     with pytest.raises(PluginConfigError, match=r"\[6\] not allowed.*\[1, 4\].*depth") as error:
         MLL(MLLConfig(layers=[2, 6]), info, 0)
     assert error.value.key == "layers"

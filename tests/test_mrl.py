@@ -8,7 +8,7 @@ from lightning_modules.views import View
 
 
 def info(hidden: int) -> BackboneInfo:
-    return BackboneInfo(hidden_size=hidden, num_layers=4, vocab_size=1000, family="encoder")
+    return BackboneInfo(hidden_size=hidden, num_layers=4, vocab_size=1000, family="encoder", intermediate_size=64)
 
 
 def test_paper_dims_and_weights_for_1024():

@@ -8,7 +8,7 @@ from lightning_modules.plugins.mrl import MRLConfig
 from lightning_modules.plugins.precision import PrecisionConfig, binary, clipped_gradient, identity_gradient, int8
 from lightning_modules.views import View
 
-INFO = BackboneInfo(hidden_size=64, num_layers=4, vocab_size=1000, family="encoder")
+INFO = BackboneInfo(hidden_size=64, num_layers=4, vocab_size=1000, family="encoder", intermediate_size=64)
 
 
 def test_int8_rounds_to_255_levels_of_the_largest_coordinate():

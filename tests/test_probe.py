@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.probe.encoding import Cell, EmbeddingCache, split_views
-from callbacks.probe.prober import Prober, preserved_rng, rank_axis, summary
+from callbacks.probe.encoding import EmbeddingCache, Slot, split_views
+from callbacks.probe.prober import Prober, preserved_rng, summary
 from datamodules.gettext_corpus import Pair
-from lightning_modules.views import View, view_name
+from lightning_modules.views import Cell, View, view_name
 
 with preserved_rng():  # mteb reseeds the global generators on import
     import mteb  # noqa: F401
@@ -33,7 +33,7 @@ PREFIXES = SimpleNamespace(query_prefix="q: ", passage_prefix="p: ")
 def hand_encoder(vectors: dict[str, list[float]]):
     """A stand-in for GridEncoder whose cache holds the given (prefixed) texts, one 4-d cell."""
     cache = EmbeddingCache()
-    cache.add(list(vectors), [Cell({"layer": 1, "dim": 4, "rank": "full"}, 0, 4, 16)],
+    cache.add(list(vectors), [Cell({"layer": 1, "dim": 4}, 16)], [Slot(0, 4)],
               [torch.tensor(list(vectors.values()), dtype=torch.float32)])
     return SimpleNamespace(cache=cache, tokenize=PREFIXES)
 
@@ -126,23 +126,24 @@ def test_split_views_shares_one_source_per_exit():
     views = [View(exit_2[:, :d], tags={"layer": 2, "dim": d, "rank": 16}) for d in (8, 4)]
     views += [View(exit_4[:, :d], tags={"layer": 4, "dim": d, "rank": 16}) for d in (8, 4)]
     views.append(View(torch.tanh(exit_4), tags={"layer": 4, "dim": 8, "squash": "tanh", "rank": 16}))
-    cells, sources = split_views(views, num_layers=4)
-    assert [(cell.source, cell.width) for cell in cells] == [(0, 8), (0, 4), (1, 8), (1, 4), (2, 8)]
+    cells, slots, sources = split_views(views, num_layers=4)
+    assert [(slot.source, slot.width) for slot in slots] == [(0, 8), (0, 4), (1, 8), (1, 4), (2, 8)]
     assert len(sources) == 3 and all(source.shape == (3, 8) for source in sources)
     assert torch.equal(sources[0], exit_2) and torch.equal(sources[1], exit_4)
     assert cells[4].name == "layer_4/dim_8/squash_tanh/rank_16"
-    bare, _ = split_views([View(exit_4)], num_layers=4)  # no plugin: full depth, width and rank
-    assert bare[0].tags == {"layer": 4, "dim": 8, "rank": "full"}
+    bare, _, _ = split_views([View(exit_4)], num_layers=4)  # no plugin: full depth and width
+    assert bare[0].tags == {"layer": 4, "dim": 8}
     assert [cell.bytes for cell in cells] == [32, 16, 32, 16, 32]  # float32: 4 bytes per coordinate
-    packed, _ = split_views([View(exit_4[:, :4], bits_per_value=1)], num_layers=4)
+    packed, _, _ = split_views([View(exit_4[:, :4], bits_per_value=1)], num_layers=4)
     assert packed[0].bytes == 1  # 4 sign bits still take a whole byte
 
 
 def test_cache_lookup_slices_then_renormalises():
     cache = EmbeddingCache()
     full = torch.tensor([[3.0, 4.0, 12.0], [1.0, 0.0, 5.0]])
-    cache.add(["a", "b"], [Cell({}, 0, 3, 12), Cell({}, 0, 2, 8)], [full])
-    torch.testing.assert_close(cache.lookup(["b", "a"], cache.cells[1]), torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
+    cache.add(["a", "b"], [Cell({"layer": 1, "dim": 3}, 12), Cell({"layer": 1, "dim": 2}, 8)],
+              [Slot(0, 3), Slot(0, 2)], [full])
+    torch.testing.assert_close(cache.lookup(["b", "a"], 1), torch.tensor([[1.0, 0.0], [0.6, 0.8]]))
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +179,12 @@ def test_sliced_single_encoding_scores_equal_per_cell_encoding(tiny_module):
         f"layer_{l}/dim_{d}/rank_{r}" for r in (16, 8) for l in (2, 4) for d in (32, 16)]
     texts = {(role, text) for task in tasks for role, text in task.probe_inputs()}  # shared by the two tasks
     assert table["texts_encoded_per_device"] == [2 * len(texts)]  # each text once per rank, not once per cell
-    embedding, ranks = rank_axis(module)
     module.eval()
     for cell in table["cells"]:
-        embedding.rank = cell["tags"]["rank"]
         for task in tasks:
-            naive = evaluate(NaiveCell(module, tokenize, task, cell["tags"]["layer"], cell["tags"]["dim"]), task, 16)
+            with module.applied({"rank": cell["tags"]["rank"]}):
+                naive = evaluate(NaiveCell(module, tokenize, task, cell["tags"]["layer"], cell["tags"]["dim"]), task,
+                                 16)
             mine = cell["scores"][task.metadata.name]
             assert mine["subsets"] == pytest.approx(naive["subsets"], abs=1e-6), cell["name"]
             assert {k: v for k, v in mine.items() if k != "subsets"} == pytest.approx(
@@ -196,15 +197,15 @@ def test_probe_leaves_weights_modes_rank_and_rng_untouched(tiny_module):
     module, tokenize, tasks = tiny_module
     module.train()
     module.backbone.model.embeddings.eval()  # a submodule deliberately in eval mode stays so
-    embedding, _ = rank_axis(module)
-    embedding.rank = 8
+    mel = module.model_side[0]
+    mel.set(8)
     weights = {name: value.clone() for name, value in module.state_dict().items()}
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     before = (random.random(), np.random.random(), torch.rand(1))
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     Prober(module, tokenize, tasks, batch_size=16).run(step=0)
     assert (random.random(), np.random.random(), torch.rand(1)) == before
-    assert embedding.rank == 8 and module.training and not module.backbone.model.embeddings.training
+    assert mel.current() == 8 and module.training and not module.backbone.model.embeddings.training
     assert module.backbone.model.encoder.training
     for name, value in module.state_dict().items():
         assert torch.equal(value, weights[name]), name

@@ -57,7 +57,7 @@ def test_two_process_probe_equals_one_process(strategy, overrides, reference, tm
             assert mine["scores"][task]["subsets"] == pytest.approx(scores["subsets"], abs=1e-6), (mine["name"], task)
     # Each device encoded its half (the odd text of a pass is padded), not a copy of everything.
     (alone,), (first, second) = reference["texts_encoded_per_device"], table["texts_encoded_per_device"]
-    assert first == second and alone <= first + second <= alone + 2 * table["ranks_encoded"]
+    assert first == second and alone <= first + second <= alone + 2 * table["settings_encoded"]
     run_id = (run_dir / RUN_ID_FILE).read_text().strip()
     history = mlflow.MlflowClient(f"sqlite:///{mlflow_dir}/mlflow.db").get_metric_history(run_id, "probe/seconds")
     assert [metric.step for metric in history] == [0]  # logged once, by rank 0

@@ -66,7 +66,7 @@ def test_probe_tables_metrics_and_heatmaps(runs):
 
 
 def test_make_probe_on_the_checkpoint_reproduces_the_last_probe(runs, capsys):
-    from callbacks.probe.__main__ import main
+    from experiments.probe import main
 
     config, result = runs["probed"]
     during_training = latest_table(result.run_dir)

@@ -1,4 +1,4 @@
-"""Encode probe texts ONCE per MEL rank and keep every cell of the grid as a slice of that one encoding.
+"""Encode probe texts ONCE per model-side setting and keep every cell of the grid as a slice of that one encoding.
 
 One forward per text gives every MLL exit (``bundle.layer(l)``); the plugins' ``expand`` turns the bundle into
 the tagged views training uses (``layer_4/dim_64/rank_128``, plus any axis a new plugin adds). MRL views are
@@ -17,37 +17,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.views import View, view_name
+from lightning_modules.views import Cell, View
 
 
 @dataclass(frozen=True)
-class Cell:
-    """One deployable configuration of the grid.
+class Slot:
+    """Where a cell's embeddings lie in the cache: the first ``width`` coordinates of stored matrix ``source``."""
 
-    Args:
-        tags: ``{"layer": l, "dim": d, ..., "rank": r}`` in the order plugins add them (``rank: "full"`` without
-            MEL; ``layer``/``dim`` default to the full depth/width when no plugin nests them).
-        source: index of the stored matrix this cell slices.
-        width: number of leading coordinates of that matrix the cell uses.
-        bytes: storage of one vector of this cell at deployment (``width`` × the view's bits per value / 8).
-    """
-
-    tags: dict
     source: int
     width: int
-    bytes: int
-
-    @property
-    def name(self) -> str:
-        return view_name(self.tags)
 
 
-def split_views(views: Sequence[View], num_layers: int) -> tuple[list[Cell], list[Tensor]]:
-    """``(cells, sources)`` of one batch's views: views that are prefix slices of one tensor (same storage start
-    and strides, e.g. MRL dims of one exit) share a source, the widest of them."""
+def split_views(views: Sequence[View], num_layers: int) -> tuple[list[Cell], list[Slot], list[Tensor]]:
+    """``(cells, slots, sources)`` of one batch's views: views that are prefix slices of one tensor (same storage
+    start and strides, e.g. MRL dims of one exit) share a source, the widest of them."""
     sources: list[Tensor] = []
     by_storage: dict[tuple, int] = {}
-    cells = []
+    cells, slots = [], []
     for view in views:
         embeddings = view.embeddings
         storage = (embeddings.data_ptr(), embeddings.stride())
@@ -57,10 +43,9 @@ def split_views(views: Sequence[View], num_layers: int) -> tuple[list[Cell], lis
         source = by_storage[storage]
         if embeddings.shape[1] > sources[source].shape[1]:
             sources[source] = embeddings
-        tags = {"layer": num_layers, "dim": embeddings.shape[1], **view.tags}
-        tags.setdefault("rank", "full")
-        cells.append(Cell(tags, source, embeddings.shape[1], view.bytes_per_vector))
-    return cells, sources
+        cells.append(view.cell(num_layers))
+        slots.append(Slot(source, embeddings.shape[1]))
+    return cells, slots, sources
 
 
 class EmbeddingCache:
@@ -68,21 +53,22 @@ class EmbeddingCache:
 
     Example:
         >>> cache = EmbeddingCache()
-        >>> cache.add(["a", "b"], [Cell({"layer": 1, "dim": 2, "rank": "full"}, 0, 2, 8)], [torch.eye(2)])
-        >>> cache.lookup(["b"], cache.cells[0]).tolist()
+        >>> cache.add(["a", "b"], [Cell({"layer": 1, "dim": 2}, 8)], [Slot(0, 2)], [torch.eye(2)])
+        >>> cache.lookup(["b"], 0).tolist()
         [[0.0, 1.0]]
     """
 
     def __init__(self) -> None:
         self.index: dict[str, int] = {}
         self.cells: list[Cell] = []
+        self.slots: list[Slot] = []
         self._chunks: list[list[Tensor]] = []
         self._matrices: list[Tensor] = []
 
-    def add(self, texts: Sequence[str], cells: list[Cell], sources: Sequence[Tensor]) -> None:
+    def add(self, texts: Sequence[str], cells: list[Cell], slots: list[Slot], sources: Sequence[Tensor]) -> None:
         """Rows ``sources[s][i]`` belong to ``texts[i]``; ``cells`` must match those of earlier additions."""
         if not self.cells:
-            self.cells = cells
+            self.cells, self.slots = cells, slots
             self._chunks = [[] for _ in sources]
         elif [cell.name for cell in cells] != [cell.name for cell in self.cells]:
             raise RuntimeError("the plugins produced a different set of views for another batch of probe texts")
@@ -93,12 +79,14 @@ class EmbeddingCache:
             chunks.append(matrix.detach().float().cpu())
         self._matrices = []
 
-    def lookup(self, texts: Sequence[str], cell: Cell) -> Tensor:
-        """L2-normalised ``[len(texts), cell.width]`` embeddings (the truncation is re-normalised, as in training)."""
+    def lookup(self, texts: Sequence[str], cell: int) -> Tensor:
+        """L2-normalised ``[len(texts), width]`` embeddings of cell number ``cell`` (the truncation is re-normalised,
+        as in training)."""
         if not self._matrices:
             self._matrices = [torch.cat(chunks) for chunks in self._chunks]
         rows = torch.tensor([self.index[text] for text in texts], dtype=torch.long)
-        return F.normalize(self._matrices[cell.source][rows, : cell.width], dim=-1)
+        slot = self.slots[cell]
+        return F.normalize(self._matrices[slot.source][rows, : slot.width], dim=-1)
 
     def __contains__(self, text: str) -> bool:
         return text in self.index
@@ -128,7 +116,7 @@ class GridEncoder:
     Under DDP/FSDP2 :meth:`encode_missing` is collective: every device computes the same list of missing texts,
     encodes a strided shard of it (padded so that every device runs the same number of batches, which FSDP2's
     per-forward all-gathers need) and the shards are all-gathered. The module must already be in eval mode
-    under ``torch.no_grad`` with the MEL rank set (see :class:`~callbacks.probe.prober.Prober`).
+    under ``torch.no_grad`` at the model-side setting to encode (see :class:`~callbacks.probe.prober.Prober`).
 
     Args:
         module: the :class:`~lightning_modules.module.MatryoshkaEmbedder`.
@@ -146,11 +134,12 @@ class GridEncoder:
         self.encoded = 0  # texts this device ran through the backbone (padding included)
         self.threads = torch.get_num_threads()  # forwards keep these even when scoring runs single-threaded
 
-    def _forward(self, texts: list[str]) -> tuple[list[Cell], list[Tensor]]:
+    def _forward(self, texts: list[str]) -> tuple[list[Cell], list[Slot], list[Tensor]]:
         batch = self.tokenize.encode(texts)
         with self.forward_context():
-            bundle = self.module.backbone(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            return split_views(self.module.expand(bundle), bundle.num_layers)
+            views = self.module.forward_views(batch["input_ids"].to(self.device),
+                                              batch["attention_mask"].to(self.device))
+            return split_views(views, self.module.backbone.info.num_layers)
 
     def encode_missing(self, texts: Sequence[str]) -> None:
         """Encodes the texts not yet cached (collective under a process group: call it on every device)."""
@@ -164,7 +153,7 @@ class GridEncoder:
         chunks: list[list[Tensor]] = []
         with intra_op_threads(self.threads):
             for start in range(0, len(mine), self.batch_size):
-                cells, sources = self._forward(mine[start: start + self.batch_size])
+                cells, slots, sources = self._forward(mine[start: start + self.batch_size])
                 chunks = chunks or [[] for _ in sources]
                 for chunk, source in zip(chunks, sources):
                     chunk.append(source.float())
@@ -172,7 +161,7 @@ class GridEncoder:
         sources = [torch.cat(chunk) for chunk in chunks]
         if world_size > 1:
             sources = [_interleave_gather(source, world_size) for source in sources]
-        self.cache.add(missing, cells, [source[: len(missing)] for source in sources])
+        self.cache.add(missing, cells, slots, [source[: len(missing)] for source in sources])
 
 
 def _interleave_gather(local: Tensor, world_size: int) -> Tensor:

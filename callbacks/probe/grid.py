@@ -51,14 +51,14 @@ def prefix(tokenize, prompt_type: PromptType | None) -> str:
 
 
 class CellModel(AbsEncoder):
-    """One grid cell (a layer, a dim, a rank, ...) as an mteb encoder, read from the shared encoding.
+    """One grid cell (a layer, a dim, a model-side setting, ...) as an mteb encoder, read from the shared encoding.
 
     Texts get the run's query prefix, or its passage prefix for documents (e5: ``query: ``/``passage: ``); a task
     that calls ``encode`` without a prompt type (bitext mining) can declare each text's role in ``roles``.
     Embeddings are the cell's slice of the cached encoding, re-normalised; ``similarity`` is the cosine.
 
     Args:
-        encoder: the rank's :class:`~callbacks.probe.encoding.GridEncoder`.
+        encoder: the model-side setting's :class:`~callbacks.probe.encoding.GridEncoder`.
         cell: index into ``encoder.cache.cells`` (resolved at encode time: the first encode discovers the grid).
         meta: the model metadata (its revision names the step, so no result cache can match).
         may_encode: whether a text missing from the cache may be encoded now (a collective under DDP/FSDP2).
@@ -83,8 +83,7 @@ class CellModel(AbsEncoder):
         elif any(text not in self.encoder.cache for text in texts):
             raise RuntimeError(f"{task_metadata.name} asked for texts that were not encoded in its warm-up cell; "
                                f"encoding now would desynchronise the devices")
-        cache = self.encoder.cache
-        return cache.lookup(texts, cache.cells[self.cell])
+        return self.encoder.cache.lookup(texts, self.cell)
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         return _unit(embeddings1) @ _unit(embeddings2).T

@@ -1,4 +1,5 @@
-"""Score every cell of the Matryoshka grid on mteb tasks: |ranks| encodings, not |layers|·|dims|·|ranks|."""
+"""Score every cell of the Matryoshka grid on mteb tasks: one encoding per model-side setting (e.g. MEL rank), not
+one per cell."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import numpy as np
 import torch
 
 from callbacks.probe.encoding import GridEncoder, intra_op_threads, world
-from lightning_modules.plugins.mel import FactorizedEmbedding
-from lightning_modules.views import view_name
+from lightning_modules.views import Cell, view_name
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,10 @@ def preserved_rng() -> Iterator[None]:
 
 
 @contextmanager
-def preserved_state(module: torch.nn.Module, embedding: FactorizedEmbedding | None) -> Iterator[None]:
-    """Eval mode and no grad inside; on exit every submodule's train/eval flag, the MEL rank and the global RNGs
-    are what they were (weights are never written: no grad, no optimizer)."""
+def preserved_state(module: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and no grad inside; on exit every submodule's train/eval flag and the global RNGs are what they
+    were (weights are never written: no grad, no optimizer; model-side settings are restored by ``applied``)."""
     modes = [(submodule, submodule.training) for submodule in module.modules()]
-    rank = embedding.rank if embedding is not None else None
     module.eval()
     try:
         with preserved_rng(), torch.no_grad():
@@ -50,8 +49,6 @@ def preserved_state(module: torch.nn.Module, embedding: FactorizedEmbedding | No
     finally:
         for submodule, mode in modes:  # per module: a frozen submodule may be in eval mode on purpose
             submodule.training = mode
-        if embedding is not None:
-            embedding.rank = rank
         _reshard(module)
 
 
@@ -63,16 +60,6 @@ def _reshard(module: torch.nn.Module) -> None:
     for submodule in module.modules():
         if isinstance(submodule, FSDPModule):
             submodule.reshard()
-
-
-def rank_axis(module) -> tuple[FactorizedEmbedding | None, list[int | None]]:
-    """The MEL embedding and the ranks to probe (its plugin's ladder), or ``(None, [None])`` without MEL."""
-    embedding = module.backbone.input_embeddings()
-    if not isinstance(embedding, FactorizedEmbedding):
-        return None, [None]
-    ladder = next((plugin.ranks for plugin in module.plugins if getattr(plugin, "embedding", None) is embedding),
-                  [embedding.max_rank])
-    return embedding, list(ladder)
 
 
 def _all_gather(value):
@@ -98,11 +85,12 @@ class Prober:
     """Evaluates mteb tasks at every cell (layer, dim, rank, and any axis a plugin adds) of a
     :class:`~lightning_modules.module.MatryoshkaEmbedder`.
 
-    For each MEL rank (one rank ``full`` without MEL) every probe text is encoded ONCE with all MLL exits; each
-    (layer, dim) cell reads its slice of that encoding, re-normalised. The first cell is evaluated on every device
+    For each model-side setting (:meth:`~lightning_modules.module.MatryoshkaEmbedder.settings`: a MEL rank, an FFN
+    width, ...) every probe text is encoded ONCE with all MLL exits; each (layer, dim, ...) cell reads its slice of
+    that encoding, re-normalised. The first cell is evaluated on every device
     (texts a task had not announced are encoded then, together); the other cells are spread over the devices and
     the scores gathered, so every device holds the full table. The probe never changes weights, train/eval flags,
-    the MEL rank or the global RNG streams.
+    model-side settings or the global RNG streams.
 
     Args:
         module: the model whose plugins define the grid.
@@ -136,13 +124,13 @@ class Prober:
     def run(self, step: int, forward_context: Callable[[], AbstractContextManager] = nullcontext) -> dict:
         """Scores every cell at training step ``step``; the returned table is identical on every device."""
         started = time.perf_counter()
-        embedding, ranks = rank_axis(self.module)
+        settings = self.module.settings()
         device_rank, world_size = world()
         results: dict[str, dict] = {}
         errors: dict[str, str] = {}
         order: list[str] = []  # the grid's cell order (devices score cells in different orders)
         encoded = 0
-        with preserved_state(self.module, embedding):
+        with preserved_state(self.module):
             from callbacks.probe.grid import CellModel, evaluate, model_meta
 
             meta = model_meta(self.model_name, f"step-{step}", self.module.backbone.info.hidden_size,
@@ -167,17 +155,16 @@ class Prober:
                 entry = results.setdefault(cell.name, {"tags": cell.tags, "bytes": cell.bytes, "scores": {}})
                 entry["scores"][name] = scores
 
-            for rank in ranks:
-                if embedding is not None:
-                    embedding.rank = rank
+            for setting in settings:
                 encoder = GridEncoder(self.module, self.tokenize, self.batch_size, self.device, forward_context)
-                encoder.encode_missing(self._announced_texts())
-                for task in self.tasks:  # warm-up cell on every device: the only place new texts may be encoded
-                    score(encoder, task, 0, may_encode=True)
-                for index in range(1, len(encoder.cache.cells)):
-                    if index % world_size == device_rank:
-                        for task in self.tasks:
-                            score(encoder, task, index, may_encode=world_size == 1)
+                with self.module.applied(setting):
+                    encoder.encode_missing(self._announced_texts())
+                    for task in self.tasks:  # warm-up cell on every device: the only place new texts may be encoded
+                        score(encoder, task, 0, may_encode=True)
+                    for index in range(1, len(encoder.cache.cells)):
+                        if index % world_size == device_rank:
+                            for task in self.tasks:
+                                score(encoder, task, index, may_encode=world_size == 1)
                 encoded += encoder.encoded
                 order += [cell.name for cell in encoder.cache.cells]
                 for other_results, other_errors in _all_gather((results, errors)):
@@ -189,9 +176,9 @@ class Prober:
         for task, error in errors.items():
             log.error("probe: task %s failed at step %d and is left out of this probe: %s", task, step, error)
         results = {name: results[name] for name in order if name in results}
-        return self._table(step, ranks, results, errors, _all_gather(encoded), time.perf_counter() - started)
+        return self._table(step, settings, results, errors, _all_gather(encoded), time.perf_counter() - started)
 
-    def _table(self, step: int, ranks: list, results: dict, errors: dict, encoded: list[int], seconds: float) -> dict:
+    def _table(self, step: int, settings: list, results: dict, errors: dict, encoded: list[int], seconds: float) -> dict:
         cells = []
         for name, cell in results.items():
             # A task that failed anywhere is left out of the whole probe, also from cells scored before it failed.
@@ -209,7 +196,7 @@ class Prober:
             "format": TABLE_FORMAT,
             "step": step,
             "seconds": seconds,
-            "ranks_encoded": len(ranks),
+            "settings_encoded": len(settings),
             "texts_encoded_per_device": encoded,
             "axes": axes,
             "tasks": {task.metadata.name: {"type": task.metadata.type, "main_score": task.metadata.main_score,
@@ -222,18 +209,18 @@ class Prober:
 
 
 def summary(cells: list[dict]) -> dict:
-    """The mean main score at the full cell (deepest, most bytes per vector, highest rank) and at the cheapest (the
-    smallest of each), labelled ``full`` and ``cheapest``; and the same within each value of any other tag axis
-    (``full/precision_binary``), so a new axis gets its summaries without an edit here."""
+    """The mean main score at the full cell (deepest, most bytes per vector, largest model-side settings) and at the
+    cheapest (the smallest of each; see :meth:`~lightning_modules.views.Cell.size`), labelled ``full`` and
+    ``cheapest``; and the same within each value of any non-numeric tag axis (``full/precision_binary``), so a new
+    axis gets its summaries without an edit here."""
 
     def size(cell: dict) -> tuple:
-        return tuple(value if isinstance(value, (int, float)) else math.inf
-                     for value in (cell["tags"]["layer"], cell["bytes"], cell["tags"]["rank"]))
+        return Cell(cell["tags"], cell["bytes"]).size()
 
     groups = {"": cells}
     for cell in cells:
         for key, value in cell["tags"].items():
-            if key not in ("layer", "dim", "rank"):
+            if not isinstance(value, (int, float)):
                 groups.setdefault(f"/{view_name({key: value})}", []).append(cell)
     return {f"{label}{group}": {"cell": chosen["name"], "mean_main_score": chosen["mean_main_score"]}
             for group, members in groups.items() if members

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    from torch import Tensor, nn
 
     from lightning_modules.backbone import Backbone, BackboneInfo
-    from lightning_modules.views import EmbeddingBundle, View
+    from lightning_modules.views import Cell, EmbeddingBundle, View
 
 
 class PluginConfigError(ValueError):
@@ -44,7 +46,11 @@ class MatryoshkaPlugin:
         loss_terms(view, batch): extra loss terms of one view (distillation), added to its contrastive terms:
             weighted by ``view.weight``, summed into the total and logged like them (``train/loss_<term>`` and
             ``train/loss_<term>/<view>``). Names must differ from ``hard``, ``in_batch`` and other plugins' terms.
+        card_lines(cell): lines this axis adds to the model card of an exported cell (precision: how to store
+            the quantized vectors).
     and optionally ``step_metrics()`` to log the step's choices (MEL: its rank).
+
+    An axis that changes the network itself (a setting per forward) subclasses :class:`ModelSidePlugin`.
     """
 
     Config: ClassVar[type[PluginConfig]] = PluginConfig
@@ -73,11 +79,79 @@ class MatryoshkaPlugin:
         """Scalars of this step's configuration to log under ``train/`` (default: none)."""
         return {}
 
+    def card_lines(self, cell: Cell) -> list[str]:
+        """Markdown lines for the model card of an exported ``cell`` (default: none)."""
+        return []
+
     def step_rng(self, step: int) -> np.random.Generator:
         """A generator that depends only on (seed, plugin class, step): identical on every device and
         after a resume, independent of any global RNG state."""
         name_entropy = int.from_bytes(type(self).__name__.encode()[:8].ljust(8, b"\0"), "little")
         return np.random.default_rng([self.seed, name_entropy, step])
+
+
+class ModelSidePlugin(MatryoshkaPlugin):
+    """Base class of an axis that changes the network itself: one *setting* per forward (MEL: the token-embedding
+    rank; FFN: the feed-forward width).
+
+    A subclass sets ``tag`` (the view tag and cell-name part, e.g. ``rank``), fills ``self.settings`` (the ladder,
+    largest first) and ``self.probabilities`` in ``__init__``, and implements:
+
+        current(): the setting the model computes with now.
+        set(setting): make the model compute with ``setting``: the only place that writes it.
+        export(model, setting, mode): write ``setting`` into ``model``, a copy of the Hugging Face model cut for
+            export, so that it computes the cell with plain transformers code; ``mode`` is ``compat`` (no custom
+            code) or ``factorized`` (an axis with a compact form may keep it). Returns the files to write beside
+            the model and the ``config.json`` entries to update (both may be empty).
+
+    Training calls :meth:`before_forward`, which sets ``sample(step)`` (a pure function of (seed, step): every device
+    agrees, a resumed run repeats it) and leaves it in place through the backward pass (activation checkpointing
+    recomputes with it). Tools use :meth:`applied`, which restores the previous setting on exit.
+    """
+
+    tag: ClassVar[str]
+    settings: list
+    probabilities: list[float]
+
+    def current(self):
+        raise NotImplementedError
+
+    def set(self, setting) -> None:
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, setting, mode: str) -> tuple[dict[str, str], dict[str, object]]:
+        raise NotImplementedError
+
+    def sample(self, step: int):
+        """The setting training uses at global step ``step``."""
+        return self.settings[int(self.step_rng(step).choice(len(self.settings), p=self.probabilities))]
+
+    @contextmanager
+    def applied(self, setting) -> Iterator[None]:
+        """The model computes with ``setting`` inside; the previous setting is back on exit."""
+        previous = self.current()
+        self.set(setting)
+        try:
+            yield
+        finally:
+            self.set(previous)
+
+    def before_forward(self, step: int) -> None:
+        self.set(self.sample(step))
+
+    def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
+        return [view.derive(**{self.tag: self.current()}) for view in views]
+
+    def step_metrics(self) -> dict[str, float]:
+        return {f"{type(self).__name__.lower()}/{self.tag}": float(self.current())}
+
+
+def ladder_probabilities(key: str, probabilities: list[float] | None, ladder: list[int]) -> list[float]:
+    """Sampling probabilities of a descending ``ladder``: the given weights (one per entry, paired in the order the
+    user wrote them) or proportional to the value, normalised."""
+    explicit = checked_weights(key, probabilities, ladder)
+    weights = ladder if explicit is None else [explicit[value] for value in ladder]
+    return [weight / sum(weights) for weight in weights]
 
 
 def checked_ladder(key: str, values: list[int], high: int, bound: str, example: list[int]) -> list[int]:

@@ -9,11 +9,54 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, PluginConfigError, checked_ladder, checked_weights
+from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, PluginConfigError, checked_ladder, ladder_probabilities
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import Backbone, BackboneInfo
-    from lightning_modules.views import EmbeddingBundle, View
+    from lightning_modules.views import Cell
+
+FACTORIZED_CODE_FILE = "modeling_factorized.py"
+
+# Written next to a factorized export; transformers imports it with trust_remote_code=True. It must not import
+# this project: the folder has to load anywhere transformers is installed.
+FACTORIZED_CODE = '''"""Token embedding kept as two factors, E[ids] = U[ids] @ V (matryoshka-lab, MODE=factorized).
+
+Load with ``AutoModel.from_pretrained(path, trust_remote_code=True)`` or
+``SentenceTransformer(path, trust_remote_code=True)``; ``config.matryoshka_rank`` is the rank r. The model type
+``{model_type}`` is unknown to transformers on purpose: loading without this file fails instead of silently
+building a random full-size embedding.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import {config_base} as _BaseConfig
+from transformers import {base} as _Base
+
+
+class {config_name}(_BaseConfig):
+    model_type = "{model_type}"
+
+
+class FactorizedEmbedding(nn.Module):
+    """``left``: [vocab, r] (U·S), ``right``: [r, d] (V); rows are gathered before the product."""
+
+    def __init__(self, num_embeddings: int, rank: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.left = nn.Parameter(torch.zeros(num_embeddings, rank))
+        self.right = nn.Parameter(torch.zeros(rank, embedding_dim))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.left) @ self.right
+
+
+class {name}(_Base):
+    config_class = {config_name}
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.set_input_embeddings(FactorizedEmbedding(config.vocab_size, config.matryoshka_rank, config.hidden_size))
+'''
 
 
 def default_ranks(rank: int) -> list[int]:
@@ -78,7 +121,7 @@ class MELConfig(PluginConfig):
     """Sampling weight per entry of ``ranks`` (normalised); default proportional to the rank."""
 
 
-class MEL(MatryoshkaPlugin):
+class MEL(ModelSidePlugin):
     """Replaces the token embedding by its SVD factors and trains one sampled rank per step.
 
     ``setup`` computes ``E = U S Vh`` once and swaps the model's embedding for
@@ -87,7 +130,8 @@ class MEL(MatryoshkaPlugin):
     probability ∝ r (R = 512: ranks 512, 256, 128, 64 with p = 0.533, 0.267, 0.133, 0.067), from a generator
     seeded by (seed, global step): every device draws the same rank and a resumed run repeats the sequence.
     No extra loss term: the step's input embeddings change; views are tagged ``rank=r``.
-    Deployed parameters at rank r: ``vocab·r + r·d``.
+    Deployed parameters at rank r: ``vocab·r + r·d``. Export writes ``U[:, :r]·V[:r]`` as a plain embedding matrix
+    (``compat``) or keeps the two factors (``factorized``, with a short modeling file for ``trust_remote_code``).
 
     Args:
         config: ``rank``, ``ranks`` and ``probabilities`` (see :class:`MELConfig`).
@@ -103,6 +147,7 @@ class MEL(MatryoshkaPlugin):
 
     Config = MELConfig
     stage = 30
+    tag = "rank"
 
     def __init__(self, config: MELConfig, info: BackboneInfo, seed: int) -> None:
         super().__init__(config, info, seed)
@@ -114,27 +159,46 @@ class MEL(MatryoshkaPlugin):
         ranks = checked_ladder("ranks", default_ranks(max_rank) if config.ranks is None else list(config.ranks),
                                max_rank, "plugins.mel.rank", default_ranks(max_rank))
         self.max_rank = max_rank
-        self.ranks = sorted(ranks, reverse=True)
-        explicit = checked_weights("probabilities", config.probabilities, ranks)
-        weights = self.ranks if explicit is None else [explicit[r] for r in self.ranks]
-        self.probabilities = [weight / sum(weights) for weight in weights]
+        self.settings = sorted(ranks, reverse=True)
+        self.probabilities = ladder_probabilities("probabilities", config.probabilities, self.settings)
         self.embedding: FactorizedEmbedding | None = None
 
     def setup(self, backbone: Backbone) -> None:
         self.embedding = FactorizedEmbedding.from_svd(backbone.input_embeddings().weight, self.max_rank)
         backbone.replace_input_embeddings(self.embedding)
 
-    def rank_at(self, step: int) -> int:
-        """The rank of global step ``step``: a pure function of (seed, step)."""
-        return int(self.step_rng(step).choice(self.ranks, p=self.probabilities))
+    def current(self) -> int:
+        return self._factors().rank
 
-    def before_forward(self, step: int) -> None:
+    def set(self, rank: int) -> None:
+        self._factors().rank = rank
+
+    def _factors(self) -> FactorizedEmbedding:
         if self.embedding is None:
-            raise RuntimeError("MEL.setup(backbone) must run before the first forward")
-        self.embedding.rank = self.rank_at(step)
+            raise RuntimeError("MEL.setup(backbone) must run before the model is used")
+        return self.embedding
 
-    def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
-        return [view.derive(rank=self.embedding.rank) for view in views]
+    def export(self, model: nn.Module, rank: int, mode: str) -> tuple[dict[str, str], dict[str, object]]:
+        factors = self._factors()
+        with torch.no_grad():
+            if mode == "compat":
+                model.set_input_embeddings(nn.Embedding.from_pretrained(
+                    factors.merged_weight(rank), freeze=False, padding_idx=getattr(model.config, "pad_token_id", None)))
+                return {}, {}
+            model.set_input_embeddings(FactorizedEmbedding(factors.left[:, :rank].clone(),
+                                                           factors.right[:rank].clone()))
+        names = {"base": type(model).__name__, "config_base": type(model.config).__name__,
+                 "model_type": f"{model.config.model_type}_factorized"}
+        names |= {"name": f"Factorized{names['base']}", "config_name": f"Factorized{names['config_base']}"}
+        code = FACTORIZED_CODE_FILE.removesuffix(".py")
+        return ({FACTORIZED_CODE_FILE: FACTORIZED_CODE.format(**names)},
+                {"model_type": names["model_type"], "architectures": [names["name"]], "matryoshka_rank": rank,
+                 "auto_map": {"AutoConfig": f"{code}.{names['config_name']}", "AutoModel": f"{code}.{names['name']}"}})
 
-    def step_metrics(self) -> dict[str, float]:
-        return {"mel/rank": float(self.embedding.rank)}
+    def card_lines(self, cell: Cell) -> list[str]:
+        rank, info = cell.tags[self.tag], self.info
+        return ["", "## Token embedding (MEL)", "",
+                f"Rank {rank} of the SVD factors (trained ranks {self.settings}): `vocab·r + r·d` = "
+                f"{rank * (info.vocab_size + info.hidden_size):,} parameters factorized (`make export MODE=factorized`"
+                f", loads with `trust_remote_code=True`), {info.vocab_size * info.hidden_size:,} as the merged matrix "
+                f"`U[:, :r]·V[:r]` (`compat`)."]

@@ -9,10 +9,11 @@ import torch
 from torch import Tensor
 
 from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, PluginConfigError, checked_weights
+from lightning_modules.views import vector_bytes
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import BackboneInfo
-    from lightning_modules.views import EmbeddingBundle, View
+    from lightning_modules.views import Cell, EmbeddingBundle, View
 
 
 def int8(embeddings: Tensor) -> Tensor:
@@ -41,6 +42,14 @@ def clipped_gradient(embeddings: Tensor, quantized: Tensor) -> Tensor:
     rms = embeddings.detach().norm(dim=-1, keepdim=True) / embeddings.shape[-1] ** 0.5
     return quantized.detach() + (embeddings - embeddings.detach()) * (embeddings.detach().abs() <= rms)
 
+
+# The stored vectors the probe scores, in numpy (the model card of an exported cell shows it; a test executes it).
+QUANTIZE_SNIPPET = """\
+import numpy as np
+
+e = model.encode_document(texts)  # float32, L2-normalised: [n, dim]
+codes = np.round(127 * e / np.abs(e).max(axis=1, keepdims=True)).astype(np.int8)  # int8: compare by cosine
+bits = np.packbits(e >= 0, axis=1)  # binary: rank by Hamming distance (bitwise XOR, then count the ones)"""
 
 # level -> (quantizer, or None for the float view itself; bits per stored value)
 LEVELS = {"fp32": (None, 32), "int8": (int8, 8), "binary": (binary, 1)}
@@ -120,3 +129,15 @@ class Precision(MatryoshkaPlugin):
                     derived = replace(derived, weight=0.0)  # probed, not trained
                 nested.append(derived)
         return nested
+
+    def card_lines(self, cell: Cell) -> list[str]:
+        rows = [f"| {level} | {weight:g} | {vector_bytes(cell.dim, LEVELS[level][1])} |"
+                for level, weight in zip(self.levels, self.weights)]
+        return ["", "## Storing int8 or binary vectors", "",
+                "The run has the precision axis: a level with a non-zero loss weight was trained on its quantized "
+                "vectors (straight-through gradients), one with weight 0 only probed"
+                + (f", as were codes under {self.min_bytes} bytes" if self.min_bytes else "")
+                + ". The probe scores below are labelled by precision.", "",
+                "| precision | loss weight | bytes per vector |", "|---|---|---|", *rows, "",
+                "The stored vectors the probe scored (int8: per vector, 255 symmetric levels of its largest "
+                "coordinate; binary: the sign bits):", "", "```python", QUANTIZE_SNIPPET, "```"]

@@ -1,7 +1,7 @@
-"""``python -m callbacks.probe CKPT [probe.key=value ...]`` (``make probe CKPT=... ARGS=...``): probe a checkpoint.
+"""``python -m experiments.probe CKPT [probe.key=value ...]`` (``make probe CKPT=... ARGS=...``): probe a checkpoint.
 
 Rebuilds the module from the run's resolved ``config.yaml`` (next to ``checkpoints/``), loads the checkpoint's
-weights, scores every (layer, dim, rank) cell, prints the table, writes ``<run_dir>/probe/checkpoint/probe_step_<n>.*``
+weights, scores every cell of the run, prints the table, writes ``<run_dir>/probe/checkpoint/probe_step_<n>.*``
 (beside the tables of training) and, when the run has an MLflow run id, logs the metrics to that MLflow run at the
 checkpoint's step and the files under its artifacts ``probe/checkpoint/step_<n>``.
 """
@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-USAGE = "usage: python -m callbacks.probe CKPT [--no-mlflow] [probe.key=value ...]"
+USAGE = "usage: python -m experiments.probe CKPT [--no-mlflow] [probe.key=value ...]"
 
 
 def main(argv: list[str]) -> int:
@@ -29,8 +29,8 @@ def main(argv: list[str]) -> int:
     from callbacks.probe.callback import check_tasks, probe_corpus_dir
     from callbacks.probe.prober import Prober
     from experiments.config import ConfigError, validate
+    from experiments.loading import RunLoadError, load_run
     from experiments.tracking import RUN_ID_FILE
-    from lightning_modules.export import ExportError, load_run
 
     checkpoint, options = argv[0], argv[1:]
     use_mlflow = "--no-mlflow" not in options
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
         config = OmegaConf.merge(run.config, OmegaConf.from_dotlist(overrides))
         validate(config)
         check_tasks(config.probe)
-    except (ConfigError, ExportError) as error:
+    except (ConfigError, RunLoadError) as error:
         print(error, file=sys.stderr)
         return 2
     import torch
@@ -51,10 +51,10 @@ def main(argv: list[str]) -> int:
     from callbacks.probe.tasks import build_tasks
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = run.module.to(device)
+    module = run.model.module.to(device)
     tasks = build_tasks(list(config.probe.tasks), probe_corpus_dir(config), list(config.probe.locales),
                         config.probe.max_pairs_per_locale)
-    table = Prober(module, run.tokenize, tasks, config.probe.batch_size, f"matryoshka-lab/{config.name}",
+    table = Prober(module, run.model.tokenize, tasks, config.probe.batch_size, f"matryoshka-lab/{config.name}",
                    device).run(run.global_step)
     # Beside, not over, the tables written during training (this probe may use other settings).
     files = report.write(table, Path(run.run_dir) / report.PROBE_DIR / report.CHECKPOINT_DIR)

@@ -1,0 +1,102 @@
+"""The public API of a trained model: its deployable cells and the embeddings of texts at any of them."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_modules.backbone import BatchTokenizer
+from lightning_modules.module import MatryoshkaEmbedder
+from lightning_modules.views import Cell, axis_values
+
+PROMPTS = ("query", "passage")
+
+
+class CellError(ValueError):
+    """A cell request that names no cell of the run; the message lists what is allowed."""
+
+
+class EmbeddingModel:
+    """A :class:`~lightning_modules.module.MatryoshkaEmbedder` with its tokenizer: texts in, embeddings out.
+
+    Every tool that uses a trained model (the probe, export, mining, benchmarks) goes through this class and the
+    module's :meth:`~lightning_modules.module.MatryoshkaEmbedder.cells` /
+    :meth:`~lightning_modules.module.MatryoshkaEmbedder.applied`; none knows which plugins made the cells.
+
+    Args:
+        module: the trained module (its plugins define the cells).
+        tokenize: the run's tokenizer (prefixes, max length, EOS handling).
+        batch_size: texts per forward in :meth:`encode`.
+
+    Example:
+        >>> model = load_run("outputs/quickstart/<timestamp>/checkpoints/last.ckpt").model  # experiments.loading
+        >>> cell = model.cell("layer_2/dim_64/rank_64")
+        >>> model.encode(["Datei öffnen"], cell).shape
+        torch.Size([1, 64])
+    """
+
+    def __init__(self, module: MatryoshkaEmbedder, tokenize: BatchTokenizer, batch_size: int = 64) -> None:
+        self.module, self.tokenize, self.batch_size = module, tokenize, batch_size
+
+    def cells(self) -> list[Cell]:
+        return self.module.cells()
+
+    def full_cell(self) -> Cell:
+        """The largest cell: full depth, most bytes per vector, the largest model-side settings."""
+        return max(self.cells(), key=Cell.size)
+
+    def cell(self, name: str | None = None, **tags: object) -> Cell:
+        """A cell by its name (``layer_2/dim_64/rank_64``), or by some of its tags with the others taken from the
+        full cell (``cell(layer=2, dim=64)``); :class:`CellError` names the bad part and the allowed values."""
+        cells = self.cells()
+        if name is not None:
+            match = next((cell for cell in cells if cell.name == name), None)
+            if match is None:
+                raise CellError(f"CELL={name} is not a cell of this run; its cells look like {cells[0].name} with "
+                                f"{self._allowed(cells)}")
+            return match
+        full = self.full_cell()
+        allowed = axis_values(cells)
+        for key, value in tags.items():
+            if key not in allowed:
+                raise CellError(f"the run has no {key!r} axis; its axes: {', '.join(allowed)}")
+            if value not in allowed[key]:
+                raise CellError(f"{key} {value} is not a value of this run; choose one of {allowed[key]}")
+        wanted = {**full.tags, **tags}
+        match = next((cell for cell in cells if cell.tags == wanted), None)
+        if match is None:
+            raise CellError(f"no cell {'/'.join(f'{k}_{v}' for k, v in wanted.items())}; {self._allowed(cells)}")
+        return match
+
+    @staticmethod
+    def _allowed(cells: list[Cell]) -> str:
+        return "; ".join(f"{key}: {values}" for key, values in axis_values(cells).items())
+
+    def resolve(self, cells: Cell | str | list[Cell | str]) -> list[Cell]:
+        requested = cells if isinstance(cells, list) else [cells]
+        return [cell if isinstance(cell, Cell) else self.cell(cell) for cell in requested]
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], cells: Cell | str | list[Cell | str], prompt: str = "query"
+               ) -> Tensor | dict[str, Tensor]:
+        """L2-normalised embeddings of ``texts`` at one cell (a ``[n, dim]`` tensor) or at several (``{cell name:
+        tensor}``), from one forward per batch and model-side setting.
+
+        Args:
+            texts: raw texts; the run's prefix for ``prompt`` is prepended.
+            cells: a cell, a cell name, or a list of them.
+            prompt: ``query`` or ``passage`` (documents).
+        """
+        if prompt not in PROMPTS:
+            raise ValueError(f"prompt {prompt!r} not allowed; choose one of {', '.join(PROMPTS)}")
+        wanted = self.resolve(cells)
+        prefix = self.tokenize.query_prefix if prompt == "query" else self.tokenize.passage_prefix
+        device = next(self.module.parameters()).device
+        chunks: dict[str, list[Tensor]] = {cell.name: [] for cell in wanted}
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenize.encode([prefix + text for text in texts[start: start + self.batch_size]])
+            encoded = self.module.encode(batch["input_ids"].to(device), batch["attention_mask"].to(device), wanted)
+            for name, embeddings in encoded.items():
+                chunks[name].append(embeddings)
+        embeddings = {name: torch.cat(parts) for name, parts in chunks.items()}
+        return embeddings if isinstance(cells, list) else embeddings[wanted[0].name]
