@@ -107,3 +107,8 @@ def test_model_and_optimizer_hold_no_full_embedding_matrix(tmp_path):
     optimizer = module.configure_optimizers()["optimizer"]
     optimized = [tuple(p.shape) for group in optimizer.param_groups for p in group["params"]]
     assert (info.vocab_size, info.hidden_size) not in optimized and (info.vocab_size, 16) in optimized
+
+
+def test_explicit_probabilities_pair_with_the_ranks_as_written():
+    plugin = MEL(MELConfig(rank=256, ranks=[64, 256], probabilities=[1.0, 3.0]), INFO, seed=0)
+    assert plugin.settings == [256, 64] and plugin.probabilities == pytest.approx([0.75, 0.25])

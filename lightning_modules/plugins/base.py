@@ -146,11 +146,12 @@ class ModelSidePlugin(MatryoshkaPlugin):
         return {f"{type(self).__name__.lower()}/{self.tag}": float(self.current())}
 
 
-def ladder_probabilities(key: str, probabilities: list[float] | None, ladder: list[int]) -> list[float]:
-    """Sampling probabilities of a descending ``ladder``: the given weights (one per entry, paired in the order the
-    user wrote them) or proportional to the value, normalised."""
-    explicit = checked_weights(key, probabilities, ladder)
-    weights = ladder if explicit is None else [explicit[value] for value in ladder]
+def ladder_probabilities(key: str, probabilities: list[float] | None, written: list[int], settings: list[int]
+                         ) -> list[float]:
+    """Sampling probabilities of ``settings`` (the ladder sorted): the given weights, paired with the ladder in the
+    order the user wrote it (``written``), or proportional to the value; normalised."""
+    explicit = checked_weights(key, probabilities, written)
+    weights = settings if explicit is None else [explicit[value] for value in settings]
     return [weight / sum(weights) for weight in weights]
 
 

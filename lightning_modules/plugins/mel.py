@@ -160,7 +160,7 @@ class MEL(ModelSidePlugin):
                                max_rank, "plugins.mel.rank", default_ranks(max_rank))
         self.max_rank = max_rank
         self.settings = sorted(ranks, reverse=True)
-        self.probabilities = ladder_probabilities("probabilities", config.probabilities, self.settings)
+        self.probabilities = ladder_probabilities("probabilities", config.probabilities, ranks, self.settings)
         self.embedding: FactorizedEmbedding | None = None
 
     def setup(self, backbone: Backbone) -> None:
