@@ -8,8 +8,10 @@ from omegaconf import OmegaConf
 
 from experiments.config import compose, plugin_configs
 
-GUIDE = Path(__file__).resolve().parents[1] / "docs" / "adding_an_axis.md"
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "adding_an_axis.md"
 BLOCK = re.compile(r"```(?:python|yaml)\n# file: (\S+)\n(.*?)```", re.DOTALL)
+EXCERPT = re.compile(r"```python\n# excerpt: (\S+)\n(.*?)```", re.DOTALL)
 
 
 def guide_files() -> dict[str, str]:
@@ -42,3 +44,10 @@ def test_guide_example_runs_as_written(tmp_path, monkeypatch, tiny_config):
     assert len(tests) == 3
     for test in tests:
         test(**{name: fixtures[name] for name in inspect.signature(test).parameters})
+
+
+def test_guide_excerpts_are_the_code_of_their_files():
+    excerpts = EXCERPT.findall(GUIDE.read_text())
+    assert [path for path, _ in excerpts] == ["lightning_modules/plugins/ffn.py"]
+    for path, code in excerpts:
+        assert code in (ROOT / path).read_text(), f"the guide's excerpt of {path} is out of date"

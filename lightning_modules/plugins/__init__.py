@@ -6,15 +6,16 @@ import importlib
 
 from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, PluginConfigError
 from lightning_modules.plugins.distillation import Distillation
+from lightning_modules.plugins.ffn import FFN
 from lightning_modules.plugins.mel import MEL
 from lightning_modules.plugins.mll import MLL
 from lightning_modules.plugins.mrl import MRL
 from lightning_modules.plugins.precision import Precision
 
 BUILTIN_PLUGINS: dict[str, type[MatryoshkaPlugin]] = {"mll": MLL, "mrl": MRL, "mel": MEL, "precision": Precision,
-                                                   "distill": Distillation}
+                                                   "distill": Distillation, "ffn": FFN}
 
-__all__ = ["BUILTIN_PLUGINS", "Distillation", "MEL", "MLL", "MRL", "MatryoshkaPlugin", "PluginConfig",
+__all__ = ["BUILTIN_PLUGINS", "Distillation", "FFN", "MEL", "MLL", "MRL", "MatryoshkaPlugin", "PluginConfig",
            "PluginConfigError", "Precision", "resolve_plugin"]
 
 
