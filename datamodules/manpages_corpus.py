@@ -69,11 +69,11 @@ _ESCAPE = re.compile(r"""\\(?:
       "(?P<comment>.*)                                   # comment to the end of the line
     | f(?:\[[^\]]*\]|\(..|.)                             # font change: \fB \f(CW \f[BI]
     | s(?:[-+]?\d+|\([-+]?\d\d|\[[^\]]*\])               # size change: \s-1 \s0
-    | [nmg$](?:\(..|\[[^\]]*\]|.)                        # registers, colours, macro arguments
+    | [nmgk$](?:\(..|\[[^\]]*\]|.)                       # registers, colours, position marks, macro arguments
     | \((?P<special>..)                                  # special character \(em
     | \[(?P<bracket>[^\]]*)\]                            # special character \[em] \[u00E9]
     | \*(?:\((?P<string2>..)|\[(?P<stringn>[^\]]*)\]|(?P<string1>.))   # predefined string \*(lq \*R
-    | [hvwlLxNbDoSRZkCXAB](?P<delimiter>.).*?(?P=delimiter)            # escapes with a delimited argument
+    | [hvwlLxNbDoSRZCXAB](?P<delimiter>.).*?(?P=delimiter)             # escapes with a delimited argument
     | (?P<single>.)                                      # any other one-character escape
     )""", re.VERBOSE)
 
@@ -153,11 +153,11 @@ class ManPage:
     sections: tuple[tuple[str, str], ...]
 
     def first_paragraph(self, heading: str) -> str:
-        """The first paragraph of the section with this (English) heading, ``""`` if the page has none."""
-        return next((paragraph for title, paragraph in self.sections if title.upper() == heading), "")
+        """The first paragraph of the section with this (English) heading, any case; ``""`` if the page has none."""
+        return next((paragraph for title, paragraph in self.sections if title.upper() == heading.upper()), "")
 
 
-_NAME_SEPARATOR = re.compile(r"\s+(?:\\?-|--|—|–)\s+")
+_NAME_SEPARATOR = re.compile(r"\s+(?:-|--|—|–)\s+")
 _CODING = re.compile(rb"-\*-.*?coding:\s*([\w.:-]+)", re.IGNORECASE)
 
 
@@ -219,7 +219,7 @@ def parse_man_page(source: str) -> ManPage | None:
         if not sections:
             continue
         if heading_pending:
-            sections[-1] = (roff_text(line), sections[-1][1])
+            sections[-1] = (roff_text(" ".join(macro_arguments(line))), sections[-1][1])
             heading_pending = False
             continue
         paragraphs = sections[-1][1]

@@ -190,9 +190,11 @@ class ManpageRetrieval(AbsTaskRetrieval):
     """Out-of-domain cross-lingual retrieval on Debian's manual pages: a page's translated NAME summary
     (``Zeilen von Textdateien sortieren``) retrieves its English page (``sort - sort lines of text files. Write
     sorted concatenation of all FILE(s) to standard output.``: the NAME line and the first DESCRIPTION paragraph)
-    among English pages of the same section. One subset per section (``man1``, ``man8``, ...), queries pooled
-    over the probe locales. Main score: nDCG@10. The corpus is built from ``/usr/share/man`` on first use
-    (:func:`datamodules.manpages_corpus.build_manpage_corpus`; ``make manpages`` installs the translations).
+    among the English pages of the same section: each query's candidates (mteb's ``top_ranked``) are the sampled
+    pages of its section (``man1``, ``man8``, ...). Queries of all probe locales are pooled, so every query counts
+    once, whatever the size of its section. Main score: nDCG@10. The corpus is built from ``/usr/share/man`` on
+    first use (:func:`datamodules.manpages_corpus.build_manpage_corpus`; ``make manpages`` installs the
+    translations).
 
     Args:
         queries: ``{language: translated pages}``; documents: ``{section: English pages}`` (see
@@ -204,8 +206,7 @@ class ManpageRetrieval(AbsTaskRetrieval):
 
     def __init__(self, queries: dict[str, list[manpages_corpus.TranslatedPage]],
                  documents: dict[str, list[manpages_corpus.EnglishPage]], revision: str = "unknown") -> None:
-        languages = {section: sorted({mteb_language(page.language) for pages in queries.values() for page in pages
-                                      if page.section == section} | {"eng-Latn"}) for section in documents}
+        languages = sorted({mteb_language(language) for language in queries} | {"eng-Latn"})
         self.metadata = _metadata(
             "ManpageRetrieval", "Retrieval", "ndcg_at_10",
             "Translated NAME summaries of Debian manual pages retrieve their English page (NAME line and first "
@@ -239,17 +240,20 @@ class ManpageRetrieval(AbsTaskRetrieval):
         return cls(queries, documents, manifest["content_hash"])
 
     def load_data(self, num_proc: int | None = None, **kwargs) -> None:
-        self.dataset = {}
-        for section, pages in self.documents.items():
-            queries = [(f"{language}/{section}/{page.page}", page) for language, translated in self.queries.items()
-                       for page in translated if page.section == section]
-            self.dataset[section] = {SPLIT: RetrievalSplitData(
-                queries=Dataset.from_dict({"id": [qid for qid, _ in queries],
-                                           "text": [page.summary for _, page in queries]}),
-                corpus=Dataset.from_dict({"id": [f"{section}/{page.page}" for page in pages],
-                                          "text": [page.text for page in pages], "title": [""] * len(pages)}),
-                relevant_docs={qid: {f"{section}/{page.page}": 1} for qid, page in queries},
-                top_ranked=None)}
+        def document_id(page) -> str:
+            return f"{page.section}/{page.page}"
+
+        queries = [(f"{language}/{document_id(page)}", page) for language, pages in self.queries.items()
+                   for page in pages]
+        documents = [page for pages in self.documents.values() for page in pages]
+        candidates = {section: [document_id(page) for page in pages] for section, pages in self.documents.items()}
+        self.dataset = {"default": {SPLIT: RetrievalSplitData(
+            queries=Dataset.from_dict({"id": [qid for qid, _ in queries],
+                                       "text": [page.summary for _, page in queries]}),
+            corpus=Dataset.from_dict({"id": [document_id(page) for page in documents],
+                                      "text": [page.text for page in documents], "title": [""] * len(documents)}),
+            relevant_docs={qid: {document_id(page): 1} for qid, page in queries},
+            top_ranked={qid: candidates[page.section] for qid, page in queries})}}
         self.data_loaded = True
 
     def probe_inputs(self) -> list[tuple[PromptType, str]]:
