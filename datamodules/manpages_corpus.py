@@ -9,9 +9,9 @@ result once to disk as JSON-lines files plus a manifest, like the gettext corpus
 Layout written by :func:`build_manpage_corpus`::
 
     out_dir/manifest.json
-    out_dir/english/man<N>.jsonl   # every English page of a section that has translations:
-                                   # {"page": "ls.1", "name": "ls", "summary": ..., "description": ...}
-    out_dir/translated/<lang>.jsonl  # {"section": "man1", "page": "ls.1", "summary": ...}
+    out_dir/english/man<N>.jsonl     # every English page of a section that has translations: {"section": "man1",
+                                     #   "page": "ls.1", "name": "ls", "summary": ..., "description": ...}
+    out_dir/translated/<lang>.jsonl  # {"language": "de", "section": "man1", "page": "ls.1", "summary": ...}
 
 Example:
     ``python -m datamodules.manpages_corpus`` builds ``data/manpages`` from ``/usr/share/man`` and prints the
@@ -231,7 +231,7 @@ def parse_man_page(source: str) -> ManPage | None:
     if not sections:
         return None
     firsts = tuple((heading, " ".join(next((p for p in paragraphs if p), []))) for heading, paragraphs in sections)
-    name, _, summary = _split_name_line(" ".join(piece for paragraph in sections[0][1] for piece in paragraph))
+    name, summary = _split_name_line(" ".join(piece for paragraph in sections[0][1] for piece in paragraph))
     if not name or not summary:
         return None
     return ManPage(name=name, summary=summary, sections=firsts)
@@ -261,12 +261,10 @@ def _add_macro_text(paragraphs: list[list[str]], request: str, words: list[str])
         paragraphs[-1].append(text)
 
 
-def _split_name_line(name_line: str) -> tuple[str, str, str]:
-    """``'ls - list directory contents'`` → ``('ls', '-', 'list directory contents')``; no separator: empty."""
+def _split_name_line(name_line: str) -> tuple[str, str]:
+    """``'ls - list directory contents'`` → ``('ls', 'list directory contents')``; ``('', '')`` without a dash."""
     parts = _NAME_SEPARATOR.split(name_line, maxsplit=1)
-    if len(parts) < 2:
-        return name_line.strip(), "", ""
-    return parts[0].strip(), "-", parts[1].strip()
+    return (parts[0].strip(), parts[1].strip()) if len(parts) == 2 else ("", "")
 
 
 def read_man_page(path: str | Path) -> ManPage | None:
@@ -478,8 +476,8 @@ def retrieval_sample(corpus_dir: str | Path, languages: Sequence[str], max_queri
     of a hash of the page (the same for every language, so languages share English pages where they can). The
     documents of a section are the English pages of those queries plus other English pages of the same
     section (distractors, in hash order) up to ``documents_per_query`` times the section's distinct relevant
-    pages, so the chance level and the cost stay proportional to the queries. A section with a single English
-    page (nothing to choose from) is left out.
+    pages, so the cost grows with the queries, not with the size of the section (man1 has thousands of pages).
+    A section with a single English page (nothing to choose from) is left out.
 
     Returns:
         ``({language: queries}, {section: documents})``; languages without pages are absent.

@@ -240,7 +240,7 @@ class ManpageRetrieval(AbsTaskRetrieval):
         return cls(queries, documents, manifest["content_hash"])
 
     def load_data(self, num_proc: int | None = None, **kwargs) -> None:
-        def document_id(page) -> str:
+        def document_id(page: manpages_corpus.TranslatedPage | manpages_corpus.EnglishPage) -> str:
             return f"{page.section}/{page.page}"
 
         queries = [(f"{language}/{document_id(page)}", page) for language, pages in self.queries.items()
@@ -280,7 +280,8 @@ def check_task_names(names: list[str]) -> str | None:
 
 def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], max_pairs: int) -> list[AbsTask]:
     """The configured tasks with their data loaded. A registry task whose data is not available locally (no
-    hub access, not in the cache) is left out with one log line."""
+    hub access, not in the cache) is left out with one log line, and so is ManpageRetrieval when no locale has
+    translated manual pages."""
     pairs = probe_pairs(corpus_dir, locales, max_pairs) if set(names) & set(GETTEXT_TASKS) else {}
     revision = corpus_revision(corpus_dir)
     tasks = []
