@@ -92,3 +92,13 @@ def test_no_translated_pages_skip_the_task_with_one_line(man_dir, tmp_path, monk
                                                      "manual-page corpus")
     assert [task.metadata.name for task in build_tasks(["ManpageRetrieval"], tmp_path, ["de"], 8)] == \
         ["ManpageRetrieval"]
+
+
+def test_a_man_tree_without_translations_skips_the_task_with_one_line(tmp_path, caplog):
+    english_only = tmp_path / "man"
+    write_page(english_only, "man1/ls.1.gz", page_source("ls", "list directory contents"))
+    with caplog.at_level(logging.WARNING, logger="callbacks.probe.tasks"):
+        assert ManpageRetrieval.from_corpus(["de", "fr"], 8, tmp_path / "corpus", english_only) is None
+    assert [record.getMessage() for record in caplog.records] == [
+        f"probe: skipping ManpageRetrieval: no translated manual pages for probe.locales ['de', 'fr'] under "
+        f"{english_only} (languages with pages: none; `make manpages` installs some)"]
