@@ -19,9 +19,11 @@ SOURCE ?=
 A      ?=
 B      ?=
 MODEL  ?=
+# Debian's translated manual pages for the ManpageRetrieval probe (all in Debian 12; add any manpages-<lang>).
+MANPAGE_PACKAGES ?= manpages-de manpages-fr manpages-es manpages-ru manpages-pl
 
 .DEFAULT_GOAL := help
-.PHONY: help install exp test test-slow data clean ablation runs ui export bench bench-data gpu-check probe compare mine
+.PHONY: help install exp test test-slow data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -87,6 +89,14 @@ test-slow: $(STAMP) ## Run the slow tests (real backbone end to end)
 
 data: $(STAMP) ## Build the gettext translation corpus into data/gettext (done by training too)
 	$(BIN)/python -c "from datamodules.gettext_corpus import build_gettext_corpus; print(build_gettext_corpus('data/gettext')['content_hash'])"
+
+manpages: $(STAMP) ## Install the translated man pages (apt, where missing) and build data/manpages for probe.tasks=[...,ManpageRetrieval]
+	@missing=$$(for package in $(MANPAGE_PACKAGES); do dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q 'install ok installed' || echo $$package; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing" $$missing; \
+		$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y --no-install-recommends $$missing; \
+	fi
+	$(BIN)/python -m datamodules.manpages_corpus
 
 clean: ## Remove outputs/ (checkpoints) and mlruns/ (MLflow store); keeps .venv and data/
 	rm -rf outputs mlruns

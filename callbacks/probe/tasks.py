@@ -1,4 +1,5 @@
-"""The probe's mteb tasks: two offline tasks on the corpus's held-out probe split, plus any registry task by name.
+"""The probe's mteb tasks: two offline tasks on the corpus's held-out probe split, an out-of-domain one on Debian's
+manual pages, plus any registry task by name.
 
 Imported lazily, inside the probe's RNG guard: importing mteb and creating a task reseed Python's, NumPy's and
 torch's global generators.
@@ -23,6 +24,7 @@ from mteb.languages.check_language_code import check_language_code
 from mteb.languages.iso_mappings import _hf_lang_to_iso_lang_script
 from mteb.types import PromptType
 
+from datamodules import manpages_corpus
 from datamodules.gettext_corpus import MANIFEST_NAME, Pair, load_split
 
 log = logging.getLogger(__name__)
@@ -78,11 +80,12 @@ def probe_pairs(corpus_dir: str | Path, locales: list[str], max_pairs: int) -> d
     return selected
 
 
-def _metadata(name: str, task_type: str, main_score: str, description: str, eval_langs, revision: str) -> TaskMetadata:
+def _metadata(name: str, task_type: str, main_score: str, description: str, eval_langs, revision: str,
+              dataset_path: str = "local/gettext-probe", domains: tuple[str, ...] = ("Web",)) -> TaskMetadata:
     return TaskMetadata(
         name=name, type=task_type, main_score=main_score, description=description,
-        dataset={"path": "local/gettext-probe", "revision": revision}, reference=None, category="t2t",
-        modalities=["text"], eval_splits=[SPLIT], eval_langs=eval_langs, date=None, domains=["Web"],
+        dataset={"path": dataset_path, "revision": revision}, reference=None, category="t2t",
+        modalities=["text"], eval_splits=[SPLIT], eval_langs=eval_langs, date=None, domains=list(domains),
         task_subtypes=None, license="not specified", annotations_creators="human-annotated", dialect=[],
         sample_creation="found", bibtex_citation="")
 
@@ -183,7 +186,83 @@ class GettextRetrieval(AbsTaskRetrieval):
                 + [(PromptType.document, text) for text in self.english])
 
 
-BUILTIN_TASKS = {"GettextBitextMining": GettextBitextMining, "GettextRetrieval": GettextRetrieval}
+class ManpageRetrieval(AbsTaskRetrieval):
+    """Out-of-domain cross-lingual retrieval on Debian's manual pages: a page's translated NAME summary
+    (``Zeilen von Textdateien sortieren``) retrieves its English page (``sort - sort lines of text files. Write
+    sorted concatenation of all FILE(s) to standard output.``: the NAME line and the first DESCRIPTION paragraph)
+    among the English pages of the same section: each query's candidates (mteb's ``top_ranked``) are the sampled
+    pages of its section (``man1``, ``man8``, ...). Queries of all probe locales are pooled, so every query counts
+    once, whatever the size of its section. Main score: nDCG@10. The corpus is built from ``/usr/share/man`` on
+    first use (:func:`datamodules.manpages_corpus.build_manpage_corpus`; ``make manpages`` installs the
+    translations).
+
+    Args:
+        queries: ``{language: translated pages}``; documents: ``{section: English pages}`` (see
+            :func:`datamodules.manpages_corpus.retrieval_sample`).
+        revision: the corpus's content hash.
+    """
+
+    k_values = (1, 10)
+
+    def __init__(self, queries: dict[str, list[manpages_corpus.TranslatedPage]],
+                 documents: dict[str, list[manpages_corpus.EnglishPage]], revision: str = "unknown") -> None:
+        languages = sorted({mteb_language(language) for language in queries} | {"eng-Latn"})
+        self.metadata = _metadata(
+            "ManpageRetrieval", "Retrieval", "ndcg_at_10",
+            "Translated NAME summaries of Debian manual pages retrieve their English page (NAME line and first "
+            "DESCRIPTION paragraph) among English pages of the same section.", languages, revision,
+            dataset_path="local/manpages-probe", domains=("Programming",))
+        self.queries, self.documents = queries, documents
+        super().__init__()
+        self.load_data()
+
+    @classmethod
+    def from_corpus(cls, locales: list[str], max_queries: int, corpus_dir: str | Path | None = None,
+                    man_dir: str | Path | None = None) -> ManpageRetrieval | None:
+        """The task on up to ``max_queries`` pages per locale, building the corpus (default
+        ``manpages_corpus.CORPUS_DIR``) from the man tree (default ``manpages_corpus.MAN_DIR``) if needed; None,
+        with one log line, when no locale has translated pages."""
+        corpus_dir = corpus_dir or manpages_corpus.CORPUS_DIR
+        man_dir = man_dir or manpages_corpus.MAN_DIR
+        try:
+            manifest = manpages_corpus.build_manpage_corpus(corpus_dir, man_dir)
+            queries, documents = manpages_corpus.retrieval_sample(corpus_dir, locales, max_queries)
+        except (OSError, ValueError) as error:
+            log.warning("probe: skipping ManpageRetrieval: cannot build the manual-page corpus %s from %s (%s)",
+                        corpus_dir, man_dir, error)
+            return None
+        if not queries:
+            present = [language for language, counts in manifest["languages"].items() if counts["pairs"]]
+            log.warning("probe: skipping ManpageRetrieval: no translated manual pages for probe.locales %s under "
+                        "%s (languages with pages: %s; `make manpages` installs some)", locales, man_dir,
+                        ", ".join(present) or "none")
+            return None
+        return cls(queries, documents, manifest["content_hash"])
+
+    def load_data(self, num_proc: int | None = None, **kwargs) -> None:
+        def document_id(page: manpages_corpus.TranslatedPage | manpages_corpus.EnglishPage) -> str:
+            return f"{page.section}/{page.page}"
+
+        queries = [(f"{language}/{document_id(page)}", page) for language, pages in self.queries.items()
+                   for page in pages]
+        documents = [page for pages in self.documents.values() for page in pages]
+        candidates = {section: [document_id(page) for page in pages] for section, pages in self.documents.items()}
+        self.dataset = {"default": {SPLIT: RetrievalSplitData(
+            queries=Dataset.from_dict({"id": [qid for qid, _ in queries],
+                                       "text": [page.summary for _, page in queries]}),
+            corpus=Dataset.from_dict({"id": [document_id(page) for page in documents],
+                                      "text": [page.text for page in documents], "title": [""] * len(documents)}),
+            relevant_docs={qid: {document_id(page): 1} for qid, page in queries},
+            top_ranked={qid: candidates[page.section] for qid, page in queries})}}
+        self.data_loaded = True
+
+    def probe_inputs(self) -> list[tuple[PromptType, str]]:
+        return ([(PromptType.query, page.summary) for pages in self.queries.values() for page in pages]
+                + [(PromptType.document, page.text) for pages in self.documents.values() for page in pages])
+
+
+GETTEXT_TASKS = {"GettextBitextMining": GettextBitextMining, "GettextRetrieval": GettextRetrieval}
+BUILTIN_TASKS = {**GETTEXT_TASKS, "ManpageRetrieval": ManpageRetrieval}
 
 
 def check_task_names(names: list[str]) -> str | None:
@@ -201,12 +280,18 @@ def check_task_names(names: list[str]) -> str | None:
 
 def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], max_pairs: int) -> list[AbsTask]:
     """The configured tasks with their data loaded. A registry task whose data is not available locally (no
-    hub access, not in the cache) is left out with one log line."""
-    pairs = probe_pairs(corpus_dir, locales, max_pairs) if set(names) & set(BUILTIN_TASKS) else {}
+    hub access, not in the cache) is left out with one log line, and so is ManpageRetrieval when no locale has
+    translated manual pages."""
+    pairs = probe_pairs(corpus_dir, locales, max_pairs) if set(names) & set(GETTEXT_TASKS) else {}
     revision = corpus_revision(corpus_dir)
     tasks = []
     for name in names:
-        task = BUILTIN_TASKS[name](pairs, revision) if name in BUILTIN_TASKS else mteb.get_task(name)
+        if name == "ManpageRetrieval":
+            task = ManpageRetrieval.from_corpus(locales, max_pairs)
+            if task is None:
+                continue
+        else:
+            task = GETTEXT_TASKS[name](pairs, revision) if name in GETTEXT_TASKS else mteb.get_task(name)
         try:
             task.load_data()
         except Exception as error:  # noqa: BLE001 - datasets raises many kinds for missing data
