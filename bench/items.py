@@ -27,6 +27,7 @@ VARIANTS = {
     "plain": ["plugins.mll=null", "plugins.mrl=null", "plugins.mel=null"],
     "mll+mrl": ["plugins.mel=null"],
     "3d-ml": [],
+    "3d-ml+ffn": ["plugins.ffn={}"],
 }
 
 
@@ -288,5 +289,38 @@ def item_optimizer_state(ctx: Context) -> list[dict]:
                 parameters=parameters)]
 
 
+def item_ffn_export(ctx: Context) -> list[dict]:
+    """8. Exported FFN cells (MatFormer): parameters and encoding throughput at I/2 and I/4 of the feed-forward width
+    vs the full width I, each a plain transformers model with that intermediate_size, same depth, dim and rank."""
+    module, tokenize, config = ctx.module("3d-ml+ffn")
+    module.eval()
+    model = EmbeddingModel(module, tokenize)
+    origin = Origin(config.name, config.model.source, None, 0, None)  # the experiment's initial weights
+    widths = axis_values(model.cells())["ffn"]
+    exports = {width: export_cell(model, ctx.work_dir / f"ffn{width}", model.cell(ffn=width), origin, overwrite=True)
+               for width in widths}
+    models = {width: load_exported(result.path).to(ctx.device) for width, result in exports.items()}
+    module.train()
+    texts = [text for pair in ctx.pairs(ctx.args.throughput_texts // 2) for text in pair]
+    encode = {width: (lambda model=model: model.encode_query(texts, batch_size=ctx.args.encode_batch_size))
+              for width, model in models.items()}
+    seconds = compare(encode, ctx.args.throughput_repeats, ctx.device)
+    full = max(widths)
+    rows = []
+    for width in sorted(widths, reverse=True)[1:]:
+        parameters = exports[width].parameters / exports[full].parameters
+        detail = (f"{exports[width].cell.name}: {exports[width].parameters / 1e6:.1f} M parameters vs "
+                  f"{exports[full].parameters / 1e6:.1f} M ({parameters:.2f}×); {len(texts)} texts, batch "
+                  f"{ctx.args.encode_batch_size}: {len(texts) / seconds[width]:.0f} texts/s vs "
+                  f"{len(texts) / seconds[full]:.0f} at ffn {full}")
+        rows.append(row("8", f"throughput ffn {width} / ffn {full}", seconds[full] / seconds[width], None, None,
+                        detail, seconds={str(key): value for key, value in seconds.items()},
+                        parameters={str(key): result.parameters for key, result in exports.items()}))
+    del models
+    ctx.release("3d-ml+ffn")
+    return rows
+
+
 ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
-         "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state}
+         "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state,
+         "8": item_ffn_export}
