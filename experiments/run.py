@@ -27,6 +27,7 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, float]
     seconds: float
+    is_global_zero: bool = True  # several processes return from a distributed run; one of them reports it
 
 
 def build_plugins(config: DictConfig, info: BackboneInfo) -> list[MatryoshkaPlugin]:
@@ -151,12 +152,16 @@ def train(config: DictConfig) -> TrainResult:
     if trainer.is_global_zero:
         log_run_summary(logger)  # per-view loss heatmaps
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
-    return TrainResult(checkpoint, logger.run_id, run_dir, metrics, time.perf_counter() - started)
+    metrics.update(module.last_logged)  # the last step's global losses, as written to MLflow
+    return TrainResult(checkpoint, logger.run_id, run_dir, metrics, time.perf_counter() - started,
+                       trainer.is_global_zero)
 
 
 def train_and_report(name: str, overrides: list[str]) -> int:
     config = compose(name, overrides)
     result = train(config)  # validation errors are raised before any weights load
+    if not result.is_global_zero:
+        return 0
     print(f"\nfinished {config.name} in {result.seconds:.0f} s; final train/loss = "
           f"{result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint}")
