@@ -139,7 +139,7 @@ class MatryoshkaEmbedder(L.LightningModule):
         return all_terms
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self.flops_per_batch = 6 * self.dense_parameters * int(batch["attention_mask"].sum())  # read by ThroughputMonitor
+        self.flops_per_batch = 6 * self.dense_parameters * int(batch["attention_mask"].sum())  # read by ThroughputRates
         views = self.views(batch, self.global_step)
         view_terms = self.view_losses(views, batch)
         total = torch.zeros((), device=self.device)
