@@ -89,7 +89,8 @@ class ThroughputRates(ThroughputMonitor):
         if not trainer._logger_connector.should_update_logs:
             return
         stage = trainer.state.stage
-        rates = {key: value for key, value in self._throughputs[stage].compute().items() if key.endswith(("_per_sec", "mfu"))}
+        rates = {key: value for key, value in self._throughputs[stage].compute().items()
+                 if key.endswith(("_per_sec", "mfu"))}
         if rates:
             trainer._logger_connector.log_metrics({f"{stage.value}/{key}": value for key, value in rates.items()},
                                                   step=iter_num)
