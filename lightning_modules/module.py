@@ -54,7 +54,7 @@ class MatryoshkaEmbedder(L.LightningModule):
         """All weighted views of one batch, from one forward."""
         for plugin in self.plugins:
             plugin.before_forward(step)
-        return self.expand(self.backbone(batch["input_ids"], batch["attention_mask"]))
+        return self.expand(self.backbone(batch["input_ids"], batch["attention_mask"], batch.get("packing")))
 
     def expand(self, bundle: EmbeddingBundle) -> list[View]:
         """The plugins' nested, tagged views of one bundle (also the MTEB probe's grid cells)."""
