@@ -40,7 +40,7 @@ def input_texts(inputs: DataLoader) -> list[str]:
     column (per-row iteration costs ~0.1 ms per text, per cell, which dominated small probes)."""
     dataset = inputs.dataset
     if isinstance(inputs.sampler, SequentialSampler) and "text" in getattr(dataset, "column_names", ()):
-        texts = list(dataset["text"])
+        texts = list(dataset["text"][:])  # a slice of a datasets Column is one Arrow read, not one per row
     else:
         texts = [text for batch in inputs for text in batch["text"]]
     if not all(isinstance(text, str) for text in texts):
@@ -107,7 +107,7 @@ class TextColumn(Dataset):
     column_names = ("text",)
 
     def __init__(self, texts) -> None:
-        self.texts = list(texts)
+        self.texts = list(texts[:])  # a datasets Column: one Arrow read
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -129,7 +129,7 @@ def shared_loader(dataset, **kwargs) -> DataLoader:
     """mteb's ``create_dataloader``, once per dataset content and settings: a retrieval task prepares the same
     queries and corpus (``datasets`` maps) again for every cell. Keyed by the content itself (the filtered queries
     get a new random fingerprint at every evaluation)."""
-    content = tuple((name, tuple(map(str, dataset[name]))) for name in dataset.column_names)
+    content = tuple((name, tuple(map(str, values))) for name, values in dataset[:].items())
     key = (content, kwargs["task_metadata"].name, kwargs.get("prompt_type"), str(kwargs.get("input_column")),
            kwargs.get("batch_size"))
     if key not in _prepared_loaders:
