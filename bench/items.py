@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_modules.export import LoadedRun, export_cell, load_exported, trained_ladders
+from lightning_modules.packing import pack
 from lightning_modules.plugins.mel import FactorizedEmbedding
 
 from bench.common import (build_module, compare, compose_variant, to_device, trainable, translation_texts,
@@ -67,6 +68,27 @@ class Context:
         """One training batch: queries in several languages, their English translations as positives."""
         pairs = self.pairs(self.args.batch_size)
         return to_device(tokenize([xx for xx, _ in pairs], [en for _, en in pairs]), self.device)
+
+
+def training_batches(config, tokenize, corpus_dir: str, count: int) -> list[dict]:
+    """The first ``count`` padded training batches of an experiment's DataModule (its locales, sampling and batch
+    size), from the gettext corpus in ``corpus_dir``."""
+    from omegaconf import OmegaConf
+
+    from datamodules.pairs import TranslationPairsDataModule
+
+    data = OmegaConf.merge(config.data, {"dir": corpus_dir, "corpus": "gettext", "packing": False, "num_workers": 0})
+    datamodule = TranslationPairsDataModule(data, tokenize, config.seed)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = iter(datamodule.train_dataloader())
+    return [next(batches) for _ in range(count)]
+
+
+def packed(batch: dict, pad_id: int) -> dict:
+    """The same batch packed (same texts, same order)."""
+    texts = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return {**batch, **pack(texts, pad_id)}
 
 
 def _train_step(module, batch: dict, optimizer, counter: list[int]):
@@ -289,5 +311,43 @@ def item_optimizer_state(ctx: Context) -> list[dict]:
                 parameters=parameters)]
 
 
+def item_packing(ctx: Context) -> list[dict]:
+    """8. Tokens/s of a training step on real batches of the experiment, packed (data.packing) vs padded."""
+    module, tokenize, config = ctx.module("3d-ml")
+    batches = training_batches(config, tokenize, ctx.args.corpus, ctx.args.packing_batches)
+    variants = {"padded": [to_device(batch, ctx.device) for batch in batches],
+                "packed": [to_device(packed(batch, tokenize.pad_id), ctx.device) for batch in batches]}
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    padding = {name: 1 - tokens / sum(batch["input_ids"].numel() for batch in group) for name, group in variants.items()}
+    with torch.no_grad():  # the same objective both ways (MEL's rank is drawn from the step: 0 on both sides)
+        losses = {name: [weighted_loss(module, batch, 0).item() for batch in group] for name, group in variants.items()}
+    loss_difference = max(abs(a - b) for a, b in zip(losses["padded"], losses["packed"]))
+    optimizer = torch.optim.AdamW(trainable(module), lr=1e-5)
+
+    def steps(group: list[dict]):
+        runs = [_train_step(module, batch, optimizer, [0]) for batch in group]
+        return lambda: [run() for run in runs]
+
+    seconds = compare({name: steps(group) for name, group in variants.items()}, ctx.args.steps, ctx.device)
+    rate = {name: tokens / value for name, value in seconds.items()}
+    ratio = rate["packed"] / rate["padded"]
+    shapes = ", ".join(f"{tuple(a['input_ids'].shape)}→{tuple(b['input_ids'].shape)}"
+                       for a, b in zip(variants["padded"], variants["packed"]))
+    detail = (f"{ctx.args.experiment}, {len(batches)} real batches of {config.data.batch_size} pairs ({shapes}), "
+              f"{tokens} tokens: padded {rate['padded']:.0f} tokens/s (padding fraction {padding['padded']:.2f}), "
+              f"packed {rate['packed']:.0f} tokens/s (padding fraction {padding['packed']:.2f}); "
+              f"max |loss difference| {loss_difference:.1e}")
+    return [row("8", "training tokens/s: packed / padded", ratio, "≥ 1.6", ratio >= 1.6, detail, seconds=seconds,
+                tokens=tokens, padding_fraction=padding, losses=losses)]
+
+
+def item_growth(ctx: Context) -> list[dict]:
+    """9. How cost grows with the grid: step time vs views, probe time vs cells, MEL time vs tokens and vocabulary."""
+    from bench.growth import growth_rows  # bench.growth builds on this module's helpers
+
+    return growth_rows(ctx)
+
+
 ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
-         "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state}
+         "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state, "8": item_packing,
+         "9": item_growth}

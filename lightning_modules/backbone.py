@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_modules.packing import (VARLEN, additive, block_mask, last_token_pool_packed, mean_pool_packed, pack,
-                                       use_varlen_attention, varlen_available)
+                                       pad, use_varlen_attention, varlen_available)
 from lightning_modules.views import EmbeddingBundle
 
 Family = Literal["encoder", "decoder"]
@@ -142,14 +142,7 @@ class BatchTokenizer:
 
     def encode(self, texts: list[str]) -> dict[str, Tensor]:
         """One right-padded batch ``[len(texts), longest]``."""
-        ids = self.token_ids(texts)
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return pad(self.token_ids(texts), self.pad_id)
 
     def __call__(self, queries: list[str], passages: list[str], negatives: list[list[str]] | None = None) -> dict:
         if len(queries) != len(passages):

@@ -27,6 +27,17 @@ VARLEN = "packed_varlen"
 """Name of the attention implementation registered by :func:`use_varlen_attention`."""
 
 
+def pad(sequences: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    """The padded layout: one right-padded row per sequence, ``[N, longest]``."""
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, sequence in enumerate(sequences):
+        input_ids[i, : len(sequence)] = torch.tensor(sequence)
+        attention_mask[i, : len(sequence)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def pack(sequences: list[list[int]], pad_id: int) -> dict[str, Tensor | dict]:
     """Packs token sequences into rows as wide as the longest one (first-fit decreasing).
 
