@@ -75,9 +75,12 @@ class Backbone(nn.Module):
 
     def _forward_packed(self, input_ids: Tensor, packing: dict) -> EmbeddingBundle:
         position_ids, sequence_ids = packing["position_ids"], packing["sequence_ids"]
-        if input_ids.is_cuda and self.model.config._attn_implementation == "sdpa" and varlen_available():
+        config = self.model.config
+        if input_ids.is_cuda and config._attn_implementation == "sdpa" and varlen_available():
             use_varlen_attention(self.model)  # padded calls (probe, export) still run sdpa
-        if self.model.config._attn_implementation == VARLEN:
+        # The varlen kernel has no attention dropout (BERT's default is 0.1): the block mask has.
+        dropout = getattr(config, "attention_dropout", 0.0) or getattr(config, "attention_probs_dropout_prob", 0.0)
+        if config._attn_implementation == VARLEN and not (self.training and dropout):
             # One flattened sequence cut into segments; the 4D placeholder passes transformers' mask code untouched
             # (its packed-sequence detection would sync with the host), varlen attention ignores it.
             segments = {"cu_seq_lens_q": packing["cu_seqlens"], "cu_seq_lens_k": packing["cu_seqlens"],
@@ -87,7 +90,7 @@ class Backbone(nn.Module):
                                 position_ids=position_ids.reshape(1, -1), output_hidden_states=True, **segments)
         else:
             mask = block_mask(sequence_ids, causal=self.family == "decoder")
-            if self.model.config._attn_implementation == "eager":
+            if config._attn_implementation == "eager":
                 mask = additive(mask, self.model.dtype)
             output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                 output_hidden_states=True)

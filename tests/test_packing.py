@@ -120,3 +120,20 @@ def test_backbone_teacher_reads_the_asked_texts_of_a_packed_batch():
     packed = BatchTokenizer(tokenize.tokenizer, "encoder", max_length=48, packing=True)(TEXTS[:4], TEXTS[4:])
     rows = [6, 1, 3]
     assert (teacher.encode(packed, rows) - teacher.encode(padded, rows)).abs().max() <= 1e-5
+
+
+def test_varlen_model_with_attention_dropout_trains_through_the_block_mask():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=260, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=64, attention_probs_dropout_prob=0.5, hidden_dropout_prob=0.0),
+                      add_pooling_layer=False)
+    use_varlen_attention(model)  # the kernel has no dropout: training must not go through it
+    tokenize = BatchTokenizer(byte_tokenizer(), "encoder", max_length=48)
+    packed = pack(tokenize.token_ids(TEXTS), tokenize.pad_id)
+    backbone = Backbone(model, "encoder").train()
+    assert torch.isfinite(backbone(**packed).layer(2)).all()
+    backbone.eval()  # no dropout: the varlen path, equal to the padded forward
+    expected = Backbone(model, "encoder")(**tokenize.encode(TEXTS)).layer(2)
+    assert (backbone(**packed).layer(2) - expected).abs().max() <= 1e-5
