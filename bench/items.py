@@ -319,8 +319,10 @@ def item_packing(ctx: Context) -> list[dict]:
                 "packed": [to_device(packed(batch, tokenize.pad_id), ctx.device) for batch in batches]}
     tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
     padding = {name: 1 - tokens / sum(batch["input_ids"].numel() for batch in group) for name, group in variants.items()}
-    with torch.no_grad():  # the same objective both ways (MEL's rank is drawn from the step: 0 on both sides)
+    module.eval()  # the same objective both ways: no dropout; MEL's rank is drawn from the step (0 on both sides)
+    with torch.no_grad():
         losses = {name: [weighted_loss(module, batch, 0).item() for batch in group] for name, group in variants.items()}
+    module.train()
     loss_difference = max(abs(a - b) for a, b in zip(losses["padded"], losses["packed"]))
     optimizer = torch.optim.AdamW(trainable(module), lr=1e-5)
 
