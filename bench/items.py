@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.export import Origin, export_cell, load_exported
+from lightning_modules.packing import pack
 from lightning_modules.plugins.mel import FactorizedEmbedding
 from lightning_modules.views import axis_values
 
@@ -70,6 +71,27 @@ class Context:
         """One training batch: queries in several languages, their English translations as positives."""
         pairs = self.pairs(self.args.batch_size)
         return to_device(tokenize([xx for xx, _ in pairs], [en for _, en in pairs]), self.device)
+
+
+def training_batches(config, tokenize, corpus_dir: str, count: int) -> list[dict]:
+    """The first ``count`` padded training batches of an experiment's DataModule (its locales, sampling and batch
+    size), from the gettext corpus in ``corpus_dir``."""
+    from omegaconf import OmegaConf
+
+    from datamodules.pairs import TranslationPairsDataModule
+
+    data = OmegaConf.merge(config.data, {"dir": corpus_dir, "corpus": "gettext", "packing": False, "num_workers": 0})
+    datamodule = TranslationPairsDataModule(data, tokenize, config.seed)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = iter(datamodule.train_dataloader())
+    return [next(batches) for _ in range(count)]
+
+
+def packed(batch: dict, pad_id: int) -> dict:
+    """The same batch packed (same texts, same order)."""
+    texts = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return {**batch, **pack(texts, pad_id)}
 
 
 def _train_step(module, batch: dict, optimizer, counter: list[int]):
@@ -289,8 +311,47 @@ def item_optimizer_state(ctx: Context) -> list[dict]:
                 parameters=parameters)]
 
 
+def item_packing(ctx: Context) -> list[dict]:
+    """8. Tokens/s of a training step on real batches of the experiment, packed (data.packing) vs padded."""
+    module, tokenize, config = ctx.module("3d-ml")
+    batches = training_batches(config, tokenize, ctx.args.corpus, ctx.args.packing_batches)
+    variants = {"padded": [to_device(batch, ctx.device) for batch in batches],
+                "packed": [to_device(packed(batch, tokenize.pad_id), ctx.device) for batch in batches]}
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+    padding = {name: 1 - tokens / sum(batch["input_ids"].numel() for batch in group) for name, group in variants.items()}
+    module.eval()  # the same objective both ways: no dropout; MEL's rank is drawn from the step (0 on both sides)
+    with torch.no_grad():
+        losses = {name: [weighted_loss(module, batch, 0).item() for batch in group] for name, group in variants.items()}
+    module.train()
+    loss_difference = max(abs(a - b) for a, b in zip(losses["padded"], losses["packed"]))
+    optimizer = torch.optim.AdamW(trainable(module), lr=1e-5)
+
+    def steps(group: list[dict]):
+        runs = [_train_step(module, batch, optimizer, [0]) for batch in group]
+        return lambda: [run() for run in runs]
+
+    seconds = compare({name: steps(group) for name, group in variants.items()}, ctx.args.steps, ctx.device)
+    rate = {name: tokens / value for name, value in seconds.items()}
+    ratio = rate["packed"] / rate["padded"]
+    shapes = ", ".join(f"{tuple(a['input_ids'].shape)}→{tuple(b['input_ids'].shape)}"
+                       for a, b in zip(variants["padded"], variants["packed"]))
+    detail = (f"{ctx.args.experiment}, {len(batches)} real batches of {config.data.batch_size} pairs ({shapes}), "
+              f"{tokens} tokens: padded {rate['padded']:.0f} tokens/s (padding fraction {padding['padded']:.2f}), "
+              f"packed {rate['packed']:.0f} tokens/s (padding fraction {padding['packed']:.2f}); "
+              f"max |loss difference| {loss_difference:.1e}")
+    return [row("8", "training tokens/s: packed / padded", ratio, "≥ 1.6", ratio >= 1.6, detail, seconds=seconds,
+                tokens=tokens, padding_fraction=padding, losses=losses)]
+
+
+def item_growth(ctx: Context) -> list[dict]:
+    """9. How cost grows with the grid: step time vs views, probe time vs cells, MEL time vs tokens and vocabulary."""
+    from bench.growth import growth_rows  # bench.growth builds on this module's helpers
+
+    return growth_rows(ctx)
+
+
 def item_ffn_export(ctx: Context) -> list[dict]:
-    """8. Exported FFN cells (MatFormer): parameters and encoding throughput at I/2 and I/4 of the feed-forward width
+    """10. Exported FFN cells (MatFormer): parameters and encoding throughput at I/2 and I/4 of the feed-forward width
     vs the full width I, each a plain transformers model with that intermediate_size, same depth, dim and rank."""
     module, tokenize, config = ctx.module("3d-ml+ffn")
     module.eval()
@@ -313,7 +374,7 @@ def item_ffn_export(ctx: Context) -> list[dict]:
                   f"{exports[full].parameters / 1e6:.1f} M ({parameters:.2f}×); {len(texts)} texts, batch "
                   f"{ctx.args.encode_batch_size}: {len(texts) / seconds[width]:.0f} texts/s vs "
                   f"{len(texts) / seconds[full]:.0f} at ffn {full}")
-        rows.append(row("8", f"throughput ffn {width} / ffn {full}", seconds[full] / seconds[width], None, None,
+        rows.append(row("10", f"throughput ffn {width} / ffn {full}", seconds[full] / seconds[width], None, None,
                         detail, seconds={str(key): value for key, value in seconds.items()},
                         parameters={str(key): result.parameters for key, result in exports.items()}))
     del models
@@ -322,5 +383,5 @@ def item_ffn_export(ctx: Context) -> list[dict]:
 
 
 ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
-         "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state,
-         "8": item_ffn_export}
+         "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state, "8": item_packing,
+         "9": item_growth, "10": item_ffn_export}

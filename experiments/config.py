@@ -106,6 +106,9 @@ class DataConfig:
     """Stop at the first unusable row (naming file and line) instead of skipping and counting it."""
     num_workers: int = 0
     """DataLoader worker processes that read and tokenize (0: in the training process)."""
+    packing: bool = False
+    """Pack each training batch's texts into a few rows with per-text attention (no padding compute; the same
+    batches, pooled embeddings and losses as padded ones). Probe and export encode padded batches."""
 
 
 @dataclass

@@ -66,7 +66,7 @@ def build(config: DictConfig):
     L.seed_everything(config.seed, workers=True, verbose=False)
     backbone, tokenizer = backbones.load(config.model)
     tokenize = BatchTokenizer(tokenizer, info.family, config.model.max_length, config.model.query_prefix,
-                              config.model.passage_prefix)
+                              config.model.passage_prefix, config.data.packing)
     loss = ContrastiveLoss(config.loss.temperature, config.loss.hard_negative, config.loss.in_batch, config.loss.gather)
     module = MatryoshkaEmbedder(backbone, plugins, loss, config.optim, config.distributed.activation_checkpointing)
     datamodule = TranslationPairsDataModule(config.data, tokenize, config.seed)

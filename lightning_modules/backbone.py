@@ -8,6 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_modules.packing import (VARLEN, additive, block_mask, last_token_pool_packed, mean_pool_packed, pack,
+                                       pad, use_varlen_attention, varlen_available)
 from lightning_modules.views import EmbeddingBundle
 
 Family = Literal["encoder", "decoder"]
@@ -65,12 +67,45 @@ class Backbone(nn.Module):
     def replace_input_embeddings(self, module: nn.Module) -> None:
         self.model.set_input_embeddings(module)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> EmbeddingBundle:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, packing: dict | None = None) -> EmbeddingBundle:
+        """Every exit's pooled embeddings of a padded batch, or of a packed one (``packing``: the layout of
+        :func:`lightning_modules.packing.pack`; pooled per text, in the texts' order)."""
+        if packing is not None:
+            return self._forward_packed(input_ids, packing)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        pool_fn = last_token_pool if self.family == "decoder" else mean_pool
+        return self._bundle(output, lambda hidden: pool_fn(hidden, attention_mask))
+
+    def _forward_packed(self, input_ids: Tensor, packing: dict) -> EmbeddingBundle:
+        position_ids, sequence_ids = packing["position_ids"], packing["sequence_ids"]
+        config = self.model.config
+        if input_ids.is_cuda and config._attn_implementation == "sdpa" and varlen_available():
+            use_varlen_attention(self.model)  # padded calls (probe, export) still run sdpa
+        # The varlen kernel has no attention dropout (BERT's default is 0.1): the block mask has.
+        dropout = getattr(config, "attention_dropout", 0.0) or getattr(config, "attention_probs_dropout_prob", 0.0)
+        if config._attn_implementation == VARLEN and not (self.training and dropout):
+            # One flattened sequence cut into segments; the 4D placeholder passes transformers' mask code untouched
+            # (its packed-sequence detection would sync with the host), varlen attention ignores it.
+            segments = {"cu_seq_lens_q": packing["cu_seqlens"], "cu_seq_lens_k": packing["cu_seqlens"],
+                        "max_length_q": packing["max_length"], "max_length_k": packing["max_length"]}
+            placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=input_ids.device)
+            output = self.model(input_ids=input_ids.reshape(1, -1), attention_mask=placeholder,
+                                position_ids=position_ids.reshape(1, -1), output_hidden_states=True, **segments)
+        else:
+            mask = block_mask(sequence_ids, causal=self.family == "decoder")
+            if config._attn_implementation == "eager":
+                mask = additive(mask, self.model.dtype)
+            output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                output_hidden_states=True)
+        last_index = packing["last_index"]
+        if self.family == "decoder":
+            return self._bundle(output, lambda hidden: last_token_pool_packed(hidden, last_index))
+        return self._bundle(output, lambda hidden: mean_pool_packed(hidden, sequence_ids, len(last_index)))
+
+    def _bundle(self, output, pool) -> EmbeddingBundle:
         # The last exit is the model's own final output (already normed for decoders).
         hidden_states = (*output.hidden_states[:-1], output.last_hidden_state)
-        pool_fn = last_token_pool if self.family == "decoder" else mean_pool
-        return EmbeddingBundle(hidden_states, lambda hidden: pool_fn(hidden, attention_mask), self.exit_norm)
+        return EmbeddingBundle(hidden_states, pool, self.exit_norm)
 
 
 class BatchTokenizer:
@@ -79,16 +114,20 @@ class BatchTokenizer:
     Layout of a training batch: queries, then passages, then each query's hard negatives in order, so the
     whole batch is ONE forward; ``texts`` lists the raw texts (without prefixes) in the same order. Encoders get
     the tokenizer's own special tokens. Decoders always end in EOS, appended here and kept in the attention mask
-    even when ``eos == pad``; padding is on the right.
+    even when ``eos == pad``; padding is on the right. With ``packing`` a training batch is packed instead
+    (:func:`lightning_modules.packing.pack`: several texts per row, ``batch["packing"]`` the layout);
+    :meth:`encode` always pads.
 
     Args:
         tokenizer: a Hugging Face fast tokenizer.
         family: ``encoder`` or ``decoder``.
         max_length: tokens per text, EOS/special tokens included.
         query_prefix / passage_prefix: prepended to queries / passages and negatives (e5: ``query: ``).
+        packing: pack training batches (``data.packing``).
     """
 
-    def __init__(self, tokenizer, family: Family, max_length: int, query_prefix: str = "", passage_prefix: str = ""):
+    def __init__(self, tokenizer, family: Family, max_length: int, query_prefix: str = "", passage_prefix: str = "",
+                 packing: bool = False):
         if family == "decoder" and tokenizer.eos_token_id is None:
             raise ValueError("decoder tokenizer has no eos_token; every sequence must end in EOS for pooling")
         self.tokenizer = tokenizer
@@ -96,22 +135,20 @@ class BatchTokenizer:
         self.max_length = max_length
         self.query_prefix = query_prefix
         self.passage_prefix = passage_prefix
+        self.packing = packing
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids, truncated to ``max_length`` (special tokens / the decoder's EOS included)."""
         if self.family == "encoder":
-            return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                       return_tensors="pt", return_token_type_ids=False))
+            return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         ids = self.tokenizer(texts, add_special_tokens=False, truncation=True,
                              max_length=self.max_length - 1)["input_ids"]
-        ids = [row + [self.tokenizer.eos_token_id] for row in ids]
-        width = max(len(row) for row in ids)
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, : len(row)] = torch.tensor(row)
-            attention_mask[i, : len(row)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return [row + [self.tokenizer.eos_token_id] for row in ids]
+
+    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+        """One right-padded batch ``[len(texts), longest]``."""
+        return pad(self.token_ids(texts), self.pad_id)
 
     def __call__(self, queries: list[str], passages: list[str], negatives: list[list[str]] | None = None) -> dict:
         if len(queries) != len(passages):
@@ -123,7 +160,7 @@ class BatchTokenizer:
         texts = ([self.query_prefix + text for text in queries]
                  + [self.passage_prefix + text for text in passages]
                  + [self.passage_prefix + text for row in negatives for text in row])
-        batch = self.encode(texts)
+        batch = pack(self.token_ids(texts), self.pad_id) if self.packing else self.encode(texts)
         # The raw texts in the same order, for teachers with their own tokenizer (distillation).
         batch["texts"] = [*queries, *passages, *(text for row in negatives for text in row)]
         batch["num_queries"] = len(queries)

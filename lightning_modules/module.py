@@ -63,11 +63,12 @@ class MatryoshkaEmbedder(L.LightningModule):
         """All weighted views of one batch, from one forward."""
         for plugin in self.plugins:
             plugin.before_forward(step)
-        return self.forward_views(batch["input_ids"], batch["attention_mask"])
+        return self.forward_views(batch["input_ids"], batch["attention_mask"], batch.get("packing"))
 
-    def forward_views(self, input_ids: Tensor, attention_mask: Tensor) -> list[View]:
-        """The plugins' nested, tagged views of one forward at the current model-side setting."""
-        return self.expand(self.backbone(input_ids, attention_mask))
+    def forward_views(self, input_ids: Tensor, attention_mask: Tensor, packing: dict | None = None) -> list[View]:
+        """The plugins' nested, tagged views of one forward at the current model-side setting (``packing``: the
+        packed-batch layout a ``data.packing`` batch carries; None for padded texts)."""
+        return self.expand(self.backbone(input_ids, attention_mask, packing))
 
     def expand(self, bundle: EmbeddingBundle) -> list[View]:
         """The plugins' nested, tagged views of one bundle."""

@@ -8,13 +8,15 @@ more than one), synthetic full-length batches. Without CUDA it runs a tiny shape
 one gloo process) so CI keeps it alive; those numbers mean nothing.
 
 One row per setup: plain contrastive, MRL, MLL, MEL, all three, all three with the precision axis (3x the views),
-all three with activation checkpointing, and all three with ``adamw8bit`` (skipped when bitsandbytes is not
-installed). Needs only torch, lightning and transformers (+ numpy): nothing of the project that imports omegaconf,
+all three with activation checkpointing, all three with ``adamw8bit`` (skipped when bitsandbytes is not
+installed), and all three on realistic variable-length batches (log-normal lengths around a quarter of
+``--seq-len``, ~55 % padding as in the quickstart's gettext batches), padded and packed (``data.packing``: one
+flattened sequence per step and variable-length attention where torch has it, else a block mask). Needs only torch, lightning and transformers (+ numpy): nothing of the project that imports omegaconf,
 mlflow or mteb.
 
 Columns: tokens/s over all GPUs (median step time after warm-up); MFU = model FLOPs / (GPUs × dense bf16 peak),
 model FLOPs per token = 6 · non-embedding parameters + 12 · blocks · attention width · sequence length
-(activation recomputation not counted); peak memory = ``torch.cuda.max_memory_allocated`` on rank 0 after warm-up,
+(activation recomputation not counted; variable-length rows count real tokens and the mean text length); peak memory = ``torch.cuda.max_memory_allocated`` on rank 0 after warm-up,
 less what was allocated before the setup's model was built.
 """
 
@@ -24,6 +26,7 @@ import argparse
 import gc
 import importlib.util
 import json
+import math
 import os
 import statistics
 import sys
@@ -42,6 +45,7 @@ from lightning_modules.backbone import Backbone  # noqa: E402
 from lightning_modules.distributed import FSDP2Strategy  # noqa: E402
 from lightning_modules.losses import ContrastiveLoss  # noqa: E402
 from lightning_modules.module import MatryoshkaEmbedder  # noqa: E402
+from lightning_modules.packing import pack, pad  # noqa: E402
 from lightning_modules.plugins import MEL, MLL, MRL, Precision  # noqa: E402
 
 QWEN3_0_6B = dict(vocab_size=151_936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
@@ -59,6 +63,8 @@ class Setup:
     plugins: tuple[str, ...] = ()
     optimizer: str = "adamw"
     activation_checkpointing: bool = False
+    lengths: str = "full"  # full (synthetic full-length batches) | variable (realistic lengths)
+    packing: bool = False
     result: dict = field(default_factory=dict)
 
 
@@ -66,14 +72,16 @@ SETUPS = [Setup("plain contrastive"), Setup("MRL", ("mrl",)), Setup("MLL", ("mll
           Setup("MLL+MRL+MEL", ("mll", "mrl", "mel")),
           Setup("MLL+MRL+MEL+precision", ("mll", "mrl", "mel", "precision")),
           Setup("MLL+MRL+MEL, act. ckpt", ("mll", "mrl", "mel"), activation_checkpointing=True),
-          Setup("MLL+MRL+MEL, adamw8bit", ("mll", "mrl", "mel"), optimizer="adamw8bit")]
+          Setup("MLL+MRL+MEL, adamw8bit", ("mll", "mrl", "mel"), optimizer="adamw8bit"),
+          Setup("MLL+MRL+MEL, var. len.", ("mll", "mrl", "mel"), lengths="variable"),
+          Setup("MLL+MRL+MEL, var. len., packed", ("mll", "mrl", "mel"), lengths="variable", packing=True)]
 
 
 class StepTimer(L.Callback):
     """Wall time of every optimizer step (device synchronised), and peak memory after warm-up."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.times, self.started = warmup, [], 0.0
+        self.warmup, self.times, self.tokens, self.padding, self.started = warmup, [], [], [], 0.0
 
     def _sync(self, module: L.LightningModule) -> None:
         if module.device.type == "cuda":
@@ -89,6 +97,8 @@ class StepTimer(L.Callback):
         self._sync(module)
         if trainer.global_step > self.warmup:
             self.times.append(time.perf_counter() - self.started)
+            self.tokens.append(int(batch["attention_mask"].sum()))  # real tokens (after the timing: it syncs)
+            self.padding.append(1 - self.tokens[-1] / batch["attention_mask"].numel())
 
 
 def synthetic_batches(num_queries: int, seq_len: int, vocab_size: int, seed: int):
@@ -98,6 +108,18 @@ def synthetic_batches(num_queries: int, seq_len: int, vocab_size: int, seed: int
         ids = torch.randint(0, vocab_size, (2 * num_queries, seq_len), generator=generator)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "num_queries": num_queries,
                "negatives_per_query": 0}
+
+
+def variable_batches(num_queries: int, seq_len: int, vocab_size: int, seed: int, packing: bool):
+    """Endless batches of realistic lengths: log-normal (σ 0.6) around a quarter of ``seq_len``, clipped to
+    [4, seq_len] (the padded layout is ~55 % padding, as the quickstart's gettext batches), padded or packed."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        lengths = (torch.randn(2 * num_queries, generator=generator) * 0.6 + math.log(seq_len / 4)).exp()
+        sequences = [torch.randint(1, vocab_size, (length,), generator=generator).tolist()
+                     for length in lengths.clamp(4, seq_len).long().tolist()]
+        layout = pack(sequences, 0) if packing else pad(sequences, 0)
+        yield {**layout, "num_queries": num_queries, "negatives_per_query": 0}
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -124,14 +146,17 @@ def run_setup(setup: Setup, args: argparse.Namespace, shape: dict, on_cuda: bool
                         precision="bf16-mixed" if on_cuda else "32-true", max_steps=args.warmup + args.steps,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[timer])
-    trainer.fit(module, train_dataloaders=synthetic_batches(args.queries, args.seq_len, shape["vocab_size"], 0))
+    batches = (synthetic_batches(args.queries, args.seq_len, shape["vocab_size"], 0) if setup.lengths == "full" else
+               variable_batches(args.queries, args.seq_len, shape["vocab_size"], 0, setup.packing))
+    trainer.fit(module, train_dataloaders=batches)
     step = statistics.median(timer.times)
-    tokens = 2 * args.queries * args.seq_len * devices
+    tokens = statistics.median(timer.tokens) * devices  # the same lengths on every device
+    text_length = tokens / devices / (2 * args.queries)
     flops_per_token = (6 * module.dense_parameters
-                       + 12 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"] * args.seq_len)
+                       + 12 * shape["num_hidden_layers"] * shape["num_attention_heads"] * shape["head_dim"] * text_length)
     peak = peak_flops(module.device)
     setup.result = {
-        "tokens_per_s": tokens / step, "step_s": step,
+        "tokens_per_s": tokens / step, "step_s": step, "padding_fraction": statistics.median(timer.padding),
         "mfu": flops_per_token * tokens / step / (peak * devices) if peak else None,
         "peak_memory_gb": (torch.cuda.max_memory_allocated() - floor) / 2**30 if on_cuda else None,
         "world_size": devices, "device": torch.cuda.get_device_name(module.device) if on_cuda else "cpu",
@@ -143,15 +168,16 @@ def run_setup(setup: Setup, args: argparse.Namespace, shape: dict, on_cuda: bool
 
 
 def table(setups: list[Setup]) -> str:
-    lines = [f"{'setup':<26} {'tokens/s':>12} {'step (s)':>9} {'MFU':>7} {'peak mem (GB)':>14}"]
+    lines = [f"{'setup':<31} {'tokens/s':>12} {'step (s)':>9} {'MFU':>7} {'peak mem (GB)':>14} {'padding':>8}"]
     for setup in setups:
         r = setup.result
         if "skipped" in r:
-            lines.append(f"{setup.name:<26} skipped: {r['skipped']}")
+            lines.append(f"{setup.name:<31} skipped: {r['skipped']}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         memory = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "n/a"
-        lines.append(f"{setup.name:<26} {r['tokens_per_s']:>12,.0f} {r['step_s']:>9.3f} {mfu:>7} {memory:>14}")
+        lines.append(f"{setup.name:<31} {r['tokens_per_s']:>12,.0f} {r['step_s']:>9.3f} {mfu:>7} {memory:>14} "
+                     f"{r['padding_fraction']:>8.2f}")
     return "\n".join(lines)
 
 

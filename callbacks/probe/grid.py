@@ -12,11 +12,14 @@ from typing import TYPE_CHECKING, Any
 import mteb
 import torch
 import torch.nn.functional as F
+from mteb._create_dataloaders import create_dataloader
+from mteb._evaluators.text import bitext_mining_evaluator
 from mteb.abstasks.abstask import AbsTask
+from mteb.models import search_wrappers
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta
 from mteb.types import PromptType
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 if TYPE_CHECKING:
     from callbacks.probe.encoding import GridEncoder
@@ -37,7 +40,7 @@ def input_texts(inputs: DataLoader) -> list[str]:
     column (per-row iteration costs ~0.1 ms per text, per cell, which dominated small probes)."""
     dataset = inputs.dataset
     if isinstance(inputs.sampler, SequentialSampler) and "text" in getattr(dataset, "column_names", ()):
-        texts = list(dataset["text"])
+        texts = list(dataset["text"][:])  # a slice of a datasets Column is one Arrow read, not one per row
     else:
         texts = [text for batch in inputs for text in batch["text"]]
     if not all(isinstance(text, str) for text in texts):
@@ -96,13 +99,66 @@ def _unit(embeddings) -> torch.Tensor:
     return F.normalize(torch.as_tensor(embeddings), dim=-1)
 
 
+class TextColumn(Dataset):
+    """Texts that read like a one-column ``datasets.Dataset``: ``column["text"]`` is the list, rows are
+    ``{"text": ...}`` (what :func:`input_texts` and mteb's loaders read)."""
+
+    column_names = ("text",)
+
+    def __init__(self, texts) -> None:
+        self.texts = list(texts[:])  # a datasets Column: one Arrow read
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, key):
+        return self.texts if key == "text" else {"text": self.texts[key]}
+
+
+def text_loader(text, batch_size: int = 32, **kwargs) -> DataLoader:
+    """mteb's ``_create_dataloader_from_texts`` without its Arrow dataset: building one per subset and cell
+    fingerprints it by pickling every text (~30 ms each; 20 per bitext cell, the largest share of a probe)."""
+    return DataLoader(TextColumn(text), batch_size=batch_size)
+
+
+_prepared_loaders: dict[tuple, DataLoader] = {}
+
+
+def shared_loader(dataset, **kwargs) -> DataLoader:
+    """mteb's ``create_dataloader``, once per dataset content and settings: a retrieval task prepares the same
+    queries and corpus (``datasets`` maps) again for every cell. Keyed by the content itself (the filtered queries
+    get a new random fingerprint at every evaluation)."""
+    content = tuple((name, tuple(map(str, values))) for name, values in dataset[:].items())
+    key = (content, kwargs["task_metadata"].name, kwargs.get("prompt_type"), str(kwargs.get("input_column")),
+           kwargs.get("batch_size"))
+    if key not in _prepared_loaders:
+        if len(_prepared_loaders) >= 16:  # a few tasks' queries and corpora; older probes' entries go
+            _prepared_loaders.pop(next(iter(_prepared_loaders)))
+        _prepared_loaders[key] = create_dataloader(dataset, **kwargs)
+    return _prepared_loaders[key]
+
+
+@contextlib.contextmanager
+def light_loaders():
+    """mteb (2.26) with :func:`text_loader` and :func:`shared_loader` in place of its two loader factories
+    (same texts, same order, same scores: ``test_light_loaders_give_mteb_s_scores``)."""
+    saved = bitext_mining_evaluator._create_dataloader_from_texts, search_wrappers.create_dataloader
+    bitext_mining_evaluator._create_dataloader_from_texts = text_loader
+    search_wrappers.create_dataloader = shared_loader
+    try:
+        yield
+    finally:
+        bitext_mining_evaluator._create_dataloader_from_texts, search_wrappers.create_dataloader = saved
+
+
 def evaluate(model: AbsEncoder, task: AbsTask, batch_size: int) -> dict:
     """``{"main_score", <every numeric score averaged over subsets>, "subsets": {subset: main score}}``.
 
     mteb's result cache is off: a cached result for the same model name and revision would be returned as is.
-    Its progress bars (some of which cannot be switched off) are silenced; exceptions propagate.
+    Its progress bars (some of which cannot be switched off) are silenced; exceptions propagate. Its data
+    loaders are the light ones of :func:`light_loaders` (mteb's own cost more than the scoring).
     """
-    with contextlib.redirect_stderr(io.StringIO()):
+    with contextlib.redirect_stderr(io.StringIO()), light_loaders():
         result = mteb.evaluate(model, task, cache=None, overwrite_strategy="always", show_progress_bar=False,
                                encode_kwargs={"batch_size": batch_size, "show_progress_bar": False})
     splits = result.task_results[0].scores

@@ -68,10 +68,12 @@ class BackboneTeacher:
 
     @torch.no_grad()
     def encode(self, batch: dict, rows: list[int]) -> Tensor:
-        input_ids = batch["input_ids"][rows]
-        if next(self.model.parameters()).device != input_ids.device:  # first use: follow the student
-            self.model.to(input_ids.device)
-        return self.model(input_ids, batch["attention_mask"][rows]).root_view().embeddings.float()
+        if next(self.model.parameters()).device != batch["input_ids"].device:  # first use: follow the student
+            self.model.to(batch["input_ids"].device)
+        if "packing" in batch:  # a packed row holds several texts: encode them all, keep the asked ones
+            bundle = self.model(batch["input_ids"], batch["attention_mask"], batch["packing"])
+            return bundle.root_view().embeddings[rows].float()
+        return self.model(batch["input_ids"][rows], batch["attention_mask"][rows]).root_view().embeddings.float()
 
 
 class UseTeacher:

@@ -1,0 +1,56 @@
+"""The probe's light mteb data loaders (callbacks/probe/grid.py) give exactly mteb's own scores."""
+
+import contextlib
+import json
+import random
+
+import pytest
+
+from callbacks.probe.prober import preserved_rng
+from datamodules.gettext_corpus import Pair
+from tests.test_probe import META, hand_encoder
+
+with preserved_rng():  # mteb reseeds the global generators on import
+    from callbacks.probe import grid
+    from callbacks.probe.grid import CellModel, evaluate
+    from callbacks.probe.tasks import GettextBitextMining, GettextRetrieval
+
+# Three locales of five translations, near-duplicates included, so that rankings are not trivial.
+PAIRS = {locale: [Pair(f"en {i}", f"{locale} {i}", locale, "t") for i in range(5)] for locale in ("de", "kk", "ta")}
+
+
+def scores(task, light: bool, monkeypatch) -> dict:
+    generator = random.Random(0)
+    texts = {text for _, text in task.probe_inputs()}
+    vectors = {prefix + text: [generator.gauss(0, 1) for _ in range(4)] for text in texts for prefix in ("q: ", "p: ")}
+    roles = {text: role for role, text in task.probe_inputs()}
+    if not light:
+        monkeypatch.setattr(grid, "light_loaders", contextlib.nullcontext)
+    return evaluate(CellModel(hand_encoder(vectors), 0, META, may_encode=False, roles=roles), task, 4)
+
+
+@pytest.mark.parametrize("task_class", [GettextBitextMining, GettextRetrieval])
+def test_light_loaders_give_mteb_s_scores(task_class, monkeypatch):
+    task = task_class(PAIRS)
+    light = [scores(task, True, monkeypatch) for _ in range(2)]  # the second retrieval call reuses the loaders
+    mteb_own = scores(task, False, monkeypatch)
+    exact = [json.dumps(result, sort_keys=True) for result in (*light, mteb_own)]  # NaN scores included
+    assert exact[0] == exact[1] == exact[2]
+    assert 0 < mteb_own["main_score"] < 1  # not a degenerate score that any loader would give
+
+
+def test_retrieval_prepares_its_queries_and_corpus_once(monkeypatch):
+    from mteb._create_dataloaders import create_dataloader
+
+    calls = []
+
+    def counted(dataset, **kwargs):
+        calls.append(kwargs.get("prompt_type"))
+        return create_dataloader(dataset, **kwargs)
+
+    monkeypatch.setattr(grid, "create_dataloader", counted)
+    grid._prepared_loaders.clear()
+    task = GettextRetrieval(PAIRS)
+    for _ in range(3):  # three cells
+        scores(task, True, monkeypatch)
+    assert len(calls) == 2  # the queries and the corpus, once
