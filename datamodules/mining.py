@@ -39,7 +39,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 import unicodedata
@@ -55,6 +54,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from datamodules.atomic import write_atomic
 from datamodules.sources import SIDECAR_NAME, UNKNOWN_LANGUAGE, DataError, Source, make_row
 from experiments.config import ConfigError, _merge, available_experiments, compose, run_command
 
@@ -394,18 +394,6 @@ class EmbeddingCache:
                 where.update((text, (len(arrays), row)) for row, text in enumerate(texts))
                 arrays.append(array)
                 number += 1
-
-
-def write_atomic(path: Path, content: str | np.ndarray) -> None:
-    """Writes a file under a temporary name and renames it: a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("wb") as file:
-        if isinstance(content, np.ndarray):
-            np.save(file, content)
-        else:
-            file.write(content.encode("utf-8"))
-    os.replace(temporary, path)
 
 
 # ---------------------------------------------------------------------------

@@ -180,6 +180,9 @@ class Config:
     output_dir: str = "outputs"
     checkpoint_every: int = 50
     """Save ``last.ckpt`` every N optimizer steps (and at the end)."""
+    max_nonfinite_steps: int = 0
+    """0: a non-finite loss stops the run (checked at the log interval and before each checkpoint); N > 0: up to N
+    steps with a non-finite gradient are skipped, counted in ``train/nonfinite_steps`` (one host sync per step)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     plugins: dict[str, Any] = field(default_factory=dict)
     """``<name>: {options}``; built-in names mrl, mll, mel; any other needs ``_target_: module.Class``;
@@ -212,6 +215,7 @@ POSITIVE = ("model.max_length", "loss.temperature", "data.batch_size", "optim.lr
 # Closed ranges [low, high] (None: unbounded) beyond positivity: values outside them train something else silently.
 RANGES = {
     "seed": (0, None),
+    "max_nonfinite_steps": (0, None),
     "optim.warmup_steps": (0, None),
     "optim.weight_decay": (0.0, None),
     "optim.min_lr": (0.0, "optim.lr"),  # a negative floor would ascend the gradient at the end of the schedule
@@ -223,7 +227,7 @@ RANGES = {
 # Trainer arguments the run sets itself (the run folder, the MLflow logger, its callbacks, the distributed section).
 RUN_OWNED_TRAINER_ARGS = {
     "logger": "tracking.* instead (the run's MLflow logger)",
-    "callbacks": "checkpoint_every, probe.*, nonfinite.* instead (the run's own callbacks)",
+    "callbacks": "checkpoint_every, probe.*, max_nonfinite_steps instead (the run's own callbacks)",
     "default_root_dir": "output_dir instead (each run gets its own folder under output_dir/NAME)",
     "strategy": "distributed.strategy instead (single | ddp | fsdp2)",
     "precision": "distributed.precision instead (auto | 32-true | bf16-mixed)",
