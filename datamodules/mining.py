@@ -108,6 +108,9 @@ class MiningConfig:
     """Rows per source shown in the report."""
     progress: bool = True
     """Progress bars while encoding."""
+    overwrite: bool = False
+    """Write into an output folder that holds files mining did not write (a mined ``<source>.jsonl`` may replace
+    one of them); an input folder is refused either way."""
 
 
 # ---------------------------------------------------------------------------
@@ -523,6 +526,7 @@ def mine(config: DictConfig, mining: MiningConfig, encoder: Callable | None = No
     """
     out = Path(mining.out or f"{MINED_DIR}/{config.name}")
     sources = mining_sources(config)
+    check_output_folder(out, sources, mining.overwrite)
     model = model_fingerprint(config, mining)
     cache = EmbeddingCache(out / STATE_DIR / "cache" / digest(model),
                            functools.cache(lambda: encoder if encoder is not None else Encoder(config, mining)),
@@ -554,6 +558,28 @@ def mine(config: DictConfig, mining: MiningConfig, encoder: Callable | None = No
         log.info("mining: %s: %d rows, %.1f queries/s -> %s", name, stats["rows_written"], stats["queries_per_s"],
                  target)
     return write_report(out, stats_dir, config, mining, list(sources))
+
+
+def check_output_folder(out: Path, sources: dict[str, Source], overwrite: bool) -> None:
+    """Refuses an output folder that holds a source being mined, or (unless ``overwrite``) any file this command
+    did not write: its reports, ``sources.yaml``, ``.mining/`` and the ``<source>.jsonl`` files it has stats for.
+
+    Raises:
+        ConfigError: naming ``mine.out``, the folder and the files in the way.
+    """
+    inputs = sorted({source.path.resolve().parent for source in sources.values()})
+    if out.resolve() in inputs:
+        raise ConfigError(OPTION_PREFIX + "out", f"{out} holds the sources being mined; choose another folder "
+                                                 f"(default: {MINED_DIR}/<NAME>)")
+    if overwrite or not out.is_dir():
+        return
+    mined = {f"{path.stem}.jsonl" for path in (out / STATE_DIR / "stats").glob("*.json")}
+    ours = {STATE_DIR, SIDECAR_NAME, "report.json", "report.md", *mined}
+    foreign = sorted(path.name for path in out.iterdir() if path.name not in ours and ".tmp-" not in path.name)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(OPTION_PREFIX + "out", f"{out} holds files mining did not write ({shown}); choose an empty or "
+                                                 f"new folder, or mine.overwrite=true to write beside (and over) them")
 
 
 def _finished(stats_dir: Path) -> dict[str, dict]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import write_atomic
+from datamodules.sources import DataError
 from experiments.config import Config, ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.run_lock import hold_run_lock
 from experiments.tracking import (
@@ -189,7 +190,10 @@ def train(config: DictConfig) -> TrainResult:
     trainer = L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
     datamodule.trainer = trainer
     datamodule.prepare_data()
-    datamodule.setup("fit")  # unusable data stops the run here, before its folder or MLflow run exists
+    try:
+        datamodule.setup("fit")  # unusable data stops the run here, before its folder or MLflow run exists
+    except DataError as error:
+        raise ConfigError(error.key, str(error)) from None
     inherited = os.environ.get(RUN_DIR_ENV)
     # One process per run folder; the ranks Lightning's launcher starts (they inherit RUN_DIR_ENV) share rank 0's.
     with hold_run_lock(run_dir) if inherited is None and rank_zero_only.rank == 0 else nullcontext():
@@ -221,7 +225,7 @@ def train_and_report(name: str, overrides: list[str]) -> int:
     config = compose(name, overrides)
     try:
         result = train(config)  # validation errors are raised before any weights load
-    except NonFiniteLossError as error:
+    except (NonFiniteLossError, DataError) as error:  # found while training (data.strict reads rows as it goes)
         print(error, file=sys.stderr)
         return 1
     print(f"\nfinished {config.name} in {result.seconds:.0f} s; final train/loss = "
