@@ -211,8 +211,9 @@ CHOICES = {
     "distributed.precision": ("auto", "32-true", "bf16-mixed"),
 }
 POSITIVE = ("model.max_length", "loss.temperature", "data.batch_size", "optim.lr", "checkpoint_every",
-            "probe.batch_size", "probe.max_pairs_per_locale", "optim.eps", "data.pool_batches")
+            "probe.batch_size", "probe.max_pairs_per_locale", "optim.eps")
 # Closed ranges [low, high] (None: unbounded) beyond positivity: values outside them train something else silently.
+# (The data section's ranges are checked by datamodules.pairs.check_data_config.)
 RANGES = {
     "seed": (0, None),
     "max_nonfinite_steps": (0, None),
@@ -220,8 +221,6 @@ RANGES = {
     "optim.weight_decay": (0.0, None),
     "optim.min_lr": (0.0, "optim.lr"),  # a negative floor would ascend the gradient at the end of the schedule
     "loss.temperature": (1e-3, 100.0),  # logits are cosines / τ: below 1e-3 they overflow bf16 and saturate fp32
-    "data.sampling_alpha": (0.0, None),
-    "data.num_workers": (0, None),
     "probe.every_n_steps": (0, None),
 }
 # Trainer arguments the run sets itself (the run folder, the MLflow logger, its callbacks, the distributed section).
@@ -341,13 +340,6 @@ def validate(config: DictConfig) -> None:
     betas = list(config.optim.betas)
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ConfigError("optim.betas", f"{betas} not allowed; two values in [0, 1), e.g. [0.9, 0.98]")
-    for key in ("data.max_examples", *(f"data.caps.{source}" for source in config.data.caps)):
-        value = OmegaConf.select(config, key)
-        if value is not None and value < 1:
-            raise ConfigError(key, f"{value} not allowed; >= 1 (or null: no cap)")
-    for task, count in config.data.negatives.items():
-        if count < 0:
-            raise ConfigError(f"data.negatives.{task}", f"{count} not allowed; >= 0")
     if config.model.source == "hf" and not config.model.path:
         raise ConfigError("model.path", "required when model.source is hf (a local model folder or hub id)")
     if config.model.num_layers is not None and config.model.num_layers < 1:
