@@ -578,8 +578,9 @@ def check_output_folder(out: Path, sources: dict[str, Source], overwrite: bool) 
     foreign = sorted(path.name for path in out.iterdir() if path.name not in ours and ".tmp-" not in path.name)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise ConfigError(OPTION_PREFIX + "out", f"{out} holds files mining did not write ({shown}); choose an empty or "
-                                                 f"new folder, or mine.overwrite=true to write beside (and over) them")
+        raise ConfigError(OPTION_PREFIX + "out", f"{out} holds files mining did not write ({shown}); choose an "
+                                                 f"empty or new folder, or mine.overwrite=true to write beside (and "
+                                                 f"over) them")
 
 
 def _finished(stats_dir: Path) -> dict[str, dict]:

@@ -316,7 +316,8 @@ def _check_interpolations(config: DictConfig, origins: list, overrides: list[str
         parent, _, leaf = key.rpartition(".")
         raw = str((OmegaConf.select(config, parent) if parent else config)._get_node(leaf)._value())
         where = next((f"{path}:{number}" for path in origins if Path(str(path)).is_file()
-                      for number, line in enumerate(Path(path).read_text().splitlines(), start=1) if raw and raw in line),
+                      for number, line in enumerate(Path(path).read_text().splitlines(), start=1)
+                      if raw and raw in line),
                      "ARGS" if any(raw in override for override in overrides) else "the composed config")
         message = str(error).splitlines()[0]
         raise ConfigError(key, f"cannot resolve {raw!r} (written at {where}): {message}") from None
@@ -335,8 +336,8 @@ def validate(config: DictConfig) -> None:
         value = OmegaConf.select(config, key)
         high_value = OmegaConf.select(config, high) if isinstance(high, str) else high
         if (low is not None and value < low) or (high_value is not None and value > high_value):
-            allowed = f"[{low}, {high if high is not None else 'inf'}{f' = {high_value}' if isinstance(high, str) else ''}]"
-            raise ConfigError(key, f"{value} not allowed; allowed range {allowed}")
+            upper = "inf" if high is None else f"{high} = {high_value}" if isinstance(high, str) else high
+            raise ConfigError(key, f"{value} not allowed; allowed range [{low}, {upper}]")
     betas = list(config.optim.betas)
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ConfigError("optim.betas", f"{betas} not allowed; two values in [0, 1), e.g. [0.9, 0.98]")
@@ -364,7 +365,8 @@ def _validate_trainer(config: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}", f"not an argument of lightning.Trainer; allowed: "
                               f"{', '.join(sorted(set(hints) - set(RUN_OWNED_TRAINER_ARGS)))}")
         if not _fits(value, hints[key]):
-            raise ConfigError(f"trainer.{key}", f"{value!r} not allowed; lightning.Trainer takes {_describe(hints[key])}")
+            raise ConfigError(f"trainer.{key}",
+                              f"{value!r} not allowed; lightning.Trainer takes {_describe(hints[key])}")
 
 
 def _fits(value: Any, hint: Any) -> bool:

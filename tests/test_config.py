@@ -88,7 +88,8 @@ def test_a_plugin_target_outside_the_allowed_packages_is_refused_without_importi
     monkeypatch.syspath_prepend(str(tmp_path))
     for target in ("payload.X", "this.X"):
         message = error_of("tiny", [f"plugins.x._target_={target}"])
-        assert f"`plugins.x`" in message and "not in an allowed package" in message and "nothing was imported" in message
+        assert "`plugins.x`" in message and "not in an allowed package" in message
+        assert "nothing was imported" in message
     assert not marker.exists() and "payload" not in sys.modules
     message = error_of("tiny", ["plugins.x._target_=os;rm"])
     assert "not a dotted class path" in message

@@ -74,7 +74,8 @@ def test_a_resume_with_settings_that_cannot_change_stops_naming_them(finished, o
     with pytest.raises(ConfigError) as error:
         train(config)
     message = str(error.value)
-    assert message.startswith("config error at `resume`:") and named in message and "resume=false starts a new run" in message
+    assert message.startswith("config error at `resume`:") and named in message
+    assert "resume=false starts a new run" in message
     assert "\n" not in message
     client = mlflow.MlflowClient(config.tracking.uri)
     assert "resume.count" not in client.get_run(first.run_id).data.tags  # the MLflow run was not touched

@@ -144,7 +144,7 @@ class ProbeCallback(L.Callback):
             if isinstance(logger, MLFlowLogger):
                 try:
                     report.log_to_mlflow(logger.experiment, logger.run_id, logged, trainer.global_step, files)
-                except Exception as error:  # noqa: BLE001 - a tracking server that does not answer must not stop training
+                except Exception as error:  # noqa: BLE001 - a tracking server that does not answer must not stop it
                     log.error("probe: step %d not logged to MLflow (%s: %s); its files are in %s", trainer.global_step,
                               type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
                               files[0].parent if files else "the run folder")
