@@ -23,6 +23,14 @@ import torch
 SHOWN_METRICS = 4  # non-finite metric names quoted in the message
 
 
+def all_finite(trainer: L.Trainer, tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of ``tensors`` on every rank is finite, by the max norm (which cannot overflow); local
+    shards of FSDP2 ``DTensor``s; one host sync, plus one all-reduce of the answer when distributed."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    finite = not local or bool(torch.stack(torch._foreach_norm(local, math.inf)).isfinite().all())
+    return trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+
 class NonFiniteLossError(RuntimeError):
     """A non-finite loss; ``str()`` is one line naming the step, the batch's source and the non-finite terms."""
 
@@ -49,8 +57,7 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if not self.max_skipped:
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if not grads or bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+        if all_finite(trainer, [p.grad for p in pl_module.parameters() if p.grad is not None]):
             return
         self.skipped += 1
         if self.skipped > self.max_skipped:
@@ -82,12 +89,12 @@ class NonFiniteGuard(L.Callback):
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Reads the flag (one host sync) and the weights' finiteness; raises on either."""
-        if self._bad is not None and bool(self._bad):
-            first = int(self._first_bad_step)
-            self._stop(trainer, first, f"source {self._sources.get(first, '?')!r}")
+        bad_here = self._bad is not None and bool(self._bad)
+        if trainer.strategy.reduce_boolean_decision(bad_here, all=False):  # every rank stops together
+            first = int(self._first_bad_step) if bad_here else trainer.global_step - 1
+            self._stop(trainer, first, f"source {self._sources.get(first, 'on another device')!r}")
         self._sources.clear()
-        weights = [p.detach() for p in pl_module.parameters()]
-        if weights and not bool(torch.stack(torch._foreach_norm(weights)).isfinite().all()):
+        if not all_finite(trainer, [p.detach() for p in pl_module.parameters()]):
             self._stop(trainer, trainer.global_step - 1, "the loss was finite but the weights are not")
 
     @staticmethod
