@@ -195,8 +195,8 @@ def train(config: DictConfig) -> TrainResult:
     except DataError as error:
         raise ConfigError(error.key, str(error)) from None
     inherited = os.environ.get(RUN_DIR_ENV)
-    # One process per run folder; the ranks Lightning's launcher starts (they inherit RUN_DIR_ENV) share rank 0's.
-    with hold_run_lock(run_dir) if inherited is None and rank_zero_only.rank == 0 else nullcontext():
+    # One training per run folder: rank 0 holds the lock for all ranks of its job.
+    with hold_run_lock(run_dir) if rank_zero_only.rank == 0 else nullcontext():
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config, resolve=True))
         if trainer.is_global_zero:
