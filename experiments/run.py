@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import zipfile
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -129,6 +130,8 @@ def check_resume(config: DictConfig, run_dir: Path, checkpoint: Path) -> None:
         if checkpoint.is_dir():  # fsdp2: a folder of shards described by its .metadata
             if not (checkpoint / ".metadata").is_file():
                 raise FileNotFoundError(f"no {checkpoint / '.metadata'}")
+        elif not zipfile.is_zipfile(checkpoint):
+            raise ValueError("not a torch checkpoint: truncated or overwritten")
         else:
             torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # any reason: the file is unusable; say which and leave it (and the run) alone

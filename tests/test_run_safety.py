@@ -128,7 +128,8 @@ def test_a_corrupt_checkpoint_on_resume_is_named_and_the_run_left_as_it_is(finis
         config = make()
         with pytest.raises(ConfigError) as error:  # before: a PytorchStreamReader traceback, the run flipped to FAILED
             train(config)
-        assert f"cannot read checkpoint {checkpoint}" in str(error.value) and "resume=false" in str(error.value)
+        assert f"cannot read checkpoint {checkpoint} (not a torch checkpoint" in str(error.value)
+        assert "resume=false" in str(error.value)
         assert mlflow.MlflowClient(config.tracking.uri).get_run(first.run_id).info.status == "FINISHED"
     finally:
         shutil.copy(tmp_path / "good.ckpt", checkpoint)
