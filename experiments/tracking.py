@@ -329,8 +329,9 @@ class StrictMLFlowLogger(MLFlowLogger):
                 return
             except Exception as error:  # whatever the client raises for a dead or failing server
                 self._offline(error)
+        entry = {"step": step, "timestamp": int(time.time() * 1000), "metrics": dict(metrics)}
         with self.unlogged_file.open("a", encoding="utf-8") as file:
-            file.write(json.dumps({"step": step, "timestamp": int(time.time() * 1000), "metrics": dict(metrics)}) + "\n")
+            file.write(json.dumps(entry) + "\n")
 
     def _offline(self, error: Exception) -> None:
         if self._retry_at is None:
@@ -361,7 +362,8 @@ class StrictMLFlowLogger(MLFlowLogger):
                 return False
         self.unlogged_file.unlink()
         if self._retry_at is not None:
-            print(f"the MLflow store {self._tracking_uri} answers again; {len(lines)} waiting steps sent", file=sys.stderr)
+            print(f"the MLflow store {self._tracking_uri} answers again; {len(lines)} waiting steps sent",
+                  file=sys.stderr)
         self._retry_at = None
         return True
 

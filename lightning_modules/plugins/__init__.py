@@ -43,7 +43,8 @@ def resolve_plugin(name: str, target: str | None, packages: list[str] = ()) -> t
     allowed = [PLUGIN_PACKAGE, *packages]
     if not any(module_name == package or module_name.startswith(package + ".") for package in allowed):
         raise ValueError(f"_target_ {target} is not in an allowed package ({', '.join(allowed)}); nothing was "
-                         f"imported; to use it, add its package to plugin_packages, e.g. plugin_packages=[{module_name.split('.')[0]}]")
+                         f"imported; to use it, add its package to plugin_packages, e.g. "
+                         f"plugin_packages=[{module_name.split('.')[0]}]")
     plugin_class = getattr(importlib.import_module(module_name), class_name)
     if not (isinstance(plugin_class, type) and issubclass(plugin_class, MatryoshkaPlugin)):
         raise TypeError(f"_target_ {target} is not a MatryoshkaPlugin subclass")
