@@ -32,9 +32,11 @@ from lightning_modules.plugins import MatryoshkaPlugin, PluginConfigError
 CHECKPOINT_NAME = "last.ckpt"
 RUN_DIR_ENV = "MATRYOSHKA_RUN_DIR"
 # Settings a resumed run may change: where and how it is stored and shown, how long it trains, what the probe
-# measures. Every other key decides what the checkpoint's weights, optimizer, schedule and data position mean.
+# measures, recomputation for memory. Every other key decides what the checkpoint's weights, optimizer, schedule and
+# data position mean.
 CHANGEABLE_ON_RESUME = (*(key for key in BOOKKEEPING_KEYS if key not in ("tracking", "name")), "tracking.run_name",
-                        "tracking.artifact_dir", "trainer.max_steps", "probe", "max_nonfinite_steps")
+                        "tracking.artifact_dir", "trainer.max_steps", "probe", "max_nonfinite_steps",
+                        "distributed.activation_checkpointing")
 
 
 @dataclass
