@@ -39,7 +39,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 import unicodedata
@@ -55,6 +54,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from datamodules.atomic import write_atomic
 from datamodules.sources import SIDECAR_NAME, UNKNOWN_LANGUAGE, DataError, Source, make_row
 from experiments.config import ConfigError, _merge, available_experiments, compose, run_command
 
@@ -108,6 +108,9 @@ class MiningConfig:
     """Rows per source shown in the report."""
     progress: bool = True
     """Progress bars while encoding."""
+    overwrite: bool = False
+    """Write into an output folder that holds files mining did not write (a mined ``<source>.jsonl`` may replace
+    one of them); an input folder is refused either way."""
 
 
 # ---------------------------------------------------------------------------
@@ -395,18 +398,6 @@ class EmbeddingCache:
                 number += 1
 
 
-def write_atomic(path: Path, content: str | np.ndarray) -> None:
-    """Writes a file under a temporary name and renames it: a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with temporary.open("wb") as file:
-        if isinstance(content, np.ndarray):
-            np.save(file, content)
-        else:
-            file.write(content.encode("utf-8"))
-    os.replace(temporary, path)
-
-
 # ---------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------
@@ -534,6 +525,7 @@ def mine(config: DictConfig, mining: MiningConfig, encoder: Callable | None = No
     """
     out = Path(mining.out or f"{MINED_DIR}/{config.name}")
     sources = mining_sources(config)
+    check_output_folder(out, sources, mining.overwrite)
     model = model_fingerprint(config, mining)
     cache = EmbeddingCache(out / STATE_DIR / "cache" / digest(model),
                            functools.cache(lambda: encoder if encoder is not None else Encoder(config, mining)),
@@ -565,6 +557,29 @@ def mine(config: DictConfig, mining: MiningConfig, encoder: Callable | None = No
         log.info("mining: %s: %d rows, %.1f queries/s -> %s", name, stats["rows_written"], stats["queries_per_s"],
                  target)
     return write_report(out, stats_dir, config, mining, list(sources))
+
+
+def check_output_folder(out: Path, sources: dict[str, Source], overwrite: bool) -> None:
+    """Refuses an output folder that holds a source being mined, or (unless ``overwrite``) any file this command
+    did not write: its reports, ``sources.yaml``, ``.mining/`` and the ``<source>.jsonl`` files it has stats for.
+
+    Raises:
+        ConfigError: naming ``mine.out``, the folder and the files in the way.
+    """
+    inputs = sorted({source.path.resolve().parent for source in sources.values()})
+    if out.resolve() in inputs:
+        raise ConfigError(OPTION_PREFIX + "out", f"{out} holds the sources being mined; choose another folder "
+                                                 f"(default: {MINED_DIR}/<NAME>)")
+    if overwrite or not out.is_dir():
+        return
+    mined = {f"{path.stem}.jsonl" for path in (out / STATE_DIR / "stats").glob("*.json")}
+    ours = {STATE_DIR, SIDECAR_NAME, "report.json", "report.md", *mined}
+    foreign = sorted(path.name for path in out.iterdir() if path.name not in ours and ".tmp-" not in path.name)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ConfigError(OPTION_PREFIX + "out", f"{out} holds files mining did not write ({shown}); choose an "
+                                                 f"empty or new folder, or mine.overwrite=true to write beside (and "
+                                                 f"over) them")
 
 
 def _finished(stats_dir: Path) -> dict[str, dict]:

@@ -180,6 +180,8 @@ def open_source(path: Path, name: str | None = None, fields: tuple[str, str] | N
             what = "first record" if file_format == "jsonl" else "columns"
             raise DataError(f"{path}: missing required field {required_field!r} "
                             f"({what}: {', '.join(available) or 'none'})")
+    if file_format == "parquet":
+        _check_text_columns(path, required)
     negatives = () if fields else tuple(sorted((f for f in available if NEGATIVE_FIELD.fullmatch(f)),
                                                key=lambda f: int(f.split("_")[1])))
     return Source(name or path.stem, path, file_format, (*required, *negatives), num_rows, blocks, group_starts,
@@ -256,6 +258,21 @@ def _open_parquet(path: Path) -> tuple[int, list[str], np.ndarray, np.ndarray]:
         first += size
     return (metadata.num_rows, list(metadata.schema.to_arrow_schema().names),
             np.array(blocks, dtype=np.int64).reshape(-1, 3), np.array(group_starts, dtype=np.int64))
+
+
+def _check_text_columns(path: Path, columns: tuple[str, ...]) -> None:
+    """A parquet column read as text must hold strings (or UTF-8 bytes); any other type makes every row unusable."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.ParquetFile(path).schema_arrow
+    for column in columns:
+        column_type = schema.field(column).type
+        if pa.types.is_dictionary(column_type):
+            column_type = column_type.value_type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+                or pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)):
+            raise DataError(f"{path}: column {column!r} has type {column_type}; text columns must be string")
 
 
 # ---------------------------------------------------------------------------

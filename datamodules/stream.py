@@ -208,9 +208,23 @@ class SourceStream:
             self._block = (pass_, start, [rows[i] for i in order.permutation(len(rows))])
         return self._block[2]
 
+    def _first_bad_row(self, index: int, reason: str) -> tuple[int, str]:
+        """The first unusable row in file order up to ``index`` (rows are read in shuffled order, so the row found
+        first need not be the first in the file): one sequential read of the blocks before it, only on this error."""
+        for start, stop, locator in self.source.blocks:
+            if start > index:
+                break
+            for row_index, values in self.source.read(int(start), int(stop), int(locator)):
+                row = make_row(row_index, values, self.source.negatives_per_row)
+                if isinstance(row, str) and row not in NOT_BAD_DATA and row_index < index:
+                    return row_index, row
+        return index, reason
+
     def _skip(self, index: int, reason: str, skips: Counter) -> None:
         if self.options.strict and reason not in NOT_BAD_DATA:
-            raise DataError(f"{self.source.where(index)}: {reason} ({SKIP_REASONS[reason]}); data.strict is on")
+            index, reason = self._first_bad_row(index, reason)
+            raise DataError(f"{self.source.where(index)}: {reason} ({SKIP_REASONS[reason]}); data.strict is on "
+                            f"(the first unusable row of the file)")
         skips[reason] += 1
         if self._logged < LOGGED_SKIPS and reason not in NOT_BAD_DATA:
             self._logged += 1

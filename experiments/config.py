@@ -6,17 +6,21 @@ allowed set stops the run before any work with one message naming the key and wh
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
-import inspect
 import os
+import re
 import sys
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 
@@ -179,10 +183,16 @@ class Config:
     output_dir: str = "outputs"
     checkpoint_every: int = 50
     """Save ``last.ckpt`` every N optimizer steps (and at the end)."""
+    max_nonfinite_steps: int = 0
+    """0: a non-finite loss stops the run (checked at the log interval and before each checkpoint); N > 0: up to N
+    steps with a non-finite gradient are skipped, counted in ``train/nonfinite_steps`` (one host sync per step)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     plugins: dict[str, Any] = field(default_factory=dict)
     """``<name>: {options}``; built-in names mrl, mll, mel; any other needs ``_target_: module.Class``;
     a ``null`` entry switches an inherited plugin off."""
+    plugin_packages: list[str] = field(default_factory=list)
+    """Packages whose modules a plugin's ``_target_`` may import, besides ``lightning_modules.plugins``
+    (e.g. ``[my_axes]``); a ``_target_`` elsewhere is refused before anything is imported."""
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -204,7 +214,26 @@ CHOICES = {
     "distributed.precision": ("auto", "32-true", "bf16-mixed"),
 }
 POSITIVE = ("model.max_length", "loss.temperature", "data.batch_size", "optim.lr", "checkpoint_every",
-            "probe.batch_size", "probe.max_pairs_per_locale")
+            "probe.batch_size", "probe.max_pairs_per_locale", "optim.eps")
+# Closed ranges [low, high] (None: unbounded) beyond positivity: values outside them train something else silently.
+# (The data section's ranges are checked by datamodules.pairs.check_data_config.)
+RANGES = {
+    "seed": (0, None),
+    "max_nonfinite_steps": (0, None),
+    "optim.warmup_steps": (0, None),
+    "optim.weight_decay": (0.0, None),
+    "optim.min_lr": (0.0, "optim.lr"),  # a negative floor would ascend the gradient at the end of the schedule
+    "loss.temperature": (1e-3, 100.0),  # logits are cosines / τ: below 1e-3 they overflow bf16 and saturate fp32
+    "probe.every_n_steps": (0, None),
+}
+# Trainer arguments the run sets itself (the run folder, the MLflow logger, its callbacks, the distributed section).
+RUN_OWNED_TRAINER_ARGS = {
+    "logger": "tracking.* instead (the run's MLflow logger)",
+    "callbacks": "checkpoint_every, probe.*, max_nonfinite_steps instead (the run's own callbacks)",
+    "default_root_dir": "output_dir instead (each run gets its own folder under output_dir/NAME)",
+    "strategy": "distributed.strategy instead (single | ddp | fsdp2)",
+    "precision": "distributed.precision instead (auto | 32-true | bf16-mixed)",
+}
 
 
 def run_command(argv: list[str], usage: str, choices: str, command: Callable[[str, list[str]], int]) -> int:
@@ -245,13 +274,15 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
             layers: list[tuple[str, DictConfig]] = ()) -> DictConfig:
     """Base config, then the experiment's deltas, then ``layers`` (``(origin, config)`` pairs, e.g. a suite's shared
     settings: experiments/ablation.py), then dotlist overrides; typed-checked at each layer."""
+    available = available_experiments(experiments_dir)
+    if name not in available:  # also refuses a path: run folders go under output_dir/NAME, never elsewhere
+        raise ConfigError("NAME", f"{name!r} is not an experiment of {experiments_dir} (NAME is a file stem, not a "
+                                  f"path); available: {', '.join(available)}")
     experiment_file = experiments_dir / f"{name}.yaml"
-    if not experiment_file.is_file():
-        choices = ", ".join(available_experiments(experiments_dir))
-        raise ConfigError("NAME", f"no experiment file {experiment_file}; available: {choices}")
     config = OmegaConf.structured(Config)
-    for path in (experiments_dir / "base.yaml", experiment_file):
-        config = _merge(config, OmegaConf.load(path), str(path))
+    files = (experiments_dir / "base.yaml", experiment_file)
+    for path in files:
+        config = _merge(config, load_yaml(path), str(path))
     for origin, layer in layers:
         config = _merge(config, layer, origin)
     try:
@@ -262,8 +293,37 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
     config.name = name
     if config.tracking.experiment is None:
         config.tracking.experiment = name
+    _check_interpolations(config, [*files, *(origin for origin, _ in layers)], overrides or [])
     validate(config)
     return config
+
+
+def load_yaml(path: Path) -> DictConfig:
+    """``OmegaConf.load`` with a syntax error as one line naming the file and line."""
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(where, f"YAML syntax error: {problem}") from None
+
+
+def _check_interpolations(config: DictConfig, origins: list, overrides: list[str]) -> None:
+    """Resolves every ``${...}`` now, so a bad one stops the run before any work, naming the key and where it was
+    written (``file:line`` or ARGS)."""
+    try:
+        OmegaConf.to_container(config, resolve=True)
+    except InterpolationResolutionError as error:
+        key = error.full_key
+        parent, _, leaf = key.rpartition(".")
+        raw = str((OmegaConf.select(config, parent) if parent else config)._get_node(leaf)._value())
+        where = next((f"{path}:{number}" for path in origins if Path(str(path)).is_file()
+                      for number, line in enumerate(Path(path).read_text().splitlines(), start=1)
+                      if raw and raw in line),
+                     "ARGS" if any(raw in override for override in overrides) else "the composed config")
+        message = str(error).splitlines()[0]
+        raise ConfigError(key, f"cannot resolve {raw!r} (written at {where}): {message}") from None
 
 
 def validate(config: DictConfig) -> None:
@@ -275,30 +335,80 @@ def validate(config: DictConfig) -> None:
     for key in POSITIVE:
         if not OmegaConf.select(config, key) > 0:
             raise ConfigError(key, f"{OmegaConf.select(config, key)} must be > 0")
+    for key, (low, high) in RANGES.items():
+        value = OmegaConf.select(config, key)
+        high_value = OmegaConf.select(config, high) if isinstance(high, str) else high
+        if (low is not None and value < low) or (high_value is not None and value > high_value):
+            upper = "inf" if high is None else f"{high} = {high_value}" if isinstance(high, str) else high
+            raise ConfigError(key, f"{value} not allowed; allowed range [{low}, {upper}]")
+    betas = list(config.optim.betas)
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        raise ConfigError("optim.betas", f"{betas} not allowed; two values in [0, 1), e.g. [0.9, 0.98]")
     if config.model.source == "hf" and not config.model.path:
         raise ConfigError("model.path", "required when model.source is hf (a local model folder or hub id)")
     if config.model.num_layers is not None and config.model.num_layers < 1:
         raise ConfigError("model.num_layers", f"{config.model.num_layers} must be >= 1 (or null for all blocks)")
     if not config.data.locales:
         raise ConfigError("data.locales", "needs at least one locale, e.g. [de, fr, sw]")
-    if config.probe.every_n_steps < 0:
-        raise ConfigError("probe.every_n_steps", f"{config.probe.every_n_steps} must be >= 0 (0: only at start and end)")
+    _validate_distributed(config)
+    _validate_trainer(config)
+
+
+def _validate_trainer(config: DictConfig) -> None:
+    """Each ``trainer.<key>`` is an argument of ``lightning.Trainer`` that the run does not set itself, with a value
+    of the type Lightning declares for it."""
     import lightning
 
-    trainer_args = set(inspect.signature(lightning.Trainer.__init__).parameters) - {"self"}
-    _validate_distributed(config)
-    for key in config.trainer:
-        if key not in trainer_args:
+    hints = typing.get_type_hints(lightning.Trainer.__init__)
+    hints.pop("return", None)
+    for key, value in OmegaConf.to_container(config.trainer, resolve=True).items():
+        if key in RUN_OWNED_TRAINER_ARGS:
+            raise ConfigError(f"trainer.{key}", f"set by the run; set {RUN_OWNED_TRAINER_ARGS[key]}")
+        if key not in hints:
             raise ConfigError(f"trainer.{key}", f"not an argument of lightning.Trainer; allowed: "
-                              f"{', '.join(sorted(trainer_args))}")
+                              f"{', '.join(sorted(set(hints) - set(RUN_OWNED_TRAINER_ARGS)))}")
+        if not _fits(value, hints[key]):
+            raise ConfigError(f"trainer.{key}",
+                              f"{value!r} not allowed; lightning.Trainer takes {_describe(hints[key])}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a config value (YAML scalars, lists, dicts) matches a type annotation; classes a YAML value cannot
+    be (a Logger, a Profiler) never match."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if origin in (list, collections.abc.Iterable):
+        return isinstance(value, list) and all(_fits(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(hint, type) and isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    """``int | None`` rather than ``typing.Optional[int]``; module paths dropped."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_describe(arg) for arg in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(arg) for arg in args)
+    if hint is type(None):
+        return "null"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_describe(arg) for arg in args)}]"
+    return re.sub(r"^.*\.", "", getattr(hint, "__name__", str(hint)))
 
 
 def _validate_distributed(config: DictConfig) -> None:
-    """The ``distributed`` section owns Lightning's strategy and precision; ``single`` means one device."""
-    for key in ("strategy", "precision"):
-        if key in config.trainer:
-            raise ConfigError(f"trainer.{key}", f"set distributed.{key} instead "
-                              f"({' | '.join(CHOICES[f'distributed.{key}'])})")
+    """``single`` means one device (the ``distributed`` section owns Lightning's strategy and precision)."""
     devices, nodes = config.trainer.get("devices", "auto"), config.trainer.get("num_nodes", 1)
     if config.distributed.strategy == "single" and (devices not in (1, "1") or nodes != 1):
         raise ConfigError("distributed.strategy", f"single runs on one device but trainer.devices={devices}, "
@@ -319,7 +429,7 @@ def plugin_configs(config: DictConfig) -> dict[str, tuple[type, Any]]:
         options = OmegaConf.to_container(options) if isinstance(options, DictConfig) else dict(options)
         target = options.pop("_target_", None)
         try:
-            plugin_class = resolve_plugin(name, target)
+            plugin_class = resolve_plugin(name, target, list(config.plugin_packages))
         except (ImportError, AttributeError, TypeError, ValueError) as error:
             raise ConfigError(f"plugins.{name}", str(error)) from None
         schema = OmegaConf.structured(plugin_class.Config)

@@ -50,10 +50,14 @@ def main(argv: list[str]) -> int:
 
     from callbacks.probe.tasks import build_tasks
 
+    try:
+        tasks = build_tasks(list(config.probe.tasks), probe_corpus_dir(config), list(config.probe.locales),
+                            config.probe.max_pairs_per_locale)
+    except ValueError as error:  # e.g. no locale of probe.locales has probe pairs
+        print(ConfigError("probe.locales", str(error)), file=sys.stderr)
+        return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = run.model.module.to(device)
-    tasks = build_tasks(list(config.probe.tasks), probe_corpus_dir(config), list(config.probe.locales),
-                        config.probe.max_pairs_per_locale)
     table = Prober(module, run.model.tokenize, tasks, config.probe.batch_size, f"matryoshka-lab/{config.name}",
                    device).run(run.global_step)
     # Beside, not over, the tables written during training (this probe may use other settings).

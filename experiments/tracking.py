@@ -28,6 +28,7 @@ import platform
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
@@ -39,10 +40,14 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.atomic import write_atomic
 from datamodules.pairs import metric_name
 from experiments.config import EXPERIMENTS_DIR, ConfigError, plugin_configs
 
 RUN_ID_FILE = "mlflow_run_id"
+UNLOGGED_FILE = "unlogged_metrics.jsonl"  # in the run folder: metrics a tracking server did not take yet
+RETRY_SECONDS = 30  # while the tracking server does not answer, one attempt per this many seconds
+MLFLOW_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
 PROJECT_ROOT = EXPERIMENTS_DIR.parent
 MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
 MAX_NAME = 250  # MLflow's limit on a param, metric or tag key
@@ -110,18 +115,26 @@ def artifact_location(config: DictConfig) -> str | None:
 def _prepare_local_store(config: DictConfig) -> None:
     uri = config.tracking.uri
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrackingError(uri, f"{type(error).__name__}: {error}") from None
     if not is_remote(uri):
         artifact_dir = Path(config.tracking.artifact_dir)
-        artifact_dir.mkdir(parents=True, exist_ok=True)
-        probe = artifact_dir / f".write-check-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        try:
+            artifact_dir.mkdir(parents=True, exist_ok=True)
+            probe = artifact_dir / f".write-check-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError("tracking.artifact_dir", f"{artifact_dir} is not a writable folder "
+                                                       f"({type(error).__name__}: {error.strerror or error})") from None
 
 
 @contextmanager
-def _fail_fast_http() -> Iterator[None]:
-    """MLflow retries an unreachable server 7 times with back-off (minutes); the store check wants one answer."""
+def fail_fast_http() -> Iterator[None]:
+    """MLflow retries an unreachable server 7 times with back-off (minutes); the store check wants one answer, and
+    training must not stall on a dead server (:class:`StrictMLFlowLogger` keeps what it could not send)."""
     wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
     saved = {key: os.environ.get(key) for key in wanted}
     os.environ.update(wanted)
@@ -147,9 +160,9 @@ def check_tracking(config: DictConfig) -> None:
     from mlflow import MlflowClient
 
     uri = config.tracking.uri
+    _prepare_local_store(config)  # a bad tracking.artifact_dir is named as such
     try:
-        _prepare_local_store(config)
-        with _fail_fast_http():
+        with fail_fast_http():
             client = MlflowClient(uri)
             experiment = client.get_experiment_by_name(config.tracking.experiment)
             if experiment is None:
@@ -268,19 +281,26 @@ class StrictMLFlowLogger(MLFlowLogger):
       checkpoint are recomputed from the same weights, batches and ranks (pure functions of seed and step), so the
       values first logged stand; nothing is deleted.
     - Lightning's ``epoch`` is dropped: training streams one endless epoch, so it is always 0.
+    - A tracking server that stops answering never stops or stalls training: the first failure prints one warning
+      naming ``tracking.uri``, metrics go to ``unlogged_file`` (JSON lines in the run folder), one attempt every
+      :data:`RETRY_SECONDS` sends them when the server answers again, and :meth:`replay_unlogged` sends what is
+      left at the end or on resume. Requests fail fast inside :func:`fail_fast_http`.
 
     Args:
         *args, **kwargs: as :class:`lightning.pytorch.loggers.MLFlowLogger`.
+        unlogged_file: where metrics wait while the server does not answer (None: failures raise).
 
     Example:
         >>> logger = StrictMLFlowLogger("tiny", tracking_uri="sqlite:///mlruns/mlflow.db", run_id=previous_run_id)
         >>> logger.log_metrics({"train/loss": 1.0}, step=3)  # skipped if step 3 of train/loss is already there
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, unlogged_file: Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.resumed = self._run_id is not None
         self._logged_steps: dict[str, int] | None = None
+        self.unlogged_file = unlogged_file
+        self._retry_at: float | None = None  # monotonic time of the next attempt while the server does not answer
 
     def logged_steps(self) -> dict[str, int]:
         """``{metric: last logged step}``, starting from what the run held when this logger attached to it."""
@@ -299,8 +319,67 @@ class StrictMLFlowLogger(MLFlowLogger):
         done, step = self.logged_steps(), step or 0
         new = {key: value for key, value in metrics.items() if step > done.get(key, -1) and key != "epoch"}
         if new:
-            super().log_metrics(new, step)
+            self._send_or_keep(new, step)
             done.update(dict.fromkeys(new, step))
+
+    def _send_or_keep(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.unlogged_file is None:
+            super().log_metrics(metrics, step)
+            return
+        if self._retry_at is None or (time.monotonic() >= self._retry_at and self.replay_unlogged()):
+            try:
+                super().log_metrics(metrics, step)
+                return
+            except Exception as error:  # whatever the client raises for a dead or failing server
+                self._offline(error)
+        entry = {"step": step, "timestamp": int(time.time() * 1000), "metrics": dict(metrics)}
+        with self.unlogged_file.open("a", encoding="utf-8") as file:
+            file.write(json.dumps(entry) + "\n")
+
+    def _offline(self, error: Exception) -> None:
+        if self._retry_at is None:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            print(f"warning: the MLflow store {self._tracking_uri} (tracking.uri) does not answer ({reason}); training "
+                  f"goes on, metrics wait in {self.unlogged_file} and are sent when it answers (or on resume)",
+                  file=sys.stderr)
+        self._retry_at = time.monotonic() + RETRY_SECONDS
+
+    def replay_unlogged(self) -> bool:
+        """Sends the metrics waiting in ``unlogged_file`` (a batch at a time; the file keeps what is not sent yet);
+        True when nothing is left to send."""
+        from mlflow.entities import Metric
+
+        if self.unlogged_file is None or not self.unlogged_file.is_file():
+            self._retry_at = None
+            return True
+        lines = self.unlogged_file.read_text(encoding="utf-8").splitlines()
+        for number, line in enumerate(lines):
+            entry = json.loads(line)
+            batch = [Metric(key, value, entry["timestamp"], entry["step"]) for key, value in entry["metrics"].items()]
+            try:
+                for start in range(0, len(batch), MLFLOW_METRICS_PER_BATCH):
+                    self.experiment.log_batch(self.run_id, metrics=batch[start: start + MLFLOW_METRICS_PER_BATCH])
+            except Exception as error:
+                write_atomic(self.unlogged_file, "".join(f"{rest}\n" for rest in lines[number:]))
+                self._offline(error)
+                return False
+        self.unlogged_file.unlink()
+        if self._retry_at is not None:
+            print(f"the MLflow store {self._tracking_uri} answers again; {len(lines)} waiting steps sent",
+                  file=sys.stderr)
+        self._retry_at = None
+        return True
+
+    @rank_zero_only
+    def finalize(self, status: str = "success") -> None:
+        if self.unlogged_file is None:
+            super().finalize(status)
+            return
+        try:
+            if self.replay_unlogged():
+                super().finalize(status)
+        except Exception as error:
+            self._offline(error)
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
@@ -317,6 +396,7 @@ def make_logger(config: DictConfig, run_dir: Path) -> StrictMLFlowLogger:
     run_id_file = run_dir / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
     return StrictMLFlowLogger(
+        unlogged_file=run_dir / UNLOGGED_FILE,
         experiment_name=config.tracking.experiment,
         run_name=config.tracking.run_name or f"{config.name}-{run_dir.name}",
         tracking_uri=config.tracking.uri,
@@ -330,7 +410,7 @@ def log_run_inputs(logger: StrictMLFlowLogger, config: DictConfig, run_dir: Path
     """Params, tags and the resolved ``config.yaml`` of a run; on resume, only what is missing, and any param or
     tag whose value changed since the run began is listed in the tag ``resume.changed_keys`` and the artifact
     ``resume/changes-<time>.txt`` (MLflow keeps the first value)."""
-    (run_dir / RUN_ID_FILE).write_text(logger.run_id)
+    write_atomic(run_dir / RUN_ID_FILE, logger.run_id)
     client, run_id = logger.experiment, logger.run_id
     changed = log_params(client, run_id, run_params(config, sources))
     if not logger.resumed:

@@ -1,6 +1,9 @@
+import shutil
+import sys
+
 import pytest
 
-from experiments.config import ConfigError, available_experiments, compose
+from experiments.config import EXPERIMENTS_DIR, ConfigError, available_experiments, compose, plugin_configs
 from experiments.run import build, build_plugins, describe_backbone
 from lightning_modules.plugins import BUILTIN_PLUGINS
 
@@ -29,6 +32,18 @@ def error_of(name: str, overrides: list[str]) -> str:
     (["plugins.mel.rank=big"], ["`plugins.mel.rank`", "'big'"]),
     (["plugins.xyz={}"], ["`plugins.xyz`", "unknown plugin", "mll, mrl, mel", "_target_"]),
     (["model.num_layers=9"], ["`model`", "[1, 4]"]),
+    # before: a TypeError inside Trainer, a torch ValueError after the MLflow run started, "multiple values for
+    # keyword argument", or nothing at all (a negative LR floor ascends the gradient)
+    (["trainer.max_steps=abc"], ["`trainer.max_steps`", "'abc'", "takes int"]),
+    (["trainer.max_time=5"], ["`trainer.max_time`", "str | timedelta"]),
+    (["optim.betas=[2,3]"], ["`optim.betas`", "[2.0, 3.0]", "[0, 1)"]),
+    (["trainer.logger=false"], ["`trainer.logger`", "set by the run", "tracking.*"]),
+    (["trainer.callbacks=[]"], ["`trainer.callbacks`", "set by the run"]),
+    (["trainer.default_root_dir=/tmp/x"], ["`trainer.default_root_dir`", "set by the run", "output_dir"]),
+    (["optim.min_lr=-0.01"], ["`optim.min_lr`", "-0.01", "[0.0, optim.lr = 0.001]"]),
+    (["optim.min_lr=0.01"], ["`optim.min_lr`", "[0.0, optim.lr = 0.001]"]),
+    (["optim.warmup_steps=-5"], ["`optim.warmup_steps`", "-5", "[0, inf]"]),
+    (["loss.temperature=1e-30"], ["`loss.temperature`", "1e-30", "[0.001, 100.0]"]),
 ])
 def test_bad_values_stop_with_one_line_naming_key_and_allowed(overrides, fragments):
     message = error_of("tiny", overrides)
@@ -59,3 +74,53 @@ def test_every_experiment_file_composes_and_validates(name):
 def test_tiny_experiment_builds_without_training(tmp_path):
     module, datamodule = build(compose("tiny", [f"output_dir={tmp_path}"]))
     assert [type(p).__name__ for p in module.plugins] == ["MLL", "MRL", "MEL"]  # ordered by stage
+
+
+@pytest.mark.parametrize("name", ["../experiments/tiny", str(EXPERIMENTS_DIR / "tiny"), "tiny.yaml", "base"])
+def test_a_name_that_is_a_path_or_no_experiment_is_refused(name):
+    message = error_of(name, [])
+    assert "`NAME`" in message and "not a path" in message and "tiny" in message
+
+
+def test_a_plugin_target_outside_the_allowed_packages_is_refused_without_importing_it(tmp_path, monkeypatch):
+    marker = tmp_path / "ran.txt"
+    (tmp_path / "payload.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass X: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for target in ("payload.X", "this.X"):
+        message = error_of("tiny", [f"plugins.x._target_={target}"])
+        assert "`plugins.x`" in message and "not in an allowed package" in message
+        assert "nothing was imported" in message
+    assert not marker.exists() and "payload" not in sys.modules
+    message = error_of("tiny", ["plugins.x._target_=os;rm"])
+    assert "not a dotted class path" in message
+    allowed = compose("tiny", ["plugin_packages=[payload]", "plugins.x._target_=payload.X"])
+    with pytest.raises(ConfigError, match="not a MatryoshkaPlugin subclass"):
+        plugin_configs(allowed)  # listed in plugin_packages: imported, then checked
+    assert marker.exists()
+
+
+@pytest.fixture
+def experiments_dir(tmp_path):
+    for name in ("base", "tiny"):
+        shutil.copy(EXPERIMENTS_DIR / f"{name}.yaml", tmp_path)
+    return tmp_path
+
+
+def test_a_yaml_syntax_error_names_file_and_line(experiments_dir):
+    (experiments_dir / "broken.yaml").write_text("model:\n  source: tiny_bert\nplugins: [1, 2\nseed: 3\n")
+    with pytest.raises(ConfigError) as error:
+        compose("broken", experiments_dir=experiments_dir)
+    assert str(error.value).startswith(f"config error at `{experiments_dir / 'broken.yaml'}:4`: YAML syntax error")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("text, overrides, where", [
+    ("optim:\n  lr: ${nope.lr}\n", [], "interp.yaml:2"),
+    ("seed: 1\n", ["data.dir=${nope}"], "ARGS"),
+])
+def test_a_bad_interpolation_names_key_and_where_it_was_written(experiments_dir, text, overrides, where):
+    (experiments_dir / "interp.yaml").write_text(text)
+    with pytest.raises(ConfigError) as error:
+        compose("interp", overrides, experiments_dir=experiments_dir)
+    message = str(error.value)
+    assert "\n" not in message and "cannot resolve" in message and where in message

@@ -288,3 +288,22 @@ def test_make_row_keeps_enough_usable_negatives():
     row = make_row(3, ("q", "p", "n1", None, "", "n4"), 2)
     assert (row.query, row.passage, row.negatives, row.index) == ("q", "p", ("n1", "n4"), 3)
     assert make_row(3, ("q", "p", "n1", None), 2) == "too_few_negatives"
+
+
+def test_strict_names_the_first_bad_line_of_the_file_not_the_first_one_read(tmp_path):
+    lines = [json.dumps(row).encode() for row in records(400)]
+    lines[10], lines[80] = b"{not json", b'["a", "list"]'  # lines 11 and 81; blocks are read in shuffled order
+    source = open_source(write_jsonl(tmp_path / "s.jsonl", lines))
+    with pytest.raises(DataError, match=r"s\.jsonl:11: malformed .*data\.strict is on \(the first unusable row"):
+        full_pass(source, batch_size=8, strict=True)  # before: s.jsonl:81
+
+
+def test_a_parquet_text_column_of_another_type_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"query": [f"q{i}" for i in range(40)], "passage": list(range(40))}), path)
+    # before: "fewer than 8 usable rows (skipped {'malformed': 40})" once training started
+    with pytest.raises(DataError, match=r"s\.parquet: column 'passage' has type int64; text columns must be string"):
+        open_source(path)

@@ -344,3 +344,28 @@ def test_a_training_checkpoint_mines_at_its_full_cell(tmp_path, corpus_dir, mlfl
     assert Encoder(config, mining).cell.name == "layer_4/dim_32/rank_16"  # 4 blocks, hidden 32, the largest rank
     report = mine(config, mining)
     assert report["model"] == str(checkpoint) and report["sources"]["kk"]["rows_written"] > 0
+
+
+def test_an_output_folder_that_is_an_input_or_holds_other_files_is_refused(tmp_path):
+    rows = [{"query": f"English sentence {i}", "passage": f"Deutscher Satz {i}"} for i in range(40)]
+    write_jsonl(tmp_path / "data" / "s.jsonl", rows)
+    source_bytes = (tmp_path / "data" / "s.jsonl").read_bytes()
+    options = ["data.corpus=folder", f"data.dir={tmp_path / 'data'}", "mine.top_k=20", "mine.skip_top=0",
+               "mine.max_score=1.0", "mine.keep=4", "mine.min_negatives=1", "mine.progress=false"]
+    config, mining = compose_mining("tiny", [*options, f"mine.out={tmp_path / 'data'}"])
+    with pytest.raises(ConfigError, match=r"`mine.out`.*holds the sources being mined"):
+        mine(config, mining, meaning_encoder({}))  # before: 40 source rows replaced by the mined ones, exit 0
+    assert (tmp_path / "data" / "s.jsonl").read_bytes() == source_bytes
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "s.jsonl").write_text("a file of the user's\n")
+    config, mining = compose_mining("tiny", [*options, f"mine.out={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match=r"`mine.out`.*did not write \(s.jsonl\).*mine.overwrite=true"):
+        mine(config, mining, meaning_encoder({}))
+    assert (tmp_path / "out" / "s.jsonl").read_text() == "a file of the user's\n"
+    config, mining = compose_mining("tiny", [*options, f"mine.out={tmp_path / 'out'}", "mine.overwrite=true"])
+    mine(config, mining, meaning_encoder({}))
+    assert read_rows(tmp_path / "out" / "s.jsonl")[0]["passage"].startswith("Deutscher Satz")
+    config, mining = compose_mining("tiny", [*options, f"mine.out={tmp_path / 'out'}"])
+    mine(config, mining, meaning_encoder({}))  # its own files since: mined again without the option
+    assert not list((tmp_path / "out").glob(".*tmp-*"))  # every write went through a rename

@@ -79,3 +79,8 @@ def test_make_probe_on_the_checkpoint_reproduces_the_last_probe(runs, capsys):
         assert mine["mean_main_score"] == pytest.approx(theirs["mean_main_score"], abs=1e-9), mine["name"]
     assert "layer_4/dim_32/rank_16" in capsys.readouterr().out
     assert main([str(result.checkpoint), "data.batch_size=4"]) == 2  # only probe.* settings apply
+    capsys.readouterr()
+    assert main([str(result.checkpoint), "--no-mlflow", "probe.locales=[zz]"]) == 2  # before: a ValueError traceback
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("config error at `probe.locales`: probe.locales ['zz']: none has")
+    assert "locales with probe pairs: " in error and " de, " in error

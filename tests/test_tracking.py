@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from experiments import run as run_module
+from experiments.config import ConfigError
 from experiments.run import main, train
 from experiments.tracking import (PROJECT_ROOT, StrictMLFlowLogger, TrackingError, config_hash, final_view_losses,
                                   log_params, log_run_summary, run_tags, view_grids)
@@ -123,7 +124,8 @@ def test_an_unwritable_store_stops_the_run_with_one_line_naming_it(tiny_config, 
     config = tiny_config("tiny", [f"tracking.uri={uri}"])
     with pytest.raises(TrackingError, match=re.escape(uri)):
         train(config)
-    with pytest.raises(TrackingError, match="artifact|a_file"):  # a good store but artifacts cannot be written
+    # a good store but artifacts cannot be written: named as tracking.artifact_dir (before: as tracking.uri)
+    with pytest.raises(ConfigError, match=r"`tracking.artifact_dir`: .*a_file/artifacts is not a writable folder"):
         train(tiny_config("tiny", [f"tracking.artifact_dir={blocker}/artifacts"]))
     overrides = [f"output_dir={tmp_path}/outputs", f"tracking.uri={uri}", "trainer.enable_progress_bar=false"]
     assert main(["tiny", *overrides]) == 2

@@ -130,3 +130,60 @@ def test_the_ui_launcher_prints_its_url_starts_without_job_workers_and_stops_on_
     finally:
         left = stop(ui, signal.SIGINT)
     assert left == set() and ui.returncode is not None
+
+
+def start_server(port: int, root: Path) -> subprocess.Popen:
+    mlflow = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri",
+         f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "served")],
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=open(root / "server.log", "a"),
+        stderr=subprocess.STDOUT)
+    wait_until_up(port, server)
+    return server
+
+
+def test_a_server_killed_mid_run_neither_stops_nor_stalls_training_and_gets_the_metrics_later(
+        tiny_config, tmp_path, capfd):
+    import threading
+
+    import torch
+
+    from experiments.tracking import UNLOGGED_FILE
+
+    port, steps = free_port(), 12
+    server = start_server(port, tmp_path)
+    config = tiny_config("tiny", [f"tracking.uri=http://127.0.0.1:{port}", f"trainer.max_steps={steps}",
+                                  "checkpoint_every=3"])
+    run_root = Path(config.output_dir) / "tiny"
+
+    def kill_after_the_first_checkpoint():
+        while not list(run_root.glob("*/checkpoints/last.ckpt")):
+            time.sleep(0.05)
+        for pid in {server.pid} | descendants(server.pid):  # kill -9 the server and its web workers
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
+    killer.start()
+    try:
+        result = train(config)  # before: frozen for minutes, then a ~230-line MlflowException
+    finally:
+        killer.join(timeout=60)
+        server.wait()
+    assert torch.load(result.checkpoint, weights_only=True, map_location="cpu")["global_step"] == steps
+    waiting = [json.loads(line) for line in (result.run_dir / UNLOGGED_FILE).read_text().splitlines()]
+    assert {entry["step"] for entry in waiting if "train/loss" in entry["metrics"]} >= {steps - 1}
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "does not answer" in line]
+    assert len(warnings) == 1 and f"http://127.0.0.1:{port} (tracking.uri)" in warnings[0]
+
+    server = start_server(port, tmp_path)  # the server is back: the same command sends what it missed
+    try:
+        again = train(config)
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+        query = urllib.parse.urlencode({"run_id": result.run_id, "metric_key": "train/loss"})
+        logged = [metric["step"] for metric in get(f"{api}/metrics/get-history?{query}")["metrics"]]
+        assert again.run_id == result.run_id and sorted(logged) == list(range(steps))  # each step exactly once
+        assert not (result.run_dir / UNLOGGED_FILE).exists()
+        assert get(f"{api}/runs/get?run_id={result.run_id}")["run"]["info"]["status"] == "FINISHED"
+    finally:
+        assert stop(server) == set()

@@ -142,6 +142,11 @@ class ProbeCallback(L.Callback):
     def _log(self, trainer: L.Trainer, logged: dict[str, float], files: list[Path]) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
-                report.log_to_mlflow(logger.experiment, logger.run_id, logged, trainer.global_step, files)
+                try:
+                    report.log_to_mlflow(logger.experiment, logger.run_id, logged, trainer.global_step, files)
+                except Exception as error:  # noqa: BLE001 - a tracking server that does not answer must not stop it
+                    log.error("probe: step %d not logged to MLflow (%s: %s); its files are in %s", trainer.global_step,
+                              type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
+                              files[0].parent if files else "the run folder")
             else:
                 logger.log_metrics(logged, step=trainer.global_step)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from callbacks.probe.prober import summary
 from callbacks.probe.report import CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_panel, heatmap_groups
+from datamodules.atomic import replacing, write_atomic
 from lightning_modules.views import view_name
 
 MEAN = "mean_main_score"
@@ -170,7 +171,8 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
     figure.colorbar(image, ax=figure.axes, label="B − A (points)", shrink=0.8)
     names = [", ".join(run_label(Path(file)) for file in result[side]) for side in ("a", "b")]
     figure.suptitle(f"B − A, {result['score']}\nA: {names[0]}\nB: {names[1]}", fontsize=8)
-    figure.savefig(path, dpi=110)
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
 
 
 def run_label(file: Path) -> str:
@@ -205,7 +207,7 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(options.out) if options.out else default_out(files_a, files_b)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(result, indent=1))
+    write_atomic(out / "compare.json", json.dumps(result, indent=1))
     heatmaps(a[0], result, out / "compare.png")
     print(format_comparison(result))
     print(f"\nper-cell differences and heatmaps: {out}")

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from datamodules.atomic import replacing, write_atomic
 from lightning_modules.views import view_name
 
 PROBE_DIR = "probe"
@@ -91,7 +92,8 @@ def heatmap(table: dict, group: str, cells: list[dict], path: Path) -> None:
                    "viridis", (0.0, 1.0), ".2f", lambda value: "black" if value > 0.6 else "white")
         axes.set_title(f"{task}\n{table['tasks'][task]['main_score']}", fontsize=9)
     figure.suptitle(f"step {table['step']} · {group}", fontsize=10)
-    figure.savefig(path, dpi=110)
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
 
 
 def rows(table: dict) -> list[dict]:
@@ -116,9 +118,9 @@ def write(table: dict, out: str | Path) -> list[Path]:
     stem = f"{FILE_PREFIX}{table['step']}"
     flat = rows(table)
     paths = [out / f"{stem}.json", out / f"{stem}.csv"]
-    paths[0].write_text(json.dumps({**table, "rows": flat}, indent=1))
+    write_atomic(paths[0], json.dumps({**table, "rows": flat}, indent=1))
     columns = list(dict.fromkeys(key for row in flat for key in row))
-    with paths[1].open("w", newline="") as handle:
+    with replacing(paths[1]) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)

@@ -76,7 +76,9 @@ def probe_pairs(corpus_dir: str | Path, locales: list[str], max_pairs: int) -> d
             continue
         selected[locale] = chosen[:max_pairs]
     if not selected:
-        raise ValueError(f"probe.locales {locales}: none has probe pairs in {corpus_dir}")
+        available = sorted(path.stem for path in (Path(corpus_dir) / SPLIT).glob("*.jsonl"))
+        raise ValueError(f"probe.locales {locales}: none has probe pairs in {corpus_dir}; locales with probe pairs: "
+                         f"{', '.join(available) or 'none (build the corpus first)'}")
     return selected
 
 
