@@ -12,7 +12,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import ConfigError, available_experiments, compose, plugin_configs, run_command
-from experiments.tracking import check_tracking, log_run_inputs, log_run_summary, make_logger
+from experiments.runs import ui_hint
+from experiments.tracking import check_tracking, log_run_inputs, log_run_summary, make_logger, system_metrics
 from lightning_modules.backbone import BackboneInfo
 from lightning_modules.plugins import MatryoshkaPlugin, PluginConfigError
 
@@ -142,7 +143,8 @@ def train(config: DictConfig) -> TrainResult:
     inherited = os.environ.get(RUN_DIR_ENV)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # copied into the processes Lightning's launcher starts for ranks 1..n
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+        with system_metrics(logger):  # system/* metrics (CPU, memory, GPU) by MLflow's own monitor
+            trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     finally:
         if inherited is None:
             del os.environ[RUN_DIR_ENV]
@@ -160,9 +162,7 @@ def train_and_report(name: str, overrides: list[str]) -> int:
     print(f"\nfinished {config.name} in {result.seconds:.0f} s; final train/loss = "
           f"{result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint}")
-    print(f"MLflow run {result.run_id} in experiment {config.tracking.experiment!r} ({config.tracking.uri}); open it with:\n"
-          f"  make ui    (or: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri {config.tracking.uri} "
-          f"--host 127.0.0.1)")
+    print(ui_hint(config.tracking.uri, result.run_id))
     return 0
 
 
