@@ -199,14 +199,14 @@ def run_store(run_dir: str | Path) -> tuple[str, str]:
     return tracking.uri, tracking.experiment
 
 
-def ui_hint(uri: str, run_id: str) -> str:
+def ui_hint(uri: str, run_id: str, client=None) -> str:
     """The end-of-run lines saying where a run went and the exact command that opens its experiment's runs table
-    (for a remote store: the URL on that server)."""
+    (for a remote store: the URL on that server). ``client``: an MlflowClient of ``uri`` (default: a new one)."""
     from mlflow import MlflowClient
 
     from experiments.tracking import is_remote
 
-    client = MlflowClient(uri)
+    client = client or MlflowClient(uri)
     experiment_id = client.get_run(run_id).info.experiment_id
     experiment = client.get_experiment(experiment_id).name
     head = f"MLflow run {run_id} in experiment {experiment!r} ({uri}); its runs table:"

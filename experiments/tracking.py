@@ -405,7 +405,7 @@ def experiment_description(experiment_file: Path) -> str:
     for line in experiment_file.read_text().splitlines():
         if not line.startswith("#"):
             break
-        lines.append(line[1:].removeprefix(" "))
+        lines.append(line[1:].removeprefix(" ").rstrip())
     return "\n".join(lines).strip()
 
 
