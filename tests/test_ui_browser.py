@@ -154,7 +154,7 @@ def test_runs_table_run_page_and_compare_page_show_runs_headline_metrics_and_hea
 
     query = urllib.parse.urlencode({"runs": json.dumps([first.info.run_id, second.info.run_id]),
                                     "experiments": json.dumps([experiment_id])})
-    browser.get(f"{base}/#/compare-runs?{query}")
+    browser.get(f"{base}/#/compare-runs?{query}&workflowType=machine_learning")
     heatmap = sorted(artifact.path for artifact in client.list_artifacts(second.info.run_id)
                      if re.fullmatch(r"probe_final_.+\.png", artifact.path))[0]
     wait_for(browser, [*names, "Parallel Coordinates Plot", "probe_final.csv", heatmap])
@@ -167,6 +167,11 @@ def test_runs_table_run_page_and_compare_page_show_runs_headline_metrics_and_hea
                         if image.is_displayed()}) < 2 and time.monotonic() < deadline:
         time.sleep(1)
     assert len(shown) == 2, f"{heatmap}: {len(shown)} of the two runs' heatmaps shown side by side"
+    browser.set_window_size(2400, 1000)  # the previews share the page's width: give each heatmap room
+    image = next(image for image in browser.find_elements("css selector", "img[src^=blob]") if image.is_displayed())
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", image)
+    time.sleep(1)
     browser.save_screenshot(str(shots / "compare_heatmaps.png"))
+    browser.set_window_size(1600, 1000)
     assert all((shots / name).stat().st_size > 10_000 for name in ("runs.png", "run.png", "compare.png",
                                                                   "compare_heatmaps.png"))
