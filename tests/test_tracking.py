@@ -193,7 +193,7 @@ def test_a_tiny_run_lands_in_mlflow_and_a_resume_continues_the_same_run(tiny_con
     assert OmegaConf.to_container(stored) == OmegaConf.to_container(config, resolve=True)
     plots = {artifact.path for artifact in client.list_artifacts(first.run_id, "plots")}
     assert {"plots/final_view_loss_rank_16.png", "plots/final_view_loss_rank_8.png"} <= plots
-    assert run.data.tags["mlflow.note.content"].startswith("tiny:")  # the header comment of experiments/tiny.yaml
+    assert run.data.tags["mlflow.note.content"].startswith("A random-init 4-block BERT")  # tiny.yaml's header
 
     resumed = train(tiny_config("tiny", ["trainer.max_steps=14"]))  # the same command with a larger budget
     assert resumed.run_id == first.run_id and resumed.run_dir == first.run_dir
