@@ -275,7 +275,8 @@ def ui_main(argv: list[str]) -> int:
     from experiments.tracking import is_remote
 
     if is_remote(uri):
-        raise SystemExit(f"{uri} is an MLflow server already: open {runs_page_url(uri, experiment_to_open(uri, experiment))}")
+        url = runs_page_url(uri, experiment_to_open(uri, experiment))
+        raise SystemExit(f"{uri} is an MLflow server already: open {url}")
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     url = runs_page_url(f"http://{UI_HOST}:{args.port}", experiment_to_open(uri, experiment))

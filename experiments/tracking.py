@@ -420,7 +420,7 @@ def system_metrics(logger: StrictMLFlowLogger) -> Iterator[None]:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
     monitor = SystemMetricsMonitor(logger.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
-                                   resume_logging=logger.resumed, tracking_uri=logger._tracking_uri)
+                                   resume_logging=logger.resumed, tracking_uri=logger.experiment.tracking_uri)
     monitor.start()
     try:
         yield
