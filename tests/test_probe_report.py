@@ -46,7 +46,7 @@ def test_log_final_puts_the_csv_and_one_heatmap_per_rank_at_the_runs_root(tmp_pa
     experiment = client.create_experiment("report-tests", (tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment, run_name="demo-run").info.run_id
     files = report.log_final(client, run_id, table(), tmp_path / "probe", "demo-run")
-    assert sorted(path.name for path in files) == ["probe_final.csv", "probe_final.json", "probe_final_rank_16.png",
+    assert sorted(path.name for path in files) == ["probe_final.csv", "probe_final_rank_16.png",
                                                    "probe_final_rank_32.png"]
     root = {artifact.path for artifact in client.list_artifacts(run_id)}
     assert root == {"probe_final.csv", "probe_final_rank_16.png", "probe_final_rank_32.png"}

@@ -90,3 +90,20 @@ def test_make_probe_on_the_checkpoint_reproduces_the_last_probe(runs, capsys):
         assert mine["mean_main_score"] == pytest.approx(theirs["mean_main_score"], abs=1e-9), mine["name"]
     assert "layer_4/dim_32/rank_16" in capsys.readouterr().out
     assert main([str(result.checkpoint), "data.batch_size=4"]) == 2  # only probe.* settings apply
+
+
+def test_make_probe_logs_its_table_as_the_runs_final_root_artifacts(runs, capsys):
+    from callbacks.probe.__main__ import main
+
+    config, result = runs["probed"]
+    options = [option for option in PROBE if option not in ("probe.enabled=true", "probe.every_n_steps=2")]
+    assert main([str(result.checkpoint), *options]) == 0
+    assert "probe_final.csv and its heatmaps at the run's root" in capsys.readouterr().out
+    out = result.run_dir / "probe" / "checkpoint"
+    assert (out / "probe_final.csv").read_text() == (out / "probe_step_4.csv").read_text()
+    client = mlflow.MlflowClient(config.tracking.uri)
+    assert {"probe/checkpoint/step_4/probe_step_4.csv", "probe/checkpoint/step_4/probe_step_4_rank_16.png"} <= \
+        {artifact.path for artifact in client.list_artifacts(result.run_id, "probe/checkpoint/step_4")}
+    root = {artifact.path for artifact in client.list_artifacts(result.run_id)}
+    assert {"probe_final.csv", "probe_final_rank_16.png", "probe_final_rank_8.png"} <= root
+    assert "probe_final.json" not in root  # the JSON table stays under probe/.../step_<n>/

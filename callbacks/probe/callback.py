@@ -158,7 +158,8 @@ class ProbeCallback(L.Callback):
             report.log_final(logger.experiment, logger.run_id, self.last_table, self.run_dir / report.PROBE_DIR,
                              self._run_name(trainer))
         if not loggers:
-            report.write(self.last_table, self.run_dir / report.PROBE_DIR, self._run_name(trainer), report.FINAL_STEM)
+            report.write(self.last_table, self.run_dir / report.PROBE_DIR, self._run_name(trainer), report.FINAL_STEM,
+                         json_table=False)
 
     def _log(self, trainer: L.Trainer, logged: dict[str, float], files: list[Path]) -> None:
         for logger in trainer.loggers:

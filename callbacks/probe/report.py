@@ -132,18 +132,21 @@ def rows(table: dict) -> list[dict]:
     return flat
 
 
-def write(table: dict, out: str | Path, run_name: str = "", stem: str | None = None) -> list[Path]:
-    """Writes the JSON table (with its flat ``rows``), the CSV and the heatmaps (titled with ``run_name``) into
-    ``out`` (training: ``<run_dir>/probe``) as ``<stem>.json``, ``<stem>.csv``, ``<stem>_<group>.png`` (default stem
-    ``probe_step_<n>``); returns their paths."""
+def write(table: dict, out: str | Path, run_name: str = "", stem: str | None = None,
+          json_table: bool = True) -> list[Path]:
+    """Writes the JSON table (with its flat ``rows``; unless ``json_table`` is false), the CSV and the heatmaps
+    (titled with ``run_name``) into ``out`` (training: ``<run_dir>/probe``) as ``<stem>.json``, ``<stem>.csv``,
+    ``<stem>_<group>.png`` (default stem ``probe_step_<n>``); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or f"{FILE_PREFIX}{table['step']}"
     flat = rows(table)
-    paths = [out / f"{stem}.json", out / f"{stem}.csv"]
-    paths[0].write_text(json.dumps({**table, "rows": flat}, indent=1))
+    paths = [out / f"{stem}.csv"]
+    if json_table:
+        paths.insert(0, out / f"{stem}.json")
+        paths[0].write_text(json.dumps({**table, "rows": flat}, indent=1))
     columns = list(dict.fromkeys(key for row in flat for key in row))
-    with paths[1].open("w", newline="") as handle:
+    with paths[-1].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
@@ -173,17 +176,16 @@ def final_summary(table: dict) -> tuple[dict[str, float], dict[str, str]]:
 
 
 def log_final(client, run_id: str, table: dict, out: str | Path, run_name: str = "") -> list[Path]:
-    """Writes the final table as ``probe_final.*`` into ``out``, logs its CSV and heatmaps at the MLflow run's root
-    (stable names: a later final probe, e.g. ``make probe``, replaces them; every table also stays under
-    ``probe/step_<n>/``) and its :func:`final_summary` at the table's step. Returns the files written."""
-    files = write(table, out, run_name, FINAL_STEM)
+    """Writes the final table's CSV and heatmaps as ``probe_final*`` into ``out``, logs them at the MLflow run's
+    root (stable names: a later final probe, e.g. ``make probe``, replaces them; every table also stays under
+    ``probe/step_<n>/``, JSON included) and its :func:`final_summary` at the table's step. Returns the files."""
+    files = write(table, out, run_name, FINAL_STEM, json_table=False)
     logged, tags = final_summary(table)
     log_to_mlflow(client, run_id, logged, table["step"], [], "")
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     for path in files:
-        if path.suffix != ".json":  # the JSON table is already under probe/step_<n>/; the root keeps what compares
-            client.log_artifact(run_id, str(path))
+        client.log_artifact(run_id, str(path))
     return files
 
 
