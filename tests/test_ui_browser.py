@@ -47,8 +47,10 @@ def store(tmp_path_factory, corpus_dir):
     if os.environ.get("UI_STORE"):
         return os.environ["UI_STORE"], os.environ.get("UI_EXPERIMENT", EXPERIMENT)
     root = tmp_path_factory.mktemp("ui-store")
-    for seed in (0, 1):
-        train(compose("tiny", [*run_overrides(root / f"run{seed}", corpus_dir, root), *TINY, f"seed={seed}"]))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny run is over before the default 10 s
+        for seed in (0, 1):
+            train(compose("tiny", [*run_overrides(root / f"run{seed}", corpus_dir, root), *TINY, f"seed={seed}"]))
     return f"sqlite:///{root}/mlflow.db", EXPERIMENT
 
 
