@@ -8,6 +8,8 @@ ARGS   ?=
 SUITE  ?=
 EXP    ?=
 PORT   ?= 5000
+URI    ?=
+RUN    ?=
 CKPT   ?=
 LAYERS ?=
 DIM    ?=
@@ -23,7 +25,7 @@ MODEL  ?=
 MANPAGE_PACKAGES ?= manpages-de manpages-fr manpages-es manpages-ru manpages-pl
 
 .DEFAULT_GOAL := help
-.PHONY: help install exp test test-slow data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine
+.PHONY: help install exp test test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -52,8 +54,8 @@ ablation: $(STAMP) ## Run a suite into one MLflow experiment: make ablation SUIT
 runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smoke | EXP=<MLflow experiment>]
 	@$(BIN)/python -m experiments.runs $(if $(SUITE),--suite $(SUITE)) $(if $(EXP),--experiment $(EXP))
 
-ui: $(STAMP) ## MLflow UI on 127.0.0.1 against the project's store: make ui [PORT=5000]
-	@$(BIN)/python -m experiments.runs ui --port $(PORT)
+ui: $(STAMP) ## MLflow UI on 127.0.0.1, opened on an experiment's runs table: make ui [URI=store | RUN=outputs/<NAME>/<ts>] [EXP=name] [PORT=5000]
+	@$(BIN)/python -m experiments.runs ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
 
 export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
 	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name> | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized]"; exit 2; }
@@ -63,8 +65,8 @@ probe: $(STAMP) ## MTEB-probe every cell of a checkpoint: make probe CKPT=path [
 	@test -n "$(CKPT)" || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
 	$(BIN)/python -m experiments.probe $(CKPT) $(ARGS)
 
-compare: $(STAMP) ## Probe tables cell by cell, B − A heatmaps: make compare A=<run_dir|table.json ...> B=<...> [ARGS="--task GettextRetrieval"]
-	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR\"] (several runs per side: their mean per cell)"; exit 2; }
+compare: $(STAMP) ## Probe tables cell by cell, B − A heatmaps: make compare A=<run_dir|table.json ...> B=<...> [ARGS="--task GettextRetrieval --mlflow"]
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR --mlflow\"] (several runs per side: their mean per cell)"; exit 2; }
 	$(BIN)/python -m callbacks.probe.compare $(A) --vs $(B) $(ARGS)
 
 mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE=quickstart [MODEL=backbone|path.ckpt] [ARGS="mine.max_queries=1000 mine.max_score=0.9"]
@@ -86,6 +88,12 @@ test: $(STAMP) ## Run the test suite (fast tests, < 15 min on 2 cores)
 
 test-slow: $(STAMP) ## Run the slow tests (real backbone end to end)
 	$(BIN)/python -m pytest -q -m slow
+
+# Chromium and its driver come from the system's packages (a browser build cannot be downloaded here).
+test-ui: $(STAMP) ## Browser test of the MLflow UI (headless Chromium; installs it with apt-get if missing)
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }
+	$(BIN)/pip install -q -e '.[browser]'
+	$(BIN)/python -m pytest -q -m browser tests/test_ui_browser.py
 
 data: $(STAMP) ## Build the gettext translation corpus into data/gettext (done by training too)
 	$(BIN)/python -c "from datamodules.gettext_corpus import build_gettext_corpus; print(build_gettext_corpus('data/gettext')['content_hash'])"

@@ -3,7 +3,9 @@
 Rebuilds the module from the run's resolved ``config.yaml`` (next to ``checkpoints/``), loads the checkpoint's
 weights, scores every cell of the run, prints the table, writes ``<run_dir>/probe/checkpoint/probe_step_<n>.*``
 (beside the tables of training) and, when the run has an MLflow run id, logs the metrics to that MLflow run at the
-checkpoint's step and the files under its artifacts ``probe/checkpoint/step_<n>``.
+checkpoint's step and the files under its artifacts ``probe/checkpoint/step_<n>``; the table also becomes the run's
+root-level ``probe_final.csv`` / ``probe_final_<group>.png`` and ``final/...`` summary (see
+:func:`callbacks.probe.report.log_final`).
 """
 
 from __future__ import annotations
@@ -61,18 +63,24 @@ def main(argv: list[str]) -> int:
     table = Prober(module, run.model.tokenize, tasks, config.probe.batch_size, f"matryoshka-lab/{config.name}",
                    device).run(run.global_step)
     # Beside, not over, the tables written during training (this probe may use other settings).
-    files = report.write(table, Path(run.run_dir) / report.PROBE_DIR / report.CHECKPOINT_DIR)
-    print(report.format_table(table))
-    print(f"\ntable and heatmaps: {files[0].parent}")
+    out = Path(run.run_dir) / report.PROBE_DIR / report.CHECKPOINT_DIR
     run_id_file = Path(run.run_dir) / RUN_ID_FILE
+    client = run_id = None
+    run_name = f"{Path(run.run_dir).parent.name}-{Path(run.run_dir).name}"
     if use_mlflow and run_id_file.is_file():
         from mlflow import MlflowClient
 
-        run_id = run_id_file.read_text().strip()
-        report.log_to_mlflow(MlflowClient(config.tracking.uri), run_id,
-                             report.metrics(table, list(config.probe.metrics)), run.global_step, files,
-                             f"{report.PROBE_DIR}/{report.CHECKPOINT_DIR}/step_{run.global_step}")
-        print(f"logged to MLflow run {run_id} ({config.tracking.uri}) at step {run.global_step}")
+        client, run_id = MlflowClient(config.tracking.uri), run_id_file.read_text().strip()
+        run_name = client.get_run(run_id).info.run_name
+    files = report.write(table, out, run_name)
+    print(report.format_table(table))
+    print(f"\ntable and heatmaps: {files[0].parent}")
+    if client is not None:
+        report.log_to_mlflow(client, run_id, report.metrics(table, list(config.probe.metrics)), run.global_step,
+                             files, f"{report.PROBE_DIR}/{report.CHECKPOINT_DIR}/step_{run.global_step}")
+        report.log_final(client, run_id, table, out, run_name)
+        print(f"logged to MLflow run {run_id} ({config.tracking.uri}) at step {run.global_step}, with "
+              f"{report.FINAL_STEM}.csv and its heatmaps at the run's root")
     return 0
 
 

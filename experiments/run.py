@@ -17,6 +17,7 @@ from datamodules.atomic import write_atomic
 from datamodules.sources import DataError
 from experiments.config import Config, ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.run_lock import hold_run_lock
+from experiments.runs import ui_hint
 from experiments.tracking import (
     BOOKKEEPING_KEYS,
     check_tracking,
@@ -25,6 +26,7 @@ from experiments.tracking import (
     log_run_inputs,
     log_run_summary,
     make_logger,
+    system_metrics,
 )
 from lightning_modules.backbone import BackboneInfo
 from lightning_modules.plugins import MatryoshkaPlugin, PluginConfigError
@@ -210,7 +212,9 @@ def train(config: DictConfig) -> TrainResult:
             logger.replay_unlogged()  # metrics an unreachable server missed before, first: they are the older steps
         os.environ[RUN_DIR_ENV] = str(run_dir)  # copied into the processes Lightning's launcher starts for ranks 1..n
         try:
-            with fail_fast_http():  # a dead server costs seconds, not minutes of retries
+            # A dead server costs seconds, not minutes of retries; system/* metrics (CPU, memory, GPU) by MLflow's
+            # own monitor.
+            with fail_fast_http(), system_metrics(logger):
                 trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
         finally:
             if inherited is None:
@@ -241,9 +245,7 @@ def train_and_report(name: str, overrides: list[str]) -> int:
     print(f"\nfinished {config.name} in {result.seconds:.0f} s; final train/loss = "
           f"{result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint}")
-    print(f"MLflow run {result.run_id} in experiment {config.tracking.experiment!r} ({config.tracking.uri}); open it with:\n"
-          f"  make ui    (or: MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui --backend-store-uri {config.tracking.uri} "
-          f"--host 127.0.0.1)")
+    print(ui_hint(config.tracking.uri, result.run_id))
     return 0
 
 

@@ -12,7 +12,11 @@ What lands in MLflow for one run:
   Headline metrics are under ``train/`` (and the probe's under ``probe/``); plumbing (data counts, waits, memory)
   under ``system/``, which MLflow shows in its own "System metrics" tab. Lightning's ``epoch`` is not logged (the
   stream is one endless epoch: it would be a constant 0).
-- artifacts: ``config.yaml`` (the resolved config) and ``plots/final_view_loss*.png`` + ``.json``.
+- artifacts: ``config.yaml`` (the resolved config) and ``plots/final_view_loss*.png`` + ``.json``; the probe adds
+  ``probe_final.csv`` and ``probe_final_<setting>.png`` at the root (callbacks/probe/report.py).
+- description (``mlflow.note.content``): the header comment of the experiment file.
+- system metrics (``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, GPU ones where
+  ``nvidia-ml-py`` finds a GPU): MLflow's own monitor, every 10 s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``).
 
 The terminal table of runs and the MLflow UI launcher live in ``experiments/runs.py`` (no Lightning import there).
 """
@@ -35,6 +39,7 @@ from datetime import datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -63,6 +68,10 @@ BOOKKEEPING_KEYS = ("name", "resume", "output_dir", "checkpoint_every", "trackin
 # The per-view loss heatmap averages each view over its last logged values (one step is noisy).
 FINAL_WINDOW = 10
 REMOTE_SCHEMES = ("http", "https", "databricks")
+# MLflow 3's UI opens an experiment on its GenAI (traces) view unless this experiment tag says model training.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+DESCRIPTION_TAG = "mlflow.note.content"  # the run description the UI shows and edits
+SYSTEM_METRICS_INTERVAL_S = 10
 
 
 class TrackingError(ConfigError):
@@ -148,14 +157,42 @@ def fail_fast_http() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def check_tracking(config: DictConfig) -> None:
-    """Stops the run before any training when the store cannot be reached or written.
+def _local_path(location: str) -> str:
+    """An artifact location as a comparable string: the resolved path of a ``file:`` URI or plain path, else the
+    URI itself (``s3://...``)."""
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        return str(Path(unquote(parsed.path)).resolve())
+    return location
 
-    Creates the experiment if needed and writes one experiment tag (a real write, cheap); for a local store also
-    writes and removes a file in ``tracking.artifact_dir``.
+
+def check_artifact_location(config: DictConfig, experiment) -> None:
+    """MLflow fixes an experiment's artifact location when the experiment is created and ignores any other one
+    later: a ``tracking.artifact_dir`` that disagrees would silently put this run's artifacts elsewhere.
+
+    Raises:
+        ConfigError: naming ``tracking.artifact_dir``, both locations and the experiment.
+    """
+    wanted = artifact_location(config)
+    if wanted is None or _local_path(wanted) == _local_path(experiment.artifact_location):
+        return
+    raise ConfigError("tracking.artifact_dir", f"{_local_path(wanted)} disagrees with "
+                      f"{_local_path(experiment.artifact_location)}, where the existing MLflow experiment "
+                      f"{experiment.name!r} in {config.tracking.uri} keeps its artifacts (fixed when it was created); "
+                      f"set tracking.artifact_dir to that folder, or use another tracking.experiment or tracking.uri")
+
+
+def check_tracking(config: DictConfig) -> None:
+    """Stops the run before any training when the store cannot be reached or written, or when an existing
+    experiment keeps its artifacts somewhere else than ``tracking.artifact_dir``.
+
+    Creates the experiment if needed (tagged as a model-training experiment, so the UI opens on its runs) and writes
+    one experiment tag (a real write, cheap); for a local store also writes and removes a file in
+    ``tracking.artifact_dir``.
 
     Raises:
         TrackingError: naming ``tracking.uri`` and the store's answer.
+        ConfigError: naming ``tracking.artifact_dir`` (see :func:`check_artifact_location`).
     """
     from mlflow import MlflowClient
 
@@ -166,13 +203,16 @@ def check_tracking(config: DictConfig) -> None:
             client = MlflowClient(uri)
             experiment = client.get_experiment_by_name(config.tracking.experiment)
             if experiment is None:
-                experiment_id = client.create_experiment(config.tracking.experiment, artifact_location(config))
+                experiment_id = client.create_experiment(config.tracking.experiment, artifact_location(config),
+                                                         tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
             else:
                 experiment_id = experiment.experiment_id
             client.set_experiment_tag(experiment_id, "matryoshka_lab.last_write_check", datetime.now().isoformat())
     except Exception as error:  # any failure here means the store is not usable; say which and why
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TrackingError(uri, f"{type(error).__name__}: {reason}"[:500]) from None
+    if experiment is not None:
+        check_artifact_location(config, experiment)
 
 
 def git_state() -> dict[str, str]:
@@ -415,6 +455,9 @@ def log_run_inputs(logger: StrictMLFlowLogger, config: DictConfig, run_dir: Path
     changed = log_params(client, run_id, run_params(config, sources))
     if not logger.resumed:
         client.log_text(run_id, OmegaConf.to_yaml(config, resolve=True), "config.yaml")
+        description = experiment_description(EXPERIMENTS_DIR / f"{config.name}.yaml")
+        if description:
+            client.set_tag(run_id, DESCRIPTION_TAG, description)
         return
     run = client.get_run(run_id)
     client.update_run(run_id, status="RUNNING")
@@ -435,6 +478,37 @@ def log_run_inputs(logger: StrictMLFlowLogger, config: DictConfig, run_dir: Path
         client.set_tag(run_id, "resume.changed_keys", ",".join(keys)[:8000])
         print(f"resumed MLflow run {run_id} with changed settings (first values kept as params): {', '.join(changed)}",
               file=sys.stderr)
+
+
+def experiment_description(experiment_file: Path) -> str:
+    """The header comment of an experiment file (its leading ``#`` lines, without the ``#``), "" without one."""
+    if not experiment_file.is_file():
+        return ""
+    lines = []
+    for line in experiment_file.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line[1:].removeprefix(" ").rstrip())
+    return "\n".join(lines).strip()
+
+
+@contextmanager
+def system_metrics(logger: StrictMLFlowLogger) -> Iterator[None]:
+    """MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU where ``nvidia-ml-py`` finds one) on
+    this run while the block runs, on global rank 0 only (one machine's view; multi-node jobs see node 0). A resumed
+    run continues its ``system/*`` step count."""
+    if rank_zero_only.rank != 0:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(logger.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                   resume_logging=logger.resumed, tracking_uri=logger.experiment.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def tail_mean(client, run_id: str, key: str, window: int = FINAL_WINDOW) -> float:
@@ -471,28 +545,21 @@ def view_grids(losses: Mapping[str, float]) -> dict[str, dict[tuple[int | None, 
 
 
 def heatmap_figure(grid: Mapping[tuple[int | None, int | None], float], title: str):
-    """A layer × dim heatmap of losses, each cell annotated (a matplotlib Figure, no global pyplot state)."""
+    """A layer × dim heatmap of losses in the probe heatmaps' layout (shallowest layer first, widest dim first; see
+    :func:`callbacks.probe.report.grid_panel`), each cell annotated, with a colour bar (a matplotlib Figure, no
+    global pyplot state)."""
     from matplotlib.figure import Figure
 
-    layers = sorted({layer for layer, _ in grid}, key=lambda v: (v is None, v))
-    dims = sorted({dim for _, dim in grid}, key=lambda v: (v is None, v))
-    values = [[grid.get((layer, dim), math.nan) for dim in dims] for layer in layers]
-    figure = Figure(figsize=(max(4.8, 1.6 + 0.9 * len(dims)), 1.6 + 0.6 * len(layers)), layout="constrained")
-    axes = figure.add_subplot()
-    image = axes.imshow(values, cmap="viridis_r", aspect="auto")
-    axes.set_xticks(range(len(dims)), ["full" if dim is None else str(dim) for dim in dims])
-    axes.set_yticks(range(len(layers)), ["full" if layer is None else str(layer) for layer in layers])
-    axes.set_xlabel("dim (MRL)")
-    axes.set_ylabel("layer (MLL)")
-    finite = [value for row in values for value in row if not math.isnan(value)]
-    middle = (min(finite) + max(finite)) / 2 if finite else 0.0
-    for row, line in enumerate(values):
-        for column, value in enumerate(line):
-            if not math.isnan(value):
-                axes.text(column, row, f"{value:.3g}", ha="center", va="center", fontsize=8,
-                          color="white" if value > middle else "black")
-    figure.colorbar(image, ax=axes, label="loss")
-    axes.set_title(title, fontsize=9)
+    from callbacks.probe.report import grid_panel
+
+    layers, dims = {layer for layer, _ in grid}, {dim for _, dim in grid}
+    finite = [value for value in grid.values() if not math.isnan(value)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    figure = Figure(figsize=(max(4.8, 2.4 + 0.9 * len(dims)), 1.6 + 0.6 * len(layers)), layout="constrained")
+    cells = [{"tags": {"layer": layer, "dim": dim}, "loss": loss} for (layer, dim), loss in grid.items()]
+    grid_panel(figure.add_subplot(), cells, lambda cell: cell["loss"], "viridis_r", (low, high), ".3g",
+               lambda value: "white" if value > (low + high) / 2 else "black", colorbar="loss")
+    figure.axes[0].set_title(title, fontsize=9)
     return figure
 
 

@@ -123,3 +123,30 @@ def test_main_writes_json_and_heatmaps_and_names_a_bad_path(tmp_path, capsys):
         f"outputs/compare/posthoc_20260101-000000__vs__{tmp_path.parent.name}_{tmp_path.name}+1"
     assert main([str(tmp_path / "missing"), "--vs", str(file_b)]) == 2
     assert "missing: no such probe table or run folder" in capsys.readouterr().err
+
+
+def test_mlflow_flag_logs_the_comparison_as_a_run_in_bs_experiment(tmp_path, capsys):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("abl", (tmp_path / "artifacts").as_uri())
+    run_b = client.create_run(experiment, run_name="b-run").info.run_id
+    run_dir = tmp_path / "outputs" / "abl" / "20261201-000000"
+    write_table(run_dir / "probe" / "probe_step_10.json", B)
+    (run_dir / "config.yaml").write_text(f"tracking:\n  uri: {uri}\n  experiment: abl\n")
+    (run_dir / "mlflow_run_id").write_text(run_b)
+    file_a = write_table(tmp_path / "a.json", A)
+    assert main([str(file_a), "--vs", str(run_dir), "--out", str(tmp_path / "out"), "--mlflow"]) == 0
+    (compared,) = [run for run in client.search_runs([experiment]) if run.info.run_id != run_b]
+    assert compared.info.run_name == f"compare {tmp_path.parent.name}_{tmp_path.name} vs abl_20261201-000000"
+    assert compared.data.tags["compare.b_run_id"] == run_b and compared.data.tags["compare.a"] == str(file_a)
+    assert {artifact.path for artifact in client.list_artifacts(compared.info.run_id)} == {"compare.json",
+                                                                                            "compare.png"}
+    metrics = compared.data.metrics  # hand-computed above: all 4 common cells, B higher in 2, lower in 1
+    assert (metrics["compare/all/higher"], metrics["compare/all/lower"], metrics["compare/all/cells"]) == (2, 1, 4)
+    assert metrics["compare/precision_binary/full_delta"] == pytest.approx(4.0)
+    assert f"logged as MLflow run {compared.info.run_id}" in capsys.readouterr().out
+    assert main([str(file_a), "--vs", str(file_a), "--out", str(tmp_path / "out2"), "--mlflow"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "--mlflow" in error and "a.json" in error

@@ -63,6 +63,17 @@ def test_probe_tables_metrics_and_heatmaps(runs):
     assert artifacts == {f"probe/step_4/probe_step_4{suffix}" for suffix in suffixes}
     header = (result.run_dir / "probe" / "probe_step_4.csv").read_text().splitlines()[0].split(",")
     assert header[:7] == ["step", "layer", "dim", "rank", "bytes", "task", "main_score"]
+    # the last table also at the run's root under stable names, for MLflow's compare view, with its summary
+    root = {artifact.path for artifact in client.list_artifacts(result.run_id)}
+    assert {"probe_final.csv", "probe_final_rank_16.png", "probe_final_rank_8.png"} <= root
+    assert (result.run_dir / "probe" / "probe_final.csv").read_text() == \
+        (result.run_dir / "probe" / "probe_step_4.csv").read_text()
+    full = next(c for c in table["cells"] if c["name"] == table["summary"]["full"]["cell"])
+    assert metrics["final/mean_main_score/full"] == pytest.approx(full["mean_main_score"])
+    assert metrics["final/GettextRetrieval/full"] == pytest.approx(full["scores"]["GettextRetrieval"]["main_score"])
+    assert metrics["final/mean_main_score/best"] == pytest.approx(max(c["mean_main_score"] for c in table["cells"]))
+    assert [m.step for m in client.get_metric_history(result.run_id, "final/mean_main_score/best")] == [4]
+    assert client.get_run(result.run_id).data.tags["final.full_cell"] == "layer_4/dim_32/rank_16"
 
 
 def test_make_probe_on_the_checkpoint_reproduces_the_last_probe(runs, capsys):
@@ -84,3 +95,20 @@ def test_make_probe_on_the_checkpoint_reproduces_the_last_probe(runs, capsys):
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("config error at `probe.locales`: probe.locales ['zz']: none has")
     assert "locales with probe pairs: " in error and " de, " in error
+
+
+def test_make_probe_logs_its_table_as_the_runs_final_root_artifacts(runs, capsys):
+    from experiments.probe import main
+
+    config, result = runs["probed"]
+    options = [option for option in PROBE if option not in ("probe.enabled=true", "probe.every_n_steps=2")]
+    assert main([str(result.checkpoint), *options]) == 0
+    assert "probe_final.csv and its heatmaps at the run's root" in capsys.readouterr().out
+    out = result.run_dir / "probe" / "checkpoint"
+    assert (out / "probe_final.csv").read_text() == (out / "probe_step_4.csv").read_text()
+    client = mlflow.MlflowClient(config.tracking.uri)
+    assert {"probe/checkpoint/step_4/probe_step_4.csv", "probe/checkpoint/step_4/probe_step_4_rank_16.png"} <= \
+        {artifact.path for artifact in client.list_artifacts(result.run_id, "probe/checkpoint/step_4")}
+    root = {artifact.path for artifact in client.list_artifacts(result.run_id)}
+    assert {"probe_final.csv", "probe_final_rank_16.png", "probe_final_rank_8.png"} <= root
+    assert "probe_final.json" not in root  # the JSON table stays under probe/.../step_<n>/

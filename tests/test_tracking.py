@@ -15,8 +15,10 @@ from omegaconf import OmegaConf
 from experiments import run as run_module
 from experiments.config import ConfigError
 from experiments.run import main, train
-from experiments.tracking import (PROJECT_ROOT, StrictMLFlowLogger, TrackingError, config_hash, final_view_losses,
-                                  log_params, log_run_summary, run_tags, view_grids)
+from experiments.config import ConfigError
+from experiments.tracking import (EXPERIMENT_KIND_TAG, PROJECT_ROOT, StrictMLFlowLogger, TrackingError, check_tracking,
+                                  config_hash, experiment_description, final_view_losses, heatmap_figure, log_params,
+                                  log_run_summary, run_tags, system_metrics, view_grids)
 
 
 @pytest.fixture
@@ -193,6 +195,7 @@ def test_a_tiny_run_lands_in_mlflow_and_a_resume_continues_the_same_run(tiny_con
     assert OmegaConf.to_container(stored) == OmegaConf.to_container(config, resolve=True)
     plots = {artifact.path for artifact in client.list_artifacts(first.run_id, "plots")}
     assert {"plots/final_view_loss_rank_16.png", "plots/final_view_loss_rank_8.png"} <= plots
+    assert run.data.tags["mlflow.note.content"].startswith("A random-init 4-block BERT")  # tiny.yaml's header
 
     resumed = train(tiny_config("tiny", ["trainer.max_steps=14"]))  # the same command with a larger budget
     assert resumed.run_id == first.run_id and resumed.run_dir == first.run_dir
@@ -208,3 +211,57 @@ def test_a_tiny_run_lands_in_mlflow_and_a_resume_continues_the_same_run(tiny_con
     clock = sorted(client.get_metric_history(first.run_id, "train/elapsed_s"), key=lambda metric: metric.step)
     elapsed = [metric.value for metric in clock]
     assert elapsed == sorted(elapsed)  # the clock continues across the resume
+
+
+def test_an_artifact_dir_that_disagrees_with_the_experiment_stops_the_run_naming_both(tiny_config, tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(run_module, "build", lambda config: pytest.fail("build ran despite a wrong artifact_dir"))
+    store = f"sqlite:///{tmp_path}/store/mlflow.db"
+    first = tiny_config("tiny", [f"tracking.uri={store}", f"tracking.artifact_dir={tmp_path}/first"])
+    check_tracking(first)  # creates the experiment with its artifact location
+    check_tracking(first)  # the same folder again is fine
+    other = [f"tracking.uri={store}", f"tracking.artifact_dir={tmp_path}/second"]
+    with pytest.raises(ConfigError, match="tracking.artifact_dir") as raised:
+        train(tiny_config("tiny", other))
+    message = str(raised.value)
+    assert f"{tmp_path}/second disagrees with {tmp_path}/first" in message and "'tiny'" in message
+    overrides = [f"output_dir={tmp_path}/outputs", *other, "trainer.enable_progress_bar=false"]
+    capsys.readouterr()  # MLflow's own log lines of creating the store
+    assert main(["tiny", *overrides]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"{tmp_path}/second" in error and f"{tmp_path}/first" in error
+    kind = mlflow.MlflowClient(store).get_experiment_by_name("tiny").tags[EXPERIMENT_KIND_TAG]
+    assert kind == "custom_model_development"  # the UI opens it on its runs, not on GenAI traces
+
+
+def test_the_run_description_is_the_experiment_files_header_comment(tmp_path):
+    experiment = tmp_path / "demo.yaml"
+    experiment.write_text("# demo: two lines\n#   indented  \n#\n# after a blank one\nplugins: {}\n# not this\n")
+    assert experiment_description(experiment) == "demo: two lines\n  indented\n\nafter a blank one"
+    (tmp_path / "bare.yaml").write_text("plugins: {}\n")
+    assert experiment_description(tmp_path / "bare.yaml") == ""
+    assert experiment_description(tmp_path / "missing.yaml") == ""
+
+
+def test_system_metrics_come_from_mlflows_monitor_while_the_block_runs(logger_for, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    logger = logger_for()
+    with system_metrics(logger):
+        time.sleep(1.0)
+    metrics = logger.experiment.get_run(logger.run_id).data.metrics
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+    steps = [m.step for m in logger.experiment.get_metric_history(logger.run_id, "system/cpu_utilization_percentage")]
+    assert steps == list(range(len(steps))) and len(steps) >= 2
+
+
+def test_the_loss_heatmap_orders_layers_and_dims_as_the_probe_heatmaps_and_has_a_colour_bar():
+    figure = heatmap_figure({(4, 8): 2.0, (1, 384): 1.0, (1, 8): 3.0, (4, 384): 0.5}, "run-x rank_16")
+    panel, colour_bar = figure.axes
+    assert [tick.get_text() for tick in panel.get_xticklabels()] == ["384", "8"]  # widest first, as the probe's
+    assert [tick.get_text() for tick in panel.get_yticklabels()] == ["1", "4"]
+    assert colour_bar.get_ylabel() == "loss" and panel.get_title() == "run-x rank_16"
+    assert [text.get_text() for text in panel.texts] == ["1", "3", "0.5", "2"]  # row by row, in that order
+    mrl_only = heatmap_figure({(None, 8): 2.0, (None, 32): 1.0}, "").axes[0]
+    assert [tick.get_text() for tick in mrl_only.get_yticklabels()] == ["full"]
+    assert [tick.get_text() for tick in mrl_only.get_xticklabels()] == ["32", "8"]

@@ -11,6 +11,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from experiments.run import train
@@ -117,14 +118,20 @@ def test_a_tiny_run_reaches_a_remote_mlflow_server(tiny_config, tmp_path):
 
 
 def test_the_ui_launcher_prints_its_url_starts_without_job_workers_and_stops_on_ctrl_c(tmp_path):
-    port = free_port()
-    ui = subprocess.Popen([sys.executable, "-m", "experiments.runs", "ui", "--port", str(port),
-                           "--uri", f"sqlite:///{tmp_path}/ui/mlflow.db"], cwd=PROJECT_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.PIPE,
+    port, uri = free_port(), f"sqlite:///{tmp_path}/ui/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("abl", (tmp_path / "artifacts").as_uri())
+    client.create_run(experiment_id)
+    run_dir = tmp_path / "outputs" / "abl" / "20261201-000000"  # make ui RUN=...: the run's own store and experiment
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"tracking:\n  uri: {uri}\n  experiment: abl\n")
+    ui = subprocess.Popen([sys.executable, "-m", "experiments.runs", "ui", "--port", str(port), "--run", str(run_dir)],
+                          cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:
         first = ui.stdout.readline()
-        assert first.startswith(f"MLflow UI: http://127.0.0.1:{port}")
+        assert first.startswith(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?"
+                                f"workflowType=machine_learning  (store {uri}; ")
         wait_until_up(port, ui)
         assert len(descendants(ui.pid)) == 1  # one web server; by default 4 web workers and 7 job workers
     finally:

@@ -48,7 +48,9 @@ class ProbeCallback(L.Callback):
     :class:`~experiments.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
     ``probe/<task>/<metric>/layer_<l>/dim_<d>/rank_<r>``, ``probe/mean_main_score/{full,cheapest}`` and
     ``probe/seconds`` to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per rank
-    to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``. A failing task is logged with
+    to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``; at the end, the last table also as
+    ``probe_final.csv`` and ``probe_final_<group>.png`` at the MLflow run's root with its ``final/...`` summary
+    metrics (see :func:`~callbacks.probe.report.log_final`). A failing task is logged with
     its name and left out; training goes on. Weights, RNG streams and the data position are left untouched, so
     a run's losses are the same with and without probes.
 
@@ -72,6 +74,7 @@ class ProbeCallback(L.Callback):
         self.prober: Prober | None = None
         self.disabled = False
         self.probed: set[int] = set()
+        self.last_table: dict | None = None
         self.seconds = 0.0
         self.started = time.perf_counter()
 
@@ -91,6 +94,8 @@ class ProbeCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.config.at_end:
             self.probe(trainer, pl_module)
+        if trainer.is_global_zero and self.last_table is not None:
+            self._log_final(trainer)
         if trainer.is_global_zero and self.probed:
             wall = time.perf_counter() - self.started
             log.info("probe: %d probes took %.1f s, %.1f %% of %.1f s of training wall time", len(self.probed),
@@ -107,8 +112,9 @@ class ProbeCallback(L.Callback):
             return None
         table = self.prober.run(step, trainer.precision_plugin.predict_step_context)
         self.seconds += table["seconds"]
+        self.last_table = table
         if trainer.is_global_zero:
-            files = report.write(table, self.run_dir / report.PROBE_DIR)
+            files = report.write(table, self.run_dir / report.PROBE_DIR, self._run_name(trainer))
             self._log(trainer, report.metrics(table, list(self.config.metrics)), files)
             summary = table["summary"].get("full", {})
             log.info("probe at step %d: %.1f s, mean main score %.4f at %s", step, table["seconds"],
@@ -138,6 +144,22 @@ class ProbeCallback(L.Callback):
         self.prober = Prober(pl_module, self.tokenize, tasks, self.config.batch_size, self.model_name,
                              pl_module.device)
         return True
+
+    def _run_name(self, trainer: L.Trainer) -> str:
+        """The MLflow run's name, else the run folder's ``<experiment>-<timestamp>`` (MLflow's default name)."""
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                return logger.experiment.get_run(logger.run_id).info.run_name
+        return f"{self.run_dir.parent.name}-{self.run_dir.name}"
+
+    def _log_final(self, trainer: L.Trainer) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, MLFlowLogger)]
+        for logger in loggers:
+            report.log_final(logger.experiment, logger.run_id, self.last_table, self.run_dir / report.PROBE_DIR,
+                             self._run_name(trainer))
+        if not loggers:
+            report.write(self.last_table, self.run_dir / report.PROBE_DIR, self._run_name(trainer), report.FINAL_STEM,
+                         json_table=False)
 
     def _log(self, trainer: L.Trainer, logged: dict[str, float], files: list[Path]) -> None:
         for logger in trainer.loggers:

@@ -4,6 +4,12 @@ Files of the probe at step n, in ``<run_dir>/probe/``: ``probe_step_<n>.json`` (
 :meth:`~callbacks.probe.prober.Prober.run`, plus its flat ``rows``), ``probe_step_<n>.csv`` (those rows: one per
 cell and task, a column per score) and ``probe_step_<n>_<group>.png`` (layers × dims heatmaps of each task's main
 score, one file per rank).
+
+At the end of training (and on ``make probe``) the last table is also written as ``probe_final.csv`` and
+``probe_final_<group>.png`` and logged at the root of the MLflow run under those stable names: MLflow's compare view
+shows root-level artifacts that all compared runs share side by side. Its summary goes to the metrics
+``final/mean_main_score/{best,full,cheapest}`` and ``final/<task>/{best,full,cheapest}`` (one value, at the final step)
+and the tags ``final.<label>_cell`` naming those cells, for the compare table and the parallel-coordinates plot.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from lightning_modules.views import view_name
 PROBE_DIR = "probe"
 CHECKPOINT_DIR = "checkpoint"  # make probe's tables: <run_dir>/probe/checkpoint, beside those of training
 FILE_PREFIX = "probe_step_"
+FINAL_STEM = "probe_final"  # stable names of the final table and heatmaps at the MLflow run's root
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
@@ -50,14 +57,21 @@ def heatmap_groups(table: dict) -> dict[str, list[dict]]:
     return groups
 
 
+def _full_first(value: int | None) -> tuple:
+    """Sort key of a layer or dim: None (the axis is not nested: the full model) before every number."""
+    return (value is not None, value or 0)
+
+
 def grid_panel(axes, cells: list[dict], value: Callable[[dict], float | None], cmap: str,
                limits: tuple[float, float], number: str, text_color: Callable[[float], str] = lambda value: "black",
-               fontsize: int = 8):
-    """One heatmap of ``value(cell)`` (None: an empty square): layers (rows) × dims (columns, widest first, ticks
-    with bytes per vector), each square annotated with ``format(value, number)``. Returns the image (colour bars)."""
-    layers = sorted({cell["tags"]["layer"] for cell in cells})
-    dims = sorted({cell["tags"]["dim"] for cell in cells}, reverse=True)
-    storage = {cell["tags"]["dim"]: cell["bytes"] for cell in cells}
+               fontsize: int = 8, colorbar: str | None = None):
+    """One heatmap of ``value(cell)`` (None: an empty square): layers (rows, shallowest first) × dims (columns, widest
+    first; ticks with bytes per vector where cells have ``bytes``), each square annotated with
+    ``format(value, number)``; a layer or dim tag that is None (axis not nested) reads ``full``. ``colorbar`` labels
+    a colour bar beside the panel. Returns the image."""
+    layers = sorted({cell["tags"]["layer"] for cell in cells}, key=_full_first)
+    dims = sorted({cell["tags"]["dim"] for cell in cells}, key=lambda dim: _full_first(-dim if dim else None))
+    storage = {cell["tags"]["dim"]: cell.get("bytes") for cell in cells}
     grid = [[math.nan] * len(dims) for _ in layers]
     for cell in cells:
         cell_value = value(cell)
@@ -69,29 +83,39 @@ def grid_panel(axes, cells: list[dict], value: Callable[[dict], float | None], c
             if not math.isnan(cell_value):
                 axes.text(column, row, format(cell_value, number), ha="center", va="center", fontsize=fontsize,
                           color=text_color(cell_value))
-    axes.set_xticks(range(len(dims)), [f"{d}\n{storage[d]} B" for d in dims], fontsize=fontsize)
-    axes.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+
+    def label(value: int | None) -> str:
+        return "full" if value is None else str(value)
+
+    axes.set_xticks(range(len(dims)), [label(d) + (f"\n{storage[d]} B" if storage[d] is not None else "")
+                                       for d in dims], fontsize=fontsize)
+    axes.set_yticks(range(len(layers)), [label(layer) for layer in layers])
     axes.set_xlabel("dim")
     axes.set_ylabel("layer")
+    if colorbar:
+        axes.figure.colorbar(image, ax=axes, label=colorbar, shrink=0.9)
     return image
 
 
-def heatmap(table: dict, group: str, cells: list[dict], path: Path) -> None:
-    """One panel per task (see :func:`grid_panel`), each square annotated with the main score."""
+def heatmap(table: dict, group: str, cells: list[dict], path: Path, run_name: str = "") -> None:
+    """One panel per task (see :func:`grid_panel`), each square annotated with the main score, with a colour bar;
+    the title names the run, the step and the group."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     layers = {cell["tags"]["layer"] for cell in cells}
     dims = {cell["tags"]["dim"] for cell in cells}
     tasks = list(table["tasks"])
-    figure = Figure(figsize=(1.2 + 0.75 * len(dims) * len(tasks), 1.0 + 0.55 * len(layers)), layout="constrained")
+    figure = Figure(figsize=(1.2 + (0.75 * len(dims) + 1.0) * len(tasks), 1.3 + 0.55 * len(layers)),
+                    layout="constrained")
     FigureCanvasAgg(figure)
     for i, task in enumerate(tasks):
         axes = figure.add_subplot(1, len(tasks), i + 1)
+        main = table["tasks"][task]["main_score"]
         grid_panel(axes, cells, lambda cell: cell["scores"][task]["main_score"] if task in cell["scores"] else None,
-                   "viridis", (0.0, 1.0), ".2f", lambda value: "black" if value > 0.6 else "white")
-        axes.set_title(f"{task}\n{table['tasks'][task]['main_score']}", fontsize=9)
-    figure.suptitle(f"step {table['step']} · {group}", fontsize=10)
+                   "viridis", (0.0, 1.0), ".2f", lambda value: "black" if value > 0.6 else "white", colorbar=main)
+        axes.set_title(f"{task}\n{main}", fontsize=9)
+    figure.suptitle(" · ".join(filter(None, [run_name, f"step {table['step']}", group])), fontsize=10)
     with replacing(path) as temporary:
         figure.savefig(temporary, dpi=110, format="png")
 
@@ -110,26 +134,61 @@ def rows(table: dict) -> list[dict]:
     return flat
 
 
-def write(table: dict, out: str | Path) -> list[Path]:
-    """Writes the JSON table (with its flat ``rows``), the CSV and the heatmaps into ``out`` (training:
-    ``<run_dir>/probe``); returns their paths."""
+def write(table: dict, out: str | Path, run_name: str = "", stem: str | None = None,
+          json_table: bool = True) -> list[Path]:
+    """Writes the JSON table (with its flat ``rows``; unless ``json_table`` is false), the CSV and the heatmaps
+    (titled with ``run_name``) into ``out`` (training: ``<run_dir>/probe``) as ``<stem>.json``, ``<stem>.csv``,
+    ``<stem>_<group>.png`` (default stem ``probe_step_<n>``); returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{FILE_PREFIX}{table['step']}"
+    stem = stem or f"{FILE_PREFIX}{table['step']}"
     flat = rows(table)
-    paths = [out / f"{stem}.json", out / f"{stem}.csv"]
-    write_atomic(paths[0], json.dumps({**table, "rows": flat}, indent=1))
+    paths = [out / f"{stem}.csv"]
+    if json_table:
+        paths.insert(0, out / f"{stem}.json")
+        write_atomic(paths[0], json.dumps({**table, "rows": flat}, indent=1))
     columns = list(dict.fromkeys(key for row in flat for key in row))
-    with replacing(paths[1]) as temporary, temporary.open("w", newline="") as handle:
+    with replacing(paths[-1]) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
     for group, cells in heatmap_groups(table).items():
         if table["tasks"]:
             path = out / f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', group)}.png"
-            heatmap(table, group, cells, path)
+            heatmap(table, group, cells, path, run_name)
             paths.append(path)
     return paths
+
+
+def final_summary(table: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """``(metrics, tags)`` of a final table: ``final/mean_main_score/<label>`` and ``final/<task>/<label>`` (the
+    task's main score) for ``best`` (the highest mean main score) and every label of the table's summary (``full``,
+    ``cheapest``, ``full/precision_binary``, ...); tags ``final.<label>_cell`` name the cells."""
+    by_name = {cell["name"]: cell for cell in table["cells"]}
+    chosen = {label: by_name[entry["cell"]] for label, entry in table["summary"].items()}
+    if table["cells"]:
+        chosen = {"best": max(table["cells"], key=lambda cell: cell["mean_main_score"]), **chosen}
+    logged, tags = {}, {}
+    for label, cell in chosen.items():
+        logged[f"final/mean_main_score/{label}"] = cell["mean_main_score"]
+        for task, scores in cell["scores"].items():
+            logged[f"final/{task}/{label}"] = scores["main_score"]
+        tags[f"final.{label.replace('/', '.')}_cell"] = cell["name"]
+    return logged, tags
+
+
+def log_final(client, run_id: str, table: dict, out: str | Path, run_name: str = "") -> list[Path]:
+    """Writes the final table's CSV and heatmaps as ``probe_final*`` into ``out``, logs them at the MLflow run's
+    root (stable names: a later final probe, e.g. ``make probe``, replaces them; every table also stays under
+    ``probe/step_<n>/``, JSON included) and its :func:`final_summary` at the table's step. Returns the files."""
+    files = write(table, out, run_name, FINAL_STEM, json_table=False)
+    logged, tags = final_summary(table)
+    log_to_mlflow(client, run_id, logged, table["step"], [], "")
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    return files
 
 
 def log_to_mlflow(client, run_id: str, logged: dict[str, float], step: int, files: list[Path],

@@ -1,0 +1,179 @@
+"""``make test-ui``: the MLflow UI in headless Chromium, as a user meets it after two runs of one experiment.
+
+Starts ``make ui``'s launcher on a loopback port against a store with two tiny probed runs, opens the URL it prints
+(the runs table), one run's page and the compare page of both, and asserts from the rendered DOM that both runs, the
+headline metrics and the root-level probe heatmap are there, with both runs' heatmaps side by side. Screenshots go
+to the test's output folder (``runs.png``, ``run.png``, ``compare.png``, ``compare_heatmaps.png``).
+
+Needs Chromium and its driver (``apt-get install chromium chromium-driver``) and ``selenium`` (``.[browser]``).
+To shoot another store, e.g. the docs' quickstart runs: ``UI_STORE=sqlite:////tmp/ui/mlflow.db
+UI_EXPERIMENT=quickstart UI_SCREENSHOTS=docs/img python -m pytest -m browser tests/test_ui_browser.py``.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from experiments.config import compose
+from experiments.run import train
+from experiments.tracking import PROJECT_ROOT
+from tests.conftest import run_overrides
+from tests.test_tracking import free_port
+from tests.test_tracking_server import stop, wait_until_up
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+EXPERIMENT = "ui-browser"
+TINY = ["trainer.max_steps=2", "data.locales=[de]", "plugins.mll.layers=[2,4]", "plugins.mrl.dims=[32,16]",
+        "probe.enabled=true", "probe.at_start=false", "probe.every_n_steps=0", "probe.locales=[de,kk]",
+        "probe.max_pairs_per_locale=8", "probe.batch_size=16", f"tracking.experiment={EXPERIMENT}"]
+HEADLINE = ("train/loss", "final/mean_main_score/full", "final/mean_main_score/cheapest", "final/mean_main_score/best")
+WAIT_S = 90
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, corpus_dir):
+    """``(uri, experiment)``: two tiny probed runs in a fresh store, or the store named by ``$UI_STORE``."""
+    if os.environ.get("UI_STORE"):
+        return os.environ["UI_STORE"], os.environ.get("UI_EXPERIMENT", EXPERIMENT)
+    root = tmp_path_factory.mktemp("ui-store")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny run is over before the default 10 s
+        for seed in (0, 1):
+            train(compose("tiny", [*run_overrides(root / f"run{seed}", corpus_dir, root), *TINY, f"seed={seed}"]))
+    return f"sqlite:///{root}/mlflow.db", EXPERIMENT
+
+
+@pytest.fixture(scope="module")
+def ui(store):
+    """``(runs page URL, base URL)`` of ``make ui``'s launcher serving the store."""
+    uri, experiment = store
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "experiments.runs", "ui", "--port", str(port), "--uri", uri,
+                               "--experiment", experiment, "--no-browser"], cwd=PROJECT_ROOT,
+                              env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        url = re.match(r"MLflow UI: (\S+)", server.stdout.readline()).group(1)
+        wait_until_up(port, server)
+        yield url, f"http://127.0.0.1:{port}"
+    finally:
+        stop(server)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and DRIVER.exists()):
+        pytest.skip("no Chromium: apt-get install -y chromium chromium-driver (make test-ui does)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1600,1000"):
+        options.add_argument(argument)
+    options.binary_location = str(CHROMIUM)
+    driver = webdriver.Chrome(options=options, service=Service(str(DRIVER)))  # the system's driver: no download
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    """The folder for screenshots; copied to ``$UI_SCREENSHOTS`` at the end when set."""
+    folder = tmp_path_factory.mktemp("screenshots")
+    yield folder
+    if os.environ.get("UI_SCREENSHOTS"):
+        for shot in folder.glob("*.png"):
+            shutil.copy(shot, Path(os.environ["UI_SCREENSHOTS"]) / f"mlflow_{shot.name}")
+
+
+def page_text(driver) -> str:
+    return driver.find_element("tag name", "body").text
+
+
+def wait_for(driver, texts, timeout: float = WAIT_S) -> str:
+    """The page's text once it shows every one of ``texts`` (the UI renders in the browser, after its API calls)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = page_text(driver)
+        missing = [wanted for wanted in texts if wanted not in text]
+        if not missing:
+            return text
+        if time.monotonic() > deadline:
+            pytest.fail(f"{driver.current_url} does not show {missing} after {timeout} s; it shows: {text[:2000]}")
+        time.sleep(1)
+
+
+def close_assistant(driver) -> None:
+    """MLflow 3.17 opens its assistant panel over a third of the page on the first visit: close it."""
+    for button in driver.find_elements("css selector", "[data-assistant-ui] button[aria-label='Close']"):
+        button.click()
+
+
+def runs_of(uri: str, experiment: str):
+    client = mlflow.MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"])
+    return client, found.experiment_id, [run for run in runs if not run.info.run_name.startswith("compare ")][-2:]
+
+
+def test_runs_table_run_page_and_compare_page_show_runs_headline_metrics_and_heatmaps(store, ui, browser, shots):
+    from selenium.webdriver.common.keys import Keys
+
+    runs_url, base = ui
+    client, experiment_id, (first, second) = runs_of(*store)
+    names = [first.info.run_name, second.info.run_name]
+    assert runs_url == f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+    browser.get(runs_url)  # what make ui opens: the runs table of the model-training view
+    text = wait_for(browser, names)
+    close_assistant(browser)
+    assert "Run Name" in text and "workflowType=machine_learning" in browser.current_url
+    browser.save_screenshot(str(shots / "runs.png"))
+
+    browser.get(f"{base}/#/experiments/{experiment_id}/runs/{second.info.run_id}?workflowType=machine_learning")
+    description = second.data.tags.get("mlflow.note.content", "").splitlines()[0]
+    wait_for(browser, [names[1], description, "System metrics (8)"])
+    close_assistant(browser)
+    browser.save_screenshot(str(shots / "run.png"))
+    (search,) = browser.find_elements("css selector", "input[placeholder='Search metrics']")
+    for metric in HEADLINE:  # the run page's metric table renders only what is scrolled to: search each one
+        search.send_keys(Keys.CONTROL, "a", Keys.DELETE)
+        search.send_keys(metric)
+        shown = re.search(rf"^{re.escape(metric)}\n(\S+)$", wait_for(browser, [f"{metric}\n"]), re.MULTILINE)
+        assert shown and float(shown.group(1)) == pytest.approx(second.data.metrics[metric], rel=1e-3), metric
+    search.send_keys(Keys.CONTROL, "a", Keys.DELETE)
+
+    query = urllib.parse.urlencode({"runs": json.dumps([first.info.run_id, second.info.run_id]),
+                                    "experiments": json.dumps([experiment_id])})
+    browser.get(f"{base}/#/compare-runs?{query}&workflowType=machine_learning")
+    heatmap = sorted(artifact.path for artifact in client.list_artifacts(second.info.run_id)
+                     if re.fullmatch(r"probe_final_.+\.png", artifact.path))[0]
+    wait_for(browser, [*names, "Parallel Coordinates Plot", "probe_final.csv", heatmap])
+    close_assistant(browser)
+    browser.save_screenshot(str(shots / "compare.png"))
+    entry = browser.find_elements("xpath", f"//div[normalize-space()='{heatmap}']")[0]  # the file list
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'}); arguments[0].click();", entry)
+    deadline = time.monotonic() + WAIT_S
+    while len(shown := {image.get_attribute("src") for image in browser.find_elements("css selector", "img[src^=blob]")
+                        if image.is_displayed()}) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(shown) == 2, f"{heatmap}: {len(shown)} of the two runs' heatmaps shown side by side"
+    browser.set_window_size(2400, 1000)  # the previews share the page's width: give each heatmap room
+    image = next(image for image in browser.find_elements("css selector", "img[src^=blob]") if image.is_displayed())
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", image)
+    time.sleep(1)
+    browser.save_screenshot(str(shots / "compare_heatmaps.png"))
+    browser.set_window_size(1600, 1000)
+    assert all((shots / name).stat().st_size > 10_000 for name in ("runs.png", "run.png", "compare.png",
+                                                                  "compare_heatmaps.png"))
