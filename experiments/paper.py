@@ -267,14 +267,17 @@ def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> li
     return rows
 
 
-def write_results(suite_name: str, args: list[str], out: Path, smoke: bool) -> Path:
+def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suites_dir: Path | None = None,
+                  experiments_dir: Path | None = None) -> Path:
     """Runs (or resumes) the suite, probes what is missing and writes the results page ``out`` with its figures in
     ``<out stem>/``. Returns ``out``."""
-    from experiments.ablation import load_suite, run_suite, suite_configs
+    from experiments.ablation import SUITES_DIR, load_suite, run_suite, suite_configs
+    from experiments.config import EXPERIMENTS_DIR
 
-    suite = load_suite(suite_name)
-    run_suite(suite_name, args)
-    configs = suite_configs(suite, args)
+    suites_dir, experiments_dir = suites_dir or SUITES_DIR, experiments_dir or EXPERIMENTS_DIR
+    suite = load_suite(suite_name, suites_dir)
+    run_suite(suite_name, args, suites_dir, experiments_dir)
+    configs = suite_configs(suite, args, experiments_dir)
     tables: dict[int, dict[str, list[dict]]] = {}
     run_dirs: dict[str, list[Path]] = {}
     for config in configs:
