@@ -200,6 +200,8 @@ def render(results: dict[str, list[Claim]], agreement: dict[str, dict[int, str]]
         if task in figures:
             lines += [f"`3dml − baseline` per cell on {task} (points; blue: 3dml higher):", "",
                       f"![3dml − baseline, {task}]({figures[task]})", ""]
+    lines += [f"{task} ({domain}) was not probed: no translated manual pages here (`make manpages` installs them)."
+              for task, domain in DOMAINS.items() if task not in results and task == "ManpageRetrieval"]
     lines += ["## Claim 5: efficiency (from MLflow)", "",
               "| run | seeds | trainable parameters | peak memory (MiB) | step time (s) |", "|---|---|---:|---:|---:|"]
     for row in efficiency:
@@ -271,13 +273,11 @@ def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suit
                   experiments_dir: Path | None = None) -> Path:
     """Runs (or resumes) the suite, probes what is missing and writes the results page ``out`` with its figures in
     ``<out stem>/``. Returns ``out``."""
-    from experiments.ablation import SUITES_DIR, load_suite, run_suite, suite_configs
+    from experiments.ablation import SUITES_DIR, run_suite
     from experiments.config import EXPERIMENTS_DIR
 
-    suites_dir, experiments_dir = suites_dir or SUITES_DIR, experiments_dir or EXPERIMENTS_DIR
-    suite = load_suite(suite_name, suites_dir)
-    run_suite(suite_name, args, suites_dir, experiments_dir)
-    configs = suite_configs(suite, args, experiments_dir)
+    configs = [config for config, _ in run_suite(suite_name, args, suites_dir or SUITES_DIR,
+                                                 experiments_dir or EXPERIMENTS_DIR)]
     tables: dict[int, dict[str, list[dict]]] = {}
     run_dirs: dict[str, list[Path]] = {}
     for config in configs:

@@ -185,8 +185,8 @@ class MEL(ModelSidePlugin):
     def current(self) -> int | None:
         """The active rank; None for a posthoc run computing with its own embedding (training)."""
         if self.posthoc:
-            return None if self.backbone is None or self.backbone.input_embeddings() is self.trained \
-                else self._factors().rank
+            swapped = self.backbone is not None and self.backbone.input_embeddings() is self.embedding
+            return self.embedding.rank if swapped else None
         return self._factors().rank
 
     def set(self, rank: int | None) -> None:
