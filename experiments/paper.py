@@ -280,6 +280,7 @@ def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suit
                                                  experiments_dir or EXPERIMENTS_DIR)]
     tables: dict[int, dict[str, list[dict]]] = {}
     run_dirs: dict[str, list[Path]] = {}
+    table_files: dict[str, list[Path]] = {}
     for config in configs:
         found = final_table(config)
         if found is None:
@@ -287,6 +288,7 @@ def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suit
             continue
         tables.setdefault(config.seed, {}).setdefault(role(config.name), []).append(json.loads(found[1].read_text()))
         run_dirs.setdefault(role(config.name), []).append(found[0])
+        table_files.setdefault(role(config.name), []).append(found[1])
     runs = {name: [table for seed in tables.values() for table in seed.get(name, [])] for name in run_dirs}
     tasks = [task for task in DOMAINS if any(task in table["tasks"] for tables_ in runs.values() for table in tables_)]
     figures_dir = out.parent / out.stem
@@ -297,7 +299,8 @@ def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suit
         agreement[task] = seed_agreement(list(tables.values()), task)
         if "baseline" in runs and "3dml" in runs:
             path = figures_dir / f"3dml_vs_baseline_{task}.png"
-            heatmaps(runs["baseline"][0], compare(runs["baseline"], runs["3dml"], task), path)
+            result = compare(runs["baseline"], runs["3dml"], task, (table_files["baseline"], table_files["3dml"]))
+            heatmaps(runs["baseline"][0], result, path)  # its title names the runs by their folders
             figures[task] = f"{figures_dir.name}/{path.name}"
     first = configs[0]
     make_args = " ".join(["--suite", suite_name, *args, "--out", str(out)])
