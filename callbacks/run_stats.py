@@ -1,4 +1,5 @@
-"""Training wall time and peak memory, logged next to the losses (data statistics come from the DataModule)."""
+"""Training wall time, peak memory and throughput, logged next to the losses (data statistics come from the
+DataModule)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -36,8 +38,8 @@ class RunStats(L.Callback):
 
     - ``train/elapsed_s``: seconds of training so far, summed over resumed sessions. Saved in checkpoints; the time a
       killed session spent after its last checkpoint is not counted (those steps are recomputed on resume).
-    - ``train/memory/peak_rss_mb`` (host process) and, on CUDA, ``train/memory/peak_cuda_mb`` (allocated tensors):
-      peaks since this training session started.
+    - ``system/memory/device/peak_rss_mb`` (host process) and, on CUDA, ``system/memory/device/peak_cuda_mb``
+      (allocated tensors): this device's peaks since this training session started (only global rank 0 logs).
 
     and once per session ``model/trainable_parameters`` (what the optimizer updates; MEL's factors replace the word
     embedding), so a run's cost sits beside its scores.
@@ -63,9 +65,9 @@ class RunStats(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        metrics = {"train/elapsed_s": self.elapsed(), "train/memory/peak_rss_mb": peak_rss_mb()}
+        metrics = {"train/elapsed_s": self.elapsed(), "system/memory/device/peak_rss_mb": peak_rss_mb()}
         if pl_module.device.type == "cuda":
-            metrics["train/memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            metrics["system/memory/device/peak_cuda_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
@@ -74,3 +76,27 @@ class RunStats(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.elapsed_before = state_dict["elapsed_s"]
         self._session_start = None
+
+
+class ThroughputRates(ThroughputMonitor):
+    """Lightning's ThroughputMonitor, logging only its rates over the window: ``train/device/<x>_per_sec`` (this
+    device) and, on several devices, ``train/<x>_per_sec`` (all devices), for x in batches, samples, items (real
+    tokens) and flops; ``train/device/mfu`` where the device's peak FLOPs are known.
+
+    The running counts it also logs would repeat other metrics or mislabel them: ``train/batches`` is the step,
+    ``train/samples`` one device's share of ``system/data/examples/<source>``, ``train/time`` about
+    ``train/elapsed_s``, and ``train/lengths`` one device's tokens under a name without ``device``.
+
+    Example:
+        >>> ThroughputRates(batch_size_fn=lambda batch: batch["num_queries"], window_size=10)
+    """
+
+    def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:  # ThroughputMonitor's, filtered
+        if not trainer._logger_connector.should_update_logs:
+            return
+        stage = trainer.state.stage
+        rates = {key: value for key, value in self._throughputs[stage].compute().items()
+                 if key.endswith(("_per_sec", "mfu"))}
+        if rates:
+            trainer._logger_connector.log_metrics({f"{stage.value}/{key}": value for key, value in rates.items()},
+                                                  step=iter_num)

@@ -27,6 +27,7 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, float]
     seconds: float
+    is_global_zero: bool = True  # several processes return from a distributed run; one of them reports it
 
 
 def build_plugins(config: DictConfig, info: BackboneInfo) -> list[MatryoshkaPlugin]:
@@ -99,11 +100,11 @@ def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
 def train(config: DictConfig) -> TrainResult:
     """Train one composed experiment config; re-running the same config resumes its last checkpoint."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from callbacks.progress import StepProgressBar
-    from callbacks.run_stats import RunStats
+    from callbacks.run_stats import RunStats, ThroughputRates
     from lightning_modules.distributed import trainer_settings
 
     started = time.perf_counter()
@@ -120,11 +121,11 @@ def train(config: DictConfig) -> TrainResult:
                                          config.distributed.sharded_checkpoint, trainer_args.get("accelerator", "auto")))
     callbacks = [
         # Logs train/device/{samples,items,flops}_per_sec (items = real tokens) over a 10-step window.
-        ThroughputMonitor(batch_size_fn=lambda batch: batch["num_queries"],
-                          length_fn=lambda batch: int(batch["attention_mask"].sum()), window_size=10),
+        ThroughputRates(batch_size_fn=lambda batch: batch["num_queries"],
+                        length_fn=lambda batch: int(batch["attention_mask"].sum()), window_size=10),
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
                         save_last=True),
-        RunStats(),  # train/elapsed_s, train/memory/peak_*_mb
+        RunStats(),  # train/elapsed_s, system/memory/device/peak_*_mb
     ]
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
@@ -151,12 +152,16 @@ def train(config: DictConfig) -> TrainResult:
     if trainer.is_global_zero:
         log_run_summary(logger)  # per-view loss heatmaps
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
-    return TrainResult(checkpoint, logger.run_id, run_dir, metrics, time.perf_counter() - started)
+    metrics.update(module.last_logged)  # the last step's global losses, as written to MLflow
+    return TrainResult(checkpoint, logger.run_id, run_dir, metrics, time.perf_counter() - started,
+                       trainer.is_global_zero)
 
 
 def train_and_report(name: str, overrides: list[str]) -> int:
     config = compose(name, overrides)
     result = train(config)  # validation errors are raised before any weights load
+    if not result.is_global_zero:
+        return 0
     print(f"\nfinished {config.name} in {result.seconds:.0f} s; final train/loss = "
           f"{result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint}")

@@ -29,7 +29,8 @@ METRIC_COLUMNS = (
     ("loss_distill", ("train/loss_distill",), "tail"),
     ("samples/s", ("train/device/samples_per_sec",), "tail"),
     ("tokens/s", ("train/device/items_per_sec",), "tail"),
-    ("peak_MB", ("train/memory/peak_cuda_mb", "train/memory/peak_rss_mb"), "last"),  # device memory when on CUDA
+    # device memory when on CUDA
+    ("peak_MB", ("system/memory/device/peak_cuda_mb", "system/memory/device/peak_rss_mb"), "last"),
     ("wall_s", ("train/elapsed_s",), "last"),
 )
 # Params that name or place a run rather than say what it trains; the run column already shows the name.

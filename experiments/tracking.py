@@ -9,6 +9,9 @@ What lands in MLflow for one run:
 - tags: ``git.commit``, ``git.dirty``, ``config.hash``, ``versions.<package>``, ``device``; ``resume.count`` and
   ``resume.changed_keys`` once a run was resumed.
 - metrics: whatever the module and callbacks log; a name MLflow would reject (or Lightning would rewrite) raises.
+  Headline metrics are under ``train/`` (and the probe's under ``probe/``); plumbing (data counts, waits, memory)
+  under ``system/``, which MLflow shows in its own "System metrics" tab. Lightning's ``epoch`` is not logged (the
+  stream is one endless epoch: it would be a constant 0).
 - artifacts: ``config.yaml`` (the resolved config) and ``plots/final_view_loss*.png`` + ``.json``.
 
 The terminal table of runs and the MLflow UI launcher live in ``experiments/runs.py`` (no Lightning import there).
@@ -263,8 +266,8 @@ class StrictMLFlowLogger(MLFlowLogger):
     - A metric is never logged at a step at or before the last step the run holds for it: each (metric, step)
       appears exactly once. On a resumed run (``run_id`` given) the steps a killed process logged after its last
       checkpoint are recomputed from the same weights, batches and ranks (pure functions of seed and step), so the
-      values first logged stand; nothing is deleted. (Within one session it also drops Lightning's second ``epoch``
-      value per step, which the ThroughputMonitor's logging call adds.)
+      values first logged stand; nothing is deleted.
+    - Lightning's ``epoch`` is dropped: training streams one endless epoch, so it is always 0.
 
     Args:
         *args, **kwargs: as :class:`lightning.pytorch.loggers.MLFlowLogger`.
@@ -294,7 +297,7 @@ class StrictMLFlowLogger(MLFlowLogger):
         for key in metrics:
             check_name("metric", f"{self._prefix}{self.LOGGER_JOIN_CHAR}{key}" if self._prefix else key)
         done, step = self.logged_steps(), step or 0
-        new = {key: value for key, value in metrics.items() if step > done.get(key, -1)}
+        new = {key: value for key, value in metrics.items() if step > done.get(key, -1) and key != "epoch"}
         if new:
             super().log_metrics(new, step)
             done.update(dict.fromkeys(new, step))
@@ -365,7 +368,8 @@ AXES = ("layer", "dim")
 
 
 def final_view_losses(client, run_id: str, window: int = FINAL_WINDOW) -> dict[str, float]:
-    """``{view name: mean of its last ≤ window logged losses}`` for every ``train/loss/<view>`` metric."""
+    """``{view name: mean of its last ≤ window logged losses}`` for every ``train/loss/<view>`` metric. Each logged
+    value is a step that trained the view (a MEL rank is logged only at the steps that sampled it)."""
     keys = sorted(key for key in client.get_run(run_id).data.metrics if key.startswith(VIEW_PREFIX))
     return {key.removeprefix(VIEW_PREFIX): tail_mean(client, run_id, key, window) for key in keys}
 

@@ -57,6 +57,7 @@ class MatryoshkaEmbedder(L.LightningModule):
         # Token-embedding lookups cost no matmul FLOPs; the rest costs ~6 FLOPs per parameter per token.
         self.dense_parameters = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in embedding.parameters())
         self.flops_per_batch = 0
+        self.last_logged: dict[str, float] = {}  # the metrics of the last logging step (see log_step)
 
     def views(self, batch: dict, step: int) -> list[View]:
         """All weighted views of one batch, from one forward."""
@@ -138,32 +139,58 @@ class MatryoshkaEmbedder(L.LightningModule):
         return all_terms
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self.flops_per_batch = 6 * self.dense_parameters * int(batch["attention_mask"].sum())  # read by ThroughputMonitor
+        self.flops_per_batch = 6 * self.dense_parameters * int(batch["attention_mask"].sum())  # read by ThroughputRates
         views = self.views(batch, self.global_step)
+        view_terms = self.view_losses(views, batch)
         total = torch.zeros((), device=self.device)
-        metrics: dict[str, Tensor | float] = {}
-        view_metrics: dict[str, Tensor] = {}
-        for view, terms in zip(views, self.view_losses(views, batch)):
-            view_loss = sum(terms.values())
-            total = total + view.weight * view_loss
-            view_metrics[f"train/loss/{view.name}"] = view_loss.detach()
-            for term, value in terms.items():
-                view_metrics[f"train/loss_{term}/{view.name}"] = value.detach()
-                metrics[f"train/loss_{term}"] = metrics.get(f"train/loss_{term}", 0.0) + view.weight * value.detach()
+        for view, terms in zip(views, view_terms):
+            total = total + view.weight * sum(terms.values())
         if self.logs_this_step():
-            metrics.update(view_metrics)
-        metrics["train/loss"] = total.detach()
+            self.log_step(views, view_terms, total.detach(), batch.get("stats", {}))
+        return total
+
+    def log_step(self, views: list[View], view_terms: list[dict[str, Tensor]], total: Tensor,
+                 stats: dict[str, float]) -> None:
+        """Writes this step's metrics to the loggers (and :attr:`last_logged`): the losses as means over the global
+        batch (one all-reduce over every device), then ``train/lr``, the plugins' ``train/<key>`` and the DataModule's
+        ``stats``, which are already global or say ``device`` in their names.
+
+        - ``train/loss``: the weighted sum over views that training minimises.
+        - ``train/loss/<view>`` (before its weight): only when there is more than one view.
+        - ``train/loss_<term>`` (weighted sum over views) and, with more than one view, ``train/loss_<term>/<view>``:
+          only when there is more than one term (e.g. ``hard`` and ``in_batch``).
+
+        A metric that would always equal another (the one view's loss, the one term's loss) is left out.
+
+        Every key is this step's own value: the names of views not trained this step (a MEL rank not sampled) are
+        absent, not repeated. Written straight to the loggers rather than through ``self.log``: Lightning's result
+        collection re-emits every key logged earlier in the epoch (our stream is one endless epoch) at each logging
+        step, so a view of another MEL rank would repeat a stale value."""
+        means = {"train/loss": total}
+        per_view = len(views) > 1
+        for view, terms in zip(views, view_terms):
+            if per_view:
+                means[f"train/loss/{view.name}"] = sum(terms.values()).detach()
+            if len(terms) > 1:
+                for term, value in terms.items():
+                    means[f"train/loss_{term}"] = means.get(f"train/loss_{term}", 0.0) + view.weight * value.detach()
+                    if per_view:
+                        means[f"train/loss_{term}/{view.name}"] = value.detach()
+        # Every device trains the same views and terms, so the keys agree; one collective for all values.
+        values = self.trainer.strategy.reduce(torch.stack(list(means.values())).float(), reduce_op="mean").tolist()
+        metrics = dict(zip(means, values))
         metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"] if self.trainer.optimizers else 0.0
         for plugin in self.plugins:
-            metrics.update({f"train/{key}": value for key, value in plugin.step_metrics().items()})
-        metrics.update(batch.get("stats", {}))  # the DataModule's data/... metrics (padding, wait, counts)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=batch["num_queries"])
-        return total
+            metrics.update({f"train/{key}": float(value) for key, value in plugin.step_metrics().items()})
+        metrics.update({key: float(value) for key, value in stats.items()})
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)  # the step Lightning gives its own metrics
+        self.last_logged = metrics
 
     def logs_this_step(self) -> bool:
         """Whether Lightning writes this step's metrics to the logger (its ``log_every_n_steps`` rule), or it is the
-        last step (the run's final metrics). Per-view metrics are logged only then: each ``self.log`` costs ~0.25 ms
-        of CPU, and views x terms reach hundreds."""
+        last step (the run's final metrics). The module's metrics are built and reduced over devices only then: views
+        x terms reach hundreds of values, and the reduction is a collective that the other steps do without."""
         step, every = self.global_step + 1, self.trainer.log_every_n_steps
         return step == self.trainer.max_steps or bool(every) and (step % every == 0 or self.trainer.should_stop)
 

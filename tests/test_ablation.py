@@ -39,7 +39,7 @@ def test_each_ablation_trains_the_axes_its_name_says_with_the_paper_ladders(name
     if "MRL" in plugins:
         assert plugins["MRL"].dims == [384, 256, 128, 64, 32, 16, 8]
     if "MEL" in plugins:
-        assert plugins["MEL"].ranks == [192, 128, 64]
+        assert plugins["MEL"].settings == [192, 128, 64]
         assert plugins["MEL"].probabilities == pytest.approx([0.5, 1 / 3, 1 / 6])
 
 

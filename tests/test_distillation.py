@@ -10,6 +10,7 @@ import torch
 
 from experiments.config import ConfigError, compose
 from experiments.run import build_plugins, describe_backbone, train
+from experiments.tracking import StrictMLFlowLogger
 from lightning_modules import backbones
 from lightning_modules.backbone import BackboneInfo
 from lightning_modules.module import MatryoshkaEmbedder
@@ -120,8 +121,8 @@ def test_teacher_is_the_untouched_starting_backbone_frozen_outside_the_module_an
     spy(monkeypatch, MatryoshkaEmbedder, "training_step", lambda module, batch, batch_idx: (
         modules.add(module), batches.append(role_and_text(batch, range(len(batch["texts"]))))))
     spy(monkeypatch, BackboneTeacher, "encode", lambda teacher, batch, rows: encoded.append(role_and_text(batch, rows)))
-    spy(monkeypatch, MatryoshkaEmbedder, "log_dict", lambda module, metrics, **kwargs: "train/loss" in metrics and
-        logged.append(sum(key.startswith("train/loss_distill/") for key in metrics)))
+    spy(monkeypatch, StrictMLFlowLogger, "log_metrics", lambda logger, metrics, step: "train/loss" in metrics and
+        logged.append((step, sum(key.startswith("train/loss_distill/") for key in metrics))))
     result = train(config)
 
     (module,) = modules
@@ -145,15 +146,17 @@ def test_teacher_is_the_untouched_starting_backbone_frozen_outside_the_module_an
     views = [key.removeprefix("train/loss_distill/") for key in result.metrics if key.startswith("train/loss_distill/")]
     assert "train/loss_distill" in result.metrics  # exits 1, 2, 4 x widths 32, 16, 8 (x MEL's ranks of the run)
     assert len({view.rsplit("/rank_", 1)[0] for view in views}) == 9
-    assert logged == [0, 9, 9]  # per-view metrics only on the steps Lightning writes (every 2nd) and the last
+    assert logged == [(1, 9), (2, 9)]  # metrics only on the steps Lightning writes (every 2nd) and the last
     for view in views:
         parts = result.metrics[f"train/loss_in_batch/{view}"] + result.metrics[f"train/loss_distill/{view}"]
         assert result.metrics[f"train/loss/{view}"] == pytest.approx(parts, rel=1e-5)
     client = mlflow.MlflowClient(config.tracking.uri)
     in_mlflow = [key for key in client.get_run(result.run_id).data.metrics if key.startswith("train/loss_distill/")]
-    assert len(in_mlflow) == 9
-    for name in [*in_mlflow, "train/loss"]:  # written at the same steps: the per-view metrics are not off by one
-        assert [m.step for m in client.get_metric_history(result.run_id, name)] == [1]
+    ranks = {m.step: int(m.value) for m in client.get_metric_history(result.run_id, "train/mel/rank")}
+    assert sorted(ranks) == [1, 2] and len(in_mlflow) == 9 * len(set(ranks.values()))
+    for name in in_mlflow:  # written at the steps that trained the view's rank: not off by one, never stale
+        steps = [m.step for m in client.get_metric_history(result.run_id, name)]
+        assert steps == [step for step, rank in ranks.items() if name.endswith(f"/rank_{rank}")], name
 
 
 def error_of(overrides: list[str]) -> ConfigError:

@@ -7,6 +7,7 @@ FSDP2 runs under torchrun (the multi-node launcher; ranks start together), DDP u
 import math
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -66,6 +67,13 @@ def reference(common):
     return results
 
 
+def logged_losses(ranks: list[dict], mlflow_dir: Path) -> dict[int, float]:
+    """``{step: value}`` of the run's ``train/loss`` in MLflow (one run for all ranks)."""
+    assert ranks[0]["run_id"] == ranks[1]["run_id"]
+    client = mlflow.MlflowClient(f"sqlite:///{mlflow_dir}/mlflow.db")
+    return {metric.step: metric.value for metric in client.get_metric_history(ranks[0]["run_id"], "train/loss")}
+
+
 def mean_loss(ranks: list[dict]) -> float:
     """The global batch's loss: every rank's loss is the mean over its equal share of queries."""
     return sum(rank["losses"][0] for rank in ranks) / WORLD_SIZE
@@ -106,6 +114,14 @@ def test_fsdp2_step_equals_one_process(fsdp2, reference):
     assert_same_weights(gathered(fsdp2[0]), weights, initial=gathered(fsdp2[0], "start"))
 
 
+def test_fsdp2_logs_the_loss_of_the_global_batch(fsdp2, reference, mlflow_dir):
+    """MLflow's train/loss is the one-process loss of the concatenated batch, not one device's loss (which differs)."""
+    first, resumed = fsdp2
+    assert logged_losses(resumed, mlflow_dir) == pytest.approx({0: reference[1][0], 1: reference[2][0]}, abs=1e-5)
+    for step, ranks in enumerate(fsdp2):
+        assert abs(ranks[0]["losses"][-1] - reference[step + 1][0]) > 1e-3  # rank 0's own loss is another number
+
+
 def test_checkpoint_is_one_shard_per_rank(fsdp2):
     checkpoint = Path(fsdp2[0][0]["checkpoint"])
     assert checkpoint.parts[-3:] == ("fsdp2_run", "checkpoints", "last.ckpt")  # $MATRYOSHKA_RUN_DIR, for every rank
@@ -130,17 +146,30 @@ def test_resume_with_activation_checkpointing_continues_like_one_process(fsdp2, 
     assert_same_weights(full_state(fsdp2[1][0]["checkpoint"], tmp_path), weights)  # the final sharded checkpoint
 
 
-@pytest.mark.slow  # ~45 s: Lightning's launcher starts rank 1 only after rank 0 has imported and built everything
-def test_ddp_step_equals_one_process(common, reference):
+@pytest.fixture(scope="module")
+def ddp(common):
+    """One DDP step under Lightning's launcher: ``(out_dir, ranks)``."""
     out, overrides = common
     ddp = out / "ddp"
     ddp.mkdir()
     run_worker("train_worker", ddp, *overrides, f"output_dir={ddp}", "distributed.strategy=ddp", "trainer.max_steps=1")
-    ranks = load_runs(ddp, 1)[0]
+    return ddp, load_runs(ddp, 1)[0]
+
+
+@pytest.mark.slow  # ~45 s: Lightning's launcher starts rank 1 only after rank 0 has imported and built everything
+def test_ddp_step_equals_one_process(ddp, reference):
+    out, ranks = ddp
     loss, weights = reference[1]
     assert mean_loss(ranks) == pytest.approx(loss, abs=1e-5)
-    runs = list((ddp / "tiny").iterdir())
+    runs = list((out / "tiny").iterdir())
     assert len(runs) == 1  # rank 1, started by Lightning's launcher, wrote into rank 0's run folder
     for rank in ranks:
         assert all(kind == "Parameter" for _, _, kind in rank["shards"].values())  # replicated, not sharded
         assert_same_weights(rank["end"]["params"], weights)
+
+
+@pytest.mark.slow  # the DDP run above
+def test_ddp_logs_the_loss_of_the_global_batch(ddp, reference, mlflow_dir):
+    _, ranks = ddp
+    assert logged_losses(ranks, mlflow_dir) == pytest.approx({0: reference[1][0]}, abs=1e-5)
+    assert abs(ranks[0]["losses"][0] - reference[1][0]) > 1e-3  # rank 0's own loss is another number

@@ -17,7 +17,6 @@ from lightning_modules.plugins.ffn import FFN, FFNConfig, NestedLinear
 
 INFO = BackboneInfo(hidden_size=32, num_layers=4, vocab_size=260, family="encoder", intermediate_size=64)
 TEXTS = ["Datei öffnen", "Open the file", "ok", "Файл не найден " * 3]
-FFN_ONLY = ["plugins.mll=null", "plugins.mrl=null", "plugins.mel=null", "plugins.ffn={}"]
 
 
 def test_default_ladder_and_probabilities():
@@ -85,11 +84,12 @@ def test_full_width_computes_exactly_what_the_original_layers_compute():
 
 
 def test_training_samples_one_width_per_step_and_tags_the_views(tiny_config):
-    config = tiny_config("tiny", [*FFN_ONLY, "trainer.max_steps=4"])
+    config = tiny_config("tiny", ["plugins.ffn={}", "trainer.max_steps=4"])  # with MLL, MRL and MEL
     result = train(config)
     client = mlflow.MlflowClient(config.tracking.uri)
     widths = [int(m.value) for m in sorted(client.get_metric_history(result.run_id, "train/ffn/width"),
                                            key=lambda m: m.step)]
     plugin = FFN(FFNConfig(), INFO, seed=config.seed)
     assert widths == [plugin.sample(step) for step in range(4)]
-    assert any(key.startswith("train/loss/ffn_") for key in result.metrics)
+    views = [key for key in client.get_run(result.run_id).data.metrics if key.startswith("train/loss/layer_")]
+    assert views and {int(key.rsplit("/ffn_", 1)[1]) for key in views} == set(widths)

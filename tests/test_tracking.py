@@ -184,9 +184,9 @@ def test_a_tiny_run_lands_in_mlflow_and_a_resume_continues_the_same_run(tiny_con
     assert params["plugins.mrl.dims"] == "None" and params["optim.lr"] == "0.001" and params["name"] == "tiny"
     assert params["corpus.train_pairs.de"].isdigit()
     assert run.data.tags["config.hash"] == config_hash(config) and run.data.tags["git.commit"]
-    assert {"train/elapsed_s", "train/memory/peak_rss_mb", "train/device/samples_per_sec",
+    assert {"train/elapsed_s", "system/memory/device/peak_rss_mb", "train/device/samples_per_sec",
             "train/device/items_per_sec", "train/lr", "train/mel/rank"} <= set(run.data.metrics)
-    assert run.data.metrics["train/memory/peak_rss_mb"] > 0
+    assert run.data.metrics["system/memory/device/peak_rss_mb"] > 0
     stored = OmegaConf.load(client.download_artifacts(first.run_id, "config.yaml", str(tmp_path)))
     assert OmegaConf.to_container(stored) == OmegaConf.to_container(config, resolve=True)
     plots = {artifact.path for artifact in client.list_artifacts(first.run_id, "plots")}

@@ -45,7 +45,8 @@ class MatryoshkaPlugin:
         expand(views, bundle): turn each view into nested, weighted, tagged views.
         loss_terms(view, batch): extra loss terms of one view (distillation), added to its contrastive terms:
             weighted by ``view.weight``, summed into the total and logged like them (``train/loss_<term>`` and
-            ``train/loss_<term>/<view>``). Names must differ from ``hard``, ``in_batch`` and other plugins' terms.
+            ``train/loss_<term>/<view>``, as means over all devices). Names must differ from ``hard``, ``in_batch``
+            and other plugins' terms.
         card_lines(cell): lines this axis adds to the model card of an exported cell (precision: how to store
             the quantized vectors).
     and optionally ``step_metrics()`` to log the step's choices (MEL: its rank).
@@ -76,7 +77,8 @@ class MatryoshkaPlugin:
         return {}
 
     def step_metrics(self) -> dict[str, float]:
-        """Scalars of this step's configuration to log under ``train/`` (default: none)."""
+        """Scalars of this step's configuration to log under ``train/`` (default: none). They must be the same on every
+        device (rank 0's are logged); a mean over the batch belongs in :meth:`loss_terms`, which is averaged."""
         return {}
 
     def card_lines(self, cell: Cell) -> list[str]:

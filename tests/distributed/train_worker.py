@@ -6,7 +6,8 @@
 Batches are fixed texts (:func:`use_fixed_batches`): each rank gets its half of global batch ``step``, so one
 process given the whole global batch is the reference, whatever the DataModule's sharding does.
 Run ``i`` writes ``OUT_DIR/run<i>_rank<r>.pt``: the rank's local losses, its shard of every parameter (local and
-global shape) and its local state (parameters, optimizer moments) when training starts (after any resume) and ends.
+global shape), its local state (parameters, optimizer moments) when training starts (after any resume) and ends, and
+the MLflow run id.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def main(out_dir: str, runs: list[list[str]]) -> None:
         record["losses"] = []
         result = train(compose("tiny", ["trainer.devices=2", "trainer.accelerator=cpu", *overrides]))
         record["checkpoint"] = str(result.checkpoint)
+        record["run_id"] = result.run_id
         torch.save(record, Path(out_dir) / f"run{index}_rank{record['rank']}.pt")
 
 
