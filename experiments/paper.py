@@ -148,8 +148,8 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
         stats, delta_full = result["groups"]["all"], result["deltas"][full]
         ok = stats["higher"] > stats["cells"] / 2 and delta_full >= -COST_3DML
         rows.append(Claim(4, "3D-ML", statement, f"higher in {stats['higher']}/{stats['cells']} cells (mean "
-                          f"{stats['mean_delta']:+.2f} pt, sign p {stats['sign_test_p']:.3f}); full {delta_full:+.2f} pt",
-                          ok))
+                          f"{stats['mean_delta']:+.2f} pt, sign p {stats['sign_test_p']:.3f}); "
+                          f"full {delta_full:+.2f} pt", ok))
     else:
         rows.append(Claim(4, "3D-ML", statement, "not run", None))
     return rows
@@ -191,7 +191,8 @@ def render(results: dict[str, list[Claim]], agreement: dict[str, dict[int, str]]
               f"are each task's main score (nDCG@10) in points, each run the mean over its seeds. \"Seeds\" counts the "
               f"seeds in which the claim passes on that seed's runs alone.", ""]
     for task, rows in results.items():
-        lines += [f"## Claims on {task}: {DOMAINS.get(task, task)}", "", "| # | axis | claim | measured | result | seeds |",
+        lines += [f"## Claims on {task}: {DOMAINS.get(task, task)}", "",
+                  "| # | axis | claim | measured | result | seeds |",
                   "|---|---|---|---|---|---|"]
         for claim in rows:
             lines.append(f"| {claim.number} | {claim.axis} | {claim.statement} | {claim.value} | "
@@ -262,9 +263,11 @@ def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> li
         def mean(column: str) -> float:
             return float(runs[column].mean()) if column in runs and runs[column].notna().any() else math.nan
 
-        memory = mean("metrics.train/memory/peak_cuda_mb")
-        rows.append({"run": name, "seeds": len(runs), "trainable_parameters": mean("metrics.model/trainable_parameters"),
-                     "peak_memory_mb": memory if not math.isnan(memory) else mean("metrics.train/memory/peak_rss_mb"),
+        memory = mean("metrics.system/memory/device/peak_cuda_mb")  # device memory when on CUDA
+        if math.isnan(memory):
+            memory = mean("metrics.system/memory/device/peak_rss_mb")
+        rows.append({"run": name, "seeds": len(runs), "peak_memory_mb": memory,
+                     "trainable_parameters": mean("metrics.system/model/trainable_parameters"),
                      "step_s": first.data.batch_size / mean("metrics.train/device/samples_per_sec")})
     return rows
 
