@@ -29,7 +29,7 @@ def test_bench_items_1_to_5_at_tiny_sizes(corpus_dir, tmp_path, capsys):
     assert mel["gradients_agree"] is True
     grid = next(row for row in report["rows"] if row["item"] == "3")["raw"]
     # tiny: exits {1, 2, 4} × dims {32, 16, 8} × ranks {16, 8}; the one-pass-per-rank embeddings are the naive ones.
-    assert grid["cells"] == 18 and grid["encodes"] == {"per_rank": 2, "per_cell": 18}
+    assert grid["cells"] == 18 and grid["encodes"] == {"per_setting": 2, "per_cell": 18}
     assert grid["max_difference"] == 0.0
     goals = [row["goal"] for row in report["rows"] if row["item"] == "4"]
     assert goals == ["≥ 3.20 (0.8·L/l)", "≥ 1.60 (0.8·L/l)"]  # 0.8·L/l for L = 4, l = 1 and 2
