@@ -25,7 +25,7 @@ MODEL  ?=
 MANPAGE_PACKAGES ?= manpages-de manpages-fr manpages-es manpages-ru manpages-pl
 
 .DEFAULT_GOAL := help
-.PHONY: help install exp test test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine
+.PHONY: help install exp test test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine paper
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -68,6 +68,9 @@ probe: $(STAMP) ## MTEB-probe every cell of a checkpoint: make probe CKPT=path [
 compare: $(STAMP) ## Probe tables cell by cell, B − A heatmaps: make compare A=<run_dir|table.json ...> B=<...> [ARGS="--task GettextRetrieval --mlflow"]
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR --mlflow\"] (several runs per side: their mean per cell)"; exit 2; }
 	$(BIN)/python -m callbacks.probe.compare $(A) --vs $(B) $(ARGS)
+
+paper: $(STAMP) ## The paper's claims: run/resume suites/paper.yaml, probe, write docs/results.md: make paper [ARGS="--suite paper_smoke"]
+	$(BIN)/python -m experiments.paper $(ARGS)
 
 mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE=quickstart [MODEL=backbone|path.ckpt] [ARGS="mine.max_queries=1000 mine.max_score=0.9"]
 	@test -n "$(SOURCE)" || { $(BIN)/python -m datamodules.mining; exit 2; }

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.callbacks.progress.tqdm_progress import _update_n
-
-SHOWN_METRICS = ("train/loss", "train/mel/rank", "train/device/samples_per_sec")
 
 
 class StepProgressBar(TQDMProgressBar):
-    """``step/max_steps`` with ETA, starting at the resumed step, showing the total loss rather than the dozens
-    of per-view losses (those are in MLflow)."""
+    """``step/max_steps`` with ETA, starting at the resumed step, showing the total loss and the plugins' step
+    choices (e.g. the MEL rank) of the last logged step rather than the dozens of per-view losses (those are in
+    MLflow)."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_start(trainer, pl_module)
@@ -21,10 +19,14 @@ class StepProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description("train")
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        if self._should_update(trainer.global_step, self.train_progress_bar.total):
-            _update_n(self.train_progress_bar, trainer.global_step)
-            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+        bar = self.train_progress_bar
+        if self._should_update(trainer.global_step, bar.total) and not bar.disable:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
 
     def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict:
-        metrics = super().get_metrics(trainer, pl_module)
-        return {key.rsplit("/", 1)[-1]: value for key, value in metrics.items() if key in SHOWN_METRICS}
+        # The module writes its metrics straight to the loggers and keeps the last logged ones (last_logged).
+        logged = getattr(pl_module, "last_logged", {})
+        shown = ["train/loss", *(f"train/{key}" for plugin in getattr(pl_module, "plugins", [])
+                                 for key in plugin.step_metrics())]
+        return {key.removeprefix("train/"): logged[key] for key in shown if key in logged}

@@ -41,6 +41,9 @@ class RunStats(L.Callback):
     - ``system/memory/device/peak_rss_mb`` (host process) and, on CUDA, ``system/memory/device/peak_cuda_mb``
       (allocated tensors): this device's peaks since this training session started (only global rank 0 logs).
 
+    and once per session ``system/model/trainable_parameters`` (what the optimizer updates; MEL's factors replace the
+    word embedding), so a run's cost sits beside its scores.
+
     Example:
         >>> trainer = L.Trainer(callbacks=[RunStats()], logger=...)
     """
@@ -52,6 +55,10 @@ class RunStats(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._session_start = time.perf_counter()
         reset_peak_memory(pl_module.device)
+        if trainer.logger is not None:
+            trainable = sum(parameter.numel() for parameter in pl_module.parameters() if parameter.requires_grad)
+            trainer.logger.log_metrics({"system/model/trainable_parameters": float(trainable)},
+                                       step=trainer.global_step)
 
     def elapsed(self) -> float:
         session = 0.0 if self._session_start is None else time.perf_counter() - self._session_start

@@ -6,12 +6,15 @@ A suite is ``experiments/suites/<SUITE>.yaml``::
     experiments: [baseline, mrl, mll, mel, mrl_mll, 3dml, 3dml_reference]
     like: tiny                      # everything but `plugins` from experiments/tiny.yaml
     overrides: [trainer.max_steps=6]
+    seeds: [0, 1, 2]                # optional: every experiment once per seed
 
 Each run is composed as ``base.yaml`` -> ``<experiment>.yaml`` -> the ``like`` file without its plugins -> the
 suite's ``overrides`` -> the command line's ``key=value`` (so the suite decides backbone, data and budget, and each
 experiment only which axes it trains). Runs go to the MLflow experiment ``suite-<SUITE>`` and to
 ``<output_dir>/suite-<SUITE>/<experiment>/<timestamp>/``; re-running the same command resumes each experiment's last
-run (finished ones end at once), ``resume=false`` starts fresh runs.
+run (finished ones end at once), ``resume=false`` starts fresh runs. With ``seeds``, the runs of seed s set ``seed=s``,
+go to ``<output_dir>/suite-<SUITE>/seed_<s>/<experiment>/<timestamp>/`` and are named ``<experiment>-seed_<s>`` in
+MLflow; all experiments of one seed run before the next seed's.
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ class Suite:
         experiments: experiment names (files under ``experiments/``), run in this order.
         like: an experiment whose settings except ``plugins`` every run takes (backbone, data, optimizer, budget).
         overrides: dot-list overrides applied to every run after ``like``.
+        seeds: run every experiment once per seed (empty: once, with the config's seed).
     """
 
     name: str = ""
     experiments: list[str] = field(default_factory=list)
     like: str | None = None
     overrides: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
 
     @property
     def mlflow_experiment(self) -> str:
@@ -96,20 +101,34 @@ def suite_layers(suite: Suite, experiments_dir: Path = EXPERIMENTS_DIR) -> list[
 
 def suite_configs(suite: Suite, args: list[str] | None = None,
                   experiments_dir: Path = EXPERIMENTS_DIR) -> list[DictConfig]:
-    """Every run's config, composed and validated (plugins included) before any of them trains.
+    """Every run's config (per seed, if the suite has seeds), composed and validated (plugins included) before any
+    of them trains.
 
     Raises:
-        ConfigError: a bad experiment or override, or runs that would not share :data:`SHARED_SECTIONS`.
+        ConfigError: a bad experiment or override, or runs of one seed that would not share :data:`SHARED_SECTIONS`.
     """
     from experiments.run import build_plugins, describe_backbone
 
     layers = suite_layers(suite, experiments_dir)
     configs = []
-    for name in suite.experiments:
-        config = compose(name, list(args or []), experiments_dir, layers=layers)
-        build_plugins(config, describe_backbone(config))  # plugin errors now, not after the first run trained
-        config.output_dir = str(Path(config.output_dir) / f"suite-{suite.name}")
-        configs.append(config)
+    for seed in suite.seeds or [None]:
+        seed_layers = layers if seed is None else [*layers, (f"suite {suite.name}: seed {seed}", OmegaConf.create(
+            {"seed": seed}))]
+        group = []
+        for name in suite.experiments:
+            config = compose(name, list(args or []), experiments_dir, layers=seed_layers)
+            build_plugins(config, describe_backbone(config))  # plugin errors now, not after the first run trained
+            config.output_dir = str(Path(config.output_dir) / f"suite-{suite.name}")
+            if seed is not None:
+                config.output_dir = str(Path(config.output_dir) / f"seed_{seed}")
+                config.tracking.run_name = config.tracking.run_name or f"{name}-seed_{seed}"
+            group.append(config)
+        check_shared(suite, group)
+        configs += group
+    return configs
+
+
+def check_shared(suite: Suite, configs: list[DictConfig]) -> None:
     first = configs[0]
     for config in configs[1:]:
         for key in SHARED_SECTIONS:
@@ -117,7 +136,6 @@ def suite_configs(suite: Suite, args: list[str] | None = None,
             if mine != theirs:
                 raise ConfigError(key, f"suite {suite.name}: {config.name} runs {_show(mine)} but {first.name} runs "
                                        f"{_show(theirs)}; set it in the suite (like / overrides) so runs compare")
-    return configs
 
 
 def _show(value) -> str:
@@ -133,7 +151,7 @@ def run_suite(name: str, args: list[str] | None = None, suites_dir: Path = SUITE
     configs = suite_configs(suite, args, experiments_dir)
     runs = []
     for index, config in enumerate(configs, 1):
-        print(f"\n[{index}/{len(configs)}] suite {suite.name}: {config.name}", flush=True)
+        print(f"\n[{index}/{len(configs)}] suite {suite.name}: {config.name} (seed {config.seed})", flush=True)
         runs.append((config, train(config)))
         gc.collect()  # free this run's model before the next one's peak-memory count starts
     return runs

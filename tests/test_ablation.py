@@ -63,8 +63,37 @@ def test_a_suite_shares_backbone_data_seed_and_budget_and_logs_into_one_mlflow_e
 @pytest.mark.parametrize("suite", available_suites())
 def test_every_suite_file_composes_and_validates(suite):
     configs = suite_configs(load_suite(suite))
-    assert len(configs) == len(load_suite(suite).experiments)
+    assert len(configs) == len(load_suite(suite).experiments) * max(1, len(load_suite(suite).seeds))
     assert {config.tracking.experiment for config in configs} == {f"suite-{suite}"}
+
+
+def test_a_suite_with_seeds_runs_every_experiment_once_per_seed_into_its_own_folder():
+    configs = suite_configs(load_suite("paper"), ["output_dir=out"])
+    names = ["paper_baseline", "paper_mrl", "paper_mll", "paper_mel", "paper_mel_fixed", "paper_3dml"]
+    assert [(config.seed, config.name) for config in configs] == [(seed, name) for seed in (0, 1, 2) for name in names]
+    assert {config.output_dir for config in configs} == {f"out/suite-paper/seed_{seed}" for seed in (0, 1, 2)}
+    assert configs[7].tracking.run_name == "paper_mrl-seed_1"
+    assert {config.trainer.max_steps for config in configs} == {240}
+
+
+def test_paper_runs_train_their_axes_and_share_one_grid_of_probe_cells():
+    from lightning_modules.backbone import BackboneInfo
+    from lightning_modules.plugins.base import ModelSidePlugin
+
+    configs = {config.name.removeprefix("paper_"): config for config in suite_configs(load_suite("paper"))[:6]}
+    info = BackboneInfo(hidden_size=384, num_layers=4, vocab_size=1000, family="encoder", intermediate_size=1536)
+    trained = {}
+    for name, config in configs.items():
+        plugins = {type(plugin).__name__: plugin for plugin in build_plugins(config, info)}
+        mel = plugins["MEL"]
+        assert (plugins["MLL"].layers, plugins["MRL"].dims, mel.settings) == ([1, 2, 4], [384, 256, 128, 64, 32, 16, 8],
+                                                                             [192, 128, 64])
+        assert isinstance(mel, ModelSidePlugin)
+        trained[name] = (sum(w > 0 for w in plugins["MLL"].weights), sum(w > 0 for w in plugins["MRL"].weights),
+                         0 if mel.posthoc else sum(p > 0 for p in mel.probabilities))
+    # (exits, widths, ranks) each run trains; the rest of the 3 x 7 x 3 grid is probed only
+    assert trained == {"baseline": (1, 1, 0), "mrl": (1, 7, 0), "mll": (3, 1, 0), "mel": (1, 1, 3),
+                       "mel_fixed": (1, 1, 1), "3dml": (3, 7, 3)}
 
 
 def test_every_ablation_builds_model_data_and_plugins_without_training(smoke_configs):

@@ -112,3 +112,59 @@ def test_model_and_optimizer_hold_no_full_embedding_matrix(tmp_path):
 def test_explicit_probabilities_pair_with_the_ranks_as_written():
     plugin = MEL(MELConfig(rank=256, ranks=[64, 256], probabilities=[1.0, 3.0]), INFO, seed=0)
     assert plugin.settings == [256, 64] and plugin.probabilities == pytest.approx([0.75, 0.25])
+
+
+POSTHOC = ["plugins.mel.rank=32", "plugins.mel.ranks=[32,16]", "plugins.mel.posthoc=true"]
+
+
+def posthoc_module(tmp_path):
+    from experiments.run import build
+
+    module, _ = build(compose("tiny", [f"output_dir={tmp_path}", *POSTHOC]))
+    module.eval()
+    return module, module.model_side[0]
+
+
+def test_posthoc_trains_the_models_own_embedding_with_untagged_views(tmp_path):
+    module, mel = posthoc_module(tmp_path)
+    info = module.backbone.info
+    embedding = module.backbone.input_embeddings()
+    assert isinstance(embedding, torch.nn.Embedding) and (info.vocab_size, info.hidden_size) == embedding.weight.shape
+    ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
+    mel.before_forward(step=3)  # a non-posthoc run would sample a rank here
+    views = module.forward_views(ids, mask)
+    assert all("rank" not in view.tags for view in views) and mel.step_metrics() == {}
+    assert [cell.tags["rank"] for cell in module.cells()][::len(views)] == [32, 16]  # the probe still sees both ranks
+
+
+def test_posthoc_full_rank_reproduces_the_embedding_and_the_original_module_is_restored(tmp_path):
+    module, mel = posthoc_module(tmp_path)
+    original = module.backbone.input_embeddings()
+    before = original.weight.detach().clone()
+    ids, mask = torch.tensor([[5, 6, 7, 9]]), torch.ones(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        reference = {view.name: view.embeddings for view in module.forward_views(ids, mask)}
+        with module.applied({"rank": 32}):  # rank = hidden size 32: the SVD is exact
+            factors = module.backbone.input_embeddings()
+            assert factors is not original and mel.current() == 32
+            torch.testing.assert_close(factors.merged_weight(), before, atol=1e-5, rtol=1e-5)
+        encoded = module.encode(ids, mask, [cell for cell in module.cells() if cell.tags["rank"] == 32])
+    assert module.backbone.input_embeddings() is original and mel.current() is None
+    assert torch.equal(original.weight, before)
+    for cell_name, embeddings in encoded.items():
+        name = cell_name.removesuffix("/rank_32")
+        torch.testing.assert_close(embeddings, torch.nn.functional.normalize(reference[name], dim=-1), atol=1e-5,
+                                   rtol=1e-4)
+
+
+def test_posthoc_truncation_is_the_svd_of_the_current_weights(tmp_path):
+    module, mel = posthoc_module(tmp_path)
+    weight = module.backbone.input_embeddings().weight
+    with torch.no_grad(), module.applied({"rank": 16}):
+        error = torch.linalg.matrix_norm(module.backbone.input_embeddings().merged_weight() - weight).item()
+    # Eckart–Young: the rank-16 truncation error is the norm of the dropped singular values.
+    assert error == pytest.approx(torch.linalg.svdvals(weight.detach())[16:].norm().item(), rel=1e-4)
+    with torch.no_grad():
+        weight.mul_(2.0)  # an optimizer step changes the weights in place: the next setting sees them
+    with torch.no_grad(), module.applied({"rank": 32}):
+        torch.testing.assert_close(module.backbone.input_embeddings().merged_weight(), weight, atol=2e-5, rtol=1e-5)

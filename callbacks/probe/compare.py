@@ -81,11 +81,10 @@ def cell_scores(table: dict, task: str | None, file: Path) -> dict[str, tuple[di
 
 def sign_test(higher: int, lower: int) -> float:
     """Two-sided exact sign test of ``higher`` against ``lower`` (ties left out): P(a split at least this uneven)."""
+    from scipy.stats import binomtest
+
     trials = higher + lower
-    if trials == 0:
-        return 1.0
-    tail = sum(math.comb(trials, k) for k in range(min(higher, lower) + 1)) / 2 ** trials
-    return min(1.0, 2 * tail)
+    return 1.0 if trials == 0 else float(binomtest(higher, trials, 0.5).pvalue)
 
 
 def group_stats(pairs: list[tuple[dict, float, float]]) -> dict:

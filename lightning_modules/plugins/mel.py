@@ -13,7 +13,7 @@ from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, Plugin
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import Backbone, BackboneInfo
-    from lightning_modules.views import Cell
+    from lightning_modules.views import Cell, EmbeddingBundle, View
 
 FACTORIZED_CODE_FILE = "modeling_factorized.py"
 
@@ -119,6 +119,9 @@ class MELConfig(PluginConfig):
     """Rank ladder sampled from; default ``{2^i : i = 6..14, 2^i <= R} ∪ {R}``."""
     probabilities: list[float] | None = None
     """Sampling weight per entry of ``ranks`` (normalised); default proportional to the rank."""
+    posthoc: bool = False
+    """Train the model's own embedding untouched and only probe/export the ranks: a setting r swaps in the rank-r
+    truncated SVD of the current embedding and restores it afterwards (the baseline "truncated afterwards")."""
 
 
 class MEL(ModelSidePlugin):
@@ -141,8 +144,13 @@ class MEL(ModelSidePlugin):
     References:
         Zhang et al., "ML-Embed: Inclusive and Efficient Embeddings for a Multilingual World", ICML 2026, §3.
 
+    With ``posthoc: true`` nothing changes in training: the model keeps (and trains) its own embedding matrix and
+    views carry no rank tag. Only the tools' settings (probe, export) factorise: inside ``applied(r)`` the embedding
+    is replaced by the rank-r truncated SVD of its current weights, and the original module is back on exit.
+
     Example:
         ``plugins: {mel: {rank: 256}}`` trains ranks 256, 128, 64 with probabilities 4/7, 2/7, 1/7.
+        ``plugins: {mel: {rank: 256, posthoc: true}}`` trains the full embedding and probes ranks 256, 128, 64.
     """
 
     Config = MELConfig
@@ -162,20 +170,60 @@ class MEL(ModelSidePlugin):
         self.settings = sorted(ranks, reverse=True)
         self.probabilities = ladder_probabilities("probabilities", config.probabilities, ranks, self.settings)
         self.embedding: FactorizedEmbedding | None = None
+        self.posthoc = config.posthoc
+        self.backbone: Backbone | None = None  # posthoc: the model whose embedding a setting swaps
+        self.trained: nn.Module | None = None  # posthoc: the model's own embedding, restored after a setting
+        self._svd_of: tuple | None = None  # posthoc: (weight storage, version) the cached factors were computed from
 
     def setup(self, backbone: Backbone) -> None:
+        if self.posthoc:
+            self.backbone, self.trained = backbone, backbone.input_embeddings()
+            return
         self.embedding = FactorizedEmbedding.from_svd(backbone.input_embeddings().weight, self.max_rank)
         backbone.replace_input_embeddings(self.embedding)
 
-    def current(self) -> int:
+    def current(self) -> int | None:
+        """The active rank; None for a posthoc run computing with its own embedding (training)."""
+        if self.posthoc:
+            swapped = self.backbone is not None and self.backbone.input_embeddings() is self.embedding
+            return self.embedding.rank if swapped else None
         return self._factors().rank
 
-    def set(self, rank: int) -> None:
-        self._factors().rank = rank
+    def set(self, rank: int | None) -> None:
+        if not self.posthoc:
+            self._factors().rank = rank
+        elif rank is None:
+            self.backbone.replace_input_embeddings(self.trained)
+        else:
+            factors = self._factors()
+            factors.rank = rank
+            self.backbone.replace_input_embeddings(factors)
+
+    def before_forward(self, step: int) -> None:
+        if not self.posthoc:  # posthoc: training computes with the model's own embedding
+            super().before_forward(step)
+
+    def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
+        return views if self.current() is None else super().expand(views, bundle)
+
+    def step_metrics(self) -> dict[str, float]:
+        return {} if self.posthoc else super().step_metrics()
 
     def _factors(self) -> FactorizedEmbedding:
+        if self.posthoc and self.trained is not None:
+            return self._posthoc_factors()
         if self.embedding is None:
             raise RuntimeError("MEL.setup(backbone) must run before the model is used")
+        return self.embedding
+
+    def _posthoc_factors(self) -> FactorizedEmbedding:
+        """The rank-R truncated SVD of the trained embedding's current weights, recomputed only after they changed
+        (the optimizer's in-place updates bump the tensor's version)."""
+        weight = self.trained.weight
+        state = (weight.untyped_storage().data_ptr(), weight._version)
+        if self.embedding is None or self._svd_of != state:
+            self.embedding = FactorizedEmbedding.from_svd(weight, self.max_rank).requires_grad_(False)
+            self._svd_of = state
         return self.embedding
 
     def export(self, model: nn.Module, rank: int, mode: str) -> tuple[dict[str, str], dict[str, object]]:
