@@ -58,7 +58,8 @@ def test_readme_is_a_short_guide():
 
 
 def test_every_docs_page_is_linked_from_the_readme():
-    linked = {(ROOT / target.partition("#")[0]).resolve() for target in LINK.findall(prose((ROOT / "README.md").read_text()))}
+    targets = LINK.findall(prose((ROOT / "README.md").read_text()))
+    linked = {(ROOT / target.partition("#")[0]).resolve() for target in targets}
     assert [page.name for page in PAGES[1:] if page.resolve() not in linked] == []
 
 
