@@ -72,6 +72,7 @@ def test_only_global_rank_zero_prints_the_summary(monkeypatch, capsys, tmp_path)
         return lambda config: TrainResult(tmp_path / "last.ckpt", "run-id", tmp_path, {"train/loss": 1.25}, 3.0,
                                           is_global_zero)
 
+    monkeypatch.setattr(run, "ui_hint", lambda uri, run_id: f"MLflow run {run_id}")  # no store behind "run-id"
     monkeypatch.setattr(run, "train", finished(False))
     assert train_and_report("tiny", []) == 0
     assert capsys.readouterr().out == ""

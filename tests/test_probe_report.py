@@ -63,7 +63,8 @@ def test_probe_heatmaps_name_the_run_and_have_a_colour_bar_per_task(tmp_path, mo
     from matplotlib.figure import Figure
 
     figures = []
-    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **kwargs: figures.append(figure))
+    # Recorded, and an empty file written where the figure would go (the report renames it into place).
+    monkeypatch.setattr(Figure, "savefig", lambda figure, path, **kwargs: figures.append(figure) or path.write_bytes(b""))
     data = table()
     report.heatmap(data, "rank_32", report.heatmap_groups(data)["rank_32"], tmp_path / "x.png", "quickstart-20261201")
     (figure,) = figures

@@ -10,18 +10,19 @@ import torch
 from callbacks.run_stats import RunStats, peak_rss_mb, reset_peak_memory
 
 CPU_MODULE = SimpleNamespace(device=torch.device("cpu"))
+NO_LOGGER = SimpleNamespace(logger=None, global_step=0)
 
 
 def test_the_training_clock_continues_from_the_checkpoint():
     before = RunStats()
-    before.on_train_start(None, CPU_MODULE)
+    before.on_train_start(NO_LOGGER, CPU_MODULE)
     before._session_start -= 5.0  # as if this session had trained for 5 s
     state = before.state_dict()
     assert state["elapsed_s"] == pytest.approx(5.0, abs=0.5)
     after = RunStats()
     after.load_state_dict(state)
     assert after.elapsed() == state["elapsed_s"]  # nothing counted between the checkpoint and the restart
-    after.on_train_start(None, CPU_MODULE)
+    after.on_train_start(NO_LOGGER, CPU_MODULE)
     time.sleep(0.05)
     assert state["elapsed_s"] + 0.05 <= after.elapsed() < state["elapsed_s"] + 5.0
 
