@@ -257,7 +257,7 @@ def build_gettext_corpus(
         "filter": filter_description(min_words, min_chars),
     }
 
-    existing = _read_manifest(out_dir)
+    existing = read_manifest(out_dir)
     if (
         existing is not None
         and existing.get("catalog_dir") == recorded_catalog_dir
@@ -307,7 +307,7 @@ def build_gettext_corpus(
             "locales": locale_counts,
             "locales_without_pairs": sorted(set(selected_locales) - set(locale_counts)),
             "distinct_english": distinct_english,
-            "content_hash": _content_hash(staging_dir),
+            "content_hash": content_hash(staging_dir),
         }
         (staging_dir / MANIFEST_NAME).write_text(
             json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
@@ -420,7 +420,7 @@ def _write_splits(
     return locale_counts, distinct_english
 
 
-def _content_hash(corpus_dir: Path) -> str:
+def content_hash(corpus_dir: Path) -> str:
     """sha256 over the relative paths and bytes of all jsonl files, in sorted order."""
     digest = hashlib.sha256()
     for path in sorted(corpus_dir.glob("*/*.jsonl")):
@@ -429,7 +429,8 @@ def _content_hash(corpus_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def _read_manifest(out_dir: Path) -> dict | None:
+def read_manifest(out_dir: Path) -> dict | None:
+    """A built corpus' manifest, or None when it is missing or unreadable (the corpus is then rebuilt)."""
     try:
         return json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from datamodules.gettext_corpus import is_near_copy
+from datamodules.gettext_corpus import content_hash, is_near_copy, read_manifest
 
 MAN_DIR = "/usr/share/man"
 CORPUS_DIR = "data/manpages"
@@ -376,7 +376,7 @@ def build_manpage_corpus(out_dir: str | Path = CORPUS_DIR, man_dir: str | Path =
                   "filter": FILTER_DESCRIPTION}
     fingerprint = _fingerprint(man_dir, translated_folders + [man_dir / section for section in sections])
 
-    existing = _read_manifest(out_dir)
+    existing = read_manifest(out_dir)
     if existing is not None and (existing.get("man_dir"), existing.get("parameters"),
                                  existing.get("source_fingerprint")) == (str(man_dir), parameters, fingerprint):
         return existing
@@ -435,7 +435,7 @@ def build_manpage_corpus(out_dir: str | Path = CORPUS_DIR, man_dir: str | Path =
             "languages": language_counts,
             "english_pages": {section: len(pages) for section, pages in english.items()},
             "english_skipped": unreadable,
-            "content_hash": _content_hash(staging_dir),
+            "content_hash": content_hash(staging_dir),
         }
         (staging_dir / MANIFEST_NAME).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
                                                  encoding="utf-8")
@@ -519,27 +519,11 @@ def _write_jsonl(folder: Path, records_by_file: dict[str, list[dict]]) -> None:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _content_hash(corpus_dir: Path) -> str:
-    """sha256 over the relative paths and bytes of all jsonl files, in sorted order."""
-    digest = hashlib.sha256()
-    for path in sorted(corpus_dir.glob("*/*.jsonl")):
-        digest.update(path.relative_to(corpus_dir).as_posix().encode("utf-8") + b"\0")
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def _read_manifest(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def _replace_directory(destination: Path, finished: Path) -> None:
     """Moves the finished build into place, discarding any previous build; keeps the build another process (a
     second device of the same run) finished meanwhile from the same pages."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    ours, theirs = _read_manifest(finished), _read_manifest(destination)
+    ours, theirs = read_manifest(finished), read_manifest(destination)
     if theirs is not None and theirs["content_hash"] == ours["content_hash"]:
         return
     if destination.exists():
