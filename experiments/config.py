@@ -110,9 +110,10 @@ class DataConfig:
     """Stop at the first unusable row (naming file and line) instead of skipping and counting it."""
     num_workers: int = 0
     """DataLoader worker processes that read and tokenize (0: in the training process)."""
-    packing: bool = False
+    packing: bool = True
     """Pack each training batch's texts into a few rows with per-text attention (no padding compute; the same
-    batches, pooled embeddings and losses as padded ones). Probe and export encode padded batches."""
+    batches, pooled embeddings and losses as padded ones, up to float rounding; dropout masks differ). Probe and
+    export encode padded batches. ``false``: one padded row per text."""
 
 
 @dataclass
