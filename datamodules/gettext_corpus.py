@@ -312,7 +312,7 @@ def build_gettext_corpus(
         (staging_dir / MANIFEST_NAME).write_text(
             json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8"
         )
-        _replace_directory(out_dir, staging_dir)
+        replace_directory(out_dir, staging_dir)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
     return manifest
@@ -437,7 +437,7 @@ def read_manifest(out_dir: Path) -> dict | None:
         return None
 
 
-def _replace_directory(destination: Path, finished: Path) -> None:
+def replace_directory(destination: Path, finished: Path) -> None:
     """Moves the finished build into place, discarding any previous build."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     if destination.exists():

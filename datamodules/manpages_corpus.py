@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from datamodules.gettext_corpus import content_hash, is_near_copy, read_manifest
+from datamodules.gettext_corpus import content_hash, is_near_copy, read_manifest, replace_directory
 
 MAN_DIR = "/usr/share/man"
 CORPUS_DIR = "data/manpages"
@@ -439,7 +439,7 @@ def build_manpage_corpus(out_dir: str | Path = CORPUS_DIR, man_dir: str | Path =
         }
         (staging_dir / MANIFEST_NAME).write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n",
                                                  encoding="utf-8")
-        _replace_directory(out_dir, staging_dir)
+        _keep_or_replace(out_dir, staging_dir)
     finally:
         shutil.rmtree(staging_dir, ignore_errors=True)
     return manifest
@@ -519,20 +519,12 @@ def _write_jsonl(folder: Path, records_by_file: dict[str, list[dict]]) -> None:
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
-def _replace_directory(destination: Path, finished: Path) -> None:
-    """Moves the finished build into place, discarding any previous build; keeps the build another process (a
-    second device of the same run) finished meanwhile from the same pages."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
+def _keep_or_replace(destination: Path, finished: Path) -> None:
+    """Moves the finished build into place, unless another process (a second device of the same run) finished the
+    same content from the same pages meanwhile: then that build stays."""
     ours, theirs = read_manifest(finished), read_manifest(destination)
-    if theirs is not None and theirs["content_hash"] == ours["content_hash"]:
-        return
-    if destination.exists():
-        previous = destination.with_name(f".{destination.name}.previous-{os.getpid()}")
-        destination.rename(previous)
-        finished.rename(destination)
-        shutil.rmtree(previous)
-    else:
-        finished.rename(destination)
+    if theirs is None or theirs["content_hash"] != ours["content_hash"]:
+        replace_directory(destination, finished)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
