@@ -76,6 +76,18 @@ def share(scores: dict[str, float], cell: str, full: str) -> float:
     return scores[cell] / scores[full] if scores[full] else math.nan
 
 
+def kept_shares(nested: dict[str, float], other: dict[str, float], cells: dict[str, str], full: str
+                ) -> tuple[list[str], bool]:
+    """For each ``{label: cell}``: the share of its full-cell score each run keeps there, as text, and whether
+    ``nested`` keeps at least :data:`CLEAR_SHARE` more than ``other`` at every one of them."""
+    parts, clear = [], True
+    for label, cell in cells.items():
+        gain = share(nested, cell, full) - share(other, cell, full)
+        clear = clear and gain >= CLEAR_SHARE
+        parts.append(f"{label}: {share(nested, cell, full):.1%} vs {share(other, cell, full):.1%} ({100 * gain:+.1f})")
+    return parts, clear
+
+
 def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     """The four pass/fail claims of the paper on ``task``'s main score, each side the mean over its tables (seeds).
 
@@ -100,14 +112,11 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
         base, mrl = mean_scores(present["baseline"], task), mean_scores(present["mrl"], task)
         delta_full = compare(present["baseline"], present["mrl"], task)["deltas"][full]
         width = axes["dim"][0]
-        parts, ok = [], delta_full > -FULL_COST
-        for fraction in (8, 16):
-            dim = max((d for d in axes["dim"] if d <= width / fraction), default=min(axes["dim"]))
-            cell = cell_name(axes, dim=dim)
-            gain = share(mrl, cell, full) - share(base, cell, full)
-            ok = ok and gain >= CLEAR_SHARE
-            parts.append(f"d/{fraction} (dim {dim}): {share(mrl, cell, full):.1%} vs {share(base, cell, full):.1%} "
-                         f"({100 * gain:+.1f})")
+        dims = {fraction: max((d for d in axes["dim"] if d <= width / fraction), default=min(axes["dim"]))
+                for fraction in (8, 16)}
+        parts, clear = kept_shares(mrl, base, {f"d/{fraction} (dim {dim})": cell_name(axes, dim=dim)
+                                               for fraction, dim in dims.items()}, full)
+        ok = delta_full > -FULL_COST and clear
         rows.append(Claim(1, "MRL", statement, "; ".join(parts) + f"; full {delta_full:+.2f} pt", ok))
     else:
         rows.append(Claim(1, "MRL", statement, "not run", None))
@@ -130,13 +139,9 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     if needs("mel", "mel_fixed") and "rank" in axes:
         nested, fixed = mean_scores(present["mel"], task), mean_scores(present["mel_fixed"], task)
         delta_full = compare(present["mel_fixed"], present["mel"], task)["deltas"][full]
-        parts, ok = [], abs(delta_full) < FULL_COST
-        for rank in axes["rank"][1:]:
-            cell = cell_name(axes, rank=rank)
-            gain = share(nested, cell, full) - share(fixed, cell, full)
-            ok = ok and gain >= CLEAR_SHARE
-            parts.append(f"rank {rank}: {share(nested, cell, full):.1%} vs {share(fixed, cell, full):.1%} "
-                         f"({100 * gain:+.1f})")
+        parts, clear = kept_shares(nested, fixed, {f"rank {rank}": cell_name(axes, rank=rank)
+                                                   for rank in axes["rank"][1:]}, full)
+        ok = abs(delta_full) < FULL_COST and clear
         rows.append(Claim(3, "MEL", statement, "; ".join(parts) + f"; at R {delta_full:+.2f} pt", ok))
     else:
         rows.append(Claim(3, "MEL", statement, "not run", None))
