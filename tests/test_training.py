@@ -14,10 +14,12 @@ def loss_history(config, run_id):
 
 
 def test_tiny_run_learns_and_logs_to_mlflow(tiny_config):
-    config = tiny_config("tiny", ["trainer.max_steps=40", "optim.warmup_steps=4", "data.locales=[de]"])
+    # 80 steps: at 40 the drop depended on which system gettext catalogs the corpus was built from (0.86 with
+    # the catalogs apt adds for man pages); at 80 it is 0.50 with those, 0.42 on the pinned django corpus.
+    config = tiny_config("tiny", ["trainer.max_steps=80", "optim.warmup_steps=4", "data.locales=[de]"])
     result = train(config)
     losses = loss_history(config, result.run_id)
-    assert len(losses) == 40
+    assert len(losses) == 80
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, (first, last)
     run = mlflow.MlflowClient(config.tracking.uri).get_run(result.run_id)
