@@ -11,13 +11,16 @@ summary metrics (``probe/...`` names without a view coordinate).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import shutil
 import sys
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TextIO
 
 # (column, metrics in order of preference, how): "tail" = mean of the last logged values (one step is noisy),
@@ -79,9 +82,11 @@ def _cell(value) -> str:
 
 
 def run_table(client, runs) -> tuple[list[str], list[list[str]]]:
-    """``(header, rows)`` comparing ``runs`` (MLflow Run objects)."""
+    """``(header, rows)`` comparing ``runs`` (MLflow Run objects with their params and latest metric values); only
+    the ``tail`` columns fetch metric histories, each once (the loss history also gives the steps column)."""
     from experiments.tracking import tail_mean
 
+    histories = SimpleNamespace(get_metric_history=functools.cache(client.get_metric_history))
     runs = sorted(runs, key=lambda run: run.info.start_time or 0)
     all_params = [run.data.params for run in runs]
     param_columns = differing_params(all_params)
@@ -92,7 +97,7 @@ def run_table(client, runs) -> tuple[list[str], list[list[str]]]:
     rows = []
     for run in runs:
         run_id, metrics = run.info.run_id, run.data.metrics
-        history = client.get_metric_history(run_id, "train/loss") if "train/loss" in metrics else []
+        history = histories.get_metric_history(run_id, "train/loss") if "train/loss" in metrics else []
         steps = max(metric.step for metric in history) + 1 if history else 0
         row = [run.info.run_name, run.info.status, steps, axes_of(run.data.params),
                *[run.data.params.get(key, "-") for key in param_columns]]
@@ -101,7 +106,7 @@ def run_table(client, runs) -> tuple[list[str], list[list[str]]]:
             if key is None:
                 row.append(math.nan)
             else:
-                row.append(tail_mean(client, run_id, key) if how == "tail" else float(metrics[key]))
+                row.append(tail_mean(histories, run_id, key) if how == "tail" else float(metrics[key]))
         rows.append([row[0], *map(_cell, row[1:])])  # run names are never shortened
     return header, rows
 
@@ -132,6 +137,7 @@ def print_runs(uri: str, experiments: Sequence[str] | None = None, out: TextIO =
     """Prints one table per MLflow experiment (all experiments with runs when ``experiments`` is None); returns the
     number of runs shown. An experiment that does not exist is named with the ones that do."""
     from mlflow import MlflowClient
+    from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 
     client = MlflowClient(uri)
     known = {experiment.name: experiment for experiment in client.search_experiments()}
@@ -139,9 +145,15 @@ def print_runs(uri: str, experiments: Sequence[str] | None = None, out: TextIO =
     missing = [name for name in names if name not in known]
     if missing:
         raise SystemExit(f"no MLflow experiment {', '.join(missing)} in {uri}; there are: {', '.join(sorted(known))}")
+    # One search for all tables (params and latest metric values); the client's, because mlflow.search_runs searches
+    # the process-wide tracking URI.
+    runs_of = defaultdict(list)
+    for run in (client.search_runs([known[name].experiment_id for name in names],
+                                   max_results=SEARCH_MAX_RESULTS_THRESHOLD) if names else []):
+        runs_of[run.info.experiment_id].append(run)
     shown = 0
     for name in names:
-        runs = client.search_runs([known[name].experiment_id], max_results=1000)
+        runs = runs_of[known[name].experiment_id]
         if not runs and not experiments:
             continue
         print(f"\nMLflow experiment {name!r} ({uri}): {len(runs)} runs", file=out)

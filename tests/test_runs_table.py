@@ -69,3 +69,16 @@ def test_the_runs_table_of_all_experiments_skips_those_without_runs(store):
     out = io.StringIO()
     assert print_runs(store, None, out) == 3
     assert out.getvalue() == (OTHER + TABLE).format(uri=store)
+
+
+def test_the_runs_table_searches_once_and_fetches_only_the_histories_of_tail_columns(store, monkeypatch):
+    calls = []
+    for method in ("search_experiments", "search_runs", "get_metric_history", "get_run"):
+        original = getattr(mlflow.MlflowClient, method)
+        monkeypatch.setattr(mlflow.MlflowClient, method,
+                            lambda self, *args, _method=method, _original=original, **kwargs:
+                            calls.append(_method) or _original(self, *args, **kwargs))
+    print_runs(store, None, io.StringIO())
+    # baseline: loss and samples/s histories (the loss history also gives its steps); 3dml: loss and loss_hard;
+    # lone: none (wall_s is a latest value).
+    assert sorted(calls) == ["get_metric_history"] * 4 + ["search_experiments", "search_runs"]
