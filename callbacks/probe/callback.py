@@ -11,12 +11,13 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
 from callbacks.probe import report
+from callbacks.probe.config import ProbeConfig
 from callbacks.probe.prober import Prober, preserved_rng
+from contracts.config_error import ConfigError
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from experiments.config import ProbeConfig
     from lightning_modules.backbone import BatchTokenizer
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ def probe_corpus_dir(config: DictConfig) -> str:
 
 def check_tasks(config: ProbeConfig) -> None:
     """Raises ConfigError naming ``probe.tasks`` for a name that is neither built-in nor in mteb's registry."""
-    from experiments.config import ConfigError
-
     with preserved_rng():  # importing mteb and creating tasks reseed the global generators
         from callbacks.probe.tasks import check_task_names
 
@@ -45,7 +44,7 @@ class ProbeCallback(L.Callback):
     """Scores every deployable cell (layer, dim, rank) on mteb tasks while training runs.
 
     Probes run at the start, every ``every_n_steps`` optimizer steps and at the end (see
-    :class:`~experiments.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
+    :class:`~callbacks.probe.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
     ``probe/<task>/<metric>/layer_<l>/dim_<d>/rank_<r>``, ``probe/mean_main_score/{full,cheapest}`` and
     ``probe/seconds`` to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per rank
     to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``; at the end, the last table also as
