@@ -29,7 +29,7 @@ from experiments.tracking import (
     system_metrics,
 )
 from lightning_modules.backbone import BackboneInfo
-from lightning_modules.plugins import MatryoshkaPlugin, PluginConfigError
+from lightning_modules.plugins import MatryoshkaPlugin
 
 CHECKPOINT_NAME = "last.ckpt"
 RUN_DIR_ENV = "MATRYOSHKA_RUN_DIR"
@@ -57,8 +57,8 @@ def build_plugins(config: DictConfig, info: BackboneInfo) -> list[MatryoshkaPlug
     for name, (plugin_class, plugin_config) in plugin_configs(config).items():
         try:
             plugins.append(plugin_class(plugin_config, info, config.seed))
-        except PluginConfigError as error:
-            raise ConfigError(f"plugins.{name}.{error.key}", error.message) from None
+        except ConfigError as error:  # keyed by the option's name
+            raise error.under(f"plugins.{name}") from None
     return plugins
 
 

@@ -151,7 +151,8 @@ def test_a_section_raises_with_its_own_field_name_and_the_composition_adds_the_s
         OptimConfig(lr=0.001, min_lr=0.01)
     assert error.value.key == "min_lr" and str(error.value) == (
         "config error at `min_lr`: 0.01 not allowed; allowed range [0, lr = 0.001]")
-    assert str(error.value.under("optim")) == "config error at `optim.min_lr`: 0.01 not allowed; allowed range [0, lr = 0.001]"
+    assert str(error.value.under("optim")) == ("config error at `optim.min_lr`: 0.01 not allowed; "
+                                               "allowed range [0, lr = 0.001]")
     assert ConfigError is SharedConfigError  # one class: a component's error is caught as the run's
 
 
