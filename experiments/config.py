@@ -1,11 +1,11 @@
 """Typed experiment configuration: ``base.yaml`` + ``<experiment>.yaml`` deltas + ``key=value`` overrides.
 
-The root :class:`Config` composes the sections each component declares next to what it builds (``model``:
-``lightning_modules.backbones``, ``loss``: ``lightning_modules.losses``, ``optim``, ``distributed``: their
-``lightning_modules`` modules, ``data``: ``datamodules``, ``probe``: ``callbacks.probe``). Every key is typed
-(``Literal`` for a set of names) and each section checks its values in ``__post_init__``, so an unknown key, a
-wrong type or a value outside the allowed set stops the run before any work with one message naming the full key
-and what is allowed.
+The root :class:`Config` composes the sections that each package declares beside what it builds
+(``lightning_modules/config.py``: model, loss, optim, distributed; ``datamodules/config.py``: data;
+``callbacks/probe/config.py``: probe); the root keys, ``tracking`` and ``trainer`` belong to the run. Every key is
+typed (``Literal`` for a set of names) and each section checks its values in ``__post_init__``, so an unknown key,
+a wrong type or a value outside the allowed set stops the run before any work with one message naming the full
+key and what is allowed.
 """
 
 from __future__ import annotations
@@ -191,20 +191,20 @@ def validate(config: DictConfig) -> None:
     """Value checks the types cannot express: each section's own (its ``__post_init__``, reported under the
     section's key), the root's, and the Trainer arguments against the ``distributed`` section."""
     for section in SECTIONS:
-        _instantiate(config[section], section)
-    _instantiate(config, "")  # the root's own checks (its sections pass again, already checked)
+        _run_checks(config[section], section)
+    _run_checks(config, "")  # the root's own checks (its sections pass again, already checked)
     _validate_distributed(config)
     _validate_trainer(config)
 
 
-def _instantiate(node: DictConfig, section: str) -> object:
-    """The dataclass instance of ``node``; a ConfigError of its checks names the full key."""
+def _run_checks(node: DictConfig, section: str) -> None:
+    """Instantiates ``node``'s dataclass, which runs its ``__post_init__``; a ConfigError names the full key."""
     try:
-        return OmegaConf.to_object(node)
+        OmegaConf.to_object(node)
     except ConfigError as error:
         raise (error.under(section) if section else error) from None
     except OmegaConfBaseException as error:
-        raise _key_error(error, f"{section}." if section else "", "the composed config") from None
+        raise _key_error(error, "", "the composed config") from None  # its full_key starts at the root
 
 
 def _validate_trainer(config: DictConfig) -> None:
