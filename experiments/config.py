@@ -115,8 +115,8 @@ def _key_error(error: OmegaConfBaseException, prefix: str, origin: str) -> Confi
     section = error.object_type if dataclasses.is_dataclass(error.object_type) else None
     if isinstance(error, ConfigKeyError) and section:
         closest = re.search(r"Did you mean: '([^']+)'", message)
-        message = (f"unknown key{f' (closest: {closest[1]})' if closest else ''}; allowed keys here: "
-                   f"{', '.join(f.name for f in dataclasses.fields(section))}")
+        message = (f"unknown key; allowed keys here: {', '.join(f.name for f in dataclasses.fields(section))}"
+                   + (f"; closest: {closest[1]}" if closest else ""))
     elif isinstance(error, ValidationError) and section:
         hint = typing.get_type_hints(section).get(error.key)
         if typing.get_origin(hint) is typing.Literal:

@@ -19,7 +19,7 @@ def error_of(name: str, overrides: list[str]) -> str:
 
 
 @pytest.mark.parametrize("overrides, fragments", [
-    (["model.sauce=hf"], ["`model.sauce`", "unknown key (closest: source)", "source, path"]),
+    (["model.sauce=hf"], ["`model.sauce`", "unknown key", "source, path", "closest: source (from ARGS)"]),
     (["trainer.max_stepz=3"], ["`trainer.max_stepz`", "not an argument of lightning.Trainer", "max_steps"]),
     (["data.batch_size=many"], ["`data.batch_size`", "'many'", "Integer"]),
     (["seed=1.5"], ["`seed`", "Integer"]),
