@@ -32,8 +32,8 @@ from datamodules.sources import (
 from datamodules.stream import PairBatches, StreamOptions
 
 if TYPE_CHECKING:
+    from datamodules.tokenize import BatchTokenizer
     from experiments.config import DataConfig
-    from lightning_modules.backbone import BatchTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -76,8 +76,8 @@ def build(config: DictConfig):
     import lightning as L
 
     from datamodules.pairs import TranslationPairsDataModule, check_data_config
+    from datamodules.tokenize import BatchTokenizer
     from lightning_modules import backbones
-    from lightning_modules.backbone import BatchTokenizer
     from lightning_modules.losses import ContrastiveLoss
     from lightning_modules.module import MatryoshkaEmbedder
 

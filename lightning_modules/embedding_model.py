@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
-from lightning_modules.backbone import BatchTokenizer
 from lightning_modules.module import MatryoshkaEmbedder
 from lightning_modules.views import Cell, axis_values
 
 PROMPTS = ("query", "passage")
+
+
+class TextTokenizer(Protocol):
+    """What the model needs of the data side's tokenizer (:class:`datamodules.tokenize.BatchTokenizer` is one):
+    the prompt prefixes and one padded batch of texts."""
+
+    query_prefix: str
+    passage_prefix: str
+
+    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+        """``input_ids`` and ``attention_mask`` of one right-padded batch ``[len(texts), longest]``."""
 
 
 class CellError(ValueError):
@@ -35,7 +47,7 @@ class EmbeddingModel:
         torch.Size([1, 64])
     """
 
-    def __init__(self, module: MatryoshkaEmbedder, tokenize: BatchTokenizer, batch_size: int = 64) -> None:
+    def __init__(self, module: MatryoshkaEmbedder, tokenize: TextTokenizer, batch_size: int = 64) -> None:
         self.module, self.tokenize, self.batch_size = module, tokenize, batch_size
 
     def cells(self) -> list[Cell]:

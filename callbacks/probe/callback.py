@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from omegaconf import DictConfig
 
     from experiments.config import ProbeConfig
-    from lightning_modules.backbone import BatchTokenizer
+    from lightning_modules.embedding_model import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class ProbeCallback(L.Callback):
     """
 
     def __init__(self, config: ProbeConfig, corpus_dir: str, catalog_dir: str, run_dir: str | Path,
-                 tokenize: BatchTokenizer, model_name: str = "matryoshka-lab/probe") -> None:
+                 tokenize: TextTokenizer, model_name: str = "matryoshka-lab/probe") -> None:
         check_tasks(config)
         self.config, self.corpus_dir, self.catalog_dir = config, corpus_dir, catalog_dir
         self.run_dir, self.tokenize, self.model_name = Path(run_dir), tokenize, model_name
