@@ -73,8 +73,8 @@ paper: $(STAMP) ## The paper's claims: run/resume suites/paper.yaml, probe, writ
 	$(BIN)/python -m experiments.paper $(ARGS)
 
 mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE=quickstart [MODEL=backbone|path.ckpt] [ARGS="mine.max_queries=1000 mine.max_score=0.9"]
-	@test -n "$(SOURCE)" || { $(BIN)/python -m datamodules.mining; exit 2; }
-	$(BIN)/python -m datamodules.mining $(SOURCE) $(if $(MODEL),mine.model=$(MODEL)) $(ARGS)
+	@test -n "$(SOURCE)" || { $(BIN)/python -m experiments.mine; exit 2; }
+	$(BIN)/python -m experiments.mine $(SOURCE) $(if $(MODEL),mine.model=$(MODEL)) $(ARGS)
 
 bench: $(STAMP) ## Performance ratios (< 10 min on 2 cores): make bench [ARGS="--items 1,2 --mel-vocab 32000"]
 	$(BIN)/python -m bench $(ARGS)
