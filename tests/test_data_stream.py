@@ -173,3 +173,15 @@ def test_padding_fraction_is_reported_per_batch(tmp_path):
         for batch in take(PairBatches([source], tokenize, StreamOptions(8, bucketing=bucketing), 1.0), 4):
             mask = batch["attention_mask"]
             assert batch["padding_fraction"] == pytest.approx(1 - mask.sum().item() / mask.numel())
+
+
+def test_bench_data_counts_pairs_per_batch_and_padding(tmp_path, corpus_dir, mlflow_dir):
+    from experiments.bench_data import loader_speed
+    from experiments.config import compose
+    from tests.conftest import run_overrides
+
+    config = compose("tiny", [*run_overrides(tmp_path, corpus_dir, mlflow_dir), "data.num_workers=0",
+                              "data.packing=false"])
+    speed = loader_speed(config, batches=3)
+    assert speed["pairs_per_s"] == pytest.approx(speed["batches_per_s"] * config.data.batch_size)
+    assert 0.0 < speed["padding"] < 1.0  # padded batches of texts of different lengths
