@@ -67,7 +67,7 @@ probe: $(STAMP) ## MTEB-probe every cell of a checkpoint: make probe CKPT=path [
 
 compare: $(STAMP) ## Probe tables cell by cell, B − A heatmaps: make compare A=<run_dir|table.json ...> B=<...> [ARGS="--task GettextRetrieval --mlflow"]
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR --mlflow\"] (several runs per side: their mean per cell)"; exit 2; }
-	$(BIN)/python -m callbacks.probe.compare $(A) --vs $(B) $(ARGS)
+	$(BIN)/python -m experiments.compare $(A) --vs $(B) $(ARGS)
 
 paper: $(STAMP) ## The paper's claims: run/resume suites/paper.yaml, probe, write docs/results.md: make paper [ARGS="--suite paper_smoke"]
 	$(BIN)/python -m experiments.paper $(ARGS)

@@ -205,11 +205,17 @@ def log_to_mlflow(client, run_id: str, logged: dict[str, float], step: int, file
         client.log_artifact(run_id, str(path), artifact_path=artifact_path or f"{PROBE_DIR}/step_{step}")
 
 
+def latest_table_file(folder: str | Path) -> Path | None:
+    """The ``probe_step_<n>.json`` of the largest ``n`` in ``folder``; None without any. The one place that finds
+    probe tables (training's in ``<run_dir>/probe``, ``make probe``'s in ``<run_dir>/probe/checkpoint``)."""
+    tables = sorted(Path(folder).glob(f"{FILE_PREFIX}*.json"), key=lambda path: int(path.stem.removeprefix(FILE_PREFIX)))
+    return tables[-1] if tables else None
+
+
 def latest_table(run_dir: str | Path) -> dict | None:
     """The probe table of the latest step in ``run_dir/probe`` (e.g. for a model card), None without any."""
-    tables = sorted(Path(run_dir, PROBE_DIR).glob(f"{FILE_PREFIX}*.json"),
-                    key=lambda path: int(path.stem.removeprefix(FILE_PREFIX)))
-    return json.loads(tables[-1].read_text()) if tables else None
+    file = latest_table_file(Path(run_dir, PROBE_DIR))
+    return json.loads(file.read_text()) if file else None
 
 
 def format_table(table: dict) -> str:
