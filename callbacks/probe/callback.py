@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from callbacks.probe import report
 from callbacks.probe.prober import Prober, preserved_rng
+from datamodules import probe_corpus
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -128,11 +129,9 @@ class ProbeCallback(L.Callback):
             with preserved_rng():
                 from callbacks.probe.tasks import build_tasks
 
-                if not (Path(self.corpus_dir) / "manifest.json").is_file():
+                if not probe_corpus.corpus_built(self.corpus_dir):
                     if trainer.is_global_zero:
-                        from datamodules.gettext_corpus import build_gettext_corpus
-
-                        build_gettext_corpus(self.corpus_dir, self.catalog_dir)
+                        probe_corpus.build_corpus(self.corpus_dir, self.catalog_dir)
                     trainer.strategy.barrier("probe corpus")
                 tasks = build_tasks(list(self.config.tasks), self.corpus_dir, list(self.config.locales),
                                     self.config.max_pairs_per_locale)
