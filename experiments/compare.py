@@ -81,22 +81,18 @@ def main(argv: list[str]) -> int:
         loaded = [[load_table(path) for path in paths] for paths in (options.a, options.vs)]
         (a, files_a), (b, files_b) = ([list(column) for column in zip(*side)] for side in loaded)
         result = compare(a, b, options.task, (files_a, files_b))
+        out = Path(options.out) if options.out else default_out(files_a, files_b)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "compare.json", json.dumps(result, indent=1))
+        heatmaps(a[0], result, out / "compare.png")
+        print(format_comparison(result))
+        print(f"\nper-cell differences and heatmaps: {out}")
+        if options.mlflow:  # after the files: a run folder's absence stops only the logging
+            uri, run_id = log_comparison(result, out, files_b)
+            print(f"logged as MLflow run {run_id} ({uri})")
     except CompareError as error:
         print(error, file=sys.stderr)
         return 2
-    out = Path(options.out) if options.out else default_out(files_a, files_b)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "compare.json", json.dumps(result, indent=1))
-    heatmaps(a[0], result, out / "compare.png")
-    print(format_comparison(result))
-    print(f"\nper-cell differences and heatmaps: {out}")
-    if options.mlflow:
-        try:
-            uri, run_id = log_comparison(result, out, files_b)
-        except CompareError as error:
-            print(error, file=sys.stderr)
-            return 2
-        print(f"logged as MLflow run {run_id} ({uri})")
     return 0
 
 
