@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from callbacks.probe.report import grid_panel
+from callbacks.probe.report import grid_figure, grid_panel, save_png
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import MLFlowLogger
@@ -55,12 +55,10 @@ def heatmap_figure(grid: Mapping[tuple[int | None, int | None], float], title: s
     """A layer × dim heatmap of losses in the probe heatmaps' layout (shallowest layer first, widest dim first; see
     :func:`callbacks.probe.report.grid_panel`), each cell annotated, with a colour bar (a matplotlib Figure, no
     global pyplot state)."""
-    from matplotlib.figure import Figure
-
     layers, dims = {layer for layer, _ in grid}, {dim for _, dim in grid}
     finite = [value for value in grid.values() if not math.isnan(value)]
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    figure = Figure(figsize=(max(4.8, 2.4 + 0.9 * len(dims)), 1.6 + 0.6 * len(layers)), layout="constrained")
+    figure = grid_figure(1, len(layers), len(dims))
     cells = [{"tags": {"layer": layer, "dim": dim}, "loss": loss} for (layer, dim), loss in grid.items()]
     grid_panel(figure.add_subplot(), cells, lambda cell: cell["loss"], "viridis_r", (low, high), ".3g",
                lambda value: "white" if value > (low + high) / 2 else "black", colorbar="loss")
@@ -85,6 +83,6 @@ def log_run_summary(logger: MLFlowLogger, window: int = FINAL_WINDOW) -> dict[st
             suffix = "_" + panel.replace("/", "_") if panel else ""
             path = Path(tmp) / f"final_view_loss{suffix}.png"
             title = f"{run_name} {panel}\nloss per view, mean of its last {window} logged values"
-            heatmap_figure(grid, title).savefig(path, dpi=110)
+            save_png(heatmap_figure(grid, title), path)
             client.log_artifact(run_id, str(path), "plots")
     return losses

@@ -20,9 +20,8 @@ import re
 from pathlib import Path
 
 from callbacks.probe.prober import summary
-from callbacks.probe.report import (CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_panel, heatmap_groups,
-                                    latest_table_file)
-from datamodules.atomic import replacing
+from callbacks.probe.report import (CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_figure, grid_panel, heatmap_groups,
+                                    latest_table_file, save_png)
 from lightning_modules.views import view_name
 
 MEAN = "mean_main_score"
@@ -144,9 +143,6 @@ def format_comparison(result: dict) -> str:
 def heatmaps(a: dict, result: dict, path: Path) -> None:
     """One panel per group of the probe heatmaps (e.g. ``rank_64/precision_binary``): layers × dims of B − A in
     points, red where B is lower and blue where higher, on one colour scale for all panels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     deltas = result["deltas"]
     groups = {label: [cell for cell in cells if cell["name"] in deltas] for label, cells in heatmap_groups(a).items()}
     groups = {label: cells for label, cells in groups.items() if cells}
@@ -155,9 +151,7 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
     rows = math.ceil(len(groups) / columns)
     layers_max = max(len({cell["tags"]["layer"] for cell in cells}) for cells in groups.values())
     dims_max = max(len({cell["tags"]["dim"] for cell in cells}) for cells in groups.values())
-    figure = Figure(figsize=(1.5 + 0.7 * dims_max * columns, 1.2 + (0.5 * layers_max + 0.9) * rows),
-                    layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = grid_figure(len(groups), layers_max, dims_max, columns)
     for index, (label, cells) in enumerate(groups.items()):
         axes = figure.add_subplot(rows, columns, index + 1)
         image = grid_panel(axes, cells, lambda cell: deltas[cell["name"]], "RdBu", (-limit, limit), "+.1f",
@@ -168,8 +162,7 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
     figure.colorbar(image, ax=figure.axes, label="B − A (points)", shrink=0.8)
     names = [", ".join(run_label(Path(file)) for file in result[side]) for side in ("a", "b")]
     figure.suptitle(f"B − A, {result['score']}\nA: {names[0]}\nB: {names[1]}", fontsize=8)
-    with replacing(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
+    save_png(figure, path)
 
 
 def run_label(file: Path) -> str:
