@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from datamodules.tokenize import pack
+from datamodules.tokenization import pack
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.export import Origin, export_cell, load_exported
 from lightning_modules.plugins.mel import FactorizedEmbedding

@@ -26,7 +26,8 @@ class EmbeddingCache:
     """Encodings on disk, per role: ``<role>/<n>.json`` (the texts) and ``<role>/<n>.npy`` (float32 ``[len, d]``).
 
     Missing texts are encoded sorted by length (less padding) in chunks of ``chunk`` texts; a chunk's ``.npy`` is
-    written last, by rename, so a chunk without it was interrupted and is encoded again. Texts shared by several sources (the English pool of every locale) are encoded once.
+    written last, by rename, so a chunk without it was interrupted and is encoded again. Texts shared by several
+    sources (the English pool of every locale) are encoded once.
 
     Args:
         directory: the cache of one model (``.mining/cache/<model digest>``).

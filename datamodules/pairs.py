@@ -32,7 +32,7 @@ from datamodules.sources import (
 from datamodules.stream import PairBatches, StreamOptions
 
 if TYPE_CHECKING:
-    from datamodules.tokenize import BatchTokenizer
+    from datamodules.tokenization import BatchTokenizer
     from experiments.config import DataConfig
 
 log = logging.getLogger(__name__)

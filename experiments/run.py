@@ -69,7 +69,7 @@ def build(config: DictConfig):
     import lightning as L
 
     from datamodules.pairs import TranslationPairsDataModule, check_data_config
-    from datamodules.tokenize import BatchTokenizer
+    from datamodules.tokenization import BatchTokenizer
     from lightning_modules import backbones
     from lightning_modules.losses import ContrastiveLoss
     from lightning_modules.module import MatryoshkaEmbedder

@@ -14,7 +14,7 @@ PROMPTS = ("query", "passage")
 
 
 class TextTokenizer(Protocol):
-    """What the model needs of the data side's tokenizer (:class:`datamodules.tokenize.BatchTokenizer` is one):
+    """What the model needs of the data side's tokenizer (:class:`datamodules.tokenization.BatchTokenizer` is one):
     the prompt prefixes and one padded batch of texts."""
 
     query_prefix: str

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from datamodules.tokenize import BatchTokenizer
+from datamodules.tokenization import BatchTokenizer
 from lightning_modules.backbone import Backbone, last_token_pool, mean_pool
 from lightning_modules.backbones.tiny import byte_tokenizer, tiny_bert, tiny_qwen3
 

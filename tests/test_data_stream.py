@@ -163,7 +163,7 @@ def test_bucketing_sorts_a_pool_by_length_and_keeps_its_rows(tmp_path):
 
 
 def test_padding_fraction_is_reported_per_batch(tmp_path):
-    from datamodules.tokenize import BatchTokenizer
+    from datamodules.tokenization import BatchTokenizer
     from lightning_modules.backbones.tiny import byte_tokenizer
 
     rows = [{"query": "a" * (1 + i % 40), "passage": "b" * (1 + (7 * i) % 40)} for i in range(256)]

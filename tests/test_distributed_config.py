@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from datamodules.tokenize import BatchTokenizer
+from datamodules.tokenization import BatchTokenizer
 from experiments.config import ConfigError
 from experiments.run import RUN_DIR_ENV, run_directory
 from lightning_modules.backbone import Backbone

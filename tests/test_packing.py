@@ -6,7 +6,7 @@ import mlflow
 import pytest
 import torch
 
-from datamodules.tokenize import BatchTokenizer, pack
+from datamodules.tokenization import BatchTokenizer, pack
 from experiments.run import train
 from lightning_modules.backbone import Backbone
 from lightning_modules.backbones.tiny import byte_tokenizer, tiny_bert, tiny_qwen3

@@ -222,7 +222,8 @@ def log_to_mlflow(client, run_id: str, logged: dict[str, float], step: int, file
 def latest_table_file(folder: str | Path) -> Path | None:
     """The ``probe_step_<n>.json`` of the largest ``n`` in ``folder``; None without any. The one place that finds
     probe tables (training's in ``<run_dir>/probe``, ``make probe``'s in ``<run_dir>/probe/checkpoint``)."""
-    tables = sorted(Path(folder).glob(f"{FILE_PREFIX}*.json"), key=lambda path: int(path.stem.removeprefix(FILE_PREFIX)))
+    tables = sorted(Path(folder).glob(f"{FILE_PREFIX}*.json"),
+                    key=lambda path: int(path.stem.removeprefix(FILE_PREFIX)))
     return tables[-1] if tables else None
 
 
