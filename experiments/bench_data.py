@@ -37,7 +37,7 @@ def loader_speed(config, batches: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", default="quickstart", help="experiment (default: quickstart)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--batches", type=int, default=200, help="batches timed per loader setting")

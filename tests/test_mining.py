@@ -337,7 +337,7 @@ def test_a_training_checkpoint_mines_at_its_full_cell(tmp_path, corpus_dir, mlfl
     assert report["model"] == str(checkpoint) and report["sources"]["kk"]["rows_written"] > 0
 
 
-def test_an_output_folder_that_is_an_input_or_holds_other_files_is_refused(tmp_path):
+def test_an_output_folder_that_is_an_input_or_holds_other_files_is_refused(tmp_path, capsys):
     rows = [{"query": f"English sentence {i}", "passage": f"Deutscher Satz {i}"} for i in range(40)]
     write_jsonl(tmp_path / "data" / "s.jsonl", rows)
     source_bytes = (tmp_path / "data" / "s.jsonl").read_bytes()
@@ -347,6 +347,9 @@ def test_an_output_folder_that_is_an_input_or_holds_other_files_is_refused(tmp_p
     with pytest.raises(DataError, match=r"holds the sources being mined") as error:
         mine(config, mining, meaning_encoder({}))  # before: 40 source rows replaced by the mined ones, exit 0
     assert error.value.key == "mine.out"
+    assert main(["tiny", *options, f"mine.out={tmp_path / 'data'}"]) == 2  # the command: one line naming the key
+    assert capsys.readouterr().err.strip() == (f"config error at `mine.out`: {tmp_path / 'data'} holds the sources "
+                                               f"being mined; choose another folder (default: data/mined/<NAME>)")
     assert (tmp_path / "data" / "s.jsonl").read_bytes() == source_bytes
 
     (tmp_path / "out").mkdir()
