@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -14,9 +14,13 @@ PROMPTS = ("query", "passage")
 
 
 class TextTokenizer(Protocol):
-    """What the model needs of the data side's tokenizer (:class:`datamodules.tokenization.BatchTokenizer` is one):
-    the prompt prefixes and one padded batch of texts."""
+    """What the model side needs of the data side's tokenizer (:class:`datamodules.tokenization.BatchTokenizer` is
+    one): one padded batch of texts, the prompt prefixes, and what export saves with the model (the Hugging Face
+    tokenizer, the max length, the family: ``encoder`` or ``decoder``)."""
 
+    tokenizer: Any
+    family: str
+    max_length: int
     query_prefix: str
     passage_prefix: str
 
