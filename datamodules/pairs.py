@@ -33,7 +33,7 @@ from datamodules.sources import (
 from datamodules.stream import PairBatches, StreamOptions
 
 if TYPE_CHECKING:
-    from lightning_modules.backbone import BatchTokenizer
+    from datamodules.tokenization import BatchTokenizer
 
 log = logging.getLogger(__name__)
 

@@ -124,7 +124,9 @@ def _key_error(error: OmegaConfBaseException, prefix: str, origin: str) -> Confi
     return ConfigError(key, f"{message} (from {origin})")
 
 
-def _merge(schema: DictConfig, layer: DictConfig | dict, origin: str, prefix: str = "") -> DictConfig:
+def merge_layer(schema: DictConfig, layer: DictConfig | dict, origin: str, prefix: str = "") -> DictConfig:
+    """``layer`` merged into the typed ``schema``; a bad key or value raises ConfigError naming ``prefix`` + key and
+    ``origin`` (a file, ``ARGS``)."""
     try:
         return OmegaConf.merge(schema, layer)
     except OmegaConfBaseException as error:
@@ -143,14 +145,14 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
     config = OmegaConf.structured(Config)
     files = (experiments_dir / "base.yaml", experiment_file)
     for path in files:
-        config = _merge(config, load_yaml(path), str(path))
+        config = merge_layer(config, load_yaml(path), str(path))
     for origin, layer in layers:
-        config = _merge(config, layer, origin)
+        config = merge_layer(config, layer, origin)
     try:
         dotlist = OmegaConf.from_dotlist(list(overrides or []))
     except OmegaConfBaseException as error:
         raise ConfigError("ARGS", f"cannot parse overrides {overrides}: {error}") from None
-    config = _merge(config, dotlist, "ARGS")
+    config = merge_layer(config, dotlist, "ARGS")
     config.name = name
     if config.tracking.experiment is None:
         config.tracking.experiment = name
@@ -286,6 +288,6 @@ def plugin_configs(config: DictConfig) -> dict[str, tuple[type, Any]]:
         except (ImportError, AttributeError, TypeError, ValueError) as error:
             raise ConfigError(f"plugins.{name}", str(error)) from None
         schema = OmegaConf.structured(plugin_class.Config)
-        typed = _merge(schema, options, f"the plugins.{name} block", prefix=f"plugins.{name}.")
+        typed = merge_layer(schema, options, f"the plugins.{name} block", prefix=f"plugins.{name}.")
         resolved[name] = (plugin_class, OmegaConf.to_object(typed))
     return resolved

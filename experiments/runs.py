@@ -80,7 +80,7 @@ def _cell(value) -> str:
 
 def run_table(client, runs) -> tuple[list[str], list[list[str]]]:
     """``(header, rows)`` comparing ``runs`` (MLflow Run objects)."""
-    from experiments.tracking import tail_mean
+    from experiments.run_summary import tail_mean
 
     runs = sorted(runs, key=lambda run: run.info.start_time or 0)
     all_params = [run.data.params for run in runs]

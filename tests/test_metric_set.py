@@ -11,7 +11,7 @@ import pytest
 
 from experiments import run
 from experiments.run import TrainResult, train, train_and_report
-from experiments.tracking import FINAL_WINDOW
+from experiments.run_summary import FINAL_WINDOW
 
 
 @pytest.fixture(scope="module")

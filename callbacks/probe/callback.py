@@ -14,11 +14,12 @@ from callbacks.probe import report
 from callbacks.probe.config import ProbeConfig
 from callbacks.probe.prober import Prober, preserved_rng
 from contracts.config_error import ConfigError
+from datamodules import probe_corpus
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from lightning_modules.backbone import BatchTokenizer
+    from lightning_modules.embedding_model import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class ProbeCallback(L.Callback):
     """
 
     def __init__(self, config: ProbeConfig, corpus_dir: str, catalog_dir: str, run_dir: str | Path,
-                 tokenize: BatchTokenizer, model_name: str = "matryoshka-lab/probe") -> None:
+                 tokenize: TextTokenizer, model_name: str = "matryoshka-lab/probe") -> None:
         check_tasks(config)
         self.config, self.corpus_dir, self.catalog_dir = config, corpus_dir, catalog_dir
         self.run_dir, self.tokenize, self.model_name = Path(run_dir), tokenize, model_name
@@ -127,11 +128,9 @@ class ProbeCallback(L.Callback):
             with preserved_rng():
                 from callbacks.probe.tasks import build_tasks
 
-                if not (Path(self.corpus_dir) / "manifest.json").is_file():
+                if not probe_corpus.corpus_built(self.corpus_dir):
                     if trainer.is_global_zero:
-                        from datamodules.gettext_corpus import build_gettext_corpus
-
-                        build_gettext_corpus(self.corpus_dir, self.catalog_dir)
+                        probe_corpus.build_corpus(self.corpus_dir, self.catalog_dir)
                     trainer.strategy.barrier("probe corpus")
                 tasks = build_tasks(list(self.config.tasks), self.corpus_dir, list(self.config.locales),
                                     self.config.max_pairs_per_locale)
