@@ -67,20 +67,20 @@ probe: $(STAMP) ## MTEB-probe every cell of a checkpoint: make probe CKPT=path [
 
 compare: $(STAMP) ## Probe tables cell by cell, B − A heatmaps: make compare A=<run_dir|table.json ...> B=<...> [ARGS="--task GettextRetrieval --mlflow"]
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR --mlflow\"] (several runs per side: their mean per cell)"; exit 2; }
-	$(BIN)/python -m callbacks.probe.compare $(A) --vs $(B) $(ARGS)
+	$(BIN)/python -m experiments.compare $(A) --vs $(B) $(ARGS)
 
 paper: $(STAMP) ## The paper's claims: run/resume suites/paper.yaml, probe, write docs/results.md: make paper [ARGS="--suite paper_smoke"]
 	$(BIN)/python -m experiments.paper $(ARGS)
 
 mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE=quickstart [MODEL=backbone|path.ckpt] [ARGS="mine.max_queries=1000 mine.max_score=0.9"]
-	@test -n "$(SOURCE)" || { $(BIN)/python -m datamodules.mining; exit 2; }
-	$(BIN)/python -m datamodules.mining $(SOURCE) $(if $(MODEL),mine.model=$(MODEL)) $(ARGS)
+	@test -n "$(SOURCE)" || { $(BIN)/python -m experiments.mine; exit 2; }
+	$(BIN)/python -m experiments.mine $(SOURCE) $(if $(MODEL),mine.model=$(MODEL)) $(ARGS)
 
 bench: $(STAMP) ## Performance ratios (< 10 min on 2 cores): make bench [ARGS="--items 1,2 --mel-vocab 32000"]
 	$(BIN)/python -m bench $(ARGS)
 
 bench-data: $(STAMP) ## Loader pairs/s, padding with/without bucketing, data-wait share: make bench-data [ARGS="quickstart --steps 20"]
-	$(BIN)/python -m datamodules.bench $(ARGS)
+	$(BIN)/python -m experiments.bench_data $(ARGS)
 
 # No $(STAMP): lent GPU machines have torch, lightning and transformers but cannot install anything.
 gpu-check: ## tokens/s, MFU, peak memory per setup on the GPUs present (< 8 min; tiny shape on CPU): [ARGS="--steps 20"]

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from datamodules.tokenization import pack
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.export import Origin, export_cell, load_exported
-from lightning_modules.packing import pack
 from lightning_modules.plugins.mel import FactorizedEmbedding
 from lightning_modules.views import axis_values
 

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 import lightning as L
 from torch.utils.data import DataLoader
 
+from contracts.config_error import ConfigError
+from datamodules.config import DataConfig
 from datamodules.gettext_corpus import build_gettext_corpus
 from datamodules.sources import (
-    TASKS,
     DataError,
     Source,
     built_locales,
@@ -32,8 +33,7 @@ from datamodules.sources import (
 from datamodules.stream import PairBatches, StreamOptions
 
 if TYPE_CHECKING:
-    from experiments.config import DataConfig
-    from lightning_modules.backbone import BatchTokenizer
+    from datamodules.tokenization import BatchTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,28 +47,11 @@ def metric_name(name: str) -> str:
 
 
 def check_data_config(config: DataConfig) -> None:
-    """Cheap checks of the ``data`` section before any weights load; raises ConfigError naming the key.
+    """Checks the source and locale names of the ``data`` section against the data before any weights load (its
+    values are checked by :class:`DataConfig` itself); raises ConfigError naming the key.
 
     The files themselves (columns, emptiness) are checked by :meth:`TranslationPairsDataModule.setup`.
     """
-    from experiments.config import ConfigError
-
-    if config.sampling_alpha < 0:
-        raise ConfigError("data.sampling_alpha", f"{config.sampling_alpha} must be >= 0 (0: uniform, 1: ∝ size)")
-    if config.pool_batches < 1:
-        raise ConfigError("data.pool_batches", f"{config.pool_batches} must be >= 1")
-    if config.num_workers < 0:
-        raise ConfigError("data.num_workers", f"{config.num_workers} must be >= 0")
-    if config.max_examples is not None and config.max_examples < 1:
-        raise ConfigError("data.max_examples", f"{config.max_examples} must be >= 1 (or null: no cap)")
-    for name, cap in config.caps.items():
-        if cap < 1:
-            raise ConfigError(f"data.caps.{name}", f"{cap} must be >= 1")
-    for task, count in config.negatives.items():
-        if task not in TASKS:
-            raise ConfigError(f"data.negatives.{task}", f"unknown task; allowed: {', '.join(TASKS)}")
-        if count < 0:
-            raise ConfigError(f"data.negatives.{task}", f"{count} must be >= 0")
     try:
         check_names(config.caps, _cheap_source_names(config), key="data.caps", where=config.dir)
     except (DataError, ImportError) as error:
@@ -181,8 +164,6 @@ class TranslationPairsDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.sources:
             return
-        from experiments.config import ConfigError
-
         config = self.config
         try:
             if config.corpus == "folder":

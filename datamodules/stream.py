@@ -236,7 +236,8 @@ class PairBatches(IterableDataset):
 
     Args:
         sources: the training sources (with their task, negatives per row and cap set).
-        tokenize: ``(queries, passages, negatives) -> dict`` of tensors (a :class:`BatchTokenizer`).
+        tokenize: ``(queries, passages, negatives) -> dict`` of tensors
+            (a :class:`~datamodules.tokenization.BatchTokenizer`).
         options: batching options.
         alpha: source sampling exponent.
         rank / world_size: this device and the number of devices.

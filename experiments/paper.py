@@ -14,7 +14,6 @@ a claim whose runs are not in the suite is reported as not run.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from callbacks.probe.compare import CompareError, cell_scores, compare, heatmaps, table_file
+from callbacks.probe.compare import CompareError, cell_scores, compare, heatmaps, load_table, table_file
 from callbacks.probe.report import FILE_PREFIX
 from lightning_modules.views import view_name
 
@@ -294,7 +293,7 @@ def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suit
         if found is None:
             print(f"{config.name} (seed {config.seed}): no checkpoint, left out", file=sys.stderr)
             continue
-        tables.setdefault(config.seed, {}).setdefault(role(config.name), []).append(json.loads(found[1].read_text()))
+        tables.setdefault(config.seed, {}).setdefault(role(config.name), []).append(load_table(found[1])[0])
         run_dirs.setdefault(role(config.name), []).append(found[0])
         table_files.setdefault(role(config.name), []).append(found[1])
     runs = {name: [table for seed in tables.values() for table in seed.get(name, [])] for name in run_dirs}

@@ -18,18 +18,11 @@ from datamodules.sources import DataError
 from experiments.config import Config, ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.run_lock import hold_run_lock
 from experiments.runs import ui_hint
-from experiments.tracking import (
-    BOOKKEEPING_KEYS,
-    check_tracking,
-    fail_fast_http,
-    flatten,
-    log_run_inputs,
-    log_run_summary,
-    make_logger,
-    system_metrics,
-)
+from experiments.run_metadata import BOOKKEEPING_KEYS, flatten
+from experiments.run_summary import log_run_summary
+from experiments.tracking import check_tracking, fail_fast_http, log_run_inputs, make_logger, system_metrics
 from lightning_modules.backbone import BackboneInfo
-from lightning_modules.plugins import MatryoshkaPlugin, PluginConfigError
+from lightning_modules.plugins import MatryoshkaPlugin
 
 CHECKPOINT_NAME = "last.ckpt"
 RUN_DIR_ENV = "MATRYOSHKA_RUN_DIR"
@@ -57,8 +50,8 @@ def build_plugins(config: DictConfig, info: BackboneInfo) -> list[MatryoshkaPlug
     for name, (plugin_class, plugin_config) in plugin_configs(config).items():
         try:
             plugins.append(plugin_class(plugin_config, info, config.seed))
-        except PluginConfigError as error:
-            raise ConfigError(f"plugins.{name}.{error.key}", error.message) from None
+        except ConfigError as error:  # keyed by the option's name
+            raise error.under(f"plugins.{name}") from None
     return plugins
 
 
@@ -76,8 +69,8 @@ def build(config: DictConfig):
     import lightning as L
 
     from datamodules.pairs import TranslationPairsDataModule, check_data_config
+    from datamodules.tokenization import BatchTokenizer
     from lightning_modules import backbones
-    from lightning_modules.backbone import BatchTokenizer
     from lightning_modules.losses import ContrastiveLoss
     from lightning_modules.module import MatryoshkaEmbedder
 

@@ -84,7 +84,7 @@ def _cell(value) -> str:
 def run_table(client, runs) -> tuple[list[str], list[list[str]]]:
     """``(header, rows)`` comparing ``runs`` (MLflow Run objects with their params and latest metric values); only
     the ``tail`` columns fetch metric histories, each once (the loss history also gives the steps column)."""
-    from experiments.tracking import tail_mean
+    from experiments.run_summary import tail_mean
 
     histories = SimpleNamespace(get_metric_history=functools.cache(client.get_metric_history))
     runs = sorted(runs, key=lambda run: run.info.start_time or 0)

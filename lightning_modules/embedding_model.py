@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 import torch
 from torch import Tensor
 
-from lightning_modules.backbone import BatchTokenizer
 from lightning_modules.module import MatryoshkaEmbedder
 from lightning_modules.views import Cell, axis_values
 
 PROMPTS = ("query", "passage")
+
+
+class TextTokenizer(Protocol):
+    """What the model side needs of the data side's tokenizer (:class:`datamodules.tokenization.BatchTokenizer` is
+    one): one padded batch of texts, the prompt prefixes, and what export saves with the model (the Hugging Face
+    tokenizer, the max length, the family: ``encoder`` or ``decoder``)."""
+
+    tokenizer: Any
+    family: str
+    max_length: int
+    query_prefix: str
+    passage_prefix: str
+
+    def encode(self, texts: list[str]) -> dict[str, Tensor]:
+        """``input_ids`` and ``attention_mask`` of one right-padded batch ``[len(texts), longest]``."""
 
 
 class CellError(ValueError):
@@ -35,7 +51,7 @@ class EmbeddingModel:
         torch.Size([1, 64])
     """
 
-    def __init__(self, module: MatryoshkaEmbedder, tokenize: BatchTokenizer, batch_size: int = 64) -> None:
+    def __init__(self, module: MatryoshkaEmbedder, tokenize: TextTokenizer, batch_size: int = 64) -> None:
         self.module, self.tokenize, self.batch_size = module, tokenize, batch_size
 
     def cells(self) -> list[Cell]:

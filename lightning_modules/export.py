@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_modules.embedding_model import EmbeddingModel
+from lightning_modules.embedding_model import EmbeddingModel, TextTokenizer
 from lightning_modules.views import Cell, axis_values
 
 MODES = ("compat", "factorized")
@@ -77,7 +77,7 @@ def _cut(model: nn.Module, layers: int) -> nn.Module:
     return cut
 
 
-def _export_tokenizer(tokenize, out: Path) -> None:
+def _export_tokenizer(tokenize: TextTokenizer, out: Path) -> None:
     """Saves the training tokenizer so that plain ``tokenizer(texts)`` reproduces the training batches."""
     tokenizer = copy.deepcopy(tokenize.tokenizer)  # the run's own tokenizer keeps its settings
     tokenizer.model_max_length = tokenize.max_length

@@ -6,7 +6,6 @@ import itertools
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
@@ -15,12 +14,10 @@ from torch import Tensor
 from lightning_modules.backbone import Backbone
 from lightning_modules.distributed import enable_activation_checkpointing, is_sharded, shard_backbone
 from lightning_modules.losses import ContrastiveLoss
+from lightning_modules.config import OptimConfig
 from lightning_modules.optim import build_optimizer
 from lightning_modules.plugins.base import MatryoshkaPlugin, ModelSidePlugin
 from lightning_modules.views import Cell, EmbeddingBundle, View
-
-if TYPE_CHECKING:
-    from experiments.config import OptimConfig
 
 
 class MatryoshkaEmbedder(L.LightningModule):

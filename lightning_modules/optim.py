@@ -10,18 +10,18 @@ whole tensor's, which changes rounding only.
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Iterable
 from functools import partial
 from itertools import chain
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from experiments.config import OptimConfig
+from lightning_modules.config import OptimConfig, OptimizerName
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+OPTIMIZERS = typing.get_args(OptimizerName)
 BNB_BLOCKSIZE = 256  # bitsandbytes' block size for 8-bit optimizer states
 # bitsandbytes' names of Adam's two moments, and torch AdamW's (the checkpoint format of LocalShardOptimizer).
 MOMENTS = {"state1": "exp_avg", "state2": "exp_avg_sq"}

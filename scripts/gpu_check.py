@@ -41,11 +41,11 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from transformers import Qwen3Config, Qwen3Model  # noqa: E402
 
+from datamodules.tokenization import pack, pad  # noqa: E402
 from lightning_modules.backbone import Backbone  # noqa: E402
 from lightning_modules.distributed import FSDP2Strategy  # noqa: E402
 from lightning_modules.losses import ContrastiveLoss  # noqa: E402
 from lightning_modules.module import MatryoshkaEmbedder  # noqa: E402
-from lightning_modules.packing import pack, pad  # noqa: E402
 from lightning_modules.plugins import MEL, MLL, MRL, Precision  # noqa: E402
 
 QWEN3_0_6B = dict(vocab_size=151_936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,

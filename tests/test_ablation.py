@@ -11,7 +11,7 @@ from experiments.ablation import available_suites, load_suite, run_suite, suite_
 from experiments.config import EXPERIMENTS_DIR, ConfigError, available_experiments, compose, plugin_configs
 from experiments.run import build, build_plugins, describe_backbone
 from experiments.runs import axes_of, differing_params, format_table, print_runs, probe_summary_keys
-from experiments.tracking import tail_mean
+from experiments.run_summary import tail_mean
 from tests.conftest import run_overrides
 
 ABLATIONS = {"baseline": set(), "mrl": {"mrl"}, "mll": {"mll"}, "mel": {"mel"}, "mrl_mll": {"mrl", "mll"},

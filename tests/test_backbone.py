@@ -3,7 +3,8 @@ import copy
 import pytest
 import torch
 
-from lightning_modules.backbone import Backbone, BatchTokenizer, last_token_pool, mean_pool
+from datamodules.tokenization import BatchTokenizer
+from lightning_modules.backbone import Backbone, last_token_pool, mean_pool
 from lightning_modules.backbones.tiny import byte_tokenizer, tiny_bert, tiny_qwen3
 
 

@@ -1,4 +1,5 @@
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -18,13 +19,13 @@ def error_of(name: str, overrides: list[str]) -> str:
 
 
 @pytest.mark.parametrize("overrides, fragments", [
-    (["model.sauce=hf"], ["`model.sauce`", "unknown key", "source"]),
+    (["model.sauce=hf"], ["`model.sauce`", "unknown key", "source, path", "closest: source (from ARGS)"]),
     (["trainer.max_stepz=3"], ["`trainer.max_stepz`", "not an argument of lightning.Trainer", "max_steps"]),
     (["data.batch_size=many"], ["`data.batch_size`", "'many'", "Integer"]),
     (["seed=1.5"], ["`seed`", "Integer"]),
-    (["loss.gather=all"], ["`loss.gather`", "none, local, full"]),
+    (["loss.gather=all"], ["`loss.gather`", "'all' not allowed", "none, local, full", "from ARGS"]),
     (["data.direction=sideways"], ["`data.direction`", "xx2en, en2xx, both"]),
-    (["loss.temperature=0"], ["`loss.temperature`", "> 0"]),
+    (["loss.temperature=0"], ["`loss.temperature`", "0.0 not allowed", "[0.001, 100.0]"]),
     (["plugins.mrl.dims=[16,512]"], ["`plugins.mrl.dims`", "[512]", "[1, 32]", "hidden size"]),
     (["plugins.mll.layers=[2,9]"], ["`plugins.mll.layers`", "[9]", "[1, 4]", "depth"]),
     (["plugins.mel.rank=64"], ["`plugins.mel.rank`", "[1, 32]", "vocab 260", "hidden size 32"]),
@@ -40,9 +41,18 @@ def error_of(name: str, overrides: list[str]) -> str:
     (["trainer.logger=false"], ["`trainer.logger`", "set by the run", "tracking.*"]),
     (["trainer.callbacks=[]"], ["`trainer.callbacks`", "set by the run"]),
     (["trainer.default_root_dir=/tmp/x"], ["`trainer.default_root_dir`", "set by the run", "output_dir"]),
-    (["optim.min_lr=-0.01"], ["`optim.min_lr`", "-0.01", "[0.0, optim.lr = 0.001]"]),
-    (["optim.min_lr=0.01"], ["`optim.min_lr`", "[0.0, optim.lr = 0.001]"]),
-    (["optim.warmup_steps=-5"], ["`optim.warmup_steps`", "-5", "[0, inf]"]),
+    (["optim.min_lr=-0.01"], ["`optim.min_lr`", "-0.01", "[0, lr = 0.001]"]),
+    (["optim.min_lr=0.01"], ["`optim.min_lr`", "[0, lr = 0.001]"]),
+    (["optim.warmup_steps=-5"], ["`optim.warmup_steps`", "-5 must be >= 0"]),
+    # each section checks itself in __post_init__; the composition prefixes the section (and keeps nested keys)
+    (["data.pool_batches=0"], ["`data.pool_batches`", "0 must be >= 1"]),
+    (["data.caps.de=0"], ["`data.caps.de`", "0 must be >= 1"]),
+    (["data.locales=[]"], ["`data.locales`", "at least one locale"]),
+    (["probe.batch_size=0"], ["`probe.batch_size`", "0 must be > 0"]),
+    (["model.source=hf"], ["`model.path`", "required when model.source is hf"]),
+    (["model.family=both"], ["`model.family`", "'both' not allowed; choose one of auto, encoder, decoder"]),
+    (["seed=-1"], ["`seed`", "-1 must be >= 0"]),
+    (["checkpoint_every=0"], ["`checkpoint_every`", "0 must be > 0"]),
     (["loss.temperature=1e-30"], ["`loss.temperature`", "1e-30", "[0.001, 100.0]"]),
 ])
 def test_bad_values_stop_with_one_line_naming_key_and_allowed(overrides, fragments):
@@ -124,3 +134,30 @@ def test_a_bad_interpolation_names_key_and_where_it_was_written(experiments_dir,
         compose("interp", overrides, experiments_dir=experiments_dir)
     message = str(error.value)
     assert "\n" not in message and "cannot resolve" in message and where in message
+
+
+def test_a_bad_name_in_an_experiment_file_names_the_file(experiments_dir):
+    (experiments_dir / "choice.yaml").write_text("distributed:\n  precision: fp8\n")
+    message = str(pytest.raises(ConfigError, compose, "choice", experiments_dir=experiments_dir).value)
+    assert message == (f"config error at `distributed.precision`: 'fp8' not allowed; choose one of auto, 32-true, "
+                       f"bf16-mixed (from {experiments_dir / 'choice.yaml'})")
+
+
+def test_a_section_raises_with_its_own_field_name_and_the_composition_adds_the_section():
+    from contracts.config_error import ConfigError as SharedConfigError
+    from lightning_modules.config import OptimConfig
+
+    with pytest.raises(SharedConfigError) as error:
+        OptimConfig(lr=0.001, min_lr=0.01)
+    assert error.value.key == "min_lr" and str(error.value) == (
+        "config error at `min_lr`: 0.01 not allowed; allowed range [0, lr = 0.001]")
+    assert str(error.value.under("optim")) == ("config error at `optim.min_lr`: 0.01 not allowed; "
+                                               "allowed range [0, lr = 0.001]")
+    assert ConfigError is SharedConfigError  # one class: a component's error is caught as the run's
+
+
+def test_the_section_configs_import_neither_experiments_nor_torch():
+    code = ("import sys, callbacks.probe.config, datamodules.config, lightning_modules.config\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('experiments', 'torch', 'lightning')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"

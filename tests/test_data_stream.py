@@ -163,7 +163,7 @@ def test_bucketing_sorts_a_pool_by_length_and_keeps_its_rows(tmp_path):
 
 
 def test_padding_fraction_is_reported_per_batch(tmp_path):
-    from lightning_modules.backbone import BatchTokenizer
+    from datamodules.tokenization import BatchTokenizer
     from lightning_modules.backbones.tiny import byte_tokenizer
 
     rows = [{"query": "a" * (1 + i % 40), "passage": "b" * (1 + (7 * i) % 40)} for i in range(256)]
@@ -173,3 +173,15 @@ def test_padding_fraction_is_reported_per_batch(tmp_path):
         for batch in take(PairBatches([source], tokenize, StreamOptions(8, bucketing=bucketing), 1.0), 4):
             mask = batch["attention_mask"]
             assert batch["padding_fraction"] == pytest.approx(1 - mask.sum().item() / mask.numel())
+
+
+def test_bench_data_counts_pairs_per_batch_and_padding(tmp_path, corpus_dir, mlflow_dir):
+    from experiments.bench_data import loader_speed
+    from experiments.config import compose
+    from tests.conftest import run_overrides
+
+    config = compose("tiny", [*run_overrides(tmp_path, corpus_dir, mlflow_dir), "data.num_workers=0",
+                              "data.packing=false"])
+    speed = loader_speed(config, batches=3)
+    assert speed["pairs_per_s"] == pytest.approx(speed["batches_per_s"] * config.data.batch_size)
+    assert 0.0 < speed["padding"] < 1.0  # padded batches of texts of different lengths

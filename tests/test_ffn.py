@@ -12,7 +12,7 @@ from experiments.run import build, train
 from lightning_modules.backbone import BackboneInfo
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.export import Origin, export_cell, load_exported
-from lightning_modules.plugins import PluginConfigError
+from lightning_modules.plugins import ConfigError
 from lightning_modules.plugins.ffn import FFN, FFNConfig, NestedLinear
 
 INFO = BackboneInfo(hidden_size=32, num_layers=4, vocab_size=260, family="encoder", intermediate_size=64)
@@ -34,7 +34,7 @@ def test_default_ladder_and_probabilities():
     (FFNConfig(widths=[64, 32], probabilities=[1.0]), "probabilities", "one per entry"),
 ])
 def test_bad_config_names_the_key(config, key, message):
-    with pytest.raises(PluginConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         FFN(config, INFO, seed=0)
     assert error.value.key == key and message in error.value.message
 

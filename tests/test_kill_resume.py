@@ -11,7 +11,8 @@ import mlflow
 import pytest
 import torch
 
-from experiments.tracking import PROJECT_ROOT, RUN_ID_FILE
+from experiments.run_metadata import PROJECT_ROOT
+from experiments.tracking import RUN_ID_FILE
 
 STEPS, EVERY = 40, 4
 

@@ -5,7 +5,7 @@ import torch
 
 from experiments.config import compose
 from lightning_modules.backbone import BackboneInfo
-from lightning_modules.plugins import MEL, PluginConfigError
+from lightning_modules.plugins import ConfigError, MEL
 from lightning_modules.plugins.mel import FactorizedEmbedding, MELConfig
 
 INFO = BackboneInfo(hidden_size=1024, num_layers=28, vocab_size=151_936, family="decoder", intermediate_size=64)
@@ -42,14 +42,14 @@ def test_rank_is_a_pure_function_of_seed_and_step():
     (MELConfig(rank=256, ranks=[256, 64], probabilities=[1.0]), "probabilities"),
 ])
 def test_invalid_rank_config(config, key):
-    with pytest.raises(PluginConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         MEL(config, INFO, seed=0)
     assert error.value.key == key
 
 
 def test_rank_limit_is_min_of_vocab_and_width():
     small_vocab = BackboneInfo(hidden_size=64, num_layers=2, vocab_size=40, family="encoder", intermediate_size=64)
-    with pytest.raises(PluginConfigError, match=r"\[1, 40\]"):
+    with pytest.raises(ConfigError, match=r"\[1, 40\]"):
         MEL(MELConfig(rank=48), small_vocab, seed=0)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from experiments import run
 from experiments.run import TrainResult, train, train_and_report
-from experiments.tracking import FINAL_WINDOW
+from experiments.run_summary import FINAL_WINDOW
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,13 @@ def tiny_run(tmp_path_factory, corpus_dir, mlflow_dir):
     from tests.conftest import run_overrides
 
     root = tmp_path_factory.mktemp("metric_set")
-    result = train(compose("tiny", [*run_overrides(root, corpus_dir, mlflow_dir), "trainer.max_steps=8",
-                                    "trainer.log_every_n_steps=1", "data.locales=[de]"]))
+    # MLflow's system-metrics monitor samples every 10 s: on a loaded machine it would add its own metrics (some
+    # equal to each other, such as idle network counters) to this run; what this run logs itself is under test.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("experiments.tracking.SYSTEM_METRICS_INTERVAL_S", 3600)
+        patch.delenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", raising=False)  # it would win over the argument
+        result = train(compose("tiny", [*run_overrides(root, corpus_dir, mlflow_dir), "trainer.max_steps=8",
+                                        "trainer.log_every_n_steps=1", "data.locales=[de]"]))
     client = mlflow.MlflowClient(f"sqlite:///{mlflow_dir}/mlflow.db")
     histories = {key: sorted((metric.step, metric.value) for metric in client.get_metric_history(result.run_id, key))
                  for key in client.get_run(result.run_id).data.metrics}

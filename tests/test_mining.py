@@ -1,5 +1,5 @@
-"""Hard-negative mining (datamodules/mining.py): the recipe's numbers, translation groups, resume, options, and
-the DataModule training on the mined folder with k of N negatives."""
+"""Hard-negative mining (datamodules/mining*.py, experiments/mine.py): the recipe's numbers, translation groups,
+resume, options, and the DataModule training on the mined folder with k of N negatives."""
 
 from __future__ import annotations
 
@@ -14,20 +14,11 @@ import pytest
 import torch
 import yaml
 
-from datamodules.mining import (
-    RULES,
-    Encoder,
-    MiningConfig,
-    TextGroups,
-    compose_mining,
-    main,
-    mine,
-    pool_passages,
-    select_negatives,
-    text_key,
-)
-from datamodules.sources import make_row, open_source
+from datamodules.mining import mine
+from datamodules.mining_recipe import RULES, MiningConfig, TextGroups, pool_passages, select_negatives, text_key
+from datamodules.sources import DataError, make_row, open_source
 from experiments.config import ConfigError, compose
+from experiments.mine import Encoder, compose_mining, main
 from tests.conftest import run_overrides
 from tests.data_helpers import consume, echo, write_jsonl
 
@@ -342,26 +333,31 @@ def test_a_training_checkpoint_mines_at_its_full_cell(tmp_path, corpus_dir, mlfl
     checkpoint = train(compose("tiny", [*run_overrides(tmp_path, corpus_dir, mlflow_dir), "trainer.max_steps=2"])).checkpoint
     config, mining = tiny_mining(tmp_path, corpus_dir, mlflow_dir, tmp_path / "out", [f"mine.model={checkpoint}"])
     assert Encoder(config, mining).cell.name == "layer_4/dim_32/rank_16"  # 4 blocks, hidden 32, the largest rank
-    report = mine(config, mining)
+    report = mine(config, mining, Encoder(config, mining))
     assert report["model"] == str(checkpoint) and report["sources"]["kk"]["rows_written"] > 0
 
 
-def test_an_output_folder_that_is_an_input_or_holds_other_files_is_refused(tmp_path):
+def test_an_output_folder_that_is_an_input_or_holds_other_files_is_refused(tmp_path, capsys):
     rows = [{"query": f"English sentence {i}", "passage": f"Deutscher Satz {i}"} for i in range(40)]
     write_jsonl(tmp_path / "data" / "s.jsonl", rows)
     source_bytes = (tmp_path / "data" / "s.jsonl").read_bytes()
     options = ["data.corpus=folder", f"data.dir={tmp_path / 'data'}", "mine.top_k=20", "mine.skip_top=0",
                "mine.max_score=1.0", "mine.keep=4", "mine.min_negatives=1", "mine.progress=false"]
     config, mining = compose_mining("tiny", [*options, f"mine.out={tmp_path / 'data'}"])
-    with pytest.raises(ConfigError, match=r"`mine.out`.*holds the sources being mined"):
+    with pytest.raises(DataError, match=r"holds the sources being mined") as error:
         mine(config, mining, meaning_encoder({}))  # before: 40 source rows replaced by the mined ones, exit 0
+    assert error.value.key == "mine.out"
+    assert main(["tiny", *options, f"mine.out={tmp_path / 'data'}"]) == 2  # the command: one line naming the key
+    assert capsys.readouterr().err.strip() == (f"config error at `mine.out`: {tmp_path / 'data'} holds the sources "
+                                               f"being mined; choose another folder (default: data/mined/<NAME>)")
     assert (tmp_path / "data" / "s.jsonl").read_bytes() == source_bytes
 
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "s.jsonl").write_text("a file of the user's\n")
     config, mining = compose_mining("tiny", [*options, f"mine.out={tmp_path / 'out'}"])
-    with pytest.raises(ConfigError, match=r"`mine.out`.*did not write \(s.jsonl\).*mine.overwrite=true"):
+    with pytest.raises(DataError, match=r"did not write \(s.jsonl\).*mine.overwrite=true") as error:
         mine(config, mining, meaning_encoder({}))
+    assert error.value.key == "mine.out"
     assert (tmp_path / "out" / "s.jsonl").read_text() == "a file of the user's\n"
     config, mining = compose_mining("tiny", [*options, f"mine.out={tmp_path / 'out'}", "mine.overwrite=true"])
     mine(config, mining, meaning_encoder({}))

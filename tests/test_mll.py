@@ -1,7 +1,7 @@
 import pytest
 
 from lightning_modules.backbone import BackboneInfo
-from lightning_modules.plugins import MLL, PluginConfigError
+from lightning_modules.plugins import ConfigError, MLL
 from lightning_modules.plugins.mll import MLLConfig, default_layers
 
 
@@ -26,6 +26,6 @@ def test_uniform_weights_and_explicit_pairing():
 
 def test_layer_beyond_depth_is_rejected():
     info = BackboneInfo(hidden_size=8, num_layers=4, vocab_size=10, family="encoder", intermediate_size=64)
-    with pytest.raises(PluginConfigError, match=r"\[6\] not allowed.*\[1, 4\].*depth") as error:
+    with pytest.raises(ConfigError, match=r"\[6\] not allowed.*\[1, 4\].*depth") as error:
         MLL(MLLConfig(layers=[2, 6]), info, 0)
     assert error.value.key == "layers"

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lightning_modules.backbone import BackboneInfo
-from lightning_modules.plugins import MRL, PluginConfigError
+from lightning_modules.plugins import ConfigError, MRL
 from lightning_modules.plugins.mrl import MRLConfig, default_dims
 from lightning_modules.views import View
 
@@ -45,6 +45,6 @@ def test_expand_slices_views_and_multiplies_weights():
     (MRLConfig(dims=[384, 64], weights=[1.0]), "weights", "2 non-negative"),
 ])
 def test_invalid_config_names_key_and_allowed_values(config, key, fragment):
-    with pytest.raises(PluginConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         MRL(config, info(384), seed=0)
     assert error.value.key == key and fragment in error.value.message

@@ -6,10 +6,11 @@ import mlflow
 import pytest
 import torch
 
+from datamodules.tokenization import BatchTokenizer, pack
 from experiments.run import train
-from lightning_modules.backbone import Backbone, BatchTokenizer
+from lightning_modules.backbone import Backbone
 from lightning_modules.backbones.tiny import byte_tokenizer, tiny_bert, tiny_qwen3
-from lightning_modules.packing import pack, use_varlen_attention
+from lightning_modules.packing import use_varlen_attention
 
 # Varied lengths (1 to 40 bytes), a non-ASCII text and two equal texts.
 TEXTS = ["a", "hello world", "Guten Morgen, wie geht es dir heute?", "ok", "привет мир", "a much longer sentence "

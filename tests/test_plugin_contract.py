@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from experiments.run import train
-from lightning_modules.plugins import MatryoshkaPlugin, PluginConfig, PluginConfigError
+from lightning_modules.plugins import ConfigError, MatryoshkaPlugin, PluginConfig
 
 
 @dataclass
@@ -22,7 +22,7 @@ class Squash(MatryoshkaPlugin):
     def __init__(self, config: SquashConfig, info, seed: int) -> None:
         super().__init__(config, info, seed)
         if config.weight < 0:
-            raise PluginConfigError("weight", f"{config.weight} must be >= 0")
+            raise ConfigError("weight", f"{config.weight} must be >= 0")
 
     def setup(self, backbone) -> None:
         Squash.calls.append(("setup", backbone.info.num_layers))

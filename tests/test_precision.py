@@ -3,7 +3,7 @@ import torch
 
 from experiments.run import build
 from lightning_modules.backbone import BackboneInfo
-from lightning_modules.plugins import MRL, PluginConfigError, Precision
+from lightning_modules.plugins import ConfigError, MRL, Precision
 from lightning_modules.plugins.mrl import MRLConfig
 from lightning_modules.plugins.precision import PrecisionConfig, binary, clipped_gradient, identity_gradient, int8
 from lightning_modules.views import View
@@ -68,7 +68,7 @@ def test_quantized_views_below_min_bytes_are_probed_with_weight_zero():
     (PrecisionConfig(min_bytes=-1), "min_bytes", ">= 0"),
 ])
 def test_invalid_config_names_key_and_allowed_values(config, key, fragment):
-    with pytest.raises(PluginConfigError) as error:
+    with pytest.raises(ConfigError) as error:
         Precision(config, INFO, seed=0)
     assert error.value.key == key and fragment in error.value.message
 

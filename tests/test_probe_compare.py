@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from callbacks.probe.compare import CompareError, compare, default_out, load_table, main, sign_test, table_file
+from callbacks.probe.compare import CompareError, compare, load_table, sign_test, table_file
+from experiments.compare import default_out, main
 from lightning_modules.views import view_name
 
 TASKS = {"Bitext": {"type": "BitextMining", "main_score": "f1", "subsets": ["de-en"]},

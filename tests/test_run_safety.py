@@ -18,7 +18,8 @@ from callbacks.nonfinite import NonFiniteLossError
 from experiments.config import ConfigError, compose
 from experiments.run import train
 from experiments.run_lock import RunLockedError, hold_run_lock
-from experiments.tracking import PROJECT_ROOT, RUN_ID_FILE
+from experiments.run_metadata import PROJECT_ROOT
+from experiments.tracking import RUN_ID_FILE
 from tests.conftest import run_overrides
 
 

@@ -16,9 +16,10 @@ from experiments import run as run_module
 from experiments.config import ConfigError
 from experiments.run import main, train
 from experiments.config import ConfigError
-from experiments.tracking import (EXPERIMENT_KIND_TAG, PROJECT_ROOT, StrictMLFlowLogger, TrackingError, check_tracking,
-                                  config_hash, experiment_description, final_view_losses, heatmap_figure, log_params,
-                                  log_run_summary, run_tags, system_metrics, view_grids)
+from experiments.run_metadata import PROJECT_ROOT, config_hash, log_params, run_tags
+from experiments.run_summary import final_view_losses, heatmap_figure, log_run_summary, view_grids
+from experiments.tracking import (EXPERIMENT_KIND_TAG, StrictMLFlowLogger, TrackingError, check_tracking,
+                                  experiment_description, system_metrics)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 
 from experiments.run import train
-from experiments.tracking import PROJECT_ROOT
+from experiments.run_metadata import PROJECT_ROOT
 from tests.test_tracking import free_port
 
 pytestmark = pytest.mark.slow

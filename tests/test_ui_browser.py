@@ -25,7 +25,7 @@ import pytest
 
 from experiments.config import compose
 from experiments.run import train
-from experiments.tracking import PROJECT_ROOT
+from experiments.run_metadata import PROJECT_ROOT
 from tests.conftest import run_overrides
 from tests.test_tracking import free_port
 from tests.test_tracking_server import stop, wait_until_up

@@ -1,7 +1,7 @@
 """Mid-training MTEB probes over the (layer × dim × rank) grid.
 
-:class:`ProbeCallback` runs them during training; ``python -m callbacks.probe CKPT`` (``make probe``) probes a
-checkpoint. Imports are lazy: ``python -m callbacks.probe`` must switch the hub offline before anything imports
+:class:`ProbeCallback` runs them during training; ``python -m experiments.probe CKPT`` (``make probe``) probes a
+checkpoint. Imports are lazy: the probe command must switch the hub offline before anything imports
 huggingface_hub, and mteb is only imported inside an RNG guard (it reseeds the global generators on import).
 """
 

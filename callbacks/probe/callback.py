@@ -11,13 +11,15 @@ import lightning as L
 from lightning.pytorch.loggers import MLFlowLogger
 
 from callbacks.probe import report
+from callbacks.probe.config import ProbeConfig
 from callbacks.probe.prober import Prober, preserved_rng
+from contracts.config_error import ConfigError
+from datamodules import probe_corpus
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
 
-    from experiments.config import ProbeConfig
-    from lightning_modules.backbone import BatchTokenizer
+    from lightning_modules.embedding_model import TextTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +33,6 @@ def probe_corpus_dir(config: DictConfig) -> str:
 
 def check_tasks(config: ProbeConfig) -> None:
     """Raises ConfigError naming ``probe.tasks`` for a name that is neither built-in nor in mteb's registry."""
-    from experiments.config import ConfigError
-
     with preserved_rng():  # importing mteb and creating tasks reseed the global generators
         from callbacks.probe.tasks import check_task_names
 
@@ -45,7 +45,7 @@ class ProbeCallback(L.Callback):
     """Scores every deployable cell (layer, dim, rank) on mteb tasks while training runs.
 
     Probes run at the start, every ``every_n_steps`` optimizer steps and at the end (see
-    :class:`~experiments.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
+    :class:`~callbacks.probe.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
     ``probe/<task>/<metric>/layer_<l>/dim_<d>/rank_<r>``, ``probe/mean_main_score/{full,cheapest}`` and
     ``probe/seconds`` to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per rank
     to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``; at the end, the last table also as
@@ -67,7 +67,7 @@ class ProbeCallback(L.Callback):
     """
 
     def __init__(self, config: ProbeConfig, corpus_dir: str, catalog_dir: str, run_dir: str | Path,
-                 tokenize: BatchTokenizer, model_name: str = "matryoshka-lab/probe") -> None:
+                 tokenize: TextTokenizer, model_name: str = "matryoshka-lab/probe") -> None:
         check_tasks(config)
         self.config, self.corpus_dir, self.catalog_dir = config, corpus_dir, catalog_dir
         self.run_dir, self.tokenize, self.model_name = Path(run_dir), tokenize, model_name
@@ -128,11 +128,9 @@ class ProbeCallback(L.Callback):
             with preserved_rng():
                 from callbacks.probe.tasks import build_tasks
 
-                if not (Path(self.corpus_dir) / "manifest.json").is_file():
+                if not probe_corpus.corpus_built(self.corpus_dir):
                     if trainer.is_global_zero:
-                        from datamodules.gettext_corpus import build_gettext_corpus
-
-                        build_gettext_corpus(self.corpus_dir, self.catalog_dir)
+                        probe_corpus.build_corpus(self.corpus_dir, self.catalog_dir)
                     trainer.strategy.barrier("probe corpus")
                 tasks = build_tasks(list(self.config.tasks), self.corpus_dir, list(self.config.locales),
                                     self.config.max_pairs_per_locale)

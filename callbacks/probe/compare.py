@@ -1,35 +1,27 @@
-"""``python -m callbacks.probe.compare A [A ...] --vs B [B ...] [--task NAME] [--out DIR]`` (``make compare A=...
-B=...``): two runs' probe tables cell by cell, or two sets of runs (seeds) by their mean per cell.
+"""Two runs' probe tables cell by cell, or two sets of runs (seeds) by their mean per cell (the command:
+:mod:`experiments.compare`, ``make compare A=... B=...``).
 
-An ablation asks "is B better than A in the cells I care about", not only at the full and cheapest cell. This prints,
-for all common cells and for each value of every axis but layer and dim (``rank_64``, ``precision_binary``), how
-many cells B scores higher and lower, the mean, smallest and largest difference in points, the difference at that
-group's full and cheapest cell, and a two-sided sign-test p-value (cells of one run share weights, so read it as a
-guide, not as independent trials). It writes ``compare.json`` and ``compare.png``: one layers × dims heatmap of
-B − A per group of the probe's own heatmaps (every tag but layer and dim).
+An ablation asks "is B better than A in the cells I care about", not only at the full and cheapest cell.
+:func:`compare` gives, for all common cells and for each value of every axis but layer and dim (``rank_64``,
+``precision_binary``), how many cells B scores higher and lower, the mean, smallest and largest difference in
+points, the difference at that group's full and cheapest cell, and a two-sided sign-test p-value (cells of one run
+share weights, so read it as a guide, not as independent trials); :func:`heatmaps` draws one layers × dims heatmap
+of B − A per group of the probe's own heatmaps (every tag but layer and dim).
 
 A and B are probe tables (``probe_step_<n>.json``) or run folders, one or more each (their mean per cell, e.g. over
 seeds; only cells every table has are compared); a run folder's table is the latest one of
 ``make probe`` (``<run_dir>/probe/checkpoint``) or, without one, of training (``<run_dir>/probe``).
-
-With ``--mlflow`` the comparison is also logged as an MLflow run of its own in B's experiment and store (read from
-B's run folder): ``compare.json`` and ``compare.png`` at its root, the metrics ``compare/<group>/<stat>`` and the
-tags ``compare.a`` / ``compare.b`` (the tables) and ``compare.b_run_id``, so the UI shows the per-cell comparison
-next to the runs.
 """
-
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
 from callbacks.probe.prober import summary
-from callbacks.probe.report import CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_panel, heatmap_groups
-from datamodules.atomic import replacing, write_atomic
+from callbacks.probe.report import (CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_figure, grid_panel, heatmap_groups,
+                                    latest_table_file, save_png)
 from lightning_modules.views import view_name
 
 MEAN = "mean_main_score"
@@ -48,9 +40,9 @@ def table_file(path: str | Path) -> Path:
     if not path.is_dir():
         raise CompareError(f"{path}: no such probe table or run folder")
     for folder in (path / PROBE_DIR / CHECKPOINT_DIR, path / PROBE_DIR):
-        tables = sorted(folder.glob(f"{FILE_PREFIX}*.json"), key=lambda file: int(file.stem.removeprefix(FILE_PREFIX)))
-        if tables:
-            return tables[-1]
+        latest = latest_table_file(folder)
+        if latest is not None:
+            return latest
     raise CompareError(f"{path}: no {FILE_PREFIX}<n>.json in {path / PROBE_DIR / CHECKPOINT_DIR} or {path / PROBE_DIR}")
 
 
@@ -151,9 +143,6 @@ def format_comparison(result: dict) -> str:
 def heatmaps(a: dict, result: dict, path: Path) -> None:
     """One panel per group of the probe heatmaps (e.g. ``rank_64/precision_binary``): layers × dims of B − A in
     points, red where B is lower and blue where higher, on one colour scale for all panels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     deltas = result["deltas"]
     groups = {label: [cell for cell in cells if cell["name"] in deltas] for label, cells in heatmap_groups(a).items()}
     groups = {label: cells for label, cells in groups.items() if cells}
@@ -162,9 +151,7 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
     rows = math.ceil(len(groups) / columns)
     layers_max = max(len({cell["tags"]["layer"] for cell in cells}) for cells in groups.values())
     dims_max = max(len({cell["tags"]["dim"] for cell in cells}) for cells in groups.values())
-    figure = Figure(figsize=(1.5 + 0.7 * dims_max * columns, 1.2 + (0.5 * layers_max + 0.9) * rows),
-                    layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = grid_figure(len(groups), layers_max, dims_max, columns)
     for index, (label, cells) in enumerate(groups.items()):
         axes = figure.add_subplot(rows, columns, index + 1)
         image = grid_panel(axes, cells, lambda cell: deltas[cell["name"]], "RdBu", (-limit, limit), "+.1f",
@@ -175,8 +162,7 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
     figure.colorbar(image, ax=figure.axes, label="B − A (points)", shrink=0.8)
     names = [", ".join(run_label(Path(file)) for file in result[side]) for side in ("a", "b")]
     figure.suptitle(f"B − A, {result['score']}\nA: {names[0]}\nB: {names[1]}", fontsize=8)
-    with replacing(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
+    save_png(figure, path)
 
 
 def run_label(file: Path) -> str:
@@ -186,89 +172,6 @@ def run_label(file: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{run_dir.parent.name}_{run_dir.name}")
 
 
-def default_out(files_a: list[Path], files_b: list[Path]) -> Path:
-    """``outputs/compare/<A>__vs__<B>``, each side named by its first run (``+2``: and two more tables)."""
-    def label(files: list[Path]) -> str:
-        return run_label(files[0]) + (f"+{len(files) - 1}" if len(files) > 1 else "")
-
-    return Path("outputs", "compare", f"{label(files_a)}__vs__{label(files_b)}")
-
-
 def run_dir_of(file: Path) -> Path | None:
     """The run folder of a probe table (the folder above ``probe/``), None for a table outside a run folder."""
     return next((parent.parent for parent in file.parents if parent.name == PROBE_DIR), None)
-
-
-def log_comparison(result: dict, out: Path, files_b: list[Path]) -> tuple[str, str]:
-    """Logs the comparison as a new MLflow run in the experiment and store of B's (first) run; returns
-    ``(tracking uri, run id)``.
-
-    Raises:
-        CompareError: when B is not inside a run folder with ``config.yaml``.
-    """
-    from mlflow import MlflowClient
-
-    from experiments.runs import run_store
-    from experiments.tracking import DESCRIPTION_TAG, RUN_ID_FILE
-
-    run_dir = run_dir_of(files_b[0])
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        raise CompareError(f"--mlflow: {files_b[0]} is not in a run folder with config.yaml (outputs/<NAME>/<ts>), "
-                           f"so there is no MLflow store and experiment to log to")
-    uri, experiment = run_store(run_dir)
-    client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    names = [", ".join(run_label(Path(file)) for file in result[side]) for side in ("a", "b")]
-    tags = {"compare.a": " ".join(result["a"])[:5000], "compare.b": " ".join(result["b"])[:5000],
-            DESCRIPTION_TAG: f"B − A in points of {result['score']}, cell by cell.\nA: {names[0]}\nB: {names[1]}"}
-    if (run_dir / RUN_ID_FILE).is_file():
-        tags["compare.b_run_id"] = (run_dir / RUN_ID_FILE).read_text().strip()
-    run = client.create_run(experiment_id, run_name=f"compare {names[0]} vs {names[1]}"[:250], tags=tags)
-    stats = {f"compare/{group}/{key}": float(value) for group, entry in result["groups"].items()
-             for key, value in entry.items() if isinstance(value, (int, float))}
-    stats.update({f"compare/{group}/{end}_delta": entry[end]["delta"] for group, entry in result["groups"].items()
-                  for end in ("full", "cheapest")})
-    for key, value in stats.items():
-        client.log_metric(run.info.run_id, key, value)
-    for name in ("compare.json", "compare.png"):
-        client.log_artifact(run.info.run_id, str(out / name))
-    client.set_terminated(run.info.run_id)
-    return uri, run.info.run_id
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m callbacks.probe.compare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("a", nargs="+", help="probe tables (.json) or run folders: the reference (several: their mean)")
-    parser.add_argument("--vs", nargs="+", required=True, metavar="B",
-                        help="probe tables or run folders compared with A (several: their mean)")
-    parser.add_argument("--task", help="compare this task's main score (default: the mean over tasks)")
-    parser.add_argument("--out", help="folder for compare.json and compare.png (default: outputs/compare/<A>__vs__<B>)")
-    parser.add_argument("--mlflow", action="store_true",
-                        help="also log the comparison as an MLflow run in B's experiment (B must be in a run folder)")
-    options = parser.parse_args(argv)
-    try:
-        loaded = [[load_table(path) for path in paths] for paths in (options.a, options.vs)]
-        (a, files_a), (b, files_b) = ([list(column) for column in zip(*side)] for side in loaded)
-        result = compare(a, b, options.task, (files_a, files_b))
-    except CompareError as error:
-        print(error, file=sys.stderr)
-        return 2
-    out = Path(options.out) if options.out else default_out(files_a, files_b)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "compare.json", json.dumps(result, indent=1))
-    heatmaps(a[0], result, out / "compare.png")
-    print(format_comparison(result))
-    print(f"\nper-cell differences and heatmaps: {out}")
-    if options.mlflow:
-        try:
-            uri, run_id = log_comparison(result, out, files_b)
-        except CompareError as error:
-            print(error, file=sys.stderr)
-            return 2
-        print(f"logged as MLflow run {run_id} ({uri})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -120,7 +120,7 @@ class GridEncoder:
 
     Args:
         module: the :class:`~lightning_modules.module.MatryoshkaEmbedder`.
-        tokenize: a :class:`~lightning_modules.backbone.BatchTokenizer` (its ``encode`` pads one batch).
+        tokenize: a :class:`~lightning_modules.embedding_model.TextTokenizer` (its ``encode`` pads one batch).
         batch_size: texts per forward on each device.
         device: where the module's inputs go.
         forward_context: e.g. the Trainer's precision context (autocast), so probes see training's numerics.

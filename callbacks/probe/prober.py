@@ -94,7 +94,7 @@ class Prober:
 
     Args:
         module: the model whose plugins define the grid.
-        tokenize: the run's :class:`~lightning_modules.backbone.BatchTokenizer` (tokenizer and e5 prefixes).
+        tokenize: the run's :class:`~lightning_modules.embedding_model.TextTokenizer` (tokenizer and e5 prefixes).
         tasks: mteb tasks with their data loaded (see :func:`callbacks.probe.tasks.build_tasks`).
         batch_size: texts per forward on each device.
         model_name: the mteb model name, ``organisation/name``.

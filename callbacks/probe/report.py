@@ -97,18 +97,33 @@ def grid_panel(axes, cells: list[dict], value: Callable[[dict], float | None], c
     return image
 
 
-def heatmap(table: dict, group: str, cells: list[dict], path: Path, run_name: str = "") -> None:
-    """One panel per task (see :func:`grid_panel`), each square annotated with the main score, with a colour bar;
-    the title names the run, the step and the group."""
+def grid_figure(panels: int, layers: int, dims: int, columns: int | None = None):
+    """An empty matplotlib Figure (no global pyplot state) sized for ``panels`` heatmaps of :func:`grid_panel` of up
+    to ``layers`` rows and ``dims`` columns each, ``columns`` panels per row (default: all in one row)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    columns = columns or panels
+    rows = math.ceil(panels / columns)
+    figure = Figure(figsize=(max(4.8, 1.2 + (0.75 * dims + 1.0) * columns), 1.0 + (0.55 * layers + 0.5) * rows),
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_png(figure, path: Path) -> None:
+    """Writes ``figure`` to ``path`` as a PNG, by rename (a reader never sees half a file)."""
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
+
+
+def heatmap(table: dict, group: str, cells: list[dict], path: Path, run_name: str = "") -> None:
+    """One panel per task (see :func:`grid_panel`), each square annotated with the main score, with a colour bar;
+    the title names the run, the step and the group."""
     layers = {cell["tags"]["layer"] for cell in cells}
     dims = {cell["tags"]["dim"] for cell in cells}
     tasks = list(table["tasks"])
-    figure = Figure(figsize=(1.2 + (0.75 * len(dims) + 1.0) * len(tasks), 1.3 + 0.55 * len(layers)),
-                    layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = grid_figure(len(tasks), len(layers), len(dims))
     for i, task in enumerate(tasks):
         axes = figure.add_subplot(1, len(tasks), i + 1)
         main = table["tasks"][task]["main_score"]
@@ -116,8 +131,7 @@ def heatmap(table: dict, group: str, cells: list[dict], path: Path, run_name: st
                    "viridis", (0.0, 1.0), ".2f", lambda value: "black" if value > 0.6 else "white", colorbar=main)
         axes.set_title(f"{task}\n{main}", fontsize=9)
     figure.suptitle(" · ".join(filter(None, [run_name, f"step {table['step']}", group])), fontsize=10)
-    with replacing(path) as temporary:
-        figure.savefig(temporary, dpi=110, format="png")
+    save_png(figure, path)
 
 
 def rows(table: dict) -> list[dict]:
@@ -205,11 +219,18 @@ def log_to_mlflow(client, run_id: str, logged: dict[str, float], step: int, file
         client.log_artifact(run_id, str(path), artifact_path=artifact_path or f"{PROBE_DIR}/step_{step}")
 
 
+def latest_table_file(folder: str | Path) -> Path | None:
+    """The ``probe_step_<n>.json`` of the largest ``n`` in ``folder``; None without any. The one place that finds
+    probe tables (training's in ``<run_dir>/probe``, ``make probe``'s in ``<run_dir>/probe/checkpoint``)."""
+    tables = sorted(Path(folder).glob(f"{FILE_PREFIX}*.json"),
+                    key=lambda path: int(path.stem.removeprefix(FILE_PREFIX)))
+    return tables[-1] if tables else None
+
+
 def latest_table(run_dir: str | Path) -> dict | None:
     """The probe table of the latest step in ``run_dir/probe`` (e.g. for a model card), None without any."""
-    tables = sorted(Path(run_dir, PROBE_DIR).glob(f"{FILE_PREFIX}*.json"),
-                    key=lambda path: int(path.stem.removeprefix(FILE_PREFIX)))
-    return json.loads(tables[-1].read_text()) if tables else None
+    file = latest_table_file(Path(run_dir, PROBE_DIR))
+    return json.loads(file.read_text()) if file else None
 
 
 def format_table(table: dict) -> str:

@@ -7,8 +7,6 @@ torch's global generators.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from pathlib import Path
 
@@ -24,12 +22,11 @@ from mteb.languages.check_language_code import check_language_code
 from mteb.languages.iso_mappings import _hf_lang_to_iso_lang_script
 from mteb.types import PromptType
 
-from datamodules import manpages_corpus
-from datamodules.gettext_corpus import MANIFEST_NAME, Pair, load_split
+from datamodules.probe_corpus import (SPLIT, EnglishPage, Pair, TranslatedPage, corpus_revision, manpage_sample,
+                                      probe_pairs)
 
 log = logging.getLogger(__name__)
 
-SPLIT = "probe"
 SCRIPT_VARIANTS = {"latin": "Latn", "cyrillic": "Cyrl", "TW": "Hant", "HK": "Hant"}
 
 
@@ -49,39 +46,6 @@ def mteb_language(locale: str) -> str:
     return code
 
 
-def probe_pairs(corpus_dir: str | Path, locales: list[str], max_pairs: int) -> dict[str, list[Pair]]:
-    """Up to ``max_pairs`` held-out pairs per locale, one per English sentence and per translation.
-
-    Pairs are taken in the order of a hash of the English sentence, the same order for every locale, so the
-    locales share English sentences where they can (fewer texts to encode). A locale without probe pairs is
-    skipped with one log line.
-    """
-    def english_order(pair: Pair) -> str:
-        return hashlib.sha1(pair.en.encode()).hexdigest()
-
-    selected = {}
-    for locale in locales:
-        try:
-            pairs = load_split(corpus_dir, SPLIT, locale)
-        except FileNotFoundError:
-            pairs = []
-        chosen, seen = [], set()
-        for pair in sorted(pairs, key=english_order):
-            if pair.en not in seen and pair.xx not in seen:
-                seen.update((pair.en, pair.xx))
-                chosen.append(pair)
-        if len(chosen) < 2:
-            log.warning("probe: skipping locale %s: %d usable pairs in the %s split of %s", locale, len(chosen),
-                        SPLIT, corpus_dir)
-            continue
-        selected[locale] = chosen[:max_pairs]
-    if not selected:
-        available = sorted(path.stem for path in (Path(corpus_dir) / SPLIT).glob("*.jsonl"))
-        raise ValueError(f"probe.locales {locales}: none has probe pairs in {corpus_dir}; locales with probe pairs: "
-                         f"{', '.join(available) or 'none (build the corpus first)'}")
-    return selected
-
-
 def _metadata(name: str, task_type: str, main_score: str, description: str, eval_langs, revision: str,
               dataset_path: str = "local/gettext-probe", domains: tuple[str, ...] = ("Web",)) -> TaskMetadata:
     return TaskMetadata(
@@ -90,12 +54,6 @@ def _metadata(name: str, task_type: str, main_score: str, description: str, eval
         modalities=["text"], eval_splits=[SPLIT], eval_langs=eval_langs, date=None, domains=list(domains),
         task_subtypes=None, license="not specified", annotations_creators="human-annotated", dialect=[],
         sample_creation="found", bibtex_citation="")
-
-
-def corpus_revision(corpus_dir: str | Path) -> str:
-    """The corpus's content hash (the task's dataset revision), ``unknown`` without a manifest."""
-    manifest = Path(corpus_dir) / MANIFEST_NAME
-    return json.loads(manifest.read_text())["content_hash"] if manifest.is_file() else "unknown"
 
 
 class GettextBitextMining(AbsTaskBitextMining):
@@ -206,8 +164,8 @@ class ManpageRetrieval(AbsTaskRetrieval):
 
     k_values = (1, 10)
 
-    def __init__(self, queries: dict[str, list[manpages_corpus.TranslatedPage]],
-                 documents: dict[str, list[manpages_corpus.EnglishPage]], revision: str = "unknown") -> None:
+    def __init__(self, queries: dict[str, list[TranslatedPage]],
+                 documents: dict[str, list[EnglishPage]], revision: str = "unknown") -> None:
         languages = sorted({mteb_language(language) for language in queries} | {"eng-Latn"})
         self.metadata = _metadata(
             "ManpageRetrieval", "Retrieval", "ndcg_at_10",
@@ -221,28 +179,24 @@ class ManpageRetrieval(AbsTaskRetrieval):
     @classmethod
     def from_corpus(cls, locales: list[str], max_queries: int, corpus_dir: str | Path | None = None,
                     man_dir: str | Path | None = None) -> ManpageRetrieval | None:
-        """The task on up to ``max_queries`` pages per locale, building the corpus (default
-        ``manpages_corpus.CORPUS_DIR``) from the man tree (default ``manpages_corpus.MAN_DIR``) if needed; None,
-        with one log line, when no locale has translated pages."""
-        corpus_dir = corpus_dir or manpages_corpus.CORPUS_DIR
-        man_dir = man_dir or manpages_corpus.MAN_DIR
+        """The task on up to ``max_queries`` pages per locale, building the corpus from the man tree if needed
+        (:func:`datamodules.probe_corpus.manpage_sample`, which has the default folders); None, with one log line,
+        when no locale has translated pages."""
         try:
-            manifest = manpages_corpus.build_manpage_corpus(corpus_dir, man_dir)
-            queries, documents = manpages_corpus.retrieval_sample(corpus_dir, locales, max_queries)
-        except (OSError, ValueError) as error:
-            log.warning("probe: skipping ManpageRetrieval: cannot build the manual-page corpus %s from %s (%s)",
-                        corpus_dir, man_dir, error)
+            queries, documents, manifest = manpage_sample(locales, max_queries, corpus_dir, man_dir)
+        except ValueError as error:
+            log.warning("probe: skipping ManpageRetrieval: %s", error)
             return None
         if not queries:
             present = [language for language, counts in manifest["languages"].items() if counts["pairs"]]
             log.warning("probe: skipping ManpageRetrieval: no translated manual pages for probe.locales %s under "
-                        "%s (languages with pages: %s; `make manpages` installs some)", locales, man_dir,
+                        "%s (languages with pages: %s; `make manpages` installs some)", locales, manifest["man_dir"],
                         ", ".join(present) or "none")
             return None
         return cls(queries, documents, manifest["content_hash"])
 
     def load_data(self, num_proc: int | None = None, **kwargs) -> None:
-        def document_id(page: manpages_corpus.TranslatedPage | manpages_corpus.EnglishPage) -> str:
+        def document_id(page: TranslatedPage | EnglishPage) -> str:
             return f"{page.section}/{page.page}"
 
         queries = [(f"{language}/{document_id(page)}", page) for language, pages in self.queries.items()

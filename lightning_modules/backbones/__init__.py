@@ -3,12 +3,8 @@ and tiny random-init models for tests. ``describe`` is cheap (no weights) so con
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from lightning_modules.backbone import Backbone, BackboneInfo
-
-if TYPE_CHECKING:
-    from experiments.config import ModelConfig
+from lightning_modules.config import ModelConfig
 
 # Model types whose embeddings are read at the last token (causal LMs); everything else is mean-pooled.
 DECODER_MODEL_TYPES = {"qwen2", "qwen3", "llama", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}

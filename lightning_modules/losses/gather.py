@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
-GATHER_MODES = ("none", "local", "full")
+from lightning_modules.config import GatherMode
+
+GATHER_MODES = typing.get_args(GatherMode)
 
 
 def gather_positives(passages: Tensor, mode: str) -> tuple[Tensor, int]:

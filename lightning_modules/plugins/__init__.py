@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 import re
 
-from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, PluginConfigError
+from contracts.config_error import ConfigError
+from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig
 from lightning_modules.plugins.distillation import Distillation
 from lightning_modules.plugins.ffn import FFN
 from lightning_modules.plugins.mel import MEL
@@ -20,8 +21,8 @@ BUILTIN_PLUGINS: dict[str, type[MatryoshkaPlugin]] = {"mll": MLL, "mrl": MRL, "m
 PLUGIN_PACKAGE = "lightning_modules.plugins"  # always importable; others only when listed in plugin_packages
 DOTTED_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 
-__all__ = ["BUILTIN_PLUGINS", "Distillation", "FFN", "MEL", "MLL", "MRL", "MatryoshkaPlugin", "PluginConfig",
-           "PluginConfigError", "Precision", "resolve_plugin"]
+__all__ = ["BUILTIN_PLUGINS", "ConfigError", "Distillation", "FFN", "MEL", "MLL", "MRL", "MatryoshkaPlugin",
+           "PluginConfig", "Precision", "resolve_plugin"]
 
 
 def resolve_plugin(name: str, target: str | None, packages: list[str] = ()) -> type[MatryoshkaPlugin]:

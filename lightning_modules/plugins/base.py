@@ -9,20 +9,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from contracts.config_error import ConfigError
+
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from lightning_modules.backbone import Backbone, BackboneInfo
     from lightning_modules.views import Cell, EmbeddingBundle, View
-
-
-class PluginConfigError(ValueError):
-    """A plugin's config value is invalid; ``key`` is relative to the plugin's config block."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
 
 
 @dataclass
@@ -34,9 +27,10 @@ class MatryoshkaPlugin:
     """Base class of a Matryoshka axis.
 
     A subclass sets ``Config`` (a dataclass of its options, typed: unknown keys and wrong types are
-    rejected before any work), validates values in ``__init__`` by raising :class:`PluginConfigError`, and
-    overrides any of the hooks below. ``stage`` orders ``expand`` calls: plugins that choose *which*
-    embedding a view reads (an exit layer) run before plugins that transform it (dims, precision).
+    rejected before any work), validates values in ``__init__`` by raising
+    :class:`~contracts.config_error.ConfigError` with the option's name (the run reports it under
+    ``plugins.<name>.``), and overrides any of the hooks below. ``stage`` orders ``expand`` calls: plugins that
+    choose *which* embedding a view reads (an exit layer) run before plugins that transform it (dims, precision).
 
     Hooks:
         setup(backbone): change the model once, before the optimizer exists.
@@ -161,10 +155,10 @@ def checked_ladder(key: str, values: list[int], high: int, bound: str, example: 
     """Validates a ladder of sizes (dims, layers, ranks): non-empty, each in ``[1, high]``, no repeats."""
     bad = [value for value in values if not 1 <= value <= high]
     if not values or bad:
-        raise PluginConfigError(key, f"{bad or values} not allowed: each value must be an integer in "
-                                f"[1, {high}] ({bound}), e.g. {example}")
+        raise ConfigError(key, f"{bad or values} not allowed: each value must be an integer in "
+                          f"[1, {high}] ({bound}), e.g. {example}")
     if len(set(values)) != len(values):
-        raise PluginConfigError(key, f"{values} has repeated values; each may appear once")
+        raise ConfigError(key, f"{values} has repeated values; each may appear once")
     return list(values)
 
 
@@ -174,6 +168,6 @@ def checked_weights(key: str, weights: list[float] | None, ladder: list[int]) ->
     if weights is None:
         return None
     if len(weights) != len(ladder) or any(weight < 0 for weight in weights) or not any(weights):
-        raise PluginConfigError(key, f"{list(weights)} must be {len(ladder)} non-negative numbers, not all zero, "
-                                f"one per entry of {ladder}")
+        raise ConfigError(key, f"{list(weights)} must be {len(ladder)} non-negative numbers, not all zero, "
+                          f"one per entry of {ladder}")
     return dict(zip(ladder, weights))

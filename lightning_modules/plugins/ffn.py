@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, PluginConfigError, checked_ladder, ladder_probabilities
+from contracts.config_error import ConfigError
+from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, checked_ladder, ladder_probabilities
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import Backbone, BackboneInfo
@@ -111,8 +112,8 @@ class FFN(ModelSidePlugin):
     def setup(self, backbone: Backbone) -> None:
         found = feed_forward_projections(backbone.model, self.info.intermediate_size)
         if not any(nested == "in" for _, _, nested in found):
-            raise PluginConfigError("widths", f"no feed-forward layer of size {self.info.intermediate_size} found in "
-                                    f"{type(backbone.model).__name__}")
+            raise ConfigError("widths", f"no feed-forward layer of size {self.info.intermediate_size} found in "
+                              f"{type(backbone.model).__name__}")
         for name, linear, nested in found:
             projection = NestedLinear(linear, nested)
             backbone.model.set_submodule(name, projection)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, PluginConfigError, checked_ladder, ladder_probabilities
+from contracts.config_error import ConfigError
+from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, checked_ladder, ladder_probabilities
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import Backbone, BackboneInfo
@@ -162,8 +163,8 @@ class MEL(ModelSidePlugin):
         limit = min(info.vocab_size, info.hidden_size)
         max_rank = info.hidden_size // 2 if config.rank is None else config.rank
         if not 1 <= max_rank <= limit:
-            raise PluginConfigError("rank", f"{max_rank} not allowed: must be an integer in [1, {limit}] "
-                                    f"(min of vocab {info.vocab_size} and hidden size {info.hidden_size})")
+            raise ConfigError("rank", f"{max_rank} not allowed: must be an integer in [1, {limit}] "
+                              f"(min of vocab {info.vocab_size} and hidden size {info.hidden_size})")
         ranks = checked_ladder("ranks", default_ranks(max_rank) if config.ranks is None else list(config.ranks),
                                max_rank, "plugins.mel.rank", default_ranks(max_rank))
         self.max_rank = max_rank

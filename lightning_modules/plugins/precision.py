@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, PluginConfigError, checked_weights
+from contracts.config_error import ConfigError
+from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, checked_weights
 from lightning_modules.views import vector_bytes
 
 if TYPE_CHECKING:
@@ -101,17 +102,17 @@ class Precision(MatryoshkaPlugin):
         super().__init__(config, info, seed)
         unknown = [level for level in config.levels if level not in LEVELS]
         if not config.levels or unknown:
-            raise PluginConfigError("levels", f"{unknown or config.levels} not allowed: choose one or more of "
-                                    f"{', '.join(LEVELS)}")
+            raise ConfigError("levels", f"{unknown or config.levels} not allowed: choose one or more of "
+                              f"{', '.join(LEVELS)}")
         if len(set(config.levels)) != len(config.levels):
-            raise PluginConfigError("levels", f"{config.levels} has repeated values; each may appear once")
+            raise ConfigError("levels", f"{config.levels} has repeated values; each may appear once")
         self.levels = list(config.levels)
         if config.binary_gradient not in BINARY_GRADIENTS:
-            raise PluginConfigError("binary_gradient", f"{config.binary_gradient!r} not allowed: choose one of "
-                                    f"{', '.join(BINARY_GRADIENTS)}")
+            raise ConfigError("binary_gradient", f"{config.binary_gradient!r} not allowed: choose one of "
+                              f"{', '.join(BINARY_GRADIENTS)}")
         self.estimators = {"int8": identity_gradient, "binary": BINARY_GRADIENTS[config.binary_gradient]}
         if config.min_bytes < 0:
-            raise PluginConfigError("min_bytes", f"{config.min_bytes} must be >= 0 (bytes per stored vector)")
+            raise ConfigError("min_bytes", f"{config.min_bytes} must be >= 0 (bytes per stored vector)")
         self.min_bytes = config.min_bytes
         explicit = checked_weights("weights", config.weights, self.levels)
         self.weights = [1.0] * len(self.levels) if explicit is None else [explicit[level] for level in self.levels]

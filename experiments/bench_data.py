@@ -1,4 +1,5 @@
-"""``python -m datamodules.bench [NAME] [key=value ...]``: data-loader speed, padding, and data-wait share.
+"""``python -m experiments.bench_data [NAME] [key=value ...]`` (``make bench-data``): data-loader speed, padding,
+and data-wait share.
 
 1. The loader alone, in this process (= one DataLoader worker): batches and tokenized pairs per second, and
    the padding fraction, with length bucketing off and on, over the experiment's data and tokenizer.
@@ -6,7 +7,7 @@
    time the training loop spent waiting for data (``system/data/device/wait_fraction``, start-up batch excluded).
 
 Example:
-    .venv/bin/python -m datamodules.bench quickstart --steps 20 --batches 200
+    .venv/bin/python -m experiments.bench_data quickstart --steps 20 --batches 200
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ def loader_speed(config, batches: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", default="quickstart", help="experiment (default: quickstart)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--batches", type=int, default=200, help="batches timed per loader setting")
     parser.add_argument("--steps", type=int, default=20, help="training steps for the data-wait share (0: skip)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
     from experiments.config import compose
     from experiments.run import train
 

@@ -1,0 +1,35 @@
+"""The ``probe`` section: mid-training MTEB probes of every (layer × dim × rank) cell."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from contracts.config_error import check_at_least
+
+
+@dataclass
+class ProbeConfig:
+    """Mid-training MTEB probes of every (layer × dim × rank) cell (:class:`~callbacks.probe.ProbeCallback`)."""
+
+    enabled: bool = True
+    every_n_steps: int = 50
+    """Probe every N optimizer steps, besides the start and the end of training (0: only those)."""
+    at_start: bool = True
+    at_end: bool = True
+    tasks: list[str] = field(default_factory=lambda: ["GettextBitextMining", "GettextRetrieval"])
+    """Built-in offline tasks on the corpus's held-out probe split, or mteb registry task names (run when their
+    data is in the local hub cache; otherwise one log line says so and the probe goes on)."""
+    locales: list[str] = field(default_factory=lambda: ["de", "fr", "ru", "ar", "hi", "ta", "kk", "eu", "gl", "si"])
+    """Locales of the built-in tasks (low-resource ones included); a locale without probe pairs is skipped."""
+    max_pairs_per_locale: int = 24
+    batch_size: int = 64
+    """Texts per forward on each device."""
+    metrics: list[str] = field(default_factory=lambda: ["recall_at_1"])
+    """Scores logged per cell besides each task's main score (when a task reports them)."""
+    corpus_dir: str | None = None
+    """Corpus with the probe split; null: ``data.dir`` for gettext/django corpora, else ``data/gettext``."""
+
+    def __post_init__(self) -> None:
+        check_at_least("every_n_steps", self.every_n_steps, 0)
+        check_at_least("max_pairs_per_locale", self.max_pairs_per_locale, 0, exclusive=True)
+        check_at_least("batch_size", self.batch_size, 0, exclusive=True)

@@ -1,0 +1,91 @@
+"""The probe's held-out data, as the probe reads it: the gettext corpus's probe pairs and a sample of Debian's
+translated manual pages. Callbacks read corpora only through this module; the file layouts stay the builders'
+(:mod:`datamodules.gettext_corpus`, :mod:`datamodules.manpages_corpus`)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from datamodules import manpages_corpus
+from datamodules.gettext_corpus import MANIFEST_NAME, Pair, build_gettext_corpus, load_split, read_manifest
+from datamodules.manpages_corpus import EnglishPage, TranslatedPage
+
+__all__ = ["SPLIT", "EnglishPage", "Pair", "TranslatedPage", "build_corpus", "corpus_built", "corpus_revision",
+           "manpage_sample", "probe_pairs"]
+
+log = logging.getLogger(__name__)
+
+SPLIT = "probe"
+"""The held-out split of the gettext corpus that the probe reads (training never does)."""
+
+
+def corpus_built(corpus_dir: str | Path) -> bool:
+    """Whether ``corpus_dir`` holds a finished gettext corpus (a build writes its manifest last)."""
+    return (Path(corpus_dir) / MANIFEST_NAME).is_file()
+
+
+def build_corpus(corpus_dir: str | Path, catalog_dir: str | Path) -> dict:
+    """Builds the gettext corpus (with its probe split) from the catalogs of ``catalog_dir``; returns its manifest."""
+    return build_gettext_corpus(corpus_dir, catalog_dir)
+
+
+def corpus_revision(corpus_dir: str | Path) -> str:
+    """The corpus's content hash (the task's dataset revision), ``unknown`` without a manifest."""
+    manifest = read_manifest(Path(corpus_dir))
+    return manifest["content_hash"] if manifest else "unknown"
+
+
+def probe_pairs(corpus_dir: str | Path, locales: list[str], max_pairs: int) -> dict[str, list[Pair]]:
+    """Up to ``max_pairs`` held-out pairs per locale, one per English sentence and per translation.
+
+    Pairs are taken in the order of a hash of the English sentence, the same order for every locale, so the
+    locales share English sentences where they can (fewer texts to encode). A locale without probe pairs is
+    skipped with one log line.
+    """
+    def english_order(pair: Pair) -> str:
+        return hashlib.sha1(pair.en.encode()).hexdigest()
+
+    selected = {}
+    for locale in locales:
+        try:
+            pairs = load_split(corpus_dir, SPLIT, locale)
+        except FileNotFoundError:
+            pairs = []
+        chosen, seen = [], set()
+        for pair in sorted(pairs, key=english_order):
+            if pair.en not in seen and pair.xx not in seen:
+                seen.update((pair.en, pair.xx))
+                chosen.append(pair)
+        if len(chosen) < 2:
+            log.warning("probe: skipping locale %s: %d usable pairs in the %s split of %s", locale, len(chosen),
+                        SPLIT, corpus_dir)
+            continue
+        selected[locale] = chosen[:max_pairs]
+    if not selected:
+        available = sorted(path.stem for path in (Path(corpus_dir) / SPLIT).glob("*.jsonl"))
+        raise ValueError(f"probe.locales {locales}: none has probe pairs in {corpus_dir}; locales with probe pairs: "
+                         f"{', '.join(available) or 'none (build the corpus first)'}")
+    return selected
+
+
+def manpage_sample(locales: list[str], max_queries: int, corpus_dir: str | Path | None = None,
+                   man_dir: str | Path | None = None) -> tuple[dict[str, list[TranslatedPage]],
+                                                                  dict[str, list[EnglishPage]], dict]:
+    """``(queries, documents, manifest)`` of the manual-page corpus ``corpus_dir`` (default
+    ``manpages_corpus.CORPUS_DIR``), built from the man tree ``man_dir`` (default ``manpages_corpus.MAN_DIR``) if
+    needed: up to ``max_queries`` translated pages per locale and the English pages of their sections (see
+    :func:`datamodules.manpages_corpus.retrieval_sample`).
+
+    Raises:
+        ValueError: naming both folders when the corpus cannot be built or read.
+    """
+    corpus_dir = corpus_dir or manpages_corpus.CORPUS_DIR
+    man_dir = man_dir or manpages_corpus.MAN_DIR
+    try:
+        manifest = manpages_corpus.build_manpage_corpus(corpus_dir, man_dir)
+        queries, documents = manpages_corpus.retrieval_sample(corpus_dir, locales, max_queries)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot build the manual-page corpus {corpus_dir} from {man_dir} ({error})") from None
+    return queries, documents, manifest
