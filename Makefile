@@ -25,7 +25,7 @@ MODEL  ?=
 MANPAGE_PACKAGES ?= manpages-de manpages-fr manpages-es manpages-ru manpages-pl
 
 .DEFAULT_GOAL := help
-.PHONY: help install exp test test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine paper
+.PHONY: help install exp test test-unit test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine paper
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ gpu-check: ## tokens/s, MFU, peak memory per setup on the GPUs present (< 8 min;
 test: $(STAMP) ## Run the test suite (fast tests, < 15 min on 2 cores)
 	$(BIN)/python -m pytest -q
 
+test-unit: $(STAMP) ## Run the unit tests only (no training, no MLflow: < 4 min on 2 cores)
+	$(BIN)/python -m pytest -q tests/unit
+
 test-slow: $(STAMP) ## Run the slow tests (real backbone end to end)
 	$(BIN)/python -m pytest -q -m slow
 
@@ -96,7 +99,7 @@ test-slow: $(STAMP) ## Run the slow tests (real backbone end to end)
 test-ui: $(STAMP) ## Browser test of the MLflow UI (headless Chromium; installs it with apt-get if missing)
 	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }
 	$(BIN)/pip install -q -e '.[browser]'
-	$(BIN)/python -m pytest -q -m browser tests/test_ui_browser.py
+	$(BIN)/python -m pytest -q -m browser tests/integration/test_ui_browser.py
 
 data: $(STAMP) ## Build the gettext translation corpus into data/gettext (done by training too)
 	$(BIN)/python -c "from datamodules.gettext_corpus import build_gettext_corpus; print(build_gettext_corpus('data/gettext')['content_hash'])"

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from experiments.config import compose, plugin_configs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "adding_an_axis.md"
 BLOCK = re.compile(r"```(?:python|yaml)\n# file: (\S+)\n(.*?)```", re.DOTALL)
 EXCERPT = re.compile(r"```python\n# excerpt: (\S+)\n(.*?)```", re.DOTALL)

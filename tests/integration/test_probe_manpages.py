@@ -8,8 +8,8 @@ import pytest
 
 from callbacks.probe.prober import preserved_rng
 from datamodules import manpages_corpus
-from tests.test_manpages_corpus import page_source, write_page
-from tests.test_probe import META, hand_encoder, one_hot
+from tests.unit.test_manpages_corpus import page_source, write_page
+from tests.integration.test_probe import META, hand_encoder, one_hot
 
 with preserved_rng():  # mteb reseeds the global generators on import
     from callbacks.probe.grid import CellModel, evaluate

@@ -8,7 +8,7 @@ import pytest
 
 from callbacks.probe.prober import preserved_rng
 from datamodules.gettext_corpus import Pair
-from tests.test_probe import META, hand_encoder
+from tests.integration.test_probe import META, hand_encoder
 
 with preserved_rng():  # mteb reseeds the global generators on import
     from callbacks.probe import grid

@@ -17,7 +17,7 @@ from lightning_modules.module import MatryoshkaEmbedder
 from lightning_modules.plugins import Distillation
 from lightning_modules.plugins.distillation import BackboneTeacher, mse_distillation, similarity_distillation
 from lightning_modules.views import View
-from tests.test_training import final_state, train_until_crash
+from tests.integration.test_training import final_state, train_until_crash
 
 
 def test_mse_normalises_the_student_and_the_teacher_cut_to_its_width():

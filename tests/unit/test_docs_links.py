@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README_MAX_LINES = 250
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

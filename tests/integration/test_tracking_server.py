@@ -16,7 +16,7 @@ import pytest
 
 from experiments.run import train
 from experiments.run_metadata import PROJECT_ROOT
-from tests.test_tracking import free_port
+from tests.integration.test_tracking import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -40,7 +40,7 @@ class Squash(MatryoshkaPlugin):
 def test_fourth_axis_trains_with_no_edit_to_core_code(tiny_config):
     Squash.calls.clear()
     config = tiny_config("tiny", ["plugin_packages=[tests]",
-                                  "plugins.squash._target_=tests.test_plugin_contract.Squash",
+                                  "plugins.squash._target_=tests.integration.test_plugin_contract.Squash",
                                   "plugins.squash.weight=0.25", "trainer.max_steps=3"])
     result = train(config)
     assert Squash.calls[0] == ("setup", 4)
@@ -57,7 +57,7 @@ def test_new_axis_config_is_validated_by_its_own_class(tiny_config):
     from experiments.config import ConfigError
 
     config = tiny_config("tiny", ["plugin_packages=[tests]",
-                                  "plugins.squash._target_=tests.test_plugin_contract.Squash",
+                                  "plugins.squash._target_=tests.integration.test_plugin_contract.Squash",
                                   "plugins.squash.weight=-1"])
     try:
         train(config)

@@ -7,7 +7,7 @@ to the test's output folder (``runs.png``, ``run.png``, ``compare.png``, ``compa
 
 Needs Chromium and its driver (``apt-get install chromium chromium-driver``) and ``selenium`` (``.[browser]``).
 To shoot another store, e.g. the docs' quickstart runs: ``UI_STORE=sqlite:////tmp/ui/mlflow.db
-UI_EXPERIMENT=quickstart UI_SCREENSHOTS=docs/img python -m pytest -m browser tests/test_ui_browser.py``.
+UI_EXPERIMENT=quickstart UI_SCREENSHOTS=docs/img python -m pytest -m browser tests/integration/test_ui_browser.py``.
 """
 
 import json
@@ -27,8 +27,8 @@ from experiments.config import compose
 from experiments.run import train
 from experiments.run_metadata import PROJECT_ROOT
 from tests.conftest import run_overrides
-from tests.test_tracking import free_port
-from tests.test_tracking_server import stop, wait_until_up
+from tests.integration.test_tracking import free_port
+from tests.integration.test_tracking_server import stop, wait_until_up
 
 pytestmark = pytest.mark.browser
 
