@@ -1,4 +1,4 @@
-"""The probe's light mteb data loaders (callbacks/probe/grid.py) give exactly mteb's own scores."""
+"""The probe's light mteb data loaders and helpers (callbacks/probe/grid.py) give exactly mteb's own scores."""
 
 import contextlib
 import json
@@ -25,12 +25,12 @@ def scores(task, light: bool, monkeypatch) -> dict:
     vectors = {prefix + text: [generator.gauss(0, 1) for _ in range(4)] for text in texts for prefix in ("q: ", "p: ")}
     roles = {text: role for role, text in task.probe_inputs()}
     if not light:
-        monkeypatch.setattr(grid, "light_loaders", contextlib.nullcontext)
+        monkeypatch.setattr(grid, "light_mteb", contextlib.nullcontext)
     return evaluate(CellModel(hand_encoder(vectors), 0, META, may_encode=False, roles=roles), task, 4)
 
 
 @pytest.mark.parametrize("task_class", [GettextBitextMining, GettextRetrieval])
-def test_light_loaders_give_mteb_s_scores(task_class, monkeypatch):
+def test_light_mteb_gives_mteb_s_scores(task_class, monkeypatch):
     task = task_class(PAIRS)
     light = [scores(task, True, monkeypatch) for _ in range(2)]  # the second retrieval call reuses the loaders
     mteb_own = scores(task, False, monkeypatch)
