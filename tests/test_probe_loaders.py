@@ -54,3 +54,16 @@ def test_retrieval_prepares_its_queries_and_corpus_once(monkeypatch):
     for _ in range(3):  # three cells
         scores(task, True, monkeypatch)
     assert len(calls) == 2  # the queries and the corpus, once
+
+
+def test_queries_with_positives_keeps_what_mteb_keeps():
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import _filter_queries_without_positives
+
+    queries = Dataset.from_dict({"id": ["q0", "q1", "q2", "q3"], "text": ["a", "b", "c", "d"]})
+    relevant = {"q0": {"d0": 1}, "q1": {}, "q2": {"d2": 1}}  # q1: no positive; q3: no judgement at all
+    docs, kept = grid.queries_with_positives(relevant, queries)
+    mteb_docs, mteb_kept = _filter_queries_without_positives(relevant, queries)
+    assert docs == mteb_docs == {"q0": {"d0": 1}, "q2": {"d2": 1}}
+    assert kept[:] == mteb_kept[:] == {"id": ["q0", "q2"], "text": ["a", "c"]}
+    assert grid.queries_with_positives(docs, kept)[1] is kept  # nothing to drop: the same queries

@@ -19,6 +19,7 @@ from mteb._create_dataloaders import create_dataloader
 from mteb._evaluators import retrieval_metrics
 from mteb._evaluators.text import bitext_mining_evaluator
 from mteb._requires_package import _mteb_distribution
+from mteb.abstasks import retrieval
 from mteb.abstasks.abstask import AbsTask
 from mteb.models import search_wrappers
 from mteb.models.abs_encoder import AbsEncoder
@@ -155,6 +156,16 @@ def trapezoid_auc(x, y) -> float:
     return float(trapezoid(y, x))
 
 
+def queries_with_positives(relevant_docs: dict, queries) -> tuple[dict, Any]:
+    """mteb's ``_filter_queries_without_positives`` reading the query ids in one Arrow read (not row by row), and
+    returning the queries as they are when it keeps all of them (mteb stores the filtered queries back into the
+    task, so every cell after the first filters them again)."""
+    kept_docs = {query: documents for query, documents in relevant_docs.items() if len(documents)}
+    ids = list(queries["id"][:])
+    kept = [i for i, query in enumerate(ids) if query in kept_docs]
+    return kept_docs, queries if len(kept) == len(ids) else queries.select(kept)
+
+
 def no_progress_bar(iterable, *args, **kwargs):
     """tqdm's signature, the iterable itself (mteb's bitext evaluator draws two bars per subset and cell)."""
     return iterable
@@ -170,11 +181,13 @@ def mteb_version() -> SimpleNamespace:
 @contextlib.contextmanager
 def light_mteb():
     """mteb (2.26) with lighter equivalents of some of its helpers: :func:`text_loader` and :func:`shared_loader` in
-    place of its two loader factories, :func:`trapezoid_auc` for sklearn's ``auc``, no bitext progress bars,
-    :func:`mteb_version` (same texts, same order, same scores: ``test_light_mteb_gives_mteb_s_scores``)."""
+    place of its two loader factories, :func:`trapezoid_auc` for sklearn's ``auc``, :func:`queries_with_positives`,
+    no bitext progress bars, :func:`mteb_version` (same texts, same order, same scores:
+    ``test_light_mteb_gives_mteb_s_scores``)."""
     replacements = [(bitext_mining_evaluator, "_create_dataloader_from_texts", text_loader),
                     (search_wrappers, "create_dataloader", shared_loader),
                     (retrieval_metrics, "auc", trapezoid_auc),
+                    (retrieval, "_filter_queries_without_positives", queries_with_positives),
                     (bitext_mining_evaluator, "tqdm", no_progress_bar),
                     (task_result, "_mteb_distribution", mteb_version)]
     saved = [getattr(module, name) for module, name, _ in replacements]
