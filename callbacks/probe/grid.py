@@ -10,6 +10,7 @@ import functools
 import io
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import mteb
 import numpy as np
@@ -190,14 +191,10 @@ def light_mteb():
                     (retrieval, "_filter_queries_without_positives", queries_with_positives),
                     (bitext_mining_evaluator, "tqdm", no_progress_bar),
                     (task_result, "_mteb_distribution", mteb_version)]
-    saved = [getattr(module, name) for module, name, _ in replacements]
-    for module, name, light in replacements:
-        setattr(module, name, light)
-    try:
+    with contextlib.ExitStack() as stack:
+        for module, name, light in replacements:
+            stack.enter_context(mock.patch.object(module, name, light))
         yield
-    finally:
-        for (module, name, _), original in zip(replacements, saved):
-            setattr(module, name, original)
 
 
 def evaluate(model: AbsEncoder, task: AbsTask, batch_size: int) -> dict:
