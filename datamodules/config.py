@@ -49,8 +49,8 @@ class DataConfig:
     """DataLoader worker processes that read and tokenize (0: in the training process)."""
     packing: bool = True
     """Pack each training batch's texts into a few rows with per-text attention (no padding compute; the same
-    batches, pooled embeddings and losses as padded ones, up to float rounding; dropout masks differ). Probe and
-    export encode padded batches. ``false``: one padded row per text."""
+    batches, pooled embeddings and losses as padded ones, up to float rounding; dropout masks differ). The probe
+    packs its forwards too; export encodes padded batches. ``false``: one padded row per text."""
 
     def __post_init__(self) -> None:
         """Value checks; the names of sources and locales are checked against the data by

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from datamodules.tokenization import pack, pad
 from lightning_modules.views import Cell, View
 
 
@@ -118,9 +119,14 @@ class GridEncoder:
     per-forward all-gathers need) and the shards are all-gathered. The module must already be in eval mode
     under ``torch.no_grad`` at the model-side setting to encode (see :class:`~callbacks.probe.prober.Prober`).
 
+    When the run packs its batches (``tokenize.packing``, ``data.packing``) each forward is packed too
+    (:func:`datamodules.tokenization.pack`): every batch then takes texts of all lengths (strided over the
+    longest-first list), so that they fill the packed rows (quickstart probe: 4 % of the token positions are
+    padding, 42 % in length-sorted padded batches). The embeddings equal the padded ones up to float rounding.
+
     Args:
         module: the :class:`~lightning_modules.module.MatryoshkaEmbedder`.
-        tokenize: a :class:`~lightning_modules.embedding_model.TextTokenizer` (its ``encode`` pads one batch).
+        tokenize: a :class:`~datamodules.tokenization.BatchTokenizer` (token ids, pad id and ``packing``).
         batch_size: texts per forward on each device.
         device: where the module's inputs go.
         forward_context: e.g. the Trainer's precision context (autocast), so probes see training's numerics.
@@ -130,16 +136,31 @@ class GridEncoder:
                  forward_context: Callable[[], AbstractContextManager] = nullcontext) -> None:
         self.module, self.tokenize, self.batch_size = module, tokenize, batch_size
         self.device, self.forward_context = device, forward_context
+        self.packing = tokenize.packing
         self.cache = EmbeddingCache()
         self.encoded = 0  # texts this device ran through the backbone (padding included)
         self.threads = torch.get_num_threads()  # forwards keep these even when scoring runs single-threaded
 
     def _forward(self, texts: list[str]) -> tuple[list[Cell], list[Slot], list[Tensor]]:
-        batch = self.tokenize.encode(texts)
+        token_ids = self.tokenize.token_ids(texts)
+        batch = pack(token_ids, self.tokenize.pad_id) if self.packing else pad(token_ids, self.tokenize.pad_id)
+        packing = batch.get("packing")
+        if packing is not None:
+            packing = {key: value.to(self.device) if isinstance(value, Tensor) else value
+                       for key, value in packing.items()}
         with self.forward_context():
             views = self.module.forward_views(batch["input_ids"].to(self.device),
-                                              batch["attention_mask"].to(self.device))
+                                              batch["attention_mask"].to(self.device), packing)
             return split_views(views, self.module.backbone.info.num_layers)
+
+    def _batches(self, count: int) -> list[list[int]]:
+        """Indices of each forward's texts among ``count`` texts sorted longest first: consecutive (texts of
+        similar length, little padding) for padded batches, strided (all lengths, full rows) for packed ones.
+        Either way ``ceil(count / batch_size)`` forwards, the same number on every device."""
+        batches = -(-count // self.batch_size)
+        if self.packing:
+            return [list(range(start, count, batches)) for start in range(batches)]
+        return [list(range(start, min(start + self.batch_size, count))) for start in range(0, count, self.batch_size)]
 
     def encode_missing(self, texts: Sequence[str]) -> None:
         """Encodes the texts not yet cached (collective under a process group: call it on every device)."""
@@ -147,18 +168,20 @@ class GridEncoder:
         if not missing:
             return
         rank, world_size = world()
-        # Longest first, so each batch holds texts of similar length (little padding); strided shards keep that.
+        # Longest first, so that batches can be cut by length; strided shards keep that order.
         padded = missing + missing[-1:] * (-len(missing) % world_size)
         mine = padded[rank::world_size]
+        batches = self._batches(len(mine))
         chunks: list[list[Tensor]] = []
         with intra_op_threads(self.threads):
-            for start in range(0, len(mine), self.batch_size):
-                cells, slots, sources = self._forward(mine[start: start + self.batch_size])
+            for batch in batches:
+                cells, slots, sources = self._forward([mine[i] for i in batch])
                 chunks = chunks or [[] for _ in sources]
                 for chunk, source in zip(chunks, sources):
                     chunk.append(source.float())
         self.encoded += len(mine)
-        sources = [torch.cat(chunk) for chunk in chunks]
+        order = torch.tensor([i for batch in batches for i in batch], device=chunks[0][0].device)
+        sources = [torch.empty_like(rows).index_copy_(0, order, rows) for rows in map(torch.cat, chunks)]
         if world_size > 1:
             sources = [_interleave_gather(source, world_size) for source in sources]
         self.cache.add(missing, cells, slots, [source[: len(missing)] for source in sources])

@@ -6,19 +6,29 @@ Imported lazily, inside the probe's RNG guard (mteb reseeds the global generator
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import mteb
+import numpy as np
 import torch
 import torch.nn.functional as F
 from mteb._create_dataloaders import create_dataloader
+from mteb._evaluators import retrieval_metrics
 from mteb._evaluators.text import bitext_mining_evaluator
+from mteb._requires_package import _mteb_distribution
+from mteb.abstasks import retrieval
 from mteb.abstasks.abstask import AbsTask
 from mteb.models import search_wrappers
 from mteb.models.abs_encoder import AbsEncoder
 from mteb.models.model_meta import ModelMeta
+from mteb.results import task_result
 from mteb.types import PromptType
+from scipy.integrate import trapezoid
+from sklearn.metrics import auc as sklearn_auc
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 if TYPE_CHECKING:
@@ -138,17 +148,53 @@ def shared_loader(dataset, **kwargs) -> DataLoader:
     return _prepared_loaders[key]
 
 
+def trapezoid_auc(x, y) -> float:
+    """sklearn's ``auc`` without its input validation (~1 ms per call; mteb's retrieval nAUCs call it 60 times per
+    cell): the same scipy ``trapezoid`` for increasing ``x`` (mteb's abstention rates), sklearn's own otherwise."""
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim != 1 or x.shape != y.shape or x.shape[0] < 2 or np.any(np.diff(x) < 0):
+        return sklearn_auc(x, y)
+    return float(trapezoid(y, x))
+
+
+def queries_with_positives(relevant_docs: dict, queries) -> tuple[dict, Any]:
+    """mteb's ``_filter_queries_without_positives`` reading the query ids in one Arrow read (not row by row), and
+    returning the queries as they are when it keeps all of them (mteb stores the filtered queries back into the
+    task, so every cell after the first filters them again)."""
+    kept_docs = {query: documents for query, documents in relevant_docs.items() if len(documents)}
+    ids = list(queries["id"][:])
+    kept = [i for i, query in enumerate(ids) if query in kept_docs]
+    return kept_docs, queries if len(kept) == len(ids) else queries.select(kept)
+
+
+def no_progress_bar(iterable, *args, **kwargs):
+    """tqdm's signature, the iterable itself (mteb's bitext evaluator draws two bars per subset and cell)."""
+    return iterable
+
+
+@functools.cache
+def mteb_version() -> SimpleNamespace:
+    """What mteb's result handling reads of its distribution, its ``version``, read once (mteb re-parses the
+    installed metadata for every result, ~5 ms each)."""
+    return SimpleNamespace(version=_mteb_distribution().version)
+
+
 @contextlib.contextmanager
-def light_loaders():
-    """mteb (2.26) with :func:`text_loader` and :func:`shared_loader` in place of its two loader factories
-    (same texts, same order, same scores: ``test_light_loaders_give_mteb_s_scores``)."""
-    saved = bitext_mining_evaluator._create_dataloader_from_texts, search_wrappers.create_dataloader
-    bitext_mining_evaluator._create_dataloader_from_texts = text_loader
-    search_wrappers.create_dataloader = shared_loader
-    try:
+def light_mteb():
+    """mteb (2.26) with lighter equivalents of some of its helpers: :func:`text_loader` and :func:`shared_loader` in
+    place of its two loader factories, :func:`trapezoid_auc` for sklearn's ``auc``, :func:`queries_with_positives`,
+    no bitext progress bars, :func:`mteb_version` (same texts, same order, same scores:
+    ``test_light_mteb_gives_mteb_s_scores``)."""
+    replacements = [(bitext_mining_evaluator, "_create_dataloader_from_texts", text_loader),
+                    (search_wrappers, "create_dataloader", shared_loader),
+                    (retrieval_metrics, "auc", trapezoid_auc),
+                    (retrieval, "_filter_queries_without_positives", queries_with_positives),
+                    (bitext_mining_evaluator, "tqdm", no_progress_bar),
+                    (task_result, "_mteb_distribution", mteb_version)]
+    with contextlib.ExitStack() as stack:
+        for module, name, light in replacements:
+            stack.enter_context(mock.patch.object(module, name, light))
         yield
-    finally:
-        bitext_mining_evaluator._create_dataloader_from_texts, search_wrappers.create_dataloader = saved
 
 
 def evaluate(model: AbsEncoder, task: AbsTask, batch_size: int) -> dict:
@@ -156,9 +202,9 @@ def evaluate(model: AbsEncoder, task: AbsTask, batch_size: int) -> dict:
 
     mteb's result cache is off: a cached result for the same model name and revision would be returned as is.
     Its progress bars (some of which cannot be switched off) are silenced; exceptions propagate. Its data
-    loaders are the light ones of :func:`light_loaders` (mteb's own cost more than the scoring).
+    loaders and some helpers are the light ones of :func:`light_mteb` (mteb's own cost more than the scoring).
     """
-    with contextlib.redirect_stderr(io.StringIO()), light_loaders():
+    with contextlib.redirect_stderr(io.StringIO()), light_mteb():
         result = mteb.evaluate(model, task, cache=None, overwrite_strategy="always", show_progress_bar=False,
                                encode_kwargs={"batch_size": batch_size, "show_progress_bar": False})
     splits = result.task_results[0].scores

@@ -1,6 +1,7 @@
 """MTEB probes: hand-built embeddings give the scores mteb must compute, the single encoding sliced per cell equals
 encoding every cell separately, and a probe leaves weights, modes, the MEL rank and the RNG streams untouched."""
 
+import contextlib
 import logging
 import math
 import random
@@ -191,6 +192,42 @@ def test_sliced_single_encoding_scores_equal_per_cell_encoding(tiny_module):
                 {k: v for k, v in naive.items() if k != "subsets"}, abs=1e-6), cell["name"]
     assert table["summary"]["full"]["cell"] == "layer_4/dim_32/rank_16"
     assert table["summary"]["cheapest"]["cell"] == "layer_2/dim_16/rank_8"
+
+
+def test_packed_probe_equals_the_padded_one_with_mteb_s_own_helpers(tiny_module, monkeypatch):
+    """The fast path (packed forwards, light mteb helpers) against the reference (padded forwards, mteb's own
+    loaders and metrics): embeddings within float rounding, every score of every cell the same."""
+    import copy
+
+    from callbacks.probe import grid
+    from callbacks.probe.encoding import GridEncoder
+
+    module, tokenize, tasks = tiny_module
+    padded = copy.copy(tokenize)
+    padded.packing = False
+    texts = Prober(module, tokenize, tasks)._announced_texts()
+    encoders = {}
+    module.eval()
+    with torch.no_grad():
+        for name, batching in (("packed", tokenize), ("padded", padded)):
+            encoders[name] = GridEncoder(module, batching, batch_size=16, device=torch.device("cpu"))
+            encoders[name].encode_missing(texts)
+    assert tokenize.packing and len(texts) > 16  # several packed forwards, each with texts of all lengths
+    for cell in range(len(encoders["padded"].cache.cells)):
+        torch.testing.assert_close(encoders["packed"].cache.lookup(texts, cell),
+                                   encoders["padded"].cache.lookup(texts, cell), rtol=0, atol=1e-5)
+    fast = Prober(module, tokenize, tasks, batch_size=16).run(step=2)
+    monkeypatch.setattr(grid, "light_mteb", contextlib.nullcontext)
+    reference = Prober(module, padded, tasks, batch_size=16).run(step=2)
+    assert [cell["name"] for cell in fast["cells"]] == [cell["name"] for cell in reference["cells"]]
+
+    def flat(cell: dict) -> dict[str, float]:
+        return {f"{task}/{key}/{subset}": value for task, scores in cell["scores"].items()
+                for key, values in scores.items()
+                for subset, value in (values.items() if key == "subsets" else [("", values)])}
+
+    for mine, theirs in zip(fast["cells"], reference["cells"]):
+        assert flat(mine) == pytest.approx(flat(theirs), abs=1e-6, nan_ok=True), mine["name"]
 
 
 def test_probe_leaves_weights_modes_rank_and_rng_untouched(tiny_module):

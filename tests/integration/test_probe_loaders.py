@@ -1,4 +1,4 @@
-"""The probe's light mteb data loaders (callbacks/probe/grid.py) give exactly mteb's own scores."""
+"""The probe's light mteb data loaders and helpers (callbacks/probe/grid.py) give exactly mteb's own scores."""
 
 import contextlib
 import json
@@ -25,12 +25,12 @@ def scores(task, light: bool, monkeypatch) -> dict:
     vectors = {prefix + text: [generator.gauss(0, 1) for _ in range(4)] for text in texts for prefix in ("q: ", "p: ")}
     roles = {text: role for role, text in task.probe_inputs()}
     if not light:
-        monkeypatch.setattr(grid, "light_loaders", contextlib.nullcontext)
+        monkeypatch.setattr(grid, "light_mteb", contextlib.nullcontext)
     return evaluate(CellModel(hand_encoder(vectors), 0, META, may_encode=False, roles=roles), task, 4)
 
 
 @pytest.mark.parametrize("task_class", [GettextBitextMining, GettextRetrieval])
-def test_light_loaders_give_mteb_s_scores(task_class, monkeypatch):
+def test_light_mteb_gives_mteb_s_scores(task_class, monkeypatch):
     task = task_class(PAIRS)
     light = [scores(task, True, monkeypatch) for _ in range(2)]  # the second retrieval call reuses the loaders
     mteb_own = scores(task, False, monkeypatch)
@@ -54,3 +54,16 @@ def test_retrieval_prepares_its_queries_and_corpus_once(monkeypatch):
     for _ in range(3):  # three cells
         scores(task, True, monkeypatch)
     assert len(calls) == 2  # the queries and the corpus, once
+
+
+def test_queries_with_positives_keeps_what_mteb_keeps():
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import _filter_queries_without_positives
+
+    queries = Dataset.from_dict({"id": ["q0", "q1", "q2", "q3"], "text": ["a", "b", "c", "d"]})
+    relevant = {"q0": {"d0": 1}, "q1": {}, "q2": {"d2": 1}}  # q1: no positive; q3: no judgement at all
+    docs, kept = grid.queries_with_positives(relevant, queries)
+    mteb_docs, mteb_kept = _filter_queries_without_positives(relevant, queries)
+    assert docs == mteb_docs == {"q0": {"d0": 1}, "q2": {"d2": 1}}
+    assert kept[:] == mteb_kept[:] == {"id": ["q0", "q2"], "text": ["a", "c"]}
+    assert grid.queries_with_positives(docs, kept)[1] is kept  # nothing to drop: the same queries
