@@ -208,7 +208,9 @@ def train(config: DictConfig) -> TrainResult:
             # A dead server costs seconds, not minutes of retries; system/* metrics (CPU, memory, GPU) by MLflow's
             # own monitor.
             with fail_fast_http(), system_metrics(logger):
-                trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+                # weights_only: the resumed checkpoint is unpickled without running code (checked the same way above)
+                trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None,
+                            weights_only=True)
         finally:
             if inherited is None:
                 del os.environ[RUN_DIR_ENV]
