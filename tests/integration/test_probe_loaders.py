@@ -21,7 +21,7 @@ PAIRS = {locale: [Pair(f"en {i}", f"{locale} {i}", locale, "t") for i in range(5
 
 def scores(task, light: bool, monkeypatch) -> dict:
     generator = random.Random(0)
-    texts = {text for _, text in task.probe_inputs()}
+    texts = sorted({text for _, text in task.probe_inputs()})  # sorted: set order varies with PYTHONHASHSEED
     vectors = {prefix + text: [generator.gauss(0, 1) for _ in range(4)] for text in texts for prefix in ("q: ", "p: ")}
     roles = {text: role for role, text in task.probe_inputs()}
     if not light:
