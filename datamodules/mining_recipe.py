@@ -72,8 +72,6 @@ class MiningConfig:
     one of them); an input folder is refused either way."""
 
 
-
-
 def text_key(text: str) -> str:
     """A text as compared for "the same text": NFKC, case-folded, letters, digits and combining marks only (so
     whitespace and punctuation do not count; marks stay because Indic vowel signs are marks)."""
