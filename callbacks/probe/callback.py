@@ -140,7 +140,7 @@ class ProbeCallback(L.Callback):
             self.disabled = True
             return False
         self.prober = Prober(pl_module, self.tokenize, tasks, self.config.batch_size, self.model_name,
-                             pl_module.device)
+                             pl_module.device, self.config.scoring_processes)
         return True
 
     def _run_name(self, trainer: L.Trainer) -> str:

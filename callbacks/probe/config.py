@@ -24,6 +24,9 @@ class ProbeConfig:
     max_pairs_per_locale: int = 24
     batch_size: int = 64
     """Texts per forward on each device."""
+    scoring_processes: int = 2
+    """Processes that score the cells on each CPU device: this one and forked helpers, capped at the usable cores
+    (mteb scores in one Python thread; training waits for the probe, so the other cores are free). 1: no helpers."""
     metrics: list[str] = field(default_factory=lambda: ["recall_at_1"])
     """Scores logged per cell besides each task's main score (when a task reports them)."""
     corpus_dir: str | None = None
@@ -33,3 +36,4 @@ class ProbeConfig:
         check_at_least("every_n_steps", self.every_n_steps, 0)
         check_at_least("max_pairs_per_locale", self.max_pairs_per_locale, 0, exclusive=True)
         check_at_least("batch_size", self.batch_size, 0, exclusive=True)
+        check_at_least("scoring_processes", self.scoring_processes, 1)

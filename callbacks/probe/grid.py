@@ -74,7 +74,8 @@ class CellModel(AbsEncoder):
         encoder: the model-side setting's :class:`~callbacks.probe.encoding.GridEncoder`.
         cell: index into ``encoder.cache.cells`` (resolved at encode time: the first encode discovers the grid).
         meta: the model metadata (its revision names the step, so no result cache can match).
-        may_encode: whether a text missing from the cache may be encoded now (a collective under DDP/FSDP2).
+        may_encode: whether a text missing from the cache may be encoded now (only in the warm-up cell: encoding
+            is a collective under DDP/FSDP2, and other cells may be scored in forked processes).
         roles: ``{text: prompt type}`` used when mteb passes none.
     """
 
@@ -94,8 +95,8 @@ class CellModel(AbsEncoder):
         if self.may_encode:
             self.encoder.encode_missing(texts)
         elif any(text not in self.encoder.cache for text in texts):
-            raise RuntimeError(f"{task_metadata.name} asked for texts that were not encoded in its warm-up cell; "
-                               f"encoding now would desynchronise the devices")
+            raise RuntimeError(f"{task_metadata.name} asked for texts that were not encoded in its warm-up cell; the "
+                               f"other cells are scored from that encoding, on other devices and processes")
         return self.encoder.cache.lookup(texts, self.cell)
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from callbacks.probe.encoding import GridEncoder, intra_op_threads, world
+from callbacks.probe.shares import map_shares, usable_processes
 from lightning_modules.views import Cell, view_name
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,15 @@ def _all_gather(value):
     return gathered
 
 
+def _merge(results: dict, errors: dict, other_results: dict, other_errors: dict) -> None:
+    """Adds another device's or process's cell scores and task errors to ``results`` and ``errors``."""
+    for name, cell in other_results.items():
+        entry = results.setdefault(name, {"tags": cell["tags"], "bytes": cell["bytes"], "scores": {}})
+        entry["scores"].update(cell["scores"])
+    for task, error in other_errors.items():
+        errors.setdefault(task, error)
+
+
 def agreed_tasks(tasks: list) -> list:
     """The tasks every device could load (a task missing on one device would desynchronise the collectives)."""
     everywhere = set.intersection(*(set(names) for names in _all_gather([t.metadata.name for t in tasks])))
@@ -88,9 +98,11 @@ class Prober:
     For each model-side setting (:meth:`~lightning_modules.module.MatryoshkaEmbedder.settings`: a MEL rank, an FFN
     width, ...) every probe text is encoded ONCE with all MLL exits; each (layer, dim, ...) cell reads its slice of
     that encoding, re-normalised. The first cell is evaluated on every device
-    (texts a task had not announced are encoded then, together); the other cells are spread over the devices and
-    the scores gathered, so every device holds the full table. The probe never changes weights, train/eval flags,
-    model-side settings or the global RNG streams.
+    (texts a task had not announced are encoded then, together); the other cells are spread over the devices, and
+    on a CPU device over ``scoring_processes`` processes (this one and forked helpers: mteb scores in one Python
+    thread, while training, waiting for the probe, leaves the other cores idle); the scores are gathered, so every
+    device holds the full table. The probe never changes weights, train/eval flags, model-side settings or the
+    global RNG streams.
 
     Args:
         module: the model whose plugins define the grid.
@@ -99,6 +111,8 @@ class Prober:
         batch_size: texts per forward on each device.
         model_name: the mteb model name, ``organisation/name``.
         device: where the inputs go; default: the module's parameters' device.
+        scoring_processes: processes that score each device's cells, capped at its usable cores (a forked process
+            must not touch CUDA, so a CUDA device scores in its own process).
 
     Example:
         >>> table = Prober(module, datamodule.tokenize, build_tasks(["GettextBitextMining"], "data/gettext",
@@ -108,10 +122,11 @@ class Prober:
     """
 
     def __init__(self, module, tokenize, tasks: list, batch_size: int = 64, model_name: str = "matryoshka-lab/probe",
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, scoring_processes: int = 1) -> None:
         self.module, self.tokenize, self.batch_size, self.model_name = module, tokenize, batch_size, model_name
         self.tasks = agreed_tasks(tasks)
         self.device = device if device is not None else next(module.parameters()).device
+        self.processes = usable_processes(scoring_processes) if self.device.type == "cpu" else 1
         # Tasks built for the probe announce their texts and roles (query / document): encoded ahead in one pass.
         self.roles = {task.metadata.name: {text: role for role, text in task.probe_inputs()}
                       for task in self.tasks if hasattr(task, "probe_inputs")}
@@ -137,42 +152,48 @@ class Prober:
                               sum(p.numel() for p in self.module.parameters()),
                               bool(self.tokenize.query_prefix or self.tokenize.passage_prefix))
 
-            def score(encoder: GridEncoder, task, index: int, may_encode: bool) -> None:
-                name = task.metadata.name
-                if name in errors:
-                    return
-                try:  # one thread: scoring multiplies small matrices, where torch's thread pool costs more than it
-                    # saves (10× slower with 2 threads on a busy 2-core machine)
-                    with intra_op_threads(1):
-                        scores = evaluate(CellModel(encoder, index, meta, may_encode, self.roles.get(name)), task,
-                                          self.batch_size)
-                except Exception as error:  # noqa: BLE001 - a failing task must not stop training
-                    cell = encoder.cache.cells[index].name if index < len(encoder.cache.cells) else f"cell {index}"
-                    errors[name] = f"{type(error).__name__} at {cell}: {str(error).strip()[:500]}"
-                    log.debug("probe task %s failed", name, exc_info=True)
-                    return
-                cell = encoder.cache.cells[index]
-                entry = results.setdefault(cell.name, {"tags": cell.tags, "bytes": cell.bytes, "scores": {}})
-                entry["scores"][name] = scores
+            def score_cells(cells: list[tuple[GridEncoder, int]], may_encode: bool) -> tuple[dict, dict]:
+                """``(results, errors)`` of these (encoding, cell index) pairs (a helper process returns them)."""
+                cell_results: dict[str, dict] = {}
+                cell_errors: dict[str, str] = {}
+                for encoder, index in cells:
+                    for task in self.tasks:
+                        name = task.metadata.name
+                        if name in errors or name in cell_errors:
+                            continue
+                        try:  # one thread: scoring multiplies small matrices, where torch's thread pool costs more
+                            # than it saves (10× slower with 2 threads on a busy 2-core machine)
+                            with intra_op_threads(1):
+                                scores = evaluate(CellModel(encoder, index, meta, may_encode, self.roles.get(name)),
+                                                  task, self.batch_size)
+                        except Exception as error:  # noqa: BLE001 - a failing task must not stop training
+                            cell = encoder.cache.cells[index] if index < len(encoder.cache.cells) else None
+                            where = cell.name if cell is not None else f"cell {index}"
+                            cell_errors[name] = f"{type(error).__name__} at {where}: {str(error).strip()[:500]}"
+                            log.debug("probe task %s failed", name, exc_info=True)
+                            continue
+                        cell = encoder.cache.cells[index]
+                        entry = cell_results.setdefault(cell.name, {"tags": cell.tags, "bytes": cell.bytes,
+                                                                    "scores": {}})
+                        entry["scores"][name] = scores
+                return cell_results, cell_errors
 
+            mine: list[tuple[GridEncoder, int]] = []  # the cells this device scores after the warm-ups
             for setting in settings:
                 encoder = GridEncoder(self.module, self.tokenize, self.batch_size, self.device, forward_context)
                 with self.module.applied(setting):
                     encoder.encode_missing(self._announced_texts())
-                    for task in self.tasks:  # warm-up cell on every device: the only place new texts may be encoded
-                        score(encoder, task, 0, may_encode=True)
-                    for index in range(1, len(encoder.cache.cells)):
-                        if index % world_size == device_rank:
-                            for task in self.tasks:
-                                score(encoder, task, index, may_encode=world_size == 1)
+                    # The warm-up cell, on every device: the only one that may encode texts a task had not announced.
+                    _merge(results, errors, *score_cells([(encoder, 0)], may_encode=True))
                 encoded += encoder.encoded
                 order += [cell.name for cell in encoder.cache.cells]
-                for other_results, other_errors in _all_gather((results, errors)):
-                    for name, cell in other_results.items():
-                        entry = results.setdefault(name, {"tags": cell["tags"], "bytes": cell["bytes"], "scores": {}})
-                        entry["scores"].update(cell["scores"])
-                    for task, error in other_errors.items():
-                        errors.setdefault(task, error)
+                mine += [(encoder, index) for index in range(1, len(encoder.cache.cells))
+                         if index % world_size == device_rank]
+            # Scoring reads the encodings only, so one fork serves every setting.
+            for share in map_shares(lambda cells: score_cells(cells, may_encode=False), mine, self.processes):
+                _merge(results, errors, *share)
+            for other in _all_gather((results, errors)):
+                _merge(results, errors, *other)
         for task, error in errors.items():
             log.error("probe: task %s failed at step %d and is left out of this probe: %s", task, step, error)
         results = {name: results[name] for name in order if name in results}

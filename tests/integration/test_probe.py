@@ -4,6 +4,7 @@ encoding every cell separately, and a probe leaves weights, modes, the MEL rank 
 import contextlib
 import logging
 import math
+import os
 import random
 from types import SimpleNamespace
 
@@ -279,6 +280,34 @@ def test_failing_task_is_logged_and_the_others_are_scored(tiny_module, caplog):
         "probe: task BrokenBitext failed at step 5")
 
 
+def test_forked_scoring_gives_the_one_process_table(tiny_module, monkeypatch, tmp_path):
+    """Two scoring processes: the same table as one, and a task failing in a cell the helper scores is left out of
+    the whole probe, as in one process."""
+    from callbacks.probe import grid, prober
+
+    module, tokenize, tasks = tiny_module
+    monkeypatch.setattr(prober, "usable_processes", lambda requested: requested)  # also on a 1-core machine
+    single = Prober(module, tokenize, tasks, batch_size=16).run(step=4)
+    scorers, parent, score = tmp_path / "pids", os.getpid(), grid.evaluate
+
+    def evaluate_failing_in_the_helper(model, task, batch_size):
+        with scorers.open("a") as pids:
+            pids.write(f"{os.getpid()}\n")
+        if os.getpid() != parent and task.metadata.name == "GettextBitextMining":
+            raise ValueError(f"no bitext for cell {model.cell}")
+        return score(model, task, batch_size)
+
+    forked = Prober(module, tokenize, tasks, batch_size=16, scoring_processes=2).run(step=4)
+    assert forked["cells"] == single["cells"]
+    monkeypatch.setattr(grid, "evaluate", evaluate_failing_in_the_helper)
+    failing = Prober(module, tokenize, tasks, batch_size=16, scoring_processes=2).run(step=4)
+    assert len(set(scorers.read_text().split())) == 2  # this process and one helper, for both MEL ranks
+    # Cells (after each rank's warm-up cell 0) alternate between the processes: the helper's first is rank 16's 2.
+    assert failing["errors"] == {"GettextBitextMining": "ValueError at layer_4/dim_32/rank_16: no bitext for cell 2"}
+    assert [cell["scores"] for cell in failing["cells"]] == [
+        {"GettextRetrieval": cell["scores"]["GettextRetrieval"]} for cell in single["cells"]]
+
+
 def test_unavailable_registry_task_is_skipped_with_one_line(corpus_dir, caplog):
     with caplog.at_level(logging.WARNING), preserved_rng():
         tasks = build_tasks(["GettextBitextMining", "STS12"], corpus_dir, ["de"], 4)
@@ -297,6 +326,8 @@ def test_probe_config_errors_name_the_key(tiny_config):
         tiny_config("tiny", ["probe.every_n_steps=-1"])
     with pytest.raises(ConfigError, match="probe.batch_size"):
         tiny_config("tiny", ["probe.batch_size=0"])
+    with pytest.raises(ConfigError, match=r"probe.scoring_processes`: 0 must be >= 1"):
+        tiny_config("tiny", ["probe.scoring_processes=0"])
 
 
 def test_summary_picks_full_and_cheapest_by_depth_storage_rank_and_per_value_of_a_new_axis():
