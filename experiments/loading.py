@@ -57,6 +57,10 @@ def load_run(checkpoint: str | Path) -> LoadedRun:
     from experiments.run import build
 
     checkpoint = Path(checkpoint)
+    if (checkpoint / "checkpoints").is_dir():
+        names = sorted(str(path) for path in (checkpoint / "checkpoints").glob("*.ckpt"))
+        raise RunLoadError(f"{checkpoint} is a run folder; pass one of its checkpoints: "
+                           + (", ".join(names) if names else "it has none"))
     if checkpoint.is_dir():
         raise RunLoadError(f"{checkpoint} is a sharded (FSDP2) checkpoint folder; this tool reads one file: train "
                            f"with distributed.sharded_checkpoint=false")

@@ -94,3 +94,17 @@ def test_a_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, ca
     assert export_main([str(checkpoint)]) == 2
     assert "export error:" in capsys.readouterr().err
     assert not marker.exists()
+
+
+def test_a_run_folder_or_a_missing_file_is_named_with_what_to_pass(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    with pytest.raises(RunLoadError, match=f"^{run_dir} is a run folder; pass one of its checkpoints: it has none$"):
+        load_run(run_dir)
+    (run_dir / "checkpoints" / "last.ckpt").touch()
+    (run_dir / "checkpoints" / "step=10.ckpt").touch()
+    with pytest.raises(RunLoadError, match=r"is a run folder; pass one of its checkpoints: .*/checkpoints/last\.ckpt, "
+                                           r".*/checkpoints/step=10\.ckpt$"):
+        load_run(run_dir)
+    with pytest.raises(RunLoadError, match="no such checkpoint file"):
+        load_run(run_dir / "checkpoints" / "best.ckpt")
