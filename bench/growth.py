@@ -77,7 +77,8 @@ def probe_time_vs_cells(ctx: Context) -> dict[int, float]:
         with preserved_rng():
             tasks = build_tasks(list(config.probe.tasks), ctx.args.corpus, ctx.args.growth_probe_locales,
                                 config.probe.max_pairs_per_locale)
-        probes[exits, ranks] = Prober(module, tokenize, tasks, config.probe.batch_size)
+        probes[exits, ranks] = Prober(module, tokenize, tasks, config.probe.batch_size,
+                                      scoring_processes=config.probe.scoring_processes)
     step = [0]
 
     def probe(prober):
