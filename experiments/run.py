@@ -215,7 +215,7 @@ def train(config: DictConfig) -> TrainResult:
             if inherited is None:
                 del os.environ[RUN_DIR_ENV]
         checkpoint = checkpoint_dir / CHECKPOINT_NAME
-        trainer.save_checkpoint(checkpoint)
+        trainer.save_checkpoint(checkpoint, weights_only=False)  # the full state: a rerun resumes from it
         if trainer.is_global_zero:
             with fail_fast_http():
                 if logger.replay_unlogged():
