@@ -76,12 +76,16 @@ class Context:
 def training_batches(config, tokenize, corpus_dir: str, count: int) -> list[dict]:
     """The first ``count`` padded training batches of an experiment's DataModule (its locales, sampling and batch
     size), from the gettext corpus in ``corpus_dir``."""
+    import copy
+
     from omegaconf import OmegaConf
 
     from datamodules.pairs import TranslationPairsDataModule
 
-    data = OmegaConf.merge(config.data, {"dir": corpus_dir, "corpus": "gettext", "packing": False, "num_workers": 0})
-    datamodule = TranslationPairsDataModule(data, tokenize, config.seed)
+    data = OmegaConf.merge(config.data, {"dir": corpus_dir, "corpus": "gettext", "num_workers": 0})
+    padded = copy.copy(tokenize)
+    padded.packing = False  # the tokenizer lays batches out (it took data.packing when the model was built)
+    datamodule = TranslationPairsDataModule(data, padded, config.seed)
     datamodule.prepare_data()
     datamodule.setup("fit")
     batches = iter(datamodule.train_dataloader())

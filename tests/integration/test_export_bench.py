@@ -61,3 +61,17 @@ def test_bench_item_7_reports_optimizer_state_bytes(corpus_dir, tmp_path, capsys
     assert state["adamw"] / parameters == pytest.approx(8.0, abs=0.1)
     # bitsandbytes quantises tensors of >= 4096 elements to uint8 moments; the tiny model's small ones stay fp32.
     assert state["adamw8bit"] < state["adamw"] and row["ratio"] == round(state["adamw8bit"] / state["adamw"], 3)
+
+
+def test_bench_item_8_compares_the_same_texts_padded_and_packed(corpus_dir, tmp_path):
+    out = tmp_path / "latest.json"
+    long_texts = list(TINY)
+    long_texts[TINY.index("--max-length") + 1] = "256"  # 32 tokens cut most texts to one length: nothing to pack
+    assert main([*long_texts, "--items", "8", "--corpus", str(corpus_dir), "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    raw = row["raw"]
+    # The padded side is really padded (it was packed too once: the tokenizer, not data.packing, lays batches out).
+    assert raw["padding_fraction"]["padded"] > raw["padding_fraction"]["packed"]
+    assert max(abs(a - b) for a, b in zip(raw["losses"]["padded"], raw["losses"]["packed"])) < 1e-5
+    seconds = raw["seconds"]
+    assert row["ratio"] == pytest.approx(seconds["padded"] / seconds["packed"], abs=1e-3)
