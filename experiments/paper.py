@@ -266,18 +266,16 @@ def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> li
         ids = {(run_dir / RUN_ID_FILE).read_text().strip() for run_dir in dirs if (run_dir / RUN_ID_FILE).is_file()}
         runs = found[found["run_id"].isin(ids)]
 
-        def mean(column: str) -> float:
-            return float(runs[column].mean()) if column in runs and runs[column].notna().any() else math.nan
+        def over_seeds(column: str, how: str = "mean") -> float:
+            """The seeds' ``how`` (a pandas aggregation) of ``column``; NaN when no seed logged it."""
+            return float(runs[column].agg(how)) if column in runs and runs[column].notna().any() else math.nan
 
-        def fastest(column: str) -> float:
-            return float(runs[column].max()) if column in runs and runs[column].notna().any() else math.nan
-
-        memory = mean("metrics.system/memory/device/peak_cuda_mb")  # device memory when on CUDA
+        memory = over_seeds("metrics.system/memory/device/peak_cuda_mb")  # device memory when on CUDA
         if math.isnan(memory):
-            memory = mean("metrics.system/memory/device/peak_rss_mb")
+            memory = over_seeds("metrics.system/memory/device/peak_rss_mb")
         rows.append({"run": name, "seeds": len(runs), "peak_memory_mb": memory,
-                     "trainable_parameters": mean("metrics.system/model/trainable_parameters"),
-                     "step_s": first.data.batch_size / fastest("metrics.train/device/samples_per_sec")})
+                     "trainable_parameters": over_seeds("metrics.system/model/trainable_parameters"),
+                     "step_s": first.data.batch_size / over_seeds("metrics.train/device/samples_per_sec", "max")})
     return rows
 
 
