@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from datamodules.tokenization import pack
+from contracts.batch_layout import pack
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.export import Origin, export_cell, load_exported
 from lightning_modules.plugins.mel import FactorizedEmbedding
-from lightning_modules.views import axis_values
+from contracts.cells import axis_values
 
 from bench.common import (build_module, compare, compose_variant, to_device, trainable, translation_texts,
                           weighted_loss)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.atomic import write_atomic
+from contracts.atomic import write_atomic
 from datamodules.mining_cache import EmbeddingCache, TextEncoder, digest
 from datamodules.mining_recipe import (BACKBONE, OPTION_PREFIX, MiningConfig, TextGroups, pool_passages,
                                        select_negatives, text_key)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.atomic import write_atomic
+from contracts.atomic import write_atomic
 
 TextEncoder = Callable[[list[str], str], np.ndarray]
 """``encoder(texts, role) -> [n, d]`` embeddings; ``role`` (``query`` or ``passage``) picks the prompt prefix."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from callbacks.probe.compare import (CompareError, compare, format_comparison, heatmaps, load_table, run_dir_of,
                                      run_label)
-from datamodules.atomic import write_atomic
+from contracts.atomic import write_atomic
 from experiments.runs import run_store
 from experiments.tracking import DESCRIPTION_TAG, RUN_ID_FILE
 

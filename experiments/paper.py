@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from callbacks.probe.compare import CompareError, cell_scores, compare, heatmaps, load_table, table_file
 from callbacks.probe.report import FILE_PREFIX
-from lightning_modules.views import view_name
+from contracts.cells import view_name
 
 ROLE_PREFIX = "paper_"
 # The probe's retrieval task of each domain: the claims are checked on its main score (nDCG@10).

@@ -54,7 +54,7 @@ def check_name(kind: str, name: str) -> str:
         problem = "MLflow treats names as paths: no '//', './', '..', leading or trailing '/'"
     if problem:
         raise ValueError(f"{kind} name {name!r} is not valid for MLflow: {problem}. Views use key_value "
-                         f"(lightning_modules.views.view_name); sources use datamodules.pairs.metric_name")
+                         f"(contracts.cells.view_name); sources use datamodules.pairs.metric_name")
     return name
 
 

@@ -38,7 +38,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.atomic import write_atomic
+from contracts.atomic import write_atomic
 from experiments.config import EXPERIMENTS_DIR, ConfigError
 from experiments.run_metadata import check_name, flatten, log_params, run_params, run_tags
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.module import MatryoshkaEmbedder
-from lightning_modules.views import Cell, axis_values
+from contracts.cells import Cell, axis_values
 
 PROMPTS = ("query", "passage")
 

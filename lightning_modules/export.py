@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lightning_modules.embedding_model import EmbeddingModel, TextTokenizer
-from lightning_modules.views import Cell, axis_values
+from contracts.cells import Cell, axis_values
 
 MODES = ("compat", "factorized")
 

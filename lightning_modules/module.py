@@ -17,7 +17,8 @@ from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.config import OptimConfig
 from lightning_modules.optim import build_optimizer
 from lightning_modules.plugins.base import MatryoshkaPlugin, ModelSidePlugin
-from lightning_modules.views import Cell, EmbeddingBundle, View
+from contracts.cells import Cell
+from lightning_modules.views import EmbeddingBundle, View
 
 
 class MatryoshkaEmbedder(L.LightningModule):

@@ -41,7 +41,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from transformers import Qwen3Config, Qwen3Model  # noqa: E402
 
-from datamodules.tokenization import pack, pad  # noqa: E402
+from contracts.batch_layout import pack, pad  # noqa: E402
 from lightning_modules.backbone import Backbone  # noqa: E402
 from lightning_modules.distributed import FSDP2Strategy  # noqa: E402
 from lightning_modules.losses import ContrastiveLoss  # noqa: E402

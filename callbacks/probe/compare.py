@@ -22,7 +22,7 @@ from pathlib import Path
 from callbacks.probe.prober import summary
 from callbacks.probe.report import (CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_figure, grid_panel, heatmap_groups,
                                     latest_table_file, save_png)
-from lightning_modules.views import view_name
+from contracts.cells import view_name
 
 MEAN = "mean_main_score"
 CELL_KEYS = ("name", "tags", "bytes", "scores", MEAN)

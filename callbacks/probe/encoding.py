@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.tokenization import pack, pad
-from lightning_modules.views import Cell, View
+from contracts.batch_layout import pack, pad
+from contracts.cells import Cell
+from lightning_modules.views import View
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ class GridEncoder:
     under ``torch.no_grad`` at the model-side setting to encode (see :class:`~callbacks.probe.prober.Prober`).
 
     When the run packs its batches (``tokenize.packing``, ``data.packing``) each forward is packed too
-    (:func:`datamodules.tokenization.pack`): every batch then takes texts of all lengths (strided over the
+    (:func:`contracts.batch_layout.pack`): every batch then takes texts of all lengths (strided over the
     longest-first list), so that they fill the packed rows (quickstart probe: 4 % of the token positions are
     padding, 42 % in length-sorted padded batches). The embeddings equal the padded ones up to float rounding.
 

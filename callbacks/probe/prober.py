@@ -15,7 +15,7 @@ import torch
 
 from callbacks.probe.encoding import GridEncoder, intra_op_threads, world
 from callbacks.probe.shares import map_shares, usable_processes
-from lightning_modules.views import Cell, view_name
+from contracts.cells import Cell, view_name
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class Prober:
 
 def summary(cells: list[dict]) -> dict:
     """The mean main score at the full cell (deepest, most bytes per vector, largest model-side settings) and at the
-    cheapest (the smallest of each; see :meth:`~lightning_modules.views.Cell.size`), labelled ``full`` and
+    cheapest (the smallest of each; see :meth:`~contracts.cells.Cell.size`), labelled ``full`` and
     ``cheapest``; and the same within each value of any non-numeric tag axis (``full/precision_binary``), so a new
     axis gets its summaries without an edit here."""
 

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from datamodules.atomic import replacing, write_atomic
-from lightning_modules.views import view_name
+from contracts.atomic import replacing, write_atomic
+from contracts.cells import view_name
 
 PROBE_DIR = "probe"
 CHECKPOINT_DIR = "checkpoint"  # make probe's tables: <run_dir>/probe/checkpoint, beside those of training

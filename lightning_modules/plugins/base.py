@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from torch import Tensor, nn
 
     from lightning_modules.backbone import Backbone, BackboneInfo
-    from lightning_modules.views import Cell, EmbeddingBundle, View
+    from contracts.cells import Cell
+    from lightning_modules.views import EmbeddingBundle, View
 
 
 @dataclass

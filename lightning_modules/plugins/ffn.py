@@ -14,7 +14,7 @@ from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, checke
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import Backbone, BackboneInfo
-    from lightning_modules.views import Cell
+    from contracts.cells import Cell
 
 
 def default_widths(intermediate_size: int) -> list[int]:

@@ -14,7 +14,8 @@ from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, checke
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import Backbone, BackboneInfo
-    from lightning_modules.views import Cell, EmbeddingBundle, View
+    from contracts.cells import Cell
+    from lightning_modules.views import EmbeddingBundle, View
 
 FACTORIZED_CODE_FILE = "modeling_factorized.py"
 

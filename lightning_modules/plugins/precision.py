@@ -10,11 +10,12 @@ from torch import Tensor
 
 from contracts.config_error import ConfigError
 from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, checked_weights
-from lightning_modules.views import vector_bytes
+from contracts.cells import vector_bytes
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import BackboneInfo
-    from lightning_modules.views import Cell, EmbeddingBundle, View
+    from contracts.cells import Cell
+    from lightning_modules.views import EmbeddingBundle, View
 
 
 def int8(embeddings: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ from experiments.run import build, train
 from lightning_modules.embedding_model import CellError, EmbeddingModel
 from lightning_modules.export import ExportError, export_cell, load_exported, model_card, probe_scores
 from lightning_modules.plugins.precision import QUANTIZE_SNIPPET, Precision, PrecisionConfig, binary, int8
-from lightning_modules.views import Cell
+from contracts.cells import Cell
 from tests.conftest import run_overrides
 
 # Different lengths (padding), non-Latin scripts, and one text longer than max_length (truncation).

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from experiments.paper import Claim, claims, render, seed_agreement
-from lightning_modules.views import view_name
+from contracts.cells import view_name
 
 TASK = "GettextRetrieval"
 LAYERS, DIMS, RANKS = (1, 2, 4), (64, 32, 8, 4), (16, 8)

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from callbacks.probe.encoding import EmbeddingCache, Slot, split_views
 from callbacks.probe.prober import Prober, preserved_rng, summary
 from datamodules.gettext_corpus import Pair
-from lightning_modules.views import Cell, View, view_name
+from contracts.cells import Cell, view_name
+from lightning_modules.views import View
 
 with preserved_rng():  # mteb reseeds the global generators on import
     import mteb  # noqa: F401

@@ -7,7 +7,7 @@ import pytest
 
 from callbacks.probe.compare import CompareError, compare, load_table, sign_test, table_file
 from experiments.compare import default_out, main
-from lightning_modules.views import view_name
+from contracts.cells import view_name
 
 TASKS = {"Bitext": {"type": "BitextMining", "main_score": "f1", "subsets": ["de-en"]},
          "Retrieval": {"type": "Retrieval", "main_score": "ndcg_at_10", "subsets": ["default"]}}

@@ -7,7 +7,7 @@ import pytest
 
 from callbacks.probe import report
 from callbacks.probe.prober import summary
-from lightning_modules.views import view_name
+from contracts.cells import view_name
 
 TASKS = {"Bitext": {"type": "BitextMining", "main_score": "f1", "subsets": ["de-en"]},
          "Retrieval": {"type": "Retrieval", "main_score": "ndcg_at_10", "subsets": ["default"]}}
