@@ -80,11 +80,11 @@ bench: $(STAMP) ## Performance ratios (< 10 min on 2 cores): make bench [ARGS="-
 	$(BIN)/python -m bench $(ARGS)
 
 bench-data: $(STAMP) ## Loader pairs/s, padding with/without bucketing, data-wait share: make bench-data [ARGS="quickstart --steps 20"]
-	$(BIN)/python -m experiments.bench_data $(ARGS)
+	$(BIN)/python -m bench.data $(ARGS)
 
 # No $(STAMP): lent GPU machines have torch, lightning and transformers but cannot install anything.
 gpu-check: ## tokens/s, MFU, peak memory per setup on the GPUs present (< 8 min; tiny shape on CPU): [ARGS="--steps 20"]
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(ARGS)
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m bench.gpu_check $(ARGS)
 
 test: $(STAMP) ## Run the test suite (fast tests, < 15 min on 2 cores)
 	$(BIN)/python -m pytest -q

@@ -2,7 +2,7 @@
 
 The root :class:`Config` composes the sections that each package declares beside what it builds
 (``lightning_modules/config.py``: model, loss, optim, distributed; ``datamodules/config.py``: data;
-``callbacks/probe/config.py``: probe); the root keys, ``tracking`` and ``trainer`` belong to the run. Every key is
+``evaluation/config.py``: probe); the root keys, ``tracking`` and ``trainer`` belong to the run. Every key is
 typed (``Literal`` for a set of names) and each section checks its values in ``__post_init__``, so an unknown key,
 a wrong type or a value outside the allowed set stops the run before any work with one message naming the full
 key and what is allowed.
@@ -26,7 +26,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
-from callbacks.probe.config import ProbeConfig
+from evaluation.config import ProbeConfig
 from contracts.config_error import ConfigError, check_at_least
 from datamodules.config import DataConfig
 from lightning_modules.config import DistributedConfig, LossConfig, ModelConfig, OptimConfig, Precision, Strategy

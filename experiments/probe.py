@@ -5,7 +5,7 @@ weights, scores every cell of the run, prints the table, writes ``<run_dir>/prob
 (beside the tables of training) and, when the run has an MLflow run id, logs the metrics to that MLflow run at the
 checkpoint's step and the files under its artifacts ``probe/checkpoint/step_<n>``; the table also becomes the run's
 root-level ``probe_final.csv`` / ``probe_final_<group>.png`` and ``final/...`` summary (see
-:func:`callbacks.probe.report.log_final`).
+:func:`evaluation.report.log_final`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ def main(argv: list[str]) -> int:
         return 0 if argv else 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    logging.getLogger("callbacks.probe").setLevel(logging.INFO)
+    logging.getLogger("evaluation").setLevel(logging.INFO)
     from omegaconf import OmegaConf
 
-    from callbacks.probe import report
-    from callbacks.probe.callback import check_tasks, probe_corpus_dir
-    from callbacks.probe.prober import Prober
+    from evaluation import report
+    from evaluation.probing import check_tasks, probe_corpus_dir
+    from evaluation.prober import Prober
     from experiments.config import ConfigError, validate
     from experiments.loading import RunLoadError, load_run
     from experiments.tracking import RUN_ID_FILE
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> int:
         return 2
     import torch
 
-    from callbacks.probe.tasks import build_tasks
+    from evaluation.tasks import build_tasks
 
     try:
         tasks = build_tasks(list(config.probe.tasks), probe_corpus_dir(config), list(config.probe.locales),

@@ -184,10 +184,13 @@ def train(config: DictConfig) -> TrainResult:
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     if config.probe.enabled:  # MTEB probes of every (layer, dim, rank) cell: start, every N steps, end
-        from callbacks.probe import ProbeCallback, probe_corpus_dir
+        from callbacks.probe import ProbeCallback
+        from evaluation.probing import ProbeSession, probe_corpus_dir
 
-        callbacks.append(ProbeCallback(config.probe, probe_corpus_dir(config), config.data.catalog_dir, run_dir,
-                                       datamodule.tokenize, f"matryoshka-lab/{config.name}"))
+        session = ProbeSession(config.probe, probe_corpus_dir(config), config.data.catalog_dir, run_dir,
+                               datamodule.tokenize, f"matryoshka-lab/{config.name}")
+        callbacks.append(ProbeCallback(session, run_dir, config.probe.every_n_steps, config.probe.at_start,
+                                       config.probe.at_end))
     trainer = L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
     datamodule.trainer = trainer
     datamodule.prepare_data()

@@ -13,7 +13,7 @@ What lands in MLflow for one run:
   under ``system/``, which MLflow shows in its own "System metrics" tab. Lightning's ``epoch`` is not logged (the
   stream is one endless epoch: it would be a constant 0).
 - artifacts: ``config.yaml`` (the resolved config) and ``plots/final_view_loss*.png`` + ``.json``; the probe adds
-  ``probe_final.csv`` and ``probe_final_<setting>.png`` at the root (callbacks/probe/report.py).
+  ``probe_final.csv`` and ``probe_final_<setting>.png`` at the root (evaluation/report.py).
 - description (``mlflow.note.content``): the header comment of the experiment file.
 - system metrics (``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, GPU ones where
   ``nvidia-ml-py`` finds a GPU): MLflow's own monitor, every 10 s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``).

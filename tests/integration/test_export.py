@@ -164,7 +164,7 @@ def test_run_without_mel(corpus_dir, tmp_path):
 
 def test_probe_scores_of_the_cell_reach_the_model_card(runs, tmp_path):
     (tmp_path / "probe").mkdir()
-    (tmp_path / "probe" / "probe_step_3.csv").write_text(  # the layout of callbacks/probe/report.py
+    (tmp_path / "probe" / "probe_step_3.csv").write_text(  # the layout of evaluation/report.py
         "step,task,layer,dim,rank,main_score\n"
         "0,bitext,2,16,8,0.10\n"
         "3,bitext,2,16,8,0.25\n"

@@ -1,4 +1,4 @@
-"""``scripts/gpu_check.py`` stays alive on CPU (tiny shape), importing only what a bare GPU machine has."""
+"""``python -m bench.gpu_check`` stays alive on CPU (tiny shape), importing only what a bare GPU machine has."""
 
 import json
 import subprocess
@@ -11,7 +11,7 @@ ABSENT = ("omegaconf", "mlflow", "mteb", "sentence_transformers")
 RUNNER = ("import runpy, sys\n"
           "for name in sys.argv[1].split(','): sys.modules[name] = None  # import raises ImportError\n"
           "sys.argv = ['gpu_check.py', *sys.argv[2:]]\n"
-          "runpy.run_path('scripts/gpu_check.py', run_name='__main__')\n")
+          "runpy.run_module('bench.gpu_check', run_name='__main__', alter_sys=True)\n")
 
 
 def test_gpu_check_runs_every_setup_on_cpu_without_project_only_packages(tmp_path):

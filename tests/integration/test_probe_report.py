@@ -5,8 +5,8 @@ import csv
 import mlflow
 import pytest
 
-from callbacks.probe import report
-from callbacks.probe.prober import summary
+from evaluation import report
+from evaluation.prober import summary
 from contracts.cells import view_name
 
 TASKS = {"Bitext": {"type": "BitextMining", "main_score": "f1", "subsets": ["de-en"]},

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 import torch
 
-from callbacks.probe import latest_table
+from evaluation import latest_table
 from experiments.config import compose
 from experiments.run import train
 from tests.conftest import run_overrides

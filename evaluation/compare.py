@@ -19,8 +19,8 @@ import math
 import re
 from pathlib import Path
 
-from callbacks.probe.prober import summary
-from callbacks.probe.report import (CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_figure, grid_panel, heatmap_groups,
+from evaluation.prober import summary
+from evaluation.report import (CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_figure, grid_panel, heatmap_groups,
                                     latest_table_file, save_png)
 from contracts.cells import view_name
 

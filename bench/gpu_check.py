@@ -1,6 +1,6 @@
 """GPU check: training throughput, MFU and peak memory of a Qwen3-0.6B-shaped embedder under FSDP2.
 
-    python scripts/gpu_check.py            # make gpu-check; on a CUDA machine: < 8 minutes, no network, no download
+    python -m bench.gpu_check              # make gpu-check; on a CUDA machine: < 8 minutes, no network, no download
 
 On CUDA: a random-init Qwen3 with the real 0.6B shape (hidden 1024, 28 blocks, 16 heads × 128, vocab 151,936),
 bf16 mixed precision, FSDP2 over every GPU present (the script re-launches itself under torchrun when there is
@@ -35,18 +35,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
+import torch
+from transformers import Qwen3Config, Qwen3Model
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from transformers import Qwen3Config, Qwen3Model  # noqa: E402
-
-from contracts.batch_layout import pack, pad  # noqa: E402
-from lightning_modules.backbone import Backbone  # noqa: E402
-from lightning_modules.distributed import FSDP2Strategy  # noqa: E402
-from lightning_modules.losses import ContrastiveLoss  # noqa: E402
-from lightning_modules.module import MatryoshkaEmbedder  # noqa: E402
-from lightning_modules.plugins import MEL, MLL, MRL, Precision  # noqa: E402
+from contracts.batch_layout import pack, pad
+from lightning_modules.backbone import Backbone
+from lightning_modules.distributed import FSDP2Strategy
+from lightning_modules.losses import ContrastiveLoss
+from lightning_modules.module import MatryoshkaEmbedder
+from lightning_modules.plugins import BUILTIN_PLUGINS
 
 QWEN3_0_6B = dict(vocab_size=151_936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, intermediate_size=3072)
@@ -54,7 +52,6 @@ TINY = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=4, num_attention_
             head_dim=16, intermediate_size=128)
 # Dense bf16 tensor-core peaks (NVIDIA datasheets); H200 has H100 SXM's compute.
 PEAK_BF16 = (("h200", 989.4e12), ("h100 pcie", 756e12), ("h100", 989.4e12), ("a100", 312e12), ("l40s", 362e12))
-PLUGINS = {"mrl": MRL, "mll": MLL, "mel": MEL, "precision": Precision}
 
 
 @dataclass
@@ -136,7 +133,7 @@ def run_setup(setup: Setup, args: argparse.Namespace, shape: dict, on_cuda: bool
         model = Qwen3Model(Qwen3Config(max_position_embeddings=max(512, args.seq_len), tie_word_embeddings=False,
                                        **shape))
     backbone = Backbone(model.train(), "decoder")
-    plugins = [PLUGINS[name](PLUGINS[name].Config(), backbone.info, 0) for name in setup.plugins]
+    plugins = [BUILTIN_PLUGINS[name](BUILTIN_PLUGINS[name].Config(), backbone.info, 0) for name in setup.plugins]
     optim = SimpleNamespace(name=setup.optimizer, lr=1e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
                             warmup_steps=2, min_lr=1e-7)
     module = MatryoshkaEmbedder(backbone, plugins, ContrastiveLoss(0.05), optim, setup.activation_checkpointing)
@@ -182,7 +179,7 @@ def table(setups: list[Setup]) -> str:
 
 
 def parse_args(argv: list[str], on_cuda: bool) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10 if on_cuda else 2, help="timed steps per setup")
     parser.add_argument("--warmup", type=int, default=3 if on_cuda else 1, help="untimed steps first")
     parser.add_argument("--queries", type=int, default=16 if on_cuda else 4,
@@ -199,7 +196,7 @@ def main(argv: list[str]) -> int:
     if on_cuda and torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
         # FSDP2 over every GPU: one process per GPU, all running this same script (torchrun sets the ranks).
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc-per-node={torch.cuda.device_count()}", __file__, *argv])
+                                  f"--nproc-per-node={torch.cuda.device_count()}", "-m", "bench.gpu_check", *argv])
     if on_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before any model is built on "cuda"
     shape = QWEN3_0_6B if on_cuda else TINY

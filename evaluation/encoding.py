@@ -118,7 +118,7 @@ class GridEncoder:
     Under DDP/FSDP2 :meth:`encode_missing` is collective: every device computes the same list of missing texts,
     encodes a strided shard of it (padded so that every device runs the same number of batches, which FSDP2's
     per-forward all-gathers need) and the shards are all-gathered. The module must already be in eval mode
-    under ``torch.no_grad`` at the model-side setting to encode (see :class:`~callbacks.probe.prober.Prober`).
+    under ``torch.no_grad`` at the model-side setting to encode (see :class:`~evaluation.prober.Prober`).
 
     When the run packs its batches (``tokenize.packing``, ``data.packing``) each forward is packed too
     (:func:`contracts.batch_layout.pack`): every batch then takes texts of all lengths (strided over the

@@ -32,7 +32,7 @@ from sklearn.metrics import auc as sklearn_auc
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 if TYPE_CHECKING:
-    from callbacks.probe.encoding import GridEncoder
+    from evaluation.encoding import GridEncoder
 
 
 def model_meta(name: str, revision: str, embed_dim: int | list[int], n_parameters: int | None,
@@ -71,7 +71,7 @@ class CellModel(AbsEncoder):
     Embeddings are the cell's slice of the cached encoding, re-normalised; ``similarity`` is the cosine.
 
     Args:
-        encoder: the model-side setting's :class:`~callbacks.probe.encoding.GridEncoder`.
+        encoder: the model-side setting's :class:`~evaluation.encoding.GridEncoder`.
         cell: index into ``encoder.cache.cells`` (resolved at encode time: the first encode discovers the grid).
         meta: the model metadata (its revision names the step, so no result cache can match).
         may_encode: whether a text missing from the cache may be encoded now (only in the warm-up cell: encoding

@@ -9,7 +9,8 @@ from contracts.config_error import check_at_least
 
 @dataclass
 class ProbeConfig:
-    """Mid-training MTEB probes of every (layer × dim × rank) cell (:class:`~callbacks.probe.ProbeCallback`)."""
+    """Mid-training MTEB probes of every (layer × dim × rank) cell (:class:`~evaluation.probing.ProbeSession`, run
+    by :class:`~callbacks.probe.ProbeCallback`)."""
 
     enabled: bool = True
     every_n_steps: int = 50

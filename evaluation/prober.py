@@ -13,8 +13,8 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import numpy as np
 import torch
 
-from callbacks.probe.encoding import GridEncoder, intra_op_threads, world
-from callbacks.probe.shares import map_shares, usable_processes
+from evaluation.encoding import GridEncoder, intra_op_threads, world
+from evaluation.shares import map_shares, usable_processes
 from contracts.cells import Cell, view_name
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Prober:
     Args:
         module: the model whose plugins define the grid.
         tokenize: the run's :class:`~lightning_modules.embedding_model.TextTokenizer` (tokenizer and e5 prefixes).
-        tasks: mteb tasks with their data loaded (see :func:`callbacks.probe.tasks.build_tasks`).
+        tasks: mteb tasks with their data loaded (see :func:`evaluation.tasks.build_tasks`).
         batch_size: texts per forward on each device.
         model_name: the mteb model name, ``organisation/name``.
         device: where the inputs go; default: the module's parameters' device.
@@ -132,7 +132,7 @@ class Prober:
                       for task in self.tasks if hasattr(task, "probe_inputs")}
 
     def _announced_texts(self) -> list[str]:
-        from callbacks.probe.grid import prefix
+        from evaluation.grid import prefix
 
         return [prefix(self.tokenize, role) + text for roles in self.roles.values() for text, role in roles.items()]
 
@@ -146,7 +146,7 @@ class Prober:
         order: list[str] = []  # the grid's cell order (devices score cells in different orders)
         encoded = 0
         with preserved_state(self.module):
-            from callbacks.probe.grid import CellModel, evaluate, model_meta
+            from evaluation.grid import CellModel, evaluate, model_meta
 
             meta = model_meta(self.model_name, f"step-{step}", self.module.backbone.info.hidden_size,
                               sum(p.numel() for p in self.module.parameters()),

@@ -1,0 +1,102 @@
+"""What a probe during training does, for :class:`~callbacks.probe.ProbeCallback` (which decides when): build the
+tasks once, score every cell, write the tables and heatmaps, log them to MLflow."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from contracts.config_error import ConfigError
+from datamodules import probe_corpus
+from evaluation import report
+from evaluation.config import ProbeConfig
+from evaluation.prober import Prober, preserved_rng
+
+if TYPE_CHECKING:
+    import lightning as L
+    from omegaconf import DictConfig
+
+    from lightning_modules.embedding_model import TextTokenizer
+
+log = logging.getLogger(__name__)
+
+
+def probe_corpus_dir(config: DictConfig) -> str:
+    """The corpus whose probe split feeds the built-in tasks (see ``probe.corpus_dir``)."""
+    if config.probe.corpus_dir:
+        return config.probe.corpus_dir
+    return config.data.dir if config.data.corpus in ("gettext", "django") else "data/gettext"
+
+
+def check_tasks(config: ProbeConfig) -> None:
+    """Raises ConfigError naming ``probe.tasks`` for a name that is neither built-in nor in mteb's registry."""
+    with preserved_rng():  # importing mteb and creating tasks reseed the global generators
+        from evaluation.tasks import check_task_names
+
+        problem = check_task_names(list(config.tasks))
+    if problem:
+        raise ConfigError("probe.tasks", problem)
+
+
+class ProbeSession:
+    """The probes of one training run: the tasks, the :class:`~evaluation.prober.Prober` and the run's report files.
+
+    Args:
+        config: the ``probe`` section (its task names are checked here, before training starts).
+        corpus_dir: the corpus with the held-out probe split.
+        catalog_dir: gettext catalogs, to build ``corpus_dir`` if it does not exist yet.
+        run_dir: the run folder (tables and heatmaps go to ``run_dir/probe``).
+        tokenize: the run's batch tokenizer (tokenizer and e5 prefixes).
+        model_name: names the model in mteb results (``organisation/name``).
+    """
+
+    def __init__(self, config: ProbeConfig, corpus_dir: str, catalog_dir: str, run_dir: str | Path,
+                 tokenize: TextTokenizer, model_name: str = "matryoshka-lab/probe") -> None:
+        check_tasks(config)
+        self.config, self.corpus_dir, self.catalog_dir = config, corpus_dir, catalog_dir
+        self.probe_dir, self.tokenize, self.model_name = Path(run_dir) / report.PROBE_DIR, tokenize, model_name
+        self.prober: Prober | None = None
+
+    def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Builds the tasks once (and the corpus if needed); False, with one error line, if that fails: the
+        probes are then off for this run and training goes on."""
+        if self.prober is not None:
+            return True
+        try:
+            with preserved_rng():
+                from evaluation.tasks import build_tasks
+
+                if not probe_corpus.corpus_built(self.corpus_dir):
+                    if trainer.is_global_zero:
+                        probe_corpus.build_corpus(self.corpus_dir, self.catalog_dir)
+                    trainer.strategy.barrier("probe corpus")
+                tasks = build_tasks(list(self.config.tasks), self.corpus_dir, list(self.config.locales),
+                                    self.config.max_pairs_per_locale)
+        except Exception as error:  # noqa: BLE001 - probes must not stop training
+            log.error("probe: no probes in this run: cannot build the probe tasks (%s: %s)", type(error).__name__,
+                      error)
+            return False
+        self.prober = Prober(pl_module, self.tokenize, tasks, self.config.batch_size, self.model_name,
+                             pl_module.device, self.config.scoring_processes)
+        return True
+
+    def run(self, step: int, predict_context) -> dict:
+        """Scores every cell at ``step`` (all ranks take part); the table of :meth:`Prober.run`."""
+        return self.prober.run(step, predict_context)
+
+    def write(self, table: dict, run_name: str) -> tuple[dict[str, float], list[Path]]:
+        """Writes the step's table and heatmaps; the metrics to log and the files written."""
+        files = report.write(table, self.probe_dir, run_name)
+        return report.metrics(table, list(self.config.metrics)), files
+
+    def write_final(self, table: dict, run_name: str) -> None:
+        """The last table as ``probe_final.*`` in the run folder (runs without MLflow)."""
+        report.write(table, self.probe_dir, run_name, report.FINAL_STEM, json_table=False)
+
+    def log_to_mlflow(self, client, run_id: str, logged: dict[str, float], step: int, files: list[Path]) -> None:
+        report.log_to_mlflow(client, run_id, logged, step, files)
+
+    def log_final(self, client, run_id: str, table: dict, run_name: str) -> None:
+        """The last table's ``final/...`` metrics and files at the MLflow run's root."""
+        report.log_final(client, run_id, table, self.probe_dir, run_name)
