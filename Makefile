@@ -52,10 +52,10 @@ ablation: $(STAMP) ## Run a suite into one MLflow experiment: make ablation SUIT
 	$(BIN)/python -m experiments.ablation $(SUITE) $(ARGS)
 
 runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smoke | EXP=<MLflow experiment>]
-	@$(BIN)/python -m experiments.runs $(if $(SUITE),--suite $(SUITE)) $(if $(EXP),--experiment $(EXP))
+	@$(BIN)/python -m experiments.runs_table $(if $(SUITE),--suite $(SUITE)) $(if $(EXP),--experiment $(EXP))
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1, opened on an experiment's runs table: make ui [URI=store | RUN=outputs/<NAME>/<ts>] [EXP=name] [PORT=5000]
-	@$(BIN)/python -m experiments.runs ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
+	@$(BIN)/python -m experiments.runs_table ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
 
 export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
 	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name> | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized]"; exit 2; }

@@ -40,7 +40,7 @@ import torch
 from transformers import Qwen3Config, Qwen3Model
 
 from contracts.batch_layout import pack, pad
-from lightning_modules.backbone import Backbone
+from lightning_modules.backbone_adapter import Backbone
 from lightning_modules.distributed import FSDP2Strategy
 from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.module import MatryoshkaEmbedder

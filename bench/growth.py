@@ -65,7 +65,7 @@ def step_time_vs_views(ctx: Context) -> dict[int, float]:
 def probe_time_vs_cells(ctx: Context) -> dict[int, float]:
     """Seconds per probe of each grid (``{cells: seconds}``; the experiment's tasks on ``--growth-probe-locales``),
     interleaved."""
-    from evaluation.prober import Prober, preserved_rng
+    from evaluation.scoring import Prober, preserved_rng
 
     with preserved_rng():
         from evaluation.tasks import build_tasks

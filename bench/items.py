@@ -16,7 +16,7 @@ from bench.context import VARIANTS, Context, packed, row, train_step, training_b
 from bench.growth import growth_rows
 from contracts.cells import axis_values
 from lightning_modules.embedding_model import EmbeddingModel
-from lightning_modules.export import Origin, export_cell, load_exported
+from lightning_modules.cell_export import Origin, export_cell, load_exported
 from lightning_modules.plugins.mel import FactorizedEmbedding
 
 def item_training_step(ctx: Context) -> list[dict]:

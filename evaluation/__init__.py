@@ -1,14 +1,14 @@
 """The evaluation library: MTEB probes over the (layer × dim × rank) grid, their reports and comparisons.
 
-:class:`ProbeSession` probes during training (for :class:`callbacks.probe.ProbeCallback`); ``python -m
+:class:`ProbeSession` probes during training (for :class:`callbacks.probe_schedule.ProbeCallback`); ``python -m
 experiments.probe CKPT`` (``make probe``) probes a checkpoint. Imports are lazy: the probe command must switch the hub offline before anything imports
 huggingface_hub, and mteb is only imported inside an RNG guard (it reseeds the global generators on import).
 """
 
 import importlib
 
-_EXPORTS = {"ProbeSession": "probing", "probe_corpus_dir": "probing", "Prober": "prober",
-            "preserved_rng": "prober", "preserved_state": "prober", "latest_table": "report"}
+_EXPORTS = {"ProbeSession": "probing", "probe_corpus_dir": "probing", "Prober": "scoring",
+            "preserved_rng": "scoring", "preserved_state": "scoring", "latest_table": "report"}
 
 __all__ = sorted(_EXPORTS)
 

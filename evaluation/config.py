@@ -10,7 +10,7 @@ from contracts.config_error import check_at_least
 @dataclass
 class ProbeConfig:
     """Mid-training MTEB probes of every (layer × dim × rank) cell (:class:`~evaluation.probing.ProbeSession`, run
-    by :class:`~callbacks.probe.ProbeCallback`)."""
+    by :class:`~callbacks.probe_schedule.ProbeCallback`)."""
 
     enabled: bool = True
     every_n_steps: int = 50

@@ -1,4 +1,4 @@
-"""What a probe during training does, for :class:`~callbacks.probe.ProbeCallback` (which decides when): build the
+"""What a probe during training does, for :class:`~callbacks.probe_schedule.ProbeCallback` (which decides when): build the
 tasks once, score every cell, write the tables and heatmaps, log them to MLflow."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from contracts.config_error import ConfigError
 from datamodules import probe_corpus
 from evaluation import report
 from evaluation.config import ProbeConfig
-from evaluation.prober import Prober, preserved_rng
+from evaluation.scoring import Prober, preserved_rng
 
 if TYPE_CHECKING:
     import lightning as L
@@ -40,7 +40,7 @@ def check_tasks(config: ProbeConfig) -> None:
 
 
 class ProbeSession:
-    """The probes of one training run: the tasks, the :class:`~evaluation.prober.Prober` and the run's report files.
+    """The probes of one training run: the tasks, the :class:`~evaluation.scoring.Prober` and the run's report files.
 
     Args:
         config: the ``probe`` section (its task names are checked here, before training starts).

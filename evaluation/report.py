@@ -1,7 +1,7 @@
 """A probe table as MLflow metrics, files in the run folder (JSON, CSV, one heatmap per rank) and text.
 
 Files of the probe at step n, in ``<run_dir>/probe/``: ``probe_step_<n>.json`` (the full table, see
-:meth:`~evaluation.prober.Prober.run`, plus its flat ``rows``), ``probe_step_<n>.csv`` (those rows: one per
+:meth:`~evaluation.scoring.Prober.run`, plus its flat ``rows``), ``probe_step_<n>.csv`` (those rows: one per
 cell and task, a column per score) and ``probe_step_<n>_<group>.png`` (layers × dims heatmaps of each task's main
 score, one file per rank).
 

@@ -29,7 +29,8 @@ from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, Omega
 from evaluation.config import ProbeConfig
 from contracts.config_error import ConfigError, check_at_least
 from datamodules.config import DataConfig
-from lightning_modules.config import DistributedConfig, LossConfig, ModelConfig, OptimConfig, Precision, Strategy
+from lightning_modules.config import (DistributedConfig, LossConfig, ModelConfig, OptimConfig, Strategy,
+                                      TrainingPrecision)
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 
@@ -85,7 +86,7 @@ RUN_OWNED_TRAINER_ARGS = {
     "callbacks": "checkpoint_every, probe.*, max_nonfinite_steps instead (the run's own callbacks)",
     "default_root_dir": "output_dir instead (each run gets its own folder under output_dir/NAME)",
     "strategy": f"distributed.strategy instead ({' | '.join(typing.get_args(Strategy))})",
-    "precision": f"distributed.precision instead ({' | '.join(typing.get_args(Precision))})",
+    "precision": f"distributed.precision instead ({' | '.join(typing.get_args(TrainingPrecision))})",
 }
 
 

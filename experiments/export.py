@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from lightning_modules.export import MODES
+from lightning_modules.cell_export import MODES
 
 
 def main(argv: list[str]) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str]) -> int:
     from experiments.config import ConfigError
     from experiments.loading import RunLoadError, load_run
     from lightning_modules.embedding_model import CellError
-    from lightning_modules.export import ExportError, export_cell, load_exported
+    from lightning_modules.cell_export import ExportError, export_cell, load_exported
 
     tags = {key: value for key, value in (("layer", args.layers), ("dim", args.dim), ("rank", args.rank))
             if value is not None}

@@ -4,7 +4,7 @@ paper's claims at small scale, measured.
 Runs (or resumes: finished runs end at once) the suite ``experiments/suites/<suite>.yaml``, makes sure every run has
 its final probe table (probing its last checkpoint when the end-of-training probe is missing), then writes the
 results page FROM THE RUNS: the claims table (each claim of the paper a row per probe domain with its number and
-pass/fail, from :func:`evaluation.compare.compare` over the seeds' mean per cell), the heatmaps of
+pass/fail, from :func:`evaluation.comparison.compare` over the seeds' mean per cell), the heatmaps of
 ``3dml − baseline`` per cell (``compare.heatmaps``), the efficiency of each run (from MLflow) and the commands.
 
 Runs are matched to the claims by experiment name without the ``paper_`` prefix (``paper_mel_fixed`` -> ``mel_fixed``);
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from evaluation.compare import CompareError, cell_scores, compare, heatmaps, load_table, table_file
+from evaluation.comparison import CompareError, cell_scores, compare, heatmaps, load_table, table_file
 from evaluation.report import FILE_PREFIX
 from contracts.cells import view_name
 

@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
 
     from evaluation import report
     from evaluation.probing import check_tasks, probe_corpus_dir
-    from evaluation.prober import Prober
+    from evaluation.scoring import Prober
     from experiments.config import ConfigError, validate
     from experiments.loading import RunLoadError, load_run
     from experiments.tracking import RUN_ID_FILE

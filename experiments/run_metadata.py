@@ -4,8 +4,6 @@ state, config hash, package versions, device), and the names MLflow stores uncha
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import platform
 import re
@@ -15,6 +13,7 @@ from importlib import metadata
 
 from omegaconf import DictConfig, OmegaConf
 
+from contracts.digest import digest
 from datamodules.pairs import metric_name
 from experiments.config import EXPERIMENTS_DIR, plugin_configs
 
@@ -83,7 +82,7 @@ def config_hash(config: DictConfig) -> str:
         for parent in parents:
             node = node.get(parent) or {}
         node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return digest(container)
 
 
 def device_description() -> str:

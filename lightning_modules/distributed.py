@@ -17,7 +17,7 @@ from torch import nn
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from lightning_modules.backbone import Backbone
+    from lightning_modules.backbone_adapter import Backbone
 
 
 class FSDP2Strategy(ModelParallelStrategy):

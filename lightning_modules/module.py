@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_modules.backbone import Backbone
+from lightning_modules.backbone_adapter import Backbone
 from lightning_modules.distributed import enable_activation_checkpointing, is_sharded, shard_backbone
 from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.config import OptimConfig

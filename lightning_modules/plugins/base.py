@@ -14,7 +14,7 @@ from contracts.config_error import ConfigError
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from lightning_modules.backbone import Backbone, BackboneInfo
+    from lightning_modules.backbone_adapter import Backbone, BackboneInfo
     from contracts.cells import Cell
     from lightning_modules.views import EmbeddingBundle, View
 

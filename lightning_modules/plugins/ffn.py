@@ -13,7 +13,7 @@ from contracts.config_error import ConfigError
 from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, checked_ladder, ladder_probabilities
 
 if TYPE_CHECKING:
-    from lightning_modules.backbone import Backbone, BackboneInfo
+    from lightning_modules.backbone_adapter import Backbone, BackboneInfo
     from contracts.cells import Cell
 
 

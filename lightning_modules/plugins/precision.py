@@ -13,7 +13,7 @@ from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, check
 from contracts.cells import vector_bytes
 
 if TYPE_CHECKING:
-    from lightning_modules.backbone import BackboneInfo
+    from lightning_modules.backbone_adapter import BackboneInfo
     from contracts.cells import Cell
     from lightning_modules.views import EmbeddingBundle, View
 

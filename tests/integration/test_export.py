@@ -17,7 +17,7 @@ from experiments.export import main
 from experiments.loading import LoadedRun, RunLoadError, load_run
 from experiments.run import build, train
 from lightning_modules.embedding_model import CellError, EmbeddingModel
-from lightning_modules.export import ExportError, export_cell, load_exported, model_card, probe_scores
+from lightning_modules.cell_export import ExportError, export_cell, load_exported, model_card, probe_scores
 from lightning_modules.plugins.precision import QUANTIZE_SNIPPET, Precision, PrecisionConfig, binary, int8
 from contracts.cells import Cell
 from tests.conftest import run_overrides

@@ -9,9 +9,9 @@ from torch import nn
 
 from experiments.config import compose
 from experiments.run import build, train
-from lightning_modules.backbone import BackboneInfo
+from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.embedding_model import EmbeddingModel
-from lightning_modules.export import Origin, export_cell, load_exported
+from lightning_modules.cell_export import Origin, export_cell, load_exported
 from lightning_modules.plugins import ConfigError
 from lightning_modules.plugins.ffn import FFN, FFNConfig, NestedLinear
 

@@ -9,7 +9,7 @@ import torch
 from contracts.batch_layout import pack
 from datamodules.tokenization import BatchTokenizer
 from experiments.run import train
-from lightning_modules.backbone import Backbone
+from lightning_modules.backbone_adapter import Backbone
 from lightning_modules.backbones.tiny import byte_tokenizer, tiny_bert, tiny_qwen3
 from lightning_modules.packing import use_varlen_attention
 

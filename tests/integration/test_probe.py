@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from evaluation.encoding import EmbeddingCache, Slot, split_views
-from evaluation.prober import Prober, preserved_rng, summary
+from evaluation.encoding import CellEmbeddings, Slot, split_views
+from evaluation.scoring import Prober, preserved_rng, summary
 from datamodules.gettext_corpus import Pair
 from contracts.cells import Cell, view_name
 from lightning_modules.views import View
@@ -35,7 +35,7 @@ PREFIXES = SimpleNamespace(query_prefix="q: ", passage_prefix="p: ")
 
 def hand_encoder(vectors: dict[str, list[float]]):
     """A stand-in for GridEncoder whose cache holds the given (prefixed) texts, one 4-d cell."""
-    cache = EmbeddingCache()
+    cache = CellEmbeddings()
     cache.add(list(vectors), [Cell({"layer": 1, "dim": 4}, 16)], [Slot(0, 4)],
               [torch.tensor(list(vectors.values()), dtype=torch.float32)])
     return SimpleNamespace(cache=cache, tokenize=PREFIXES)
@@ -142,7 +142,7 @@ def test_split_views_shares_one_source_per_exit():
 
 
 def test_cache_lookup_slices_then_renormalises():
-    cache = EmbeddingCache()
+    cache = CellEmbeddings()
     full = torch.tensor([[3.0, 4.0, 12.0], [1.0, 0.0, 5.0]])
     cache.add(["a", "b"], [Cell({"layer": 1, "dim": 3}, 12), Cell({"layer": 1, "dim": 2}, 8)],
               [Slot(0, 3), Slot(0, 2)], [full])
@@ -284,7 +284,7 @@ def test_failing_task_is_logged_and_the_others_are_scored(tiny_module, caplog):
 def test_forked_scoring_gives_the_one_process_table(tiny_module, monkeypatch, tmp_path):
     """Two scoring processes: the same table as one, and a task failing in a cell the helper scores is left out of
     the whole probe, as in one process."""
-    from evaluation import grid, prober
+    from evaluation import grid, scoring as prober
 
     module, tokenize, tasks = tiny_module
     monkeypatch.setattr(prober, "usable_processes", lambda requested: requested)  # also on a 1-core machine

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from evaluation.compare import CompareError, compare, load_table, sign_test, table_file
+from evaluation.comparison import CompareError, compare, load_table, sign_test, table_file
 from experiments.compare import default_out, main
 from contracts.cells import view_name
 

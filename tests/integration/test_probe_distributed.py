@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import torch
 
-from evaluation.prober import Prober, preserved_rng
+from evaluation.scoring import Prober, preserved_rng
 from experiments.config import compose
 from experiments.run import RUN_DIR_ENV, build
 from experiments.tracking import RUN_ID_FILE

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from evaluation.prober import preserved_rng
+from evaluation.scoring import preserved_rng
 from datamodules.gettext_corpus import Pair
 from tests.integration.test_probe import META, hand_encoder
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from evaluation.prober import preserved_rng
+from evaluation.scoring import preserved_rng
 from datamodules import manpages_corpus
 from tests.unit.test_manpages_corpus import page_source, write_page
 from tests.integration.test_probe import META, hand_encoder, one_hot

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 
 from evaluation import report
-from evaluation.prober import summary
+from evaluation.scoring import summary
 from contracts.cells import view_name
 
 TASKS = {"Bitext": {"type": "BitextMining", "main_score": "f1", "subsets": ["de-en"]},

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.entities import Metric, Param
 
-from experiments.runs import print_runs
+from experiments.runs_table import print_runs
 
 # Each run: (experiment, name, status, params, {metric: [(step, value), ...]}); started in this order.
 RUNS = [

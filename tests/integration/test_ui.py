@@ -4,8 +4,8 @@ store a run used."""
 import mlflow
 import pytest
 
-from experiments import runs
-from experiments.runs import experiment_to_open, run_store, runs_page_url, ui_hint
+from experiments import runs_table as runs
+from experiments.runs_table import experiment_to_open, run_store, runs_page_url, ui_hint
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import math
 import re
 from pathlib import Path
 
-from evaluation.prober import summary
+from evaluation.scoring import summary
 from evaluation.report import (CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_figure, grid_panel, heatmap_groups,
                                     latest_table_file, save_png)
 from contracts.cells import view_name

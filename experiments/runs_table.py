@@ -1,7 +1,7 @@
 """Read the MLflow store: a terminal table comparing runs, and the MLflow UI launcher.
 
-    python -m experiments.runs [--suite smoke | --experiment NAME ...] [--uri URI]   # make runs [SUITE=smoke]
-    python -m experiments.runs ui [--port 5000] [--uri URI | --run RUN_DIR] [--experiment NAME]   # make ui
+    python -m experiments.runs_table [--suite smoke | --experiment NAME ...] [--uri URI]   # make runs [SUITE=smoke]
+    python -m experiments.runs_table ui [--port 5000] [--uri URI | --run RUN_DIR] [--experiment NAME]   # make ui
 
 The table has one row per run (oldest first): its name and status, the steps it logged, the params that differ
 between the runs of the table (``axes`` summarises which Matryoshka plugins a run trains), and its key metrics:
@@ -276,7 +276,7 @@ def open_when_up(url: str, port: int, timeout_s: float = 120.0) -> None:
 def ui_main(argv: list[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.runs ui",
+    parser = argparse.ArgumentParser(prog="python -m experiments.runs_table ui",
                                      description="MLflow UI on 127.0.0.1, opened on an experiment's runs table")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     store = parser.add_mutually_exclusive_group()
@@ -307,7 +307,7 @@ def main(argv: list[str]) -> int:
 
     if argv[:1] == ["ui"]:
         return ui_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m experiments.runs", description="Compare runs from MLflow")
+    parser = argparse.ArgumentParser(prog="python -m experiments.runs_table", description="Compare runs from MLflow")
     parser.add_argument("--suite", action="append", default=[], help="a suite name (MLflow experiment suite-<name>)")
     parser.add_argument("--experiment", action="append", default=[], help="an MLflow experiment name")
     parser.add_argument("--uri", default=None, help="tracking store (default: tracking.uri of base.yaml)")
