@@ -12,6 +12,7 @@ summary metrics (``probe/...`` names without a view coordinate).
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import re
@@ -123,14 +124,20 @@ def format_table(header: list[str], rows: list[list[str]], max_width: int | None
 
 
 def _aligned(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    """The table laid out by rich: numeric columns right-aligned, nothing wrapped or cut, no colour."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
     numeric = [all(re.fullmatch(r"-?[\d.e+-]+|-", row[i]) for row in rows) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(cell.rjust(width) if right else cell.ljust(width)
-                         for cell, width, right in zip(cells, widths, numeric)).rstrip()
-
-    return "\n".join([line(header), line(["-" * width for width in widths]), *map(line, rows)])
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name, right in zip(header, numeric):
+        table.add_column(name, justify="right" if right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    text = io.StringIO()
+    Console(file=text, width=100_000, color_system=None, highlight=False, soft_wrap=False).print(table)
+    return "\n".join(line.rstrip() for line in text.getvalue().splitlines())
 
 
 def print_runs(uri: str, experiments: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
