@@ -14,6 +14,7 @@ CKPT   ?=
 LAYERS ?=
 DIM    ?=
 RANK   ?=
+FFN    ?=
 CELL   ?=
 OUT    ?=
 MODE   ?= compat
@@ -57,9 +58,9 @@ runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smo
 ui: $(STAMP) ## MLflow UI on 127.0.0.1, opened on an experiment's runs table: make ui [URI=store | RUN=outputs/<NAME>/<ts>] [EXP=name] [PORT=5000]
 	@$(BIN)/python -m experiments.runs_table ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
 
-export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
-	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name> | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized]"; exit 2; }
-	$(BIN)/python -m experiments.export $(CKPT) --mode $(MODE) $(if $(CELL),--cell $(CELL)) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) $(ARGS)
+export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 (or a part) | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
+	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name or part> | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized]"; exit 2; }
+	$(BIN)/python -m experiments.export $(CKPT) --mode $(MODE) $(if $(CELL),--cell $(CELL)) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(FFN),--ffn $(FFN)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 probe: $(STAMP) ## MTEB-probe every cell of a checkpoint: make probe CKPT=path [ARGS="probe.locales=[de,kk]"]
 	@test -n "$(CKPT)" || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }

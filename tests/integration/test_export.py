@@ -138,6 +138,14 @@ def test_invalid_cells_are_rejected(runs, tags, message):
         runs["tiny_bert"].model.cell("layer_3/dim_32/rank_16")
 
 
+def test_a_part_of_a_cell_name_takes_the_other_tags_from_the_full_cell(runs):
+    model = runs["tiny_bert"].model
+    assert model.cell("layer_2").name == model.cell(layer=2).name == "layer_2/dim_32/rank_16"
+    assert model.cell("rank_8/layer_1").name == model.cell("layer_1", rank=8).name == "layer_1/dim_32/rank_8"
+    with pytest.raises(CellError, match="'layer2' is not a cell name"):
+        model.cell("layer2")
+
+
 def test_defaults_are_the_full_cell_and_the_largest_rank(runs):
     model = runs["tiny_bert"].model
     assert model.cell().name == model.full_cell().name == "layer_4/dim_32/rank_16"
@@ -216,7 +224,9 @@ def test_cli_exports_checks_and_reports_errors(runs, capsys):
     assert main([checkpoint, "--layers", "9"]) == 2
     assert "export error: layer 9 is not a value of this run; choose one of [1, 2, 4]" in capsys.readouterr().err
     assert main([checkpoint, "--cell", "layer_2/dim_16/rank_8", "--layers", "2"]) == 2
-    assert "names the whole cell" in capsys.readouterr().err
+    assert "CELL=layer_2/dim_16/rank_8 and the layer option name the same axis" in capsys.readouterr().err
+    assert main([checkpoint, "--cell", "layer_2/ffn_8"]) == 2
+    assert "export error: the run has no 'ffn' axis; its axes: layer, dim, rank" in capsys.readouterr().err
     assert main([checkpoint, "--cell", "layer_2/dim_16/rank_8", "--out", str(runs["tiny_bert"].run_dir / "by_name")]) == 0
     assert "exported cell layer_2/dim_16/rank_8 (compat)" in capsys.readouterr().out
     assert main([checkpoint, "--layers", "1", "--dim", "8", "--rank", "8", "--mode", "factorized"]) == 0
