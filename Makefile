@@ -56,7 +56,7 @@ runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smo
 	@$(BIN)/python -m experiments.runs_table $(if $(SUITE),--suite $(SUITE)) $(if $(EXP),--experiment $(EXP))
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1, opened on an experiment's runs table: make ui [URI=store | RUN=outputs/<NAME>/<ts>] [EXP=name] [PORT=5000]
-	@$(BIN)/python -m experiments.runs_table ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
+	@$(BIN)/python -m experiments.mlflow_ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
 
 export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 (or a part) | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
 	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name or part> | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized]"; exit 2; }

@@ -13,7 +13,7 @@ import torch
 
 from bench.common import compare, to_device, trainable, weighted_loss
 from bench.context import VARIANTS, Context, packed, row, train_step, training_batches
-from bench.growth import growth_rows
+from bench.growth import item_growth
 from contracts.cells import axis_values
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.cell_export import Origin, export_cell, load_exported
@@ -257,11 +257,6 @@ def item_packing(ctx: Context) -> list[dict]:
               f"max |loss difference| {loss_difference:.1e}")
     return [row("8", "training tokens/s: packed / padded", ratio, "≥ 1.6", ratio >= 1.6, detail, seconds=seconds,
                 tokens=tokens, padding_fraction=padding, losses=losses)]
-
-
-def item_growth(ctx: Context) -> list[dict]:
-    """9. How cost grows with the grid: step time vs views, probe time vs cells, MEL time vs tokens and vocabulary."""
-    return growth_rows(ctx)
 
 
 def item_ffn_export(ctx: Context) -> list[dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from evaluation.comparison import (CompareError, compare, format_comparison, heatmaps, load_table, run_dir_of,
                                      run_label)
 from contracts.atomic import write_atomic
-from experiments.runs_table import run_store
+from experiments.mlflow_ui import run_store
 from experiments.tracking import DESCRIPTION_TAG, RUN_ID_FILE
 
 

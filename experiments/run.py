@@ -17,7 +17,7 @@ from contracts.atomic import write_atomic
 from datamodules.sources import DataError
 from experiments.config import Config, ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.run_lock import hold_run_lock
-from experiments.runs_table import ui_hint
+from experiments.mlflow_ui import ui_hint
 from experiments.run_metadata import BOOKKEEPING_KEYS, flatten
 from experiments.run_summary import log_run_summary
 from experiments.tracking import check_tracking, fail_fast_http, log_run_inputs, make_logger, system_metrics

@@ -18,7 +18,8 @@ What lands in MLflow for one run:
 - system metrics (``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, GPU ones where
   ``nvidia-ml-py`` finds a GPU): MLflow's own monitor, every 10 s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``).
 
-The terminal table of runs and the MLflow UI launcher live in ``experiments/runs_table.py`` (no Lightning import there).
+The terminal table of runs lives in ``experiments/runs_table.py``, the MLflow UI launcher in
+``experiments/mlflow_ui.py`` (no Lightning import in either).
 """
 
 from __future__ import annotations
