@@ -20,7 +20,7 @@ class ProbeRunner(Protocol):
     """What the callback asks of a probe (:class:`~evaluation.probing.ProbeSession` is the one in use)."""
 
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool: ...
-    def run(self, step: int, predict_context) -> dict: ...
+    def run(self, step: int, predict_context, final: bool = False) -> dict: ...
     def write(self, table: dict, run_name: str) -> tuple[dict[str, float], list[Path]]: ...
     def write_final(self, table: dict, run_name: str) -> None: ...
     def log_to_mlflow(self, client, run_id: str, logged: dict[str, float], step: int, files: list[Path]) -> None: ...
@@ -70,11 +70,11 @@ class ProbeCallback(L.Callback):
                            batch_idx: int) -> None:
         every = self.every_n_steps
         if every and trainer.global_step % every == 0:
-            self.probe(trainer, pl_module)
+            self.probe(trainer, pl_module, final=0 < trainer.max_steps <= trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_end:
-            self.probe(trainer, pl_module)
+            self.probe(trainer, pl_module, final=True)
         if trainer.is_global_zero and self.last_table is not None:
             self._log_final(trainer)
         if trainer.is_global_zero and self.probed:
@@ -83,8 +83,9 @@ class ProbeCallback(L.Callback):
                      self.seconds, 100 * self.seconds / wall, wall)
             self._log(trainer, {"probe/seconds_total": self.seconds, "probe/wall_share": self.seconds / wall}, [])
 
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
-        """One probe at the current global step (once per step); returns its table."""
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> dict | None:
+        """One probe at the current global step (once per step); returns its table. The ``final`` one (the
+        last step) also keeps per-query scores."""
         step = trainer.global_step
         if step in self.probed or self.disabled:
             return None
@@ -92,7 +93,7 @@ class ProbeCallback(L.Callback):
         if not self.runner.prepare(trainer, pl_module):
             self.disabled = True
             return None
-        table = self.runner.run(step, trainer.precision_plugin.predict_step_context)
+        table = self.runner.run(step, trainer.precision_plugin.predict_step_context, final)
         self.seconds += table["seconds"]
         self.last_table = table
         if trainer.is_global_zero:

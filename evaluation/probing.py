@@ -81,9 +81,10 @@ class ProbeSession:
                              pl_module.device, self.config.scoring_processes)
         return True
 
-    def run(self, step: int, predict_context) -> dict:
-        """Scores every cell at ``step`` (all ranks take part); the table of :meth:`Prober.run`."""
-        return self.prober.run(step, predict_context)
+    def run(self, step: int, predict_context, final: bool = False) -> dict:
+        """Scores every cell at ``step`` (all ranks take part); the table of :meth:`Prober.run`, with per-query
+        scores when ``final``."""
+        return self.prober.run(step, predict_context, query_scores=final)
 
     def write(self, table: dict, run_name: str) -> tuple[dict[str, float], list[Path]]:
         """Writes the step's table and heatmaps; the metrics to log and the files written."""

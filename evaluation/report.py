@@ -1,7 +1,8 @@
 """A probe table as MLflow metrics, files in the run folder (JSON, CSV, one heatmap per rank) and text.
 
 Files of the probe at step n, in ``<run_dir>/probe/``: ``probe_step_<n>.json`` (the full table, see
-:meth:`~evaluation.scoring.Prober.run`, plus its flat ``rows``), ``probe_step_<n>.csv`` (those rows: one per
+:meth:`~evaluation.scoring.Prober.run`, plus its flat ``rows``), ``probe_step_<n>.queries.npz`` (a final table's
+per-query scores, see :mod:`evaluation.query_scores`), ``probe_step_<n>.csv`` (those rows: one per
 cell and task, a column per score) and ``probe_step_<n>_<group>.png`` (layers × dims heatmaps of each task's main
 score, one file per rank).
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from contracts.atomic import replacing, write_atomic
 from contracts.cells import view_name
+from evaluation.query_scores import query_file, write_query_scores
 
 PROBE_DIR = "probe"
 CHECKPOINT_DIR = "checkpoint"  # make probe's tables: <run_dir>/probe/checkpoint, beside those of training
@@ -160,7 +162,11 @@ def write(table: dict, out: str | Path, run_name: str = "", stem: str | None = N
     paths = [out / f"{stem}.csv"]
     if json_table:
         paths.insert(0, out / f"{stem}.json")
-        write_atomic(paths[0], json.dumps({**table, "rows": flat}, indent=1))
+        per_query = table.get("query_scores")
+        plain = {key: value for key, value in table.items() if key != "query_scores"}
+        write_atomic(paths[0], json.dumps({**plain, "rows": flat}, indent=1))
+        if per_query:
+            paths.insert(1, write_query_scores(query_file(paths[0]), per_query))
     columns = list(dict.fromkeys(key for row in flat for key in row))
     with replacing(paths[-1]) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
