@@ -66,11 +66,12 @@ def _full_first(value: int | None) -> tuple:
 
 def grid_panel(axes, cells: list[dict], value: Callable[[dict], float | None], cmap: str,
                limits: tuple[float, float], number: str, text_color: Callable[[float], str] = lambda value: "black",
-               fontsize: int = 8, colorbar: str | None = None):
+               fontsize: int = 8, colorbar: str | None = None, framed: Callable[[dict], bool] | None = None):
     """One heatmap of ``value(cell)`` (None: an empty square): layers (rows, shallowest first) × dims (columns, widest
     first; ticks with bytes per vector where cells have ``bytes``), each square annotated with
     ``format(value, number)``; a layer or dim tag that is None (axis not nested) reads ``full``. ``colorbar`` labels
-    a colour bar beside the panel. Returns the image."""
+    a colour bar beside the panel; ``framed(cell)`` true draws a black frame around the cell's square. Returns the
+    image."""
     layers = sorted({cell["tags"]["layer"] for cell in cells}, key=_full_first)
     dims = sorted({cell["tags"]["dim"] for cell in cells}, key=lambda dim: _full_first(-dim if dim else None))
     storage = {cell["tags"]["dim"]: cell.get("bytes") for cell in cells}
@@ -85,6 +86,13 @@ def grid_panel(axes, cells: list[dict], value: Callable[[dict], float | None], c
             if not math.isnan(cell_value):
                 axes.text(column, row, format(cell_value, number), ha="center", va="center", fontsize=fontsize,
                           color=text_color(cell_value))
+    if framed is not None:
+        from matplotlib.patches import Rectangle
+
+        for cell in cells:
+            if framed(cell):
+                axes.add_patch(Rectangle((dims.index(cell["tags"]["dim"]) - 0.45, layers.index(cell["tags"]["layer"])
+                                          - 0.45), 0.9, 0.9, fill=False, edgecolor="black", linewidth=1.6))
 
     def label(value: int | None) -> str:
         return "full" if value is None else str(value)

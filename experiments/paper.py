@@ -152,7 +152,7 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
         stats, delta_full = result["groups"]["all"], result["deltas"][full]
         ok = stats["higher"] > stats["cells"] / 2 and delta_full >= -COST_3DML
         rows.append(Claim(4, "3D-ML", statement, f"higher in {stats['higher']}/{stats['cells']} cells (mean "
-                          f"{stats['mean_delta']:+.2f} pt, sign p {stats['sign_test_p']:.3f}); "
+                          f"{stats['mean_delta']:+.2f} pt); "
                           f"full {delta_full:+.2f} pt", ok))
     else:
         rows.append(Claim(4, "3D-ML", statement, "not run", None))
