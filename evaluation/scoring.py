@@ -243,6 +243,8 @@ class Prober:
                                            "revision": task.metadata.dataset.get("revision")}
                       for task in self.tasks if task.metadata.name not in errors},
             "errors": errors,
+            "overlap_dropped": {task.metadata.name: task.overlap_dropped for task in self.tasks
+                                if getattr(task, "overlap_dropped", None) is not None},
             "cells": cells,
             "summary": summary(cells),
             **({"query_scores": per_query} if per_query else {}),
