@@ -249,7 +249,8 @@ def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], ma
     ``overlap_dropped`` (``{locale: pairs}``, plus ``pool`` for the pool's sentences).
     """
     exclude = training_texts(corpus_dir, training_locales) if training_locales else set()
-    pairs, dropped = probe_sample(corpus_dir, locales, max_pairs, exclude) if set(names) & set(GETTEXT_TASKS) else ({}, {})
+    pairs, dropped = ({}, {}) if not set(names) & set(GETTEXT_TASKS) else probe_sample(corpus_dir, locales, max_pairs,
+                                                                                         exclude)
     pool = english_pool(corpus_dir, list(pairs), exclude) if whole_pool and pairs else []
     if training_locales and pairs:
         pool_dropped = len(english_pool(corpus_dir, list(pairs))) - len(pool) if whole_pool else 0
