@@ -20,7 +20,7 @@ class ProbeRunner(Protocol):
     """What the callback asks of a probe (:class:`~evaluation.probing.ProbeSession` is the one in use)."""
 
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool: ...
-    def run(self, step: int, predict_context) -> dict: ...
+    def run(self, step: int, predict_context, final: bool = False) -> dict: ...
     def write(self, table: dict, run_name: str) -> tuple[dict[str, float], list[Path]]: ...
     def write_final(self, table: dict, run_name: str) -> None: ...
     def log_to_mlflow(self, client, run_id: str, logged: dict[str, float], step: int, files: list[Path]) -> None: ...
@@ -56,7 +56,8 @@ class ProbeCallback(L.Callback):
         self.disabled = False
         self.probed: set[int] = set()
         self.last_table: dict | None = None
-        self.seconds = 0.0
+        self.seconds = 0.0  # mid-training probes (probe/wall_share)
+        self.final_seconds = 0.0  # the final evaluation (probe/final_seconds)
         self.started = time.perf_counter()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -70,21 +71,24 @@ class ProbeCallback(L.Callback):
                            batch_idx: int) -> None:
         every = self.every_n_steps
         if every and trainer.global_step % every == 0:
-            self.probe(trainer, pl_module)
+            self.probe(trainer, pl_module, final=0 < trainer.max_steps <= trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_end:
-            self.probe(trainer, pl_module)
+            self.probe(trainer, pl_module, final=True)
         if trainer.is_global_zero and self.last_table is not None:
             self._log_final(trainer)
         if trainer.is_global_zero and self.probed:
-            wall = time.perf_counter() - self.started
-            log.info("probe: %d probes took %.1f s, %.1f %% of %.1f s of training wall time", len(self.probed),
-                     self.seconds, 100 * self.seconds / wall, wall)
-            self._log(trainer, {"probe/seconds_total": self.seconds, "probe/wall_share": self.seconds / wall}, [])
+            wall = time.perf_counter() - self.started - self.final_seconds
+            log.info("probe: %d mid-training probes took %.1f s, %.1f %% of %.1f s of training wall time; the final "
+                     "evaluation %.1f s", len(self.probed) - (self.final_seconds > 0), self.seconds,
+                     100 * self.seconds / wall, wall, self.final_seconds)
+            self._log(trainer, {"probe/seconds_total": self.seconds, "probe/wall_share": self.seconds / wall,
+                                "probe/final_seconds": self.final_seconds}, [])
 
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
-        """One probe at the current global step (once per step); returns its table."""
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> dict | None:
+        """One probe at the current global step (once per step); returns its table. The ``final`` one (the
+        last step) also keeps per-query scores."""
         step = trainer.global_step
         if step in self.probed or self.disabled:
             return None
@@ -92,8 +96,11 @@ class ProbeCallback(L.Callback):
         if not self.runner.prepare(trainer, pl_module):
             self.disabled = True
             return None
-        table = self.runner.run(step, trainer.precision_plugin.predict_step_context)
-        self.seconds += table["seconds"]
+        table = self.runner.run(step, trainer.precision_plugin.predict_step_context, final)
+        if final:  # the final evaluation is sized for the verdicts, not held to the mid-training probes' budget
+            self.final_seconds += table["seconds"]
+        else:
+            self.seconds += table["seconds"]
         self.last_table = table
         if trainer.is_global_zero:
             logged, files = self.runner.write(table, self._run_name(trainer))

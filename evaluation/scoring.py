@@ -76,8 +76,10 @@ def _all_gather(value):
 def _merge(results: dict, errors: dict, other_results: dict, other_errors: dict) -> None:
     """Adds another device's or process's cell scores and task errors to ``results`` and ``errors``."""
     for name, cell in other_results.items():
-        entry = results.setdefault(name, {"tags": cell["tags"], "bytes": cell["bytes"], "scores": {}})
+        entry = results.setdefault(name, {"tags": cell["tags"], "bytes": cell["bytes"], "scores": {},
+                                          "query_scores": {}})
         entry["scores"].update(cell["scores"])
+        entry["query_scores"].update(cell["query_scores"])
     for task, error in other_errors.items():
         errors.setdefault(task, error)
 
@@ -136,8 +138,12 @@ class Prober:
 
         return [prefix(self.tokenize, role) + text for roles in self.roles.values() for text, role in roles.items()]
 
-    def run(self, step: int, forward_context: Callable[[], AbstractContextManager] = nullcontext) -> dict:
-        """Scores every cell at training step ``step``; the returned table is identical on every device."""
+    def run(self, step: int, forward_context: Callable[[], AbstractContextManager] = nullcontext,
+            query_scores: bool = False) -> dict:
+        """Scores every cell at training step ``step``; the returned table is identical on every device. With
+        ``query_scores`` (final evaluations: they cost ~0.4 ms per retrieval query and cell) the table also holds
+        ``query_scores``, ``{task: {"ids": [...], "cells": {cell: per-query main scores}}}`` (see
+        :mod:`evaluation.query_scores`; :func:`evaluation.report.write` stores them beside the JSON table)."""
         started = time.perf_counter()
         settings = self.module.settings()
         device_rank, world_size = world()
@@ -147,6 +153,7 @@ class Prober:
         encoded = 0
         with preserved_state(self.module):
             from evaluation.grid import CellModel, evaluate, model_meta
+            from evaluation.query_scores import task_query_scores
 
             meta = model_meta(self.model_name, f"step-{step}", self.module.backbone.info.hidden_size,
                               sum(p.numel() for p in self.module.parameters()),
@@ -164,8 +171,9 @@ class Prober:
                         try:  # one thread: scoring multiplies small matrices, where torch's thread pool costs more
                             # than it saves (10× slower with 2 threads on a busy 2-core machine)
                             with intra_op_threads(1):
-                                scores = evaluate(CellModel(encoder, index, meta, may_encode, self.roles.get(name)),
-                                                  task, self.batch_size)
+                                model = CellModel(encoder, index, meta, may_encode, self.roles.get(name))
+                                scores = evaluate(model, task, self.batch_size)
+                                per_query = task_query_scores(task, model.embed) if query_scores else None
                         except Exception as error:  # noqa: BLE001 - a failing task must not stop training
                             cell = encoder.cache.cells[index] if index < len(encoder.cache.cells) else None
                             where = cell.name if cell is not None else f"cell {index}"
@@ -174,8 +182,10 @@ class Prober:
                             continue
                         cell = encoder.cache.cells[index]
                         entry = cell_results.setdefault(cell.name, {"tags": cell.tags, "bytes": cell.bytes,
-                                                                    "scores": {}})
+                                                                    "scores": {}, "query_scores": {}})
                         entry["scores"][name] = scores
+                        if per_query is not None:
+                            entry["query_scores"][name] = per_query
                 return cell_results, cell_errors
 
             mine: list[tuple[GridEncoder, int]] = []  # the cells this device scores after the warm-ups
@@ -200,8 +210,16 @@ class Prober:
         return self._table(step, settings, results, errors, _all_gather(encoded), time.perf_counter() - started)
 
     def _table(self, step: int, settings: list, results: dict, errors: dict, encoded: list[int], seconds: float) -> dict:
+        from evaluation.query_scores import query_ids
+
         cells = []
+        per_query: dict[str, dict] = {}
         for name, cell in results.items():
+            for task in self.tasks:
+                vector = cell["query_scores"].get(task.metadata.name)
+                if vector is not None and task.metadata.name not in errors:
+                    entry = per_query.setdefault(task.metadata.name, {"ids": query_ids(task), "cells": {}})
+                    entry["cells"][name] = vector
             # A task that failed anywhere is left out of the whole probe, also from cells scored before it failed.
             scores = {task: values for task, values in cell["scores"].items() if task not in errors}
             if scores:
@@ -221,11 +239,15 @@ class Prober:
             "texts_encoded_per_device": encoded,
             "axes": axes,
             "tasks": {task.metadata.name: {"type": task.metadata.type, "main_score": task.metadata.main_score,
-                                           "subsets": list(task.hf_subsets)}
+                                           "subsets": list(task.hf_subsets),
+                                           "revision": task.metadata.dataset.get("revision")}
                       for task in self.tasks if task.metadata.name not in errors},
             "errors": errors,
+            "overlap_dropped": {task.metadata.name: task.overlap_dropped for task in self.tasks
+                                if getattr(task, "overlap_dropped", None) is not None},
             "cells": cells,
             "summary": summary(cells),
+            **({"query_scores": per_query} if per_query else {}),
         }
 
 

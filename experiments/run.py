@@ -188,7 +188,7 @@ def train(config: DictConfig) -> TrainResult:
         from evaluation.probing import ProbeSession, probe_corpus_dir
 
         session = ProbeSession(config.probe, probe_corpus_dir(config), config.data.catalog_dir, run_dir,
-                               datamodule.tokenize, f"matryoshka-lab/{config.name}")
+                               datamodule.tokenize, f"matryoshka-lab/{config.name}", list(config.data.locales))
         callbacks.append(ProbeCallback(session, run_dir, config.probe.every_n_steps, config.probe.at_start,
                                        config.probe.at_end))
     trainer = L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
