@@ -110,7 +110,8 @@ class ProbeCallback(L.Callback):
         self.probed.add(step)
         if self.prober is None and not self._setup(trainer, pl_module):
             return None
-        table = self.prober.run(step, trainer.precision_plugin.predict_step_context)
+        table = self.prober.run(step, trainer.precision_plugin.predict_step_context,
+                                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None)
         self.seconds += table["seconds"]
         self.last_table = table
         if trainer.is_global_zero:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from callbacks.probe.encoding import GridEncoder, intra_op_threads, world
 from callbacks.probe.shares import map_shares, usable_processes
@@ -136,11 +139,17 @@ class Prober:
 
         return [prefix(self.tokenize, role) + text for roles in self.roles.values() for text, role in roles.items()]
 
-    def run(self, step: int, forward_context: Callable[[], AbstractContextManager] = nullcontext) -> dict:
-        """Scores every cell at training step ``step``; the returned table is identical on every device."""
+    def run(self, step: int, forward_context: Callable[[], AbstractContextManager] = nullcontext,
+            progress: bool = False) -> dict:
+        """Scores every cell at training step ``step``; the returned table is identical on every device.
+        ``progress``: a bar ``probe step <n>`` counting the cells scored, ending with the full cell's mean main
+        score (on stdout, like Lightning's training bar; one device should show it)."""
         started = time.perf_counter()
         settings = self.module.settings()
         device_rank, world_size = world()
+        bar = tqdm(total=len(self.module.cells()), desc=f"probe step {step}", unit="cell", file=sys.stdout,
+                   dynamic_ncols=True, leave=True, disable=not progress)
+        this_process = os.getpid()
         results: dict[str, dict] = {}
         errors: dict[str, str] = {}
         order: list[str] = []  # the grid's cell order (devices score cells in different orders)
@@ -176,6 +185,8 @@ class Prober:
                         entry = cell_results.setdefault(cell.name, {"tags": cell.tags, "bytes": cell.bytes,
                                                                     "scores": {}})
                         entry["scores"][name] = scores
+                    if os.getpid() == this_process:  # a forked scoring process's cells count when they arrive
+                        bar.update()
                 return cell_results, cell_errors
 
             mine: list[tuple[GridEncoder, int]] = []  # the cells this device scores after the warm-ups
@@ -197,7 +208,13 @@ class Prober:
         for task, error in errors.items():
             log.error("probe: task %s failed at step %d and is left out of this probe: %s", task, step, error)
         results = {name: results[name] for name in order if name in results}
-        return self._table(step, settings, results, errors, _all_gather(encoded), time.perf_counter() - started)
+        table = self._table(step, settings, results, errors, _all_gather(encoded), time.perf_counter() - started)
+        full = table["summary"].get("full")
+        bar.n = bar.total  # the other devices' and processes' cells
+        bar.set_postfix_str(f"mean main score {full['mean_main_score']:.4f} at {full['cell']}" if full
+                            else "no scores")
+        bar.close()
+        return table
 
     def _table(self, step: int, settings: list, results: dict, errors: dict, encoded: list[int], seconds: float) -> dict:
         cells = []
