@@ -1,6 +1,6 @@
 """What the commands print: their own lines and one progress bar per long phase. The libraries' notices about
-themselves (Lightning's device lines, tips and "stopped" line, MLflow's INFO lines, a deprecation inside Lightning)
-are filtered where they are emitted, by logger level and by warning filters scoped to the known messages;
+themselves (Lightning's device lines, tips and "stopped" line, MLflow's INFO lines, a deprecation inside Lightning,
+bitsandbytes' note on a kernel package it does not need) are filtered where they are emitted, by logger level and by warning filters scoped to the known messages;
 ``--verbose`` leaves them as the libraries print them."""
 
 from __future__ import annotations
@@ -22,6 +22,11 @@ KNOWN_WARNINGS = (
     # Lightning 2.6's utilities/_pytree.py builds torch's deprecated LeafSpec on every batch transfer.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
 )
+# (logger, message start): log records of the same kind. bitsandbytes on a CPU looks for an optional 4-bit matmul
+# kernel package when imported (for adamw8bit); nothing here multiplies in 4 bits.
+KNOWN_RECORDS = (
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
+)
 
 
 def take_verbose(argv: list[str]) -> tuple[list[str], bool]:
@@ -40,3 +45,5 @@ def quiet_libraries() -> None:
     logging.getLogger("mlflow").setLevel(os.environ[MLFLOW_LEVEL_ENV].upper())  # for one already done
     for message, category in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, start in KNOWN_RECORDS:
+        logging.getLogger(name).addFilter(lambda record, start=start: not record.getMessage().startswith(start))
