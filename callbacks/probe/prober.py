@@ -191,6 +191,7 @@ class Prober:
 
             mine: list[tuple[GridEncoder, int]] = []  # the cells this device scores after the warm-ups
             for setting in settings:
+                bar.set_postfix_str(f"encoding {view_name(setting)}")
                 encoder = GridEncoder(self.module, self.tokenize, self.batch_size, self.device, forward_context)
                 with self.module.applied(setting):
                     encoder.encode_missing(self._announced_texts())
@@ -200,6 +201,7 @@ class Prober:
                 order += [cell.name for cell in encoder.cache.cells]
                 mine += [(encoder, index) for index in range(1, len(encoder.cache.cells))
                          if index % world_size == device_rank]
+            bar.set_postfix_str("scoring")
             # Scoring reads the encodings only, so one fork serves every setting.
             for share in map_shares(lambda cells: score_cells(cells, may_encode=False), mine, self.processes):
                 _merge(results, errors, *share)
