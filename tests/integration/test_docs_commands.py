@@ -7,7 +7,8 @@ The rules (docs/contributing.md#commands-in-the-docs-are-tests):
   ``<placeholder>`` other than ``<timestamp>`` / ``<ts>`` is a synopsis and is not run; ``<timestamp>`` and ``<ts>``
   become the newest folder at that place, ``KEY=...`` the value of ``KEY=`` in the file's previous command.
 - ``make exp``, ``make ablation``, ``make mine`` and ``make probe`` get :data:`SHRINK` appended to their ``ARGS``
-  (a random-init BERT of e5-small's width instead of the real backbone, 2 steps, a small probe and mining pool);
+  (a random-init BERT of e5-small's width instead of the real backbone, 2 steps, one small probe, a small mining
+  pool);
   ``make`` gets ``-o .venv/.installed`` (the copy shares the venv: nothing is reinstalled into it).
 - An HTML comment on the line above a block marks it: ``<!-- docs-test: skip (reason) -->`` is not run (a GPU, apt,
   a cluster, hours), ``<!-- docs-test: slow (reason) -->`` runs only in the slow test. Quoted command beginnings
@@ -32,9 +33,10 @@ from experiments.run_metadata import PROJECT_ROOT
 ROOT = Path(PROJECT_ROOT)
 TINY_MODEL = "model.source=tiny_bert model.tiny.hidden_size=384 model.tiny.num_heads=4 model.max_length=48"
 SMALL_PROBE = "probe.locales=[de] probe.max_pairs_per_locale=8"
+TRAIN = f"{TINY_MODEL} trainer.max_steps=2 probe.at_start=false {SMALL_PROBE}"  # one probe, at the end
 SHRINK = {
-    "exp": f"{TINY_MODEL} trainer.max_steps=2 {SMALL_PROBE}",
-    "ablation": f"{TINY_MODEL} trainer.max_steps=2 {SMALL_PROBE}",
+    "exp": TRAIN,
+    "ablation": TRAIN,
     "mine": f"{TINY_MODEL} mine.max_queries=16 mine.max_pool=64",
     "probe": SMALL_PROBE,
 }
