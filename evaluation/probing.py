@@ -99,17 +99,17 @@ class ProbeSession:
                              pl_module.device, self.config.scoring_processes)
         return True
 
-    def run(self, step: int, predict_context, final: bool = False) -> dict:
+    def run(self, step: int, predict_context, final: bool = False, progress: bool = False) -> dict:
         """Scores every cell at ``step`` (all ranks take part); the table of :meth:`Prober.run`. The ``final`` one
-        is the final evaluation: its tasks, with per-query scores."""
+        is the final evaluation: its tasks, with per-query scores. ``progress``: show the probe's bar."""
         if not final:
-            return self.prober.run(step, predict_context)
+            return self.prober.run(step, predict_context, progress=progress)
         if self.final_prober is None:
             with preserved_rng():
                 tasks = final_tasks(self.config, self.corpus_dir, self.training_locales)
             self.final_prober = Prober(self.prober.module, self.tokenize, tasks, self.config.batch_size,
                                        self.model_name, self.prober.device, self.config.scoring_processes)
-        return self.final_prober.run(step, predict_context, query_scores=True)
+        return self.final_prober.run(step, predict_context, query_scores=True, progress=progress)
 
     def write(self, table: dict, run_name: str) -> tuple[dict[str, float], list[Path]]:
         """Writes the step's table and heatmaps; the metrics to log and the files written."""

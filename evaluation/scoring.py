@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from evaluation.encoding import GridEncoder, intra_op_threads, world
 from evaluation.shares import map_shares, usable_processes
@@ -139,14 +142,19 @@ class Prober:
         return [prefix(self.tokenize, role) + text for roles in self.roles.values() for text, role in roles.items()]
 
     def run(self, step: int, forward_context: Callable[[], AbstractContextManager] = nullcontext,
-            query_scores: bool = False) -> dict:
+            query_scores: bool = False, progress: bool = False) -> dict:
         """Scores every cell at training step ``step``; the returned table is identical on every device. With
         ``query_scores`` (final evaluations: they cost ~0.4 ms per retrieval query and cell) the table also holds
         ``query_scores``, ``{task: {"ids": [...], "cells": {cell: per-query main scores}}}`` (see
-        :mod:`evaluation.query_scores`; :func:`evaluation.report.write` stores them beside the JSON table)."""
+        :mod:`evaluation.query_scores`; :func:`evaluation.report.write` stores them beside the JSON table).
+        ``progress``: a bar ``probe step <n>`` counting the cells scored, ending with the full cell's mean main
+        score (on stdout, like Lightning's training bar; one device should show it)."""
         started = time.perf_counter()
         settings = self.module.settings()
         device_rank, world_size = world()
+        bar = tqdm(total=len(self.module.cells()), desc=f"probe step {step}", unit="cell", file=sys.stdout,
+                   dynamic_ncols=True, leave=True, disable=not progress)
+        this_process = os.getpid()
         results: dict[str, dict] = {}
         errors: dict[str, str] = {}
         order: list[str] = []  # the grid's cell order (devices score cells in different orders)
@@ -186,10 +194,13 @@ class Prober:
                         entry["scores"][name] = scores
                         if per_query is not None:
                             entry["query_scores"][name] = per_query
+                    if os.getpid() == this_process:  # a forked scoring process's cells count when they arrive
+                        bar.update()
                 return cell_results, cell_errors
 
             mine: list[tuple[GridEncoder, int]] = []  # the cells this device scores after the warm-ups
             for setting in settings:
+                bar.set_postfix_str(f"encoding {view_name(setting)}")
                 encoder = GridEncoder(self.module, self.tokenize, self.batch_size, self.device, forward_context)
                 with self.module.applied(setting):
                     encoder.encode_missing(self._announced_texts())
@@ -199,6 +210,7 @@ class Prober:
                 order += [cell.name for cell in encoder.cache.cells]
                 mine += [(encoder, index) for index in range(1, len(encoder.cache.cells))
                          if index % world_size == device_rank]
+            bar.set_postfix_str("scoring")
             # Scoring reads the encodings only, so one fork serves every setting.
             for share in map_shares(lambda cells: score_cells(cells, may_encode=False), mine, self.processes):
                 _merge(results, errors, *share)
@@ -207,7 +219,13 @@ class Prober:
         for task, error in errors.items():
             log.error("probe: task %s failed at step %d and is left out of this probe: %s", task, step, error)
         results = {name: results[name] for name in order if name in results}
-        return self._table(step, settings, results, errors, _all_gather(encoded), time.perf_counter() - started)
+        table = self._table(step, settings, results, errors, _all_gather(encoded), time.perf_counter() - started)
+        full = table["summary"].get("full")
+        bar.n = bar.total  # the other devices' and processes' cells
+        bar.set_postfix_str(f"mean main score {full['mean_main_score']:.4f} at {full['cell']}" if full
+                            else "no scores")
+        bar.close()
+        return table
 
     def _table(self, step: int, settings: list, results: dict, errors: dict, encoded: list[int], seconds: float) -> dict:
         from evaluation.query_scores import query_ids

@@ -31,6 +31,7 @@ from contracts.config_error import ConfigError, check_at_least
 from datamodules.config import DataConfig
 from lightning_modules.config import (DistributedConfig, LossConfig, ModelConfig, OptimConfig, Strategy,
                                       TrainingPrecision)
+from experiments.console import VERBOSE_FLAG, quiet_libraries, take_verbose
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 
@@ -92,11 +93,17 @@ RUN_OWNED_TRAINER_ARGS = {
 
 def run_command(argv: list[str], usage: str, choices: str, command: Callable[[str, list[str]], int]) -> int:
     """Shared entry of the ``python -m experiments.*`` commands: ``-h`` / no argument prints usage, the hub stays
-    offline unless the user set otherwise, and a ConfigError becomes one line on stderr with exit status 2."""
+    offline unless the user set otherwise, the libraries' notices about themselves are filtered unless
+    ``--verbose`` (anywhere in ``argv``; see :mod:`experiments.console`), and a ConfigError becomes one line on stderr
+    with exit status 2."""
+    argv, verbose = take_verbose(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {usage}\n{choices}")
+        print(f"usage: {usage} [{VERBOSE_FLAG}]\n{choices}\n{VERBOSE_FLAG}: also what the libraries print about "
+              f"themselves (device lines, tips, MLflow's INFO lines, their deprecation warnings)")
         return 0 if argv else 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not verbose:
+        quiet_libraries()
     try:
         return command(argv[0], argv[1:])
     except ConfigError as error:

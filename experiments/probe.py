@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = run.model.module.to(device)
     table = Prober(module, run.model.tokenize, tasks, config.probe.batch_size, f"matryoshka-lab/{config.name}",
-                   device, config.probe.scoring_processes).run(run.global_step, query_scores=True)
+                   device, config.probe.scoring_processes).run(run.global_step, query_scores=True, progress=True)
     # Beside, not over, the tables written during training (this probe may use other settings).
     out = Path(run.run_dir) / report.PROBE_DIR / report.CHECKPOINT_DIR
     run_id_file = Path(run.run_dir) / RUN_ID_FILE
