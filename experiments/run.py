@@ -157,6 +157,7 @@ def train(config: DictConfig) -> TrainResult:
 
     from callbacks.nonfinite import NonFiniteGuard
     from callbacks.progress import StepProgressBar
+    from callbacks.random_state import RandomStateCheckpoint
     from callbacks.run_stats import RunStats, ThroughputRates
     from lightning_modules.distributed import trainer_settings
 
@@ -180,6 +181,7 @@ def train(config: DictConfig) -> TrainResult:
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
                         save_last=True),
         RunStats(),  # train/elapsed_s, system/memory/device/peak_*_mb
+        RandomStateCheckpoint(),  # every rank's generators: dropout after a resume draws the straight run's masks
     ]
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())

@@ -65,6 +65,21 @@ def test_crashed_and_resumed_run_ends_where_a_straight_run_ends(tiny_config, tmp
     assert set(steps) == set(range(6))
 
 
+def test_a_resume_with_dropout_draws_the_straight_runs_masks(tiny_config, tmp_path, monkeypatch):
+    """Dropout on (real backbones train with 0.1): the checkpoint carries the generators, so the resumed steps equal
+    the straight run's. Before: equal through the checkpoint, then other masks (the generators started from the
+    seed again)."""
+    overrides = ["data.locales=[de,fr]", "model.tiny.dropout=0.1", "checkpoint_every=3", "trainer.max_steps=7"]
+    straight = train(tiny_config("tiny", [*overrides, f"output_dir={tmp_path}/straight"]))
+    train_until_crash(tiny_config("tiny", overrides), 5, monkeypatch)  # steps 0-4 logged, checkpoint after step 2
+    resumed = train(tiny_config("tiny", overrides))
+    config = tiny_config()
+    assert loss_history(config, resumed.run_id) == loss_history(config, straight.run_id)  # steps 5, 6: resumed only
+    reference = final_state(straight)["state_dict"]
+    for key, value in final_state(resumed)["state_dict"].items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)
+
+
 def test_resume_false_starts_a_new_run(tiny_config):
     first = train(tiny_config("tiny", ["trainer.max_steps=2"]))
     fresh = train(tiny_config("tiny", ["trainer.max_steps=2", "resume=false"]))
