@@ -1,5 +1,6 @@
-"""``python -m experiments.paper [--suite paper] [--out docs/results.md] [key=value ...]`` (``make paper``): the
-paper's claims at small scale, measured.
+"""``python -m experiments.paper [--suite paper] [--out PAGE] [key=value ...]`` (``make paper``): the paper's claims
+at small scale, measured. Only the full suite (``paper``, no overrides) writes the committed ``docs/results.md`` and
+says what it replaced; any other suite, or overrides, write ``<output_dir>/suite-<suite>/results.md``.
 
 Runs (or resumes: finished runs end at once) the suite ``experiments/suites/<suite>.yaml``, makes sure every run has
 its final probe table (probing its last checkpoint when the end-of-training probe is missing), then writes the
@@ -26,6 +27,8 @@ from callbacks.probe.report import FILE_PREFIX
 from lightning_modules.views import view_name
 
 ROLE_PREFIX = "paper_"
+FULL_SUITE = "paper"  # the only suite whose page, run without overrides, is the committed one
+COMMITTED_PAGE = Path("docs/results.md")
 # The probe's retrieval task of each domain: the claims are checked on its main score (nDCG@10).
 DOMAINS = {"GettextRetrieval": "gettext UI strings (training's domain)",
            "ManpageRetrieval": "Debian manual pages (out of domain)"}
@@ -279,15 +282,25 @@ def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> li
     return rows
 
 
-def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suites_dir: Path | None = None,
+def suite_folder(config: DictConfig, suite_name: str) -> Path:
+    """``<output_dir>/suite-<suite>``, the folder above a suite run's own ``output_dir`` (which may add ``seed_<s>``)."""
+    folder = Path(config.output_dir)
+    while folder.name != f"suite-{suite_name}" and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def write_results(suite_name: str, args: list[str], out: Path | None, smoke: bool, suites_dir: Path | None = None,
                   experiments_dir: Path | None = None) -> Path:
-    """Runs (or resumes) the suite, probes what is missing and writes the results page ``out`` with its figures in
-    ``<out stem>/``. Returns ``out``."""
+    """Runs (or resumes) the suite, probes what is missing and writes the results page ``out`` (None: the suite's
+    ``results.md`` beside its runs, ``<output_dir>/suite-<suite>/results.md``) with its figures in ``<out stem>/``.
+    Returns the page's path."""
     from experiments.ablation import SUITES_DIR, run_suite
     from experiments.config import EXPERIMENTS_DIR
 
     configs = [config for config, _ in run_suite(suite_name, args, suites_dir or SUITES_DIR,
                                                  experiments_dir or EXPERIMENTS_DIR)]
+    out = out or suite_folder(configs[0], suite_name) / "results.md"
     tables: dict[int, dict[str, list[dict]]] = {}
     run_dirs: dict[str, list[Path]] = {}
     table_files: dict[str, list[Path]] = {}
@@ -322,8 +335,36 @@ def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suit
              "backbone": f"{first.model.source} ({first.model.num_layers or 'all'} blocks), locales "
                          f"{list(first.data.locales)}, batch {first.data.batch_size}"}
     page = render(results, agreement, efficiency(configs, run_dirs), figures, commands, setup, smoke)
+    if out.is_file() and not smoke:
+        print(f"replaced {out} and its figures in {figures_dir}/ (before: {setup_line(out.read_text())}); "
+              f"git diff {out} shows what changed")
     out.write_text(page)
     return out
+
+
+def setup_line(page: str) -> str:
+    """What a results page measured: the start of its ``Suite ...`` line (suite, backbone, budget, seeds)."""
+    line = next((line for line in page.splitlines() if line.startswith("Suite ")), "no setup line")
+    return line.split(";")[0]
+
+
+def page_for(suite: str, overrides: list[str], out: str | None) -> Path | None:
+    """The page ``--out`` asks for: :data:`COMMITTED_PAGE` for the full suite by default, the suite's folder under
+    ``outputs/`` (None here) for any other suite or with overrides.
+
+    Raises:
+        ConfigError: ``--out`` names the committed page for a smoke or partial run.
+    """
+    from experiments.config import ConfigError
+
+    full = suite == FULL_SUITE and not overrides
+    if out is None:
+        return COMMITTED_PAGE if full else None
+    if not full and Path(out).resolve() == COMMITTED_PAGE.resolve():
+        raise ConfigError("--out", f"{out} holds the committed results of the full suite; only `make paper` (suite "
+                                   f"{FULL_SUITE}, no overrides) writes it; leave --out out to write this run's page "
+                                   f"as <output_dir>/suite-{suite}/results.md")
+    return Path(out)
 
 
 def main(argv: list[str]) -> int:
@@ -331,16 +372,18 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", default="paper", help="suite file under experiments/suites (default: paper)")
-    parser.add_argument("--out", default="docs/results.md", help="results page (default: docs/results.md)")
+    parser.add_argument("--out", help=f"results page (default: {COMMITTED_PAGE} for the full suite, else "
+                                      f"<output_dir>/suite-<suite>/results.md)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (after the suite's overrides)")
     options = parser.parse_args(argv)
-    smoke = options.suite != "paper" or bool(options.overrides)
+    smoke = options.suite != FULL_SUITE or bool(options.overrides)
     try:
-        out = write_results(options.suite, options.overrides, Path(options.out), smoke)
+        out = write_results(options.suite, options.overrides, page_for(options.suite, options.overrides, options.out),
+                            smoke)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    print(f"results: {out}")
+    print(f"results: {out}" + (f" (a smoke or partial run: {COMMITTED_PAGE} is left as it is)" if smoke else ""))
     return 0
 
 
