@@ -271,14 +271,25 @@ def train(config: DictConfig) -> TrainResult:
                 del os.environ[RUN_DIR_ENV]
         checkpoint = checkpoint_dir / CHECKPOINT_NAME
         trainer.save_checkpoint(checkpoint, weights_only=False)  # the full state: a rerun resumes from it
+        metrics = {}
         if trainer.is_global_zero:
             with fail_fast_http():
                 if logger.replay_unlogged():
                     log_run_summary(logger)  # per-view loss heatmaps
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+                if not module.last_logged:  # no step ran in this session (a finished run again): MLflow's last values
+                    metrics = logged_metrics(logger)
+    metrics.update({key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1})
     metrics.update(module.last_logged)  # the last step's global losses, as written to MLflow
     return TrainResult(checkpoint, logger.run_id, run_dir, metrics, time.perf_counter() - started,
                        trainer.is_global_zero)
+
+
+def logged_metrics(logger) -> dict[str, float]:
+    """The latest value of each metric of the logger's MLflow run; {} when the store does not answer."""
+    try:
+        return dict(logger.experiment.get_run(logger.run_id).data.metrics)
+    except Exception:  # any failure of the store: the summary line then shows nan, the run itself is done
+        return {}
 
 
 def train_and_report(name: str, overrides: list[str]) -> int:
