@@ -32,6 +32,34 @@ class CellError(ValueError):
     """A cell request that names no cell of the run; the message lists what is allowed."""
 
 
+def find_cell(cells: list[Cell], name: str | None = None, **tags: object) -> Cell:
+    """The cell of ``cells`` named ``name`` (``layer_2/dim_64/rank_64``), or the one with some of its tags given
+    and the others taken from the full cell (``find_cell(cells, layer=2, dim=64)``); :class:`CellError` names the bad
+    part and the allowed values."""
+    if name is not None:
+        match = next((cell for cell in cells if cell.name == name), None)
+        if match is None:
+            raise CellError(f"CELL={name} is not a cell of this run; its cells look like {cells[0].name} with "
+                            f"{_allowed(cells)}")
+        return match
+    full = max(cells, key=Cell.size)
+    allowed = axis_values(cells)
+    for key, value in tags.items():
+        if key not in allowed:
+            raise CellError(f"the run has no {key!r} axis; its axes: {', '.join(allowed)}")
+        if value not in allowed[key]:
+            raise CellError(f"{key} {value} is not a value of this run; choose one of {allowed[key]}")
+    wanted = {**full.tags, **tags}
+    match = next((cell for cell in cells if cell.tags == wanted), None)
+    if match is None:
+        raise CellError(f"no cell {'/'.join(f'{k}_{v}' for k, v in wanted.items())}; {_allowed(cells)}")
+    return match
+
+
+def _allowed(cells: list[Cell]) -> str:
+    return "; ".join(f"{key}: {values}" for key, values in axis_values(cells).items())
+
+
 class EmbeddingModel:
     """A :class:`~lightning_modules.module.MatryoshkaEmbedder` with its tokenizer: texts in, embeddings out.
 
@@ -62,31 +90,8 @@ class EmbeddingModel:
         return max(self.cells(), key=Cell.size)
 
     def cell(self, name: str | None = None, **tags: object) -> Cell:
-        """A cell by its name (``layer_2/dim_64/rank_64``), or by some of its tags with the others taken from the
-        full cell (``cell(layer=2, dim=64)``); :class:`CellError` names the bad part and the allowed values."""
-        cells = self.cells()
-        if name is not None:
-            match = next((cell for cell in cells if cell.name == name), None)
-            if match is None:
-                raise CellError(f"CELL={name} is not a cell of this run; its cells look like {cells[0].name} with "
-                                f"{self._allowed(cells)}")
-            return match
-        full = self.full_cell()
-        allowed = axis_values(cells)
-        for key, value in tags.items():
-            if key not in allowed:
-                raise CellError(f"the run has no {key!r} axis; its axes: {', '.join(allowed)}")
-            if value not in allowed[key]:
-                raise CellError(f"{key} {value} is not a value of this run; choose one of {allowed[key]}")
-        wanted = {**full.tags, **tags}
-        match = next((cell for cell in cells if cell.tags == wanted), None)
-        if match is None:
-            raise CellError(f"no cell {'/'.join(f'{k}_{v}' for k, v in wanted.items())}; {self._allowed(cells)}")
-        return match
-
-    @staticmethod
-    def _allowed(cells: list[Cell]) -> str:
-        return "; ".join(f"{key}: {values}" for key, values in axis_values(cells).items())
+        """A cell by its name or some of its tags (:func:`find_cell`)."""
+        return find_cell(self.cells(), name, **tags)
 
     def resolve(self, cells: Cell | str | list[Cell | str]) -> list[Cell]:
         requested = cells if isinstance(cells, list) else [cells]
