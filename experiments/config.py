@@ -20,7 +20,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -49,8 +49,10 @@ class TrackingConfig:
 class Config:
     name: str = "unnamed"
     seed: int = 0
-    resume: bool = True
-    """Re-running the same experiment continues its last checkpoint; false starts fresh."""
+    resume: bool | Literal["auto"] = "auto"
+    """``auto``: continue the newest run of this experiment whose settings that cannot change on resume equal these
+    (else start a new run, saying so); ``true``: continue the newest run, stopping if such a setting changed;
+    ``false``: always start a new run."""
     output_dir: str = "outputs"
     checkpoint_every: int = 50
     """Save ``last.ckpt`` every N optimizer steps (and at the end)."""
@@ -129,6 +131,11 @@ def _key_error(error: OmegaConfBaseException, prefix: str, origin: str) -> Confi
         hint = typing.get_type_hints(section).get(error.key)
         if typing.get_origin(hint) is typing.Literal:
             message = f"{error.value!r} not allowed; choose one of {', '.join(map(str, typing.get_args(hint)))}"
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType) and set(typing.get_args(hint)) <= {
+                bool, *(arg for arg in typing.get_args(hint) if typing.get_origin(arg) is typing.Literal)}:
+            names = [name for arg in typing.get_args(hint)
+                     for name in (("true", "false") if arg is bool else typing.get_args(arg))]
+            message = f"{error.value!r} not allowed; choose one of {', '.join(names)}"
     return ConfigError(key, f"{message} (from {origin})")
 
 

@@ -31,17 +31,19 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from experiments.config import ConfigError
-    from experiments.loading import RunLoadError, load_run
-    from lightning_modules.embedding_model import CellError
-    from lightning_modules.cell_export import ExportError, export_cell, load_exported
+    from experiments.loading import RunLoadError, load_run, run_cells, run_config
+    from lightning_modules.embedding_model import CellError, find_cell
+    from lightning_modules.cell_export import ExportError, check_out, export_cell, load_exported
 
     tags = {key: value for key, value in (("layer", args.layers), ("dim", args.dim), ("rank", args.rank),
                                           ("ffn", args.ffn)) if value is not None}
     try:
+        run_dir, config = run_config(args.checkpoint)
+        cell = find_cell(run_cells(config), args.cell, **tags)  # from the config: before seconds of weight loading
+        out = Path(args.out) if args.out else run_dir / "export" / f"{cell.name.replace('/', '-')}-{args.mode}"
+        check_out(out, args.overwrite)
         run = load_run(args.checkpoint)
-        cell = run.model.cell(args.cell, **tags)  # before writing anything
-        out = Path(args.out) if args.out else run.run_dir / "export" / f"{cell.name.replace('/', '-')}-{args.mode}"
-        result = export_cell(run.model, out, cell, run.origin(), args.mode, args.overwrite)
+        result = export_cell(run.model, out, run.model.cell(cell.name), run.origin(), args.mode, args.overwrite)
     except (ExportError, ConfigError, RunLoadError, CellError) as error:
         print(f"export error: {error}", file=sys.stderr)
         return 2

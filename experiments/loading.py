@@ -12,6 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 from experiments.config import Config
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.cell_export import Origin
+from lightning_modules.module import plugin_cells
+from contracts.cells import Cell
 
 
 class RunLoadError(ValueError):
@@ -47,15 +49,13 @@ def _known_keys(schema: DictConfig, loaded: dict, prefix: str = "") -> dict:
     return kept
 
 
-def load_run(checkpoint: str | Path) -> LoadedRun:
-    """Rebuilds the module of ``<run_dir>/checkpoints/<name>.ckpt`` from ``<run_dir>/config.yaml``, loads its
-    weights (tensors only: a checkpoint never runs code) and puts it in eval mode.
+def run_config(checkpoint: str | Path) -> tuple[Path, DictConfig]:
+    """``(run_dir, config)`` of ``<run_dir>/checkpoints/<name>.ckpt``: the run's ``config.yaml``, typed like a composed
+    config; cheap (no weights), so tools check their arguments against the run first.
 
-    Args:
-        checkpoint: a Lightning checkpoint written by ``experiments.run.train``.
+    Raises:
+        RunLoadError: not a checkpoint file inside a run folder with its config.
     """
-    from experiments.run import build
-
     checkpoint = Path(checkpoint)
     if (checkpoint / "checkpoints").is_dir():
         names = sorted(str(path) for path in (checkpoint / "checkpoints").glob("*.ckpt"))
@@ -72,7 +72,28 @@ def load_run(checkpoint: str | Path) -> LoadedRun:
         raise RunLoadError(f"{checkpoint}: no run config at {config_file} (expected <run_dir>/checkpoints/*.ckpt)")
     schema = OmegaConf.structured(Config)
     # Typed like a composed config; build() validates the model and plugin sections again.
-    config = OmegaConf.merge(schema, _known_keys(schema, OmegaConf.to_container(OmegaConf.load(config_file))))
+    return run_dir, OmegaConf.merge(schema, _known_keys(schema, OmegaConf.to_container(OmegaConf.load(config_file))))
+
+
+def run_cells(config: DictConfig) -> list[Cell]:
+    """The deployable cells of a run from its config alone: its plugins on its backbone's shape (no weights)."""
+    from experiments.run import build_plugins, describe_backbone
+
+    info = describe_backbone(config)
+    return plugin_cells(build_plugins(config, info), info)
+
+
+def load_run(checkpoint: str | Path) -> LoadedRun:
+    """Rebuilds the module of ``<run_dir>/checkpoints/<name>.ckpt`` from ``<run_dir>/config.yaml``, loads its
+    weights (tensors only: a checkpoint never runs code) and puts it in eval mode.
+
+    Args:
+        checkpoint: a Lightning checkpoint written by ``experiments.run.train``.
+    """
+    from experiments.run import build
+
+    checkpoint = Path(checkpoint)
+    run_dir, config = run_config(checkpoint)
     module, datamodule = build(config)
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -1,5 +1,7 @@
-"""``python -m experiments.paper [--suite paper] [--out docs/results.md] [--from-tables [DIR]] [key=value ...]``
-(``make paper``): the paper's claims at small scale, measured.
+"""``python -m experiments.paper [--suite paper] [--out PAGE] [--from-tables [DIR]] [key=value ...]``
+(``make paper``): the paper's claims at small scale, measured. Only the full suite (``paper``, no overrides)
+writes the committed ``docs/results.md`` and says what it replaced; any other suite, or overrides, write
+``<output_dir>/suite-<suite>/results.md``.
 
 Runs (or resumes: finished runs end at once) the suite ``experiments/suites/<suite>.yaml``, makes sure every run has
 its final probe table (probing its last checkpoint when the end-of-training probe is missing), saves each run's
@@ -37,6 +39,8 @@ from contracts.atomic import write_atomic
 from contracts.cells import view_name
 
 ROLE_PREFIX = "paper_"
+FULL_SUITE = "paper"  # the only suite whose page, run without overrides, is the committed one
+COMMITTED_PAGE = Path("docs/results.md")
 # The probe's retrieval task of each domain: the claims are checked on its main score (nDCG@10).
 DOMAINS = {"GettextRetrieval": "gettext UI strings (training's domain)",
            "ManpageRetrieval": "Debian manual pages (out of domain)"}
@@ -396,6 +400,14 @@ def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifes
     return folder
 
 
+def suite_folder(config: DictConfig, suite_name: str) -> Path:
+    """``<output_dir>/suite-<suite>``, the folder above a suite run's own ``output_dir`` (which may add ``seed_<s>``)."""
+    folder = Path(config.output_dir)
+    while folder.name != f"suite-{suite_name}" and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
 def write_page(folder: Path, out: Path) -> Path:
     """Writes the results page ``out`` (and its figures in ``<out stem>/``) from the tables saved by
     :func:`save_tables` in ``folder``: the same page whether the runs were just trained or not (``make paper
@@ -430,15 +442,17 @@ def write_page(folder: Path, out: Path) -> Path:
     return out
 
 
-def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suites_dir: Path | None = None,
+def write_results(suite_name: str, args: list[str], out: Path | None, smoke: bool, suites_dir: Path | None = None,
                   experiments_dir: Path | None = None) -> Path:
     """Runs (or resumes) the suite, probes what is missing, saves the runs' compact tables under
-    ``<out stem>/tables/`` and writes the results page ``out`` from them (:func:`write_page`). Returns ``out``."""
+    ``<out stem>/tables/`` and writes the results page ``out`` from them (:func:`write_page`; None: the suite's
+    ``results.md`` beside its runs, ``<output_dir>/suite-<suite>/results.md``). Returns the page's path."""
     from experiments.ablation import SUITES_DIR, run_suite
     from experiments.config import EXPERIMENTS_DIR
 
     configs = [config for config, _ in run_suite(suite_name, args, suites_dir or SUITES_DIR,
                                                  experiments_dir or EXPERIMENTS_DIR)]
+    out = out or suite_folder(configs[0], suite_name) / "results.md"
     found_tables: list[tuple[str, int, dict, Path]] = []
     run_dirs: dict[str, list[Path]] = {}
     for config in configs:
@@ -460,9 +474,37 @@ def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suit
     setup = {"suite": suite_name, "steps": first.trainer.max_steps,
              "backbone": f"{first.model.source} ({first.model.num_layers or 'all'} blocks), locales "
                          f"{list(first.data.locales)}, batch {first.data.batch_size}"}
+    if out.is_file() and not smoke:
+        print(f"replaced {out} and its figures in {out.parent / out.stem}/ (before: {setup_line(out.read_text())}); "
+              f"git diff {out} shows what changed")
     save_tables(folder, found_tables, {"setup": setup, "smoke": smoke, "commands": commands,
                                        "efficiency": efficiency(configs, run_dirs)})
     return write_page(folder, out)
+
+
+def setup_line(page: str) -> str:
+    """What a results page measured: the start of its ``Suite ...`` line (suite, backbone, budget, seeds)."""
+    line = next((line for line in page.splitlines() if line.startswith("Suite ")), "no setup line")
+    return line.split(";")[0]
+
+
+def page_for(suite: str, overrides: list[str], out: str | None) -> Path | None:
+    """The page ``--out`` asks for: :data:`COMMITTED_PAGE` for the full suite by default, the suite's folder under
+    ``outputs/`` (None here) for any other suite or with overrides.
+
+    Raises:
+        ConfigError: ``--out`` names the committed page for a smoke or partial run.
+    """
+    from experiments.config import ConfigError
+
+    full = suite == FULL_SUITE and not overrides
+    if out is None:
+        return COMMITTED_PAGE if full else None
+    if not full and Path(out).resolve() == COMMITTED_PAGE.resolve():
+        raise ConfigError("--out", f"{out} holds the committed results of the full suite; only `make paper` (suite "
+                                   f"{FULL_SUITE}, no overrides) writes it; leave --out out to write this run's page "
+                                   f"as <output_dir>/suite-{suite}/results.md")
+    return Path(out)
 
 
 def main(argv: list[str]) -> int:
@@ -470,28 +512,34 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", default="paper", help="suite file under experiments/suites (default: paper)")
-    parser.add_argument("--out", default="docs/results.md", help="results page (default: docs/results.md)")
+    parser.add_argument("--out", help=f"results page (default: {COMMITTED_PAGE} for the full suite, else "
+                                      f"<output_dir>/suite-<suite>/results.md)")
     parser.add_argument("--from-tables", nargs="?", const="", metavar="DIR",
                         help="rebuild the page from saved tables without running anything (default DIR: "
                              "<out stem>/tables, e.g. docs/results/tables)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (after the suite's overrides)")
     options = parser.parse_args(argv)
-    smoke = options.suite != "paper" or bool(options.overrides)
-    out = Path(options.out)
+    smoke = options.suite != FULL_SUITE or bool(options.overrides)
     if options.from_tables is not None:
+        out = Path(options.out) if options.out else COMMITTED_PAGE
         folder = Path(options.from_tables) if options.from_tables else out.parent / out.stem / TABLES_DIR
         if not (folder / MANIFEST).is_file():
             print(f"--from-tables: no {MANIFEST} in {folder} (`make paper` saves the runs' tables there)",
                   file=sys.stderr)
             return 2
+        if json.loads((folder / MANIFEST).read_text()).get("smoke") and out.resolve() == COMMITTED_PAGE.resolve():
+            print(f"--from-tables: {folder} holds a smoke or partial run's tables; {COMMITTED_PAGE} is the full "
+                  f"suite's page: pass --out", file=sys.stderr)
+            return 2
         print(f"results: {write_page(folder, out)}")
         return 0
     try:
-        out = write_results(options.suite, options.overrides, out, smoke)
+        out = write_results(options.suite, options.overrides, page_for(options.suite, options.overrides, options.out),
+                            smoke)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    print(f"results: {out}")
+    print(f"results: {out}" + (f" (a smoke or partial run: {COMMITTED_PAGE} is left as it is)" if smoke else ""))
     return 0
 
 

@@ -18,7 +18,7 @@ from datamodules.sources import DataError
 from experiments.config import Config, ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.run_lock import hold_run_lock
 from experiments.mlflow_ui import ui_hint
-from experiments.run_metadata import BOOKKEEPING_KEYS, flatten
+from experiments.run_metadata import BOOKKEEPING_KEYS
 from experiments.run_summary import log_run_summary
 from experiments.tracking import check_tracking, fail_fast_http, log_run_inputs, make_logger, system_metrics
 from lightning_modules.backbone_adapter import BackboneInfo
@@ -88,8 +88,10 @@ def build(config: DictConfig):
 
 
 def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
-    """``(run_dir, checkpoint to resume or None)``: the newest run of this experiment when ``resume`` is on and it
-    has a checkpoint, else a new time-stamped folder (earlier runs are never overwritten).
+    """``(run_dir, checkpoint to resume or None)``. Unless ``resume`` is false, a run of this experiment with a
+    checkpoint is continued: with ``resume=auto`` the newest one whose settings that cannot change on resume equal
+    the requested ones (:func:`fixed_changes`), with ``resume=true`` the newest one (:func:`check_resume` then stops
+    on such a change). Otherwise a new time-stamped folder: earlier runs are never overwritten.
 
     ``$MATRYOSHKA_RUN_DIR``, when set, is the folder: rank 0 sets it for the ranks Lightning's launcher starts
     (they re-run the same command); a multi-node job script sets it so every node agrees."""
@@ -97,11 +99,10 @@ def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
     if os.environ.get(RUN_DIR_ENV):
         run_dir = Path(os.environ[RUN_DIR_ENV])
         checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
-        return run_dir, checkpoint if config.resume and checkpoint.exists() else None
-    if config.resume and experiment_dir.is_dir():
-        for run_dir in sorted(experiment_dir.iterdir(), reverse=True):
-            checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
-            if checkpoint.exists():  # a file, or a folder of shards (fsdp2)
+        return run_dir, checkpoint if config.resume is not False and checkpoint.exists() else None
+    if config.resume is not False:
+        for run_dir, checkpoint in resumable_runs(experiment_dir):
+            if config.resume is True or not fixed_changes(config, run_dir):
                 return run_dir, checkpoint
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir, count = experiment_dir / stamp, 1
@@ -111,8 +112,65 @@ def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
     return run_dir, None
 
 
+def resumable_runs(experiment_dir: Path) -> list[tuple[Path, Path]]:
+    """``(run_dir, checkpoint)`` of every run under ``experiment_dir`` with a checkpoint, newest first."""
+    if not experiment_dir.is_dir():
+        return []
+    runs = ((run_dir, run_dir / "checkpoints" / CHECKPOINT_NAME) for run_dir in sorted(experiment_dir.iterdir(),
+                                                                                          reverse=True))
+    return [(run_dir, checkpoint) for run_dir, checkpoint in runs if checkpoint.exists()]  # file or shard folder
+
+
+def new_run_note(config: DictConfig, run_dir: Path) -> str | None:
+    """One line for ``resume=auto`` starting ``run_dir`` although runs of the experiment exist: what sets the newest
+    one apart; None when there is no earlier run."""
+    earlier = resumable_runs(Path(config.output_dir) / config.name)
+    if config.resume != "auto" or not earlier:
+        return None
+    newest = earlier[0][0]
+    return (f"new run {run_dir}: no run of {config.name} has these settings (newest, {newest.name}: "
+            f"{'; '.join(fixed_changes(config, newest))}); resume=true continues the newest one")
+
+
+class _Absent:
+    """A key one of two configs does not have."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
 def _changeable(key: str) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in CHANGEABLE_ON_RESUME)
+
+
+def _differences(before: dict, after: dict, defaults: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(key, before, after)`` for every leaf that differs, walking both configs; ``defaults`` stands in for keys
+    ``before`` lacks (keys added to the schema since). A block that was null and is now set is one difference."""
+    found = []
+    for key in set(before) | set(after):
+        old, new = before.get(key, defaults.get(key, ABSENT)), after.get(key, ABSENT)
+        if isinstance(old, dict) and isinstance(new, dict):
+            nested_defaults = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
+            found += _differences(old, new, nested_defaults, f"{prefix}{key}.")
+        elif str(old) != str(new):  # as strings: a YAML round trip may change a number's type, not its value
+            found.append((f"{prefix}{key}", old, new))
+    return found
+
+
+def fixed_changes(config: DictConfig, run_dir: Path) -> list[str]:
+    """``key: before -> after`` for each setting that differs from ``run_dir/config.yaml`` and cannot change on
+    resume (:data:`CHANGEABLE_ON_RESUME`), sorted by key; [] when the run has no config.yaml."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return []
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    saved = OmegaConf.to_container(OmegaConf.load(saved_file))
+    now = OmegaConf.to_container(config, resolve=True)
+    differences = sorted(_differences(saved, now, defaults), key=lambda difference: difference[0])
+    return [f"{key}: {old} -> {new}" for key, old, new in differences if not _changeable(key)]
 
 
 def check_resume(config: DictConfig, run_dir: Path, checkpoint: Path) -> None:
@@ -136,14 +194,7 @@ def check_resume(config: DictConfig, run_dir: Path, checkpoint: Path) -> None:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ConfigError("resume", f"cannot read checkpoint {checkpoint} ({reason}); nothing was changed; "
                                     f"resume=false starts a new run") from None
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file():
-        return
-    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
-    saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_file)))
-    now = flatten(OmegaConf.to_container(config, resolve=True))
-    fixed = [f"{key}: {saved.get(key, defaults.get(key))} -> {now.get(key)}" for key in sorted(set(saved) | set(now))
-             if saved.get(key, defaults.get(key)) != now.get(key) and not _changeable(key)]
+    fixed = fixed_changes(config, run_dir)
     if fixed:
         raise ConfigError("resume", f"{run_dir} was trained with other values that cannot change on resume "
                                     f"({'; '.join(fixed)}); resume=false starts a new run with them")
@@ -157,6 +208,7 @@ def train(config: DictConfig) -> TrainResult:
 
     from callbacks.nonfinite import NonFiniteGuard
     from callbacks.progress import StepProgressBar
+    from callbacks.random_state import RandomStateCheckpoint
     from callbacks.run_stats import RunStats, ThroughputRates
     from lightning_modules.distributed import trainer_settings
 
@@ -166,6 +218,8 @@ def train(config: DictConfig) -> TrainResult:
     run_dir, resume_from = run_directory(config)
     if resume_from is not None:
         check_resume(config, run_dir, resume_from)
+    elif rank_zero_only.rank == 0 and not os.environ.get(RUN_DIR_ENV) and (note := new_run_note(config, run_dir)):
+        print(note)
     module, datamodule = build(config)
     checkpoint_dir = run_dir / "checkpoints"
     logger = make_logger(config, run_dir)
@@ -180,6 +234,7 @@ def train(config: DictConfig) -> TrainResult:
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
                         save_last=True),
         RunStats(),  # train/elapsed_s, system/memory/device/peak_*_mb
+        RandomStateCheckpoint(),  # every rank's generators: dropout after a resume draws the straight run's masks
     ]
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
@@ -219,14 +274,25 @@ def train(config: DictConfig) -> TrainResult:
                 del os.environ[RUN_DIR_ENV]
         checkpoint = checkpoint_dir / CHECKPOINT_NAME
         trainer.save_checkpoint(checkpoint, weights_only=False)  # the full state: a rerun resumes from it
+        metrics = {}
         if trainer.is_global_zero:
             with fail_fast_http():
                 if logger.replay_unlogged():
                     log_run_summary(logger)  # per-view loss heatmaps
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+                if not module.last_logged:  # no step ran in this session (a finished run again): MLflow's last values
+                    metrics = logged_metrics(logger)
+    metrics.update({key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1})
     metrics.update(module.last_logged)  # the last step's global losses, as written to MLflow
     return TrainResult(checkpoint, logger.run_id, run_dir, metrics, time.perf_counter() - started,
                        trainer.is_global_zero)
+
+
+def logged_metrics(logger) -> dict[str, float]:
+    """The latest value of each metric of the logger's MLflow run; {} when the store does not answer."""
+    try:
+        return dict(logger.experiment.get_run(logger.run_id).data.metrics)
+    except Exception:  # any failure of the store: the summary line then shows nan, the run itself is done
+        return {}
 
 
 def train_and_report(name: str, overrides: list[str]) -> int:

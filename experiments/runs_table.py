@@ -37,6 +37,8 @@ METRIC_COLUMNS = (
 )
 # Params that name or place a run rather than say what it trains; the run column already shows the name.
 HIDDEN_PARAMS = ("name", "tracking.run_name", "tracking.experiment", "output_dir")
+# The tag of a run ``make compare ... ARGS=--mlflow`` logged (B's probe tables): a comparison, not a training run.
+COMPARISON_TAG = "compare.b"
 CELL_PART = re.compile(r"layer_\d+")  # every probe cell metric names its exit layer
 MAX_CELL = 28
 
@@ -139,8 +141,9 @@ def _aligned(header: list[str], rows: list[list[str]]) -> str:
 
 
 def print_runs(uri: str, experiments: Sequence[str] | None = None, out: TextIO = sys.stdout) -> int:
-    """Prints one table per MLflow experiment (all experiments with runs when ``experiments`` is None); returns the
-    number of runs shown. An experiment that does not exist is named with the ones that do."""
+    """Prints one table of training runs per MLflow experiment (all experiments with any when ``experiments`` is
+    None; runs of ``make compare --mlflow`` are left out, also from stores where they share B's experiment); returns
+    the number of runs shown. An experiment that does not exist is named with the ones that do."""
     from mlflow import MlflowClient
     from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 
@@ -155,7 +158,8 @@ def print_runs(uri: str, experiments: Sequence[str] | None = None, out: TextIO =
     runs_of = defaultdict(list)
     for run in (client.search_runs([known[name].experiment_id for name in names],
                                    max_results=SEARCH_MAX_RESULTS_THRESHOLD) if names else []):
-        runs_of[run.info.experiment_id].append(run)
+        if COMPARISON_TAG not in run.data.tags:
+            runs_of[run.info.experiment_id].append(run)
     shown = 0
     for name in names:
         runs = runs_of[known[name].experiment_id]

@@ -98,6 +98,13 @@ def _export_tokenizer(tokenize: TextTokenizer, out: Path) -> None:
         _update_json(out / "tokenizer_config.json", add_bos_token=False, add_eos_token=True, padding_side="right")
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """ExportError unless ``out`` is new or empty, or ``overwrite`` is set."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"OUT={out} exists and is not empty; choose a new folder or pass --overwrite "
+                          f"(make export ... ARGS=--overwrite)")
+
+
 def export_cell(model: EmbeddingModel, out: str | Path, cell: Cell, origin: Origin, mode: str = "compat",
                 overwrite: bool = False) -> ExportResult:
     """Writes ``cell`` of ``model`` to ``out`` as a Hugging Face + sentence-transformers folder.
@@ -133,8 +140,7 @@ def export_cell(model: EmbeddingModel, out: str | Path, cell: Cell, origin: Orig
     if cell.name not in {known.name for known in model.cells()}:
         raise ExportError(f"CELL={cell.name} is not a cell of this run")
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"OUT={out} exists and is not empty; choose a new folder or pass --overwrite")
+    check_out(out, overwrite)
     cut = _cut(module.backbone.model, cell.layer)
     files: dict[str, str] = {}
     config_updates: dict[str, object] = {}

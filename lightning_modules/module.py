@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_modules.backbone_adapter import Backbone
+from lightning_modules.backbone_adapter import Backbone, BackboneInfo
 from lightning_modules.distributed import (activation_checkpointing_enabled, enable_activation_checkpointing, is_sharded,
                                            shard_backbone)
 from lightning_modules.losses import ContrastiveLoss
@@ -20,6 +20,31 @@ from lightning_modules.optim import build_optimizer
 from lightning_modules.plugins.base import MatryoshkaPlugin, ModelSidePlugin
 from contracts.cells import Cell
 from lightning_modules.views import EmbeddingBundle, View
+
+
+def plugin_cells(plugins: list[MatryoshkaPlugin], info: BackboneInfo) -> list[Cell]:
+    """Every deployable cell of a run from its plugins and its backbone's shape alone, before (or without) any
+    weights: the views of each model-side setting, in training's tag order.
+
+    A model-side plugin's views carry the setting it computes at (``current()``, which :meth:`applied` sets), so
+    each setting is pinned as that value here instead of being applied to a network."""
+    plugins = sorted(plugins, key=lambda plugin: plugin.stage)
+    model_side = [plugin for plugin in plugins if isinstance(plugin, ModelSidePlugin)]
+    empty = torch.zeros(0, info.hidden_size)
+    bundle = EmbeddingBundle((empty,) * (info.num_layers + 1), lambda hidden: hidden, None)
+    cells = []
+    for values in itertools.product(*(plugin.settings for plugin in model_side)):
+        try:
+            for plugin, value in zip(model_side, values):
+                plugin.current = lambda value=value: value  # shadows the method on this instance only
+            views = [bundle.root_view()]
+            for plugin in plugins:
+                views = plugin.expand(views, bundle)
+            cells += [view.cell(info.num_layers) for view in views]
+        finally:
+            for plugin in model_side:
+                vars(plugin).pop("current", None)
+    return cells
 
 
 class MatryoshkaEmbedder(L.LightningModule):
@@ -100,16 +125,8 @@ class MatryoshkaEmbedder(L.LightningModule):
         return {plugin.tag: cell.tags[plugin.tag] for plugin in self.model_side}
 
     def cells(self) -> list[Cell]:
-        """Every deployable cell of the run, from the plugins alone (no forward): the views of each model-side
-        setting, in training's tag order."""
-        info = self.backbone.info
-        empty = torch.zeros(0, info.hidden_size)
-        bundle = EmbeddingBundle((empty,) * (info.num_layers + 1), lambda hidden: hidden, None)
-        cells = []
-        for setting in self.settings():
-            with self.applied(setting):
-                cells += [view.cell(info.num_layers) for view in self.expand(bundle)]
-        return cells
+        """Every deployable cell of the run, from the plugins alone (:func:`plugin_cells`)."""
+        return plugin_cells(self.plugins, self.backbone.info)
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor, cells: list[Cell]) -> dict[str, Tensor]:
         """L2-normalised embeddings of a tokenized batch at each of ``cells`` (``{cell name: [texts, dim]}``),

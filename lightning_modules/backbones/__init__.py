@@ -72,6 +72,7 @@ def load(config: ModelConfig) -> tuple[Backbone, object]:
 
         build = tiny_qwen3 if config.source == "tiny_qwen3" else tiny_bert
         tiny = config.tiny
-        model = build(info.vocab_size, tiny.hidden_size, info.num_layers, tiny.num_heads, tiny.intermediate_size)
+        model = build(info.vocab_size, tiny.hidden_size, info.num_layers, tiny.num_heads, tiny.intermediate_size,
+                      tiny.dropout)
         tokenizer = byte_tokenizer(eos_is_pad=tiny.eos_is_pad)
     return Backbone(model.train(), info.family), tokenizer  # from_pretrained-style loaders return eval mode

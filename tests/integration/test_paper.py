@@ -149,6 +149,21 @@ def test_the_page_rebuilds_byte_identical_from_its_tables(tmp_path, capsys):
         "role": "baseline", "seed": 0, "table": "baseline_seed0.json", "run_dir": "/runs/baseline/0"}
 
 
+def test_only_the_full_suite_writes_the_committed_page(monkeypatch, capsys):
+    """Before: ``make paper ARGS="--suite paper_smoke"`` replaced docs/results.md and its figures with a smoke page."""
+    import experiments.paper as paper
+
+    pages = []
+    monkeypatch.setattr(paper, "write_results", lambda suite, args, out, smoke: pages.append((out, smoke)) or out)
+    assert paper.main(["--suite", "paper_smoke", "--out", "docs/results.md"]) == 2 and pages == []
+    assert "config error at `--out`: docs/results.md holds the committed results of the full suite" in \
+           capsys.readouterr().err
+    assert paper.main(["--suite", "paper_smoke"]) == 0  # the page goes beside the suite's runs
+    assert paper.main(["--suite", "paper", "trainer.max_steps=5"]) == 0  # partial: also there
+    assert paper.main(["--suite", "paper"]) == 0
+    assert pages == [(None, True), (None, True), (Path("docs/results.md"), False)]
+
+
 TINY_GRID = {
     "paper_baseline": "plugins:\n  mll: {layers: [1, 2, 4], weights: [0.0, 0.0, 1.0]}\n"
                       "  mrl: {dims: [32, 16, 8], weights: [1.0, 0.0, 0.0]}\n"
@@ -158,7 +173,7 @@ TINY_GRID = {
 
 
 @pytest.mark.slow
-def test_a_tiny_two_run_suite_end_to_end(tmp_path, corpus_dir, mlflow_dir):
+def test_a_tiny_two_run_suite_end_to_end(tmp_path, corpus_dir, mlflow_dir, capsys):
     from experiments.config import EXPERIMENTS_DIR, compose
     from experiments.paper import write_results
     from experiments.run import describe_backbone
@@ -193,8 +208,13 @@ def test_a_tiny_two_run_suite_end_to_end(tmp_path, corpus_dir, mlflow_dir):
     vocab = describe_backbone(compose("tiny")).vocab_size
     counts = {name: int(row.split(" | ")[2].replace(",", "")) for name, row in rows.items()}
     assert counts["baseline"] - counts["3dml"] == vocab * 32 - 16 * (vocab + 32)
-    # Resumed: a second call trains nothing and writes the same claims.
-    again = write_results("tiny_paper", args, tmp_path / "docs" / "again.md", smoke=True, suites_dir=suites,
-                          experiments_dir=experiments).read_text()
-    assert [line for line in again.splitlines() if line.startswith("| 4 |")] == \
+    # Resumed: a second call trains nothing and writes the same claims; without --out, beside the suite's runs.
+    again = write_results("tiny_paper", args, None, smoke=True, suites_dir=suites, experiments_dir=experiments)
+    assert again == tmp_path / "outputs" / "suite-tiny_paper" / "results.md"
+    assert (again.parent / "results" / "3dml_vs_baseline_GettextRetrieval.png").is_file()
+    assert [line for line in again.read_text().splitlines() if line.startswith("| 4 |")] == \
            [line for line in page.splitlines() if line.startswith("| 4 |")]
+    capsys.readouterr()
+    write_results("tiny_paper", args, out, smoke=False, suites_dir=suites, experiments_dir=experiments)
+    assert f"replaced {out} and its figures in {out.parent / 'results'}/ (before: Suite `tiny_paper`: tiny_bert" \
+           in capsys.readouterr().out  # a full run says which page it replaced

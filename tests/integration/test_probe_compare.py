@@ -184,8 +184,13 @@ def test_main_prints_each_cells_interval_from_the_files_beside_the_tables(tmp_pa
     assert saved["intervals"][FP32] == pytest.approx([2.0, 2.0], abs=1e-5)
 
 
-def test_mlflow_flag_logs_the_comparison_as_a_run_in_bs_experiment(tmp_path, capsys):
+def test_mlflow_flag_logs_the_comparison_beside_bs_experiment_and_the_runs_table_leaves_it_out(tmp_path, capsys):
+    """Before: the comparison ran in B's experiment, and ``make runs`` listed it as a training run."""
+    import io
+
     import mlflow
+
+    from experiments.runs_table import print_runs
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.MlflowClient(uri)
@@ -197,7 +202,9 @@ def test_mlflow_flag_logs_the_comparison_as_a_run_in_bs_experiment(tmp_path, cap
     (run_dir / "mlflow_run_id").write_text(run_b)
     file_a = write_table(tmp_path / "a.json", A)
     assert main([str(file_a), "--vs", str(run_dir), "--out", str(tmp_path / "out"), "--mlflow"]) == 0
-    (compared,) = [run for run in client.search_runs([experiment]) if run.info.run_id != run_b]
+    assert [run.info.run_id for run in client.search_runs([experiment])] == [run_b]  # the training runs only
+    (compared,) = client.search_runs([client.get_experiment_by_name("abl/compare").experiment_id])
+    assert compared.info.artifact_uri.startswith(f"{(tmp_path / 'artifacts').as_uri()}/compare/")
     assert compared.info.run_name == f"compare {tmp_path.parent.name}_{tmp_path.name} vs abl_20261201-000000"
     assert compared.data.tags["compare.b_run_id"] == run_b and compared.data.tags["compare.a"] == str(file_a)
     assert {artifact.path for artifact in client.list_artifacts(compared.info.run_id)} == {"compare.json",
@@ -209,3 +216,8 @@ def test_mlflow_flag_logs_the_comparison_as_a_run_in_bs_experiment(tmp_path, cap
     assert main([str(file_a), "--vs", str(file_a), "--out", str(tmp_path / "out2"), "--mlflow"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "--mlflow" in error and "a.json" in error
+    client.create_run(experiment, run_name="older compare", tags={"compare.b": "b.json"})  # as logged before
+    table = io.StringIO()
+    assert print_runs(uri, out=table) == 1
+    assert "MLflow experiment 'abl'" in table.getvalue() and ": 1 runs" in table.getvalue()
+    assert "compare" not in table.getvalue()
