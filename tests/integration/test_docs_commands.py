@@ -43,12 +43,7 @@ SHRINK = {
 }
 # Documented commands that fail today for a reason another change fixes: (file, command as written) -> why. An
 # entry whose command passes, or that names no command, fails the test: remove it.
-KNOWN_FAILURES = {
-    ("README.md", 'make exp NAME=quickstart ARGS="trainer.max_steps=20 plugins.mel.rank=64 data.locales=[de,sw,ta]"'):
-        "issue 25 item 1: a resume refuses changed data.locales (branch i25a)",
-    ("docs/training.md", 'make exp NAME=quickstart ARGS="trainer.max_steps=20 plugins.mel.rank=64 '
-                         'data.locales=[de,sw,ta]"'): "issue 25 item 1: as README.md's (branch i25a)",
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 MARKER = re.compile(r"<!--\s*docs-test:(?P<clauses>.*?)-->")
 CLAUSE = re.compile(r'(?P<kind>skip|slow)(?P<prefixes>(?:\s*"[^"]*")*)\s*(?:\((?P<reason>[^)]*)\))?')
 PLACEHOLDER = re.compile(r"<(?!timestamp>|ts>)[^<>\s][^<>]*>")

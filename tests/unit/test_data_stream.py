@@ -190,7 +190,7 @@ def test_bench_data_counts_pairs_per_batch_and_padding(tmp_path, corpus_dir, mlf
 @pytest.mark.parametrize("packing, shown", [("true", "on"), ("false", "off")])
 def test_bench_data_says_whether_batches_are_packed(tmp_path, corpus_dir, mlflow_dir, capsys, packing, shown):
     """Before: the bucketing table did not say packing was on, where bucketing adds padding instead of removing it."""
-    from experiments.bench_data import main
+    from bench.data import main
     from tests.conftest import run_overrides
 
     main(["tiny", *run_overrides(tmp_path, corpus_dir, mlflow_dir), f"data.packing={packing}", "--steps", "0",
