@@ -91,14 +91,19 @@ RUN_OWNED_TRAINER_ARGS = {
 
 def run_command(argv: list[str], usage: str, choices: str, command: Callable[[str, list[str]], int]) -> int:
     """Shared entry of the ``python -m experiments.*`` commands: ``-h`` / no argument prints usage, the hub stays
-    offline unless the user set otherwise, and a ConfigError becomes one line on stderr with exit status 2."""
+    offline unless the user set otherwise, and a ConfigError becomes one line on stderr with exit status 2 (with its
+    traceback under ``--debug``)."""
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {usage}\n{choices}")
+        print(f"usage: {usage} [--debug]\n{choices}")
         return 0 if argv else 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return command(argv[0], argv[1:])
     except ConfigError as error:
+        if debug:
+            raise
         print(error, file=sys.stderr)
         return 2
 
@@ -148,10 +153,7 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
         config = merge_layer(config, load_yaml(path), str(path))
     for origin, layer in layers:
         config = merge_layer(config, layer, origin)
-    try:
-        dotlist = OmegaConf.from_dotlist(list(overrides or []))
-    except OmegaConfBaseException as error:
-        raise ConfigError("ARGS", f"cannot parse overrides {overrides}: {error}") from None
+    dotlist = parse_overrides(list(overrides or []))
     config = merge_layer(config, dotlist, "ARGS")
     config.name = name
     if config.tracking.experiment is None:
@@ -159,6 +161,22 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
     _check_interpolations(config, [*files, *(origin for origin, _ in layers)], overrides or [])
     validate(config)
     return config
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``key=value`` overrides as a config; a value that is not valid YAML is named with its override.
+
+    Raises:
+        ConfigError: at ``ARGS``, quoting the override that does not parse.
+    """
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except (OmegaConfBaseException, yaml.YAMLError) as error:
+            problem = getattr(error, "problem", None) or (str(error).splitlines() or [type(error).__name__])[0]
+            raise ConfigError("ARGS", f"cannot parse {override!r}: {problem} (values are YAML: close brackets "
+                                      f"and quotes, e.g. data.locales=[de,fr])") from None
+    return OmegaConf.from_dotlist(overrides)
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -225,6 +243,9 @@ def _validate_trainer(config: DictConfig) -> None:
         if not _fits(value, hints[key]):
             raise ConfigError(f"trainer.{key}",
                               f"{value!r} not allowed; lightning.Trainer takes {_describe(hints[key])}")
+    max_steps = config.trainer.get("max_steps")
+    if isinstance(max_steps, int) and max_steps < 1:  # Lightning's -1 (no limit) never ends on an endless stream
+        raise ConfigError("trainer.max_steps", f"{max_steps} trains nothing; set the number of optimizer steps (>= 1)")
 
 
 def _fits(value: Any, hint: Any) -> bool:

@@ -48,12 +48,14 @@ def _known_keys(schema: DictConfig, loaded: dict, prefix: str = "") -> dict:
 
 
 def load_run(checkpoint: str | Path) -> LoadedRun:
-    """Rebuilds the module of ``<run_dir>/checkpoints/<name>.ckpt`` from ``<run_dir>/config.yaml``, loads its
-    weights (tensors only: a checkpoint never runs code) and puts it in eval mode.
+    """Rebuilds the module of ``<run_dir>/checkpoints/<name>.ckpt`` from the config the checkpoint carries
+    (:mod:`callbacks.run_config`; an older checkpoint: ``<run_dir>/config.yaml``), loads its weights (tensors only:
+    a checkpoint never runs code) and puts it in eval mode.
 
     Args:
         checkpoint: a Lightning checkpoint written by ``experiments.run.train``.
     """
+    from callbacks.run_config import CONFIG_KEY
     from experiments.run import build
 
     checkpoint = Path(checkpoint)
@@ -67,19 +69,29 @@ def load_run(checkpoint: str | Path) -> LoadedRun:
     if not checkpoint.is_file():
         raise RunLoadError(f"{checkpoint}: no such checkpoint file")
     run_dir = checkpoint.parent.parent
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise RunLoadError(f"{checkpoint}: no run config at {config_file} (expected <run_dir>/checkpoints/*.ckpt)")
-    schema = OmegaConf.structured(Config)
-    # Typed like a composed config; build() validates the model and plugin sections again.
-    config = OmegaConf.merge(schema, _known_keys(schema, OmegaConf.to_container(OmegaConf.load(config_file))))
-    module, datamodule = build(config)
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - unpickling refuses anything but tensors and plain containers
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise RunLoadError(f"{checkpoint} cannot be read as a checkpoint of tensors ({first_line[:300]}); "
                            f"nothing in it was executed") from None
-    module.load_state_dict(state["state_dict"])
+    config_file = run_dir / "config.yaml"
+    if CONFIG_KEY in state:
+        loaded, origin = state[CONFIG_KEY], f"the config {checkpoint} carries"
+    elif config_file.is_file():
+        loaded, origin = OmegaConf.to_container(OmegaConf.load(config_file)), str(config_file)
+    else:
+        raise RunLoadError(f"{checkpoint}: no run config at {config_file} (expected <run_dir>/checkpoints/*.ckpt)")
+    schema = OmegaConf.structured(Config)
+    # Typed like a composed config; build() validates the model and plugin sections again.
+    config = OmegaConf.merge(schema, _known_keys(schema, loaded))
+    module, datamodule = build(config)
+    try:
+        module.load_state_dict(state["state_dict"])
+    except (RuntimeError, KeyError) as error:  # size mismatch, missing or unexpected keys
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+        raise RunLoadError(f"{checkpoint} does not fit the model of {origin}: it was trained with another config "
+                           f"({(detail or first_line)[:300]}); pass the checkpoint of that run") from None
     return LoadedRun(EmbeddingModel(module.eval(), datamodule.tokenize), config, run_dir, checkpoint,
                      int(state.get("global_step", 0)))

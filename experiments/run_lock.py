@@ -49,3 +49,18 @@ def hold_run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(descriptor)  # releases the lock; the file stays (removing it would race a waiting process)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_dir``'s lock (a folder without a lock file is not locked)."""
+    try:
+        descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)  # releases a lock taken here

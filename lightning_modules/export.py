@@ -123,6 +123,8 @@ def export_cell(model: EmbeddingModel, out: str | Path, cell: Cell, origin: Orig
         raise ExportError(f"CELL={cell.name} is not a cell of this run")
     axes = module.model_side
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"OUT={out} is a file, not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"OUT={out} exists and is not empty; choose a new folder or pass --overwrite")
     cut = _cut(module.backbone.model, cell.layer)
@@ -287,3 +289,12 @@ def load_exported(path: str | Path):
 
     path = Path(path)
     return SentenceTransformer(str(path), device="cpu", trust_remote_code=bool(_remote_code(path)))
+
+
+if __name__ == "__main__":  # a library module: say where its command is instead of doing nothing
+    import sys
+
+    print("lightning_modules.export is the export library, not a command; export a cell with: "
+          "python -m experiments.export CKPT [--cell NAME] (make export CKPT=... CELL=...; --help lists the options)",
+          file=sys.stderr)
+    sys.exit(2)
