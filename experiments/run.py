@@ -250,9 +250,12 @@ def make_trainer(config: DictConfig, run_dir: Path, logger, callbacks: list):
         return L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
     except (MisconfigurationException, RuntimeError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
-        key = next((f"trainer.{key}" for key in ("accelerator", "devices", "num_nodes") if key in reason.lower()),
-                   "trainer")
-        raise ConfigError(key, f"lightning.Trainer refuses it: {reason}") from None
+        hardware = [key for key in ("accelerator", "devices", "num_nodes") if key in config.trainer]
+        key = next((key for key in hardware if key in reason.lower()), hardware[0] if hardware else None)
+        if key is None:
+            raise ConfigError("trainer", f"lightning.Trainer refuses it: {reason}") from None
+        raise ConfigError(f"trainer.{key}", f"lightning.Trainer refuses {key}={config.trainer[key]} on this "
+                                            f"machine: {reason}") from None
 
 
 def _train_in(config: DictConfig, run_dir: Path, resume_from: Path | None, started: float) -> TrainResult:
@@ -263,6 +266,7 @@ def _train_in(config: DictConfig, run_dir: Path, resume_from: Path | None, start
     from callbacks.progress import StepProgressBar
     from callbacks.run_config import RunConfigInCheckpoint
     from callbacks.run_stats import RunStats, ThroughputRates
+    from lightning_modules.atomic_checkpoint import remove_leftovers
 
     if resume_from is not None:
         check_resume(config, run_dir, resume_from)
@@ -298,6 +302,8 @@ def _train_in(config: DictConfig, run_dir: Path, resume_from: Path | None, start
     # One training per run folder: rank 0 holds the lock for all ranks of its job.
     with hold_run_lock(run_dir) if rank_zero_only.rank == 0 else nullcontext():
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if rank_zero_only.rank == 0:
+            remove_leftovers(checkpoint_dir)  # temporary files of a save killed mid-way (last.ckpt is whole)
         # The settings that train it from now on (a resume changed only CHANGEABLE_ON_RESUME keys: check_resume).
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config, resolve=True))
         if trainer.is_global_zero:

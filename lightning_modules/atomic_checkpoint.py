@@ -100,10 +100,19 @@ def swap_in_folder(written: Path, path: Path) -> None:
             error = ctypes.get_errno()
             raise OSError(error, f"cannot swap {written} and {path}: {os.strerror(error)}")
         sync_folder(path.parent)
-        shutil.rmtree(written)  # now the old checkpoint
+        shutil.rmtree(written) if written.is_dir() else written.unlink()  # now the old checkpoint
     else:
         os.rename(written, path)
         sync_folder(path.parent)
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Removes the temporary files and folders of saves whose process was killed (call while holding the run's
+    lock: no save is in progress); returns what was removed."""
+    leftovers = [*folder.glob(".*.tmp-*"), *folder.glob(".*.new")]
+    for leftover in leftovers:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    return leftovers
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
