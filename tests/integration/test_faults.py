@@ -304,6 +304,7 @@ def test_a_store_made_read_only_at_the_end_costs_no_finished_training(tmp_path, 
     assert f"checkpoint: {frozen[0]}" in captured.out
 
 
+@pytest.mark.slow  # a second training process (~1 min on 2 shared cores)
 def test_a_resume_whose_mlflow_run_is_gone_starts_a_new_one_and_replays_the_waiting_metrics(tmp_path, corpus_dir):
     overrides = [*store_overrides(tmp_path, corpus_dir), "trainer.max_steps=2", "checkpoint_every=1"]
     first = train(compose("tiny", overrides))
@@ -503,6 +504,7 @@ def test_an_export_of_a_checkpoint_from_another_config_uses_its_own_or_is_one_li
 
 
 # 10. Leftovers and small holes.
+@pytest.mark.slow  # a second training process (~1 min on 2 shared cores)
 def test_a_run_killed_before_its_first_checkpoint_is_marked_killed_by_the_next_run(tmp_path, corpus_dir):
     overrides = [*store_overrides(tmp_path, corpus_dir), "trainer.max_steps=2000", "checkpoint_every=1000"]
     process = python(["-m", "experiments.run", "tiny", *overrides])
