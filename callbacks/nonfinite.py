@@ -104,7 +104,8 @@ class NonFiniteGuard(L.Callback):
             self._stop(pl_module, self.checkpoint, first, f"source {self._sources.get(first, 'on another device')!r}")
         self._sources.clear()
         if not all_finite(trainer, [p.detach() for p in pl_module.parameters()]):
-            self._stop(pl_module, self.checkpoint, trainer.global_step - 1, "the loss was finite but the weights are not")
+            self._stop(pl_module, self.checkpoint, trainer.global_step - 1,
+                       "the loss was finite but the weights are not")
 
     @staticmethod
     def _stop(pl_module: L.LightningModule, checkpoint: Path | None, step: int, detail: str) -> None:

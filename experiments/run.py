@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import sys
 import time
 import zipfile
@@ -110,32 +111,34 @@ def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
             checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
             if checkpoint.exists():  # a file, or a folder of shards (fsdp2)
                 return run_dir, checkpoint
-    return claim_new_run_folder(experiment_dir, datetime.now().strftime("%Y%m%d-%H%M%S")), None
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir, count = experiment_dir / stamp, 1
+    while run_dir.exists():  # two fresh runs within one second
+        count += 1
+        run_dir = experiment_dir / f"{stamp}-{count}"
+    return run_dir, None
 
 
-def claim_new_run_folder(experiment_dir: Path, stamp: str) -> Path:
-    """Creates ``experiment_dir/stamp`` (``stamp-2``, ``-3``, ... when taken) with a ``mkdir`` that fails if the
-    folder exists, so two runs started in the same second never share a folder. Global rank 0 claims it; the other
-    ranks of a job started all at once (torchrun) take the same first name without creating it.
+def claim_new_run_folder(run_dir: Path) -> Path:
+    """Creates the new run folder :func:`run_directory` named, with a ``mkdir`` that fails if it exists: when another
+    run took the name since (two runs started in the same second), the next free ``<timestamp>-<n>``.
 
     Raises:
         ConfigError: ``output_dir`` cannot hold run folders (a file, not writable).
     """
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-    if rank_zero_only.rank != 0:
-        return experiment_dir / stamp
+    numbered = re.fullmatch(r"(\d{8}-\d{6})-(\d+)", run_dir.name)  # run_directory's "<timestamp>-<n>"
+    stamp, first = (numbered[1], int(numbered[2])) if numbered else (run_dir.name, 1)
     try:
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        for count in itertools.count(1):
-            run_dir = experiment_dir / (stamp if count == 1 else f"{stamp}-{count}")
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        for count in itertools.count(first):
+            claimed = run_dir.parent / (stamp if count == 1 else f"{stamp}-{count}")
             try:
-                run_dir.mkdir()
-                return run_dir
+                claimed.mkdir()
+                return claimed
             except FileExistsError:
                 continue
     except OSError as error:
-        raise ConfigError("output_dir", f"{experiment_dir} cannot hold run folders ({type(error).__name__}: "
+        raise ConfigError("output_dir", f"{run_dir.parent} cannot hold run folders ({type(error).__name__}: "
                                         f"{error.strerror or error}); set output_dir to a writable folder") from None
 
 
@@ -225,10 +228,13 @@ def train(config: DictConfig) -> TrainResult:
     output_dir = Path(config.output_dir)
     existed_before = {folder for folder in (output_dir, output_dir / config.name) if folder.exists()}
     run_dir, resume_from = run_directory(config)
+    fresh = resume_from is None and rank_zero_only.rank == 0 and not os.environ.get(RUN_DIR_ENV)
+    if fresh:  # the other ranks of a job take rank 0's folder (from RUN_DIR_ENV, or the same time stamp)
+        run_dir = claim_new_run_folder(run_dir)
     try:
         return _train_in(config, run_dir, resume_from, started)
     except BaseException:
-        if resume_from is None and rank_zero_only.rank == 0 and not os.environ.get(RUN_DIR_ENV):
+        if fresh:
             release_new_run_folder(run_dir, existed_before)  # only if nothing was written into it
         raise
 
@@ -244,7 +250,8 @@ def make_trainer(config: DictConfig, run_dir: Path, logger, callbacks: list):
 
     trainer_args = OmegaConf.to_container(config.trainer, resolve=True)
     trainer_args.update(trainer_settings(config.distributed.strategy, config.distributed.precision,
-                                         config.distributed.sharded_checkpoint, trainer_args.get("accelerator", "auto")))
+                                         config.distributed.sharded_checkpoint,
+                                         trainer_args.get("accelerator", "auto")))
     trainer_args["plugins"] = [*(trainer_args.get("plugins") or []), AtomicCheckpointIO()]
     try:
         return L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
@@ -346,8 +353,9 @@ def train_and_report(name: str, overrides: list[str]) -> int:
           f"{result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint}")
     if result.unlogged is not None:
-        print(f"not logged: metrics of {len(result.unlogged.read_text().splitlines())} steps wait in {result.unlogged}; "
-              f"the same command sends them when {config.tracking.uri} takes writes again", file=sys.stderr)
+        steps = len(result.unlogged.read_text().splitlines())
+        print(f"not logged: metrics of {steps} steps wait in {result.unlogged}; the same command sends them when "
+              f"{config.tracking.uri} takes writes again", file=sys.stderr)
     try:
         print(ui_hint(config.tracking.uri, result.run_id))
     except Exception as error:  # the training is done and saved: a failing store only costs the hint

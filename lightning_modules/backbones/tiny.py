@@ -32,7 +32,8 @@ MAX_POSITIONS = 512  # position embeddings of both tiny backbones
 def tiny_bert(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int) -> BertModel:
     config = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                         num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                        max_position_embeddings=MAX_POSITIONS, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        max_position_embeddings=MAX_POSITIONS, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
     return BertModel(config, add_pooling_layer=False)
 
 

@@ -347,21 +347,34 @@ def test_a_resume_without_config_yaml_still_refuses_settings_that_cannot_change(
         (first.run_dir / "config.yaml").write_text(saved)
 
 
-# 6. Two fresh runs in the same second.
-def test_two_runs_started_in_the_same_second_claim_different_folders(tiny_config, monkeypatch):
+# 6. Two fresh runs in the same second (and on a store that does not exist yet).
+FROZEN_CLOCK = textwrap.dedent("""
+    # Runs experiments.run with the clock stopped at one second: both runs pick the same time-stamped folder name.
+    import sys
     import experiments.run as run
 
-    class Frozen(run.datetime):  # both runs read the same second
+    class Frozen(run.datetime):
         @classmethod
         def now(cls, tz=None):
             return run.datetime(2026, 12, 1, 10, 15, 0)
 
-    monkeypatch.setattr(run, "datetime", Frozen)
-    config = tiny_config("tiny", ["resume=false"])
-    first, _ = run.run_directory(config)
-    second, _ = run.run_directory(config)  # before: the same folder (claimed only later, at its lock)
-    assert (first.name, second.name) == ("20261201-101500", "20261201-101500-2")
-    assert first.is_dir() and second.is_dir()
+    run.datetime = Frozen
+    sys.exit(run.main(sys.argv[1:]))
+""")
+
+
+def test_two_runs_started_in_the_same_second_on_a_fresh_store_both_train_in_their_own_folder(tmp_path, corpus_dir):
+    driver = tmp_path / "frozen_clock.py"
+    driver.write_text(FROZEN_CLOCK)
+    overrides = [*store_overrides(tmp_path, corpus_dir), "trainer.max_steps=1", "checkpoint_every=1", "resume=false"]
+    runs = [python([str(driver), "tiny", *overrides]) for _ in range(2)]
+    results = [(run.wait(timeout=600), *run.communicate()) for run in runs]
+    for code, out, err in results:  # before: the store race (exit 2) or "run folder ... is in use" (exit 2)
+        assert code == 0, err[-3000:]
+    folders = sorted(path.name for path in (tmp_path / "outputs" / "tiny").iterdir())
+    assert folders == ["20261201-101500", "20261201-101500-2"]
+    assert all(checkpoint_step(tmp_path / "outputs" / "tiny" / name / "checkpoints" / "last.ckpt") == 1
+               for name in folders)
 
 
 # 7. Sizes checked before any work.
