@@ -206,10 +206,12 @@ def trained_config(run_dir: Path, checkpoint: Path) -> dict | None:
     """The resolved config that trained ``checkpoint``: the one it carries (:mod:`callbacks.run_config`), else that
     of an older checkpoint's run folder (``config.yaml``), else None."""
     import torch
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
 
     from callbacks.run_config import CONFIG_KEY
 
-    state_file = checkpoint / ".metadata" if checkpoint.is_dir() else checkpoint  # fsdp2: the non-tensor state
+    # fsdp2: a folder of shards and Lightning's file of the non-tensor state
+    state_file = checkpoint / _METADATA_FILENAME if checkpoint.is_dir() else checkpoint
     state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=not checkpoint.is_dir())
     if CONFIG_KEY in state:
         return state[CONFIG_KEY]
