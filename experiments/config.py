@@ -97,11 +97,14 @@ def run_command(argv: list[str], usage: str, choices: str, command: Callable[[st
     """Shared entry of the ``python -m experiments.*`` commands: ``-h`` / no argument prints usage, the hub stays
     offline unless the user set otherwise, the libraries' notices about themselves are filtered unless
     ``--verbose`` (anywhere in ``argv``; see :mod:`experiments.console`), and a ConfigError becomes one line on stderr
-    with exit status 2."""
+    with exit status 2 (with its traceback under ``--debug``)."""
     argv, verbose = take_verbose(argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {usage} [{VERBOSE_FLAG}]\n{choices}\n{VERBOSE_FLAG}: also what the libraries print about "
-              f"themselves (device lines, tips, MLflow's INFO lines, their deprecation warnings)")
+        print(f"usage: {usage} [{VERBOSE_FLAG}] [--debug]\n{choices}\n{VERBOSE_FLAG}: also what the libraries print "
+              f"about themselves (device lines, tips, MLflow's INFO lines, their deprecation warnings)\n--debug: a "
+              f"traceback with every error")
         return 0 if argv else 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not verbose:
@@ -109,6 +112,8 @@ def run_command(argv: list[str], usage: str, choices: str, command: Callable[[st
     try:
         return command(argv[0], argv[1:])
     except ConfigError as error:
+        if debug:
+            raise
         print(error, file=sys.stderr)
         return 2
 
@@ -163,10 +168,7 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
         config = merge_layer(config, load_yaml(path), str(path))
     for origin, layer in layers:
         config = merge_layer(config, layer, origin)
-    try:
-        dotlist = OmegaConf.from_dotlist(list(overrides or []))
-    except OmegaConfBaseException as error:
-        raise ConfigError("ARGS", f"cannot parse overrides {overrides}: {error}") from None
+    dotlist = parse_overrides(list(overrides or []))
     config = merge_layer(config, dotlist, "ARGS")
     config.name = name
     if config.tracking.experiment is None:
@@ -174,6 +176,22 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
     _check_interpolations(config, [*files, *(origin for origin, _ in layers)], overrides or [])
     validate(config)
     return config
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``key=value`` overrides as a config; a value that is not valid YAML is named with its override.
+
+    Raises:
+        ConfigError: at ``ARGS``, quoting the override that does not parse.
+    """
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except (OmegaConfBaseException, yaml.YAMLError) as error:
+            problem = getattr(error, "problem", None) or (str(error).splitlines() or [type(error).__name__])[0]
+            raise ConfigError("ARGS", f"cannot parse {override!r}: {problem} (values are YAML: close brackets "
+                                      f"and quotes, e.g. data.locales=[de,fr])") from None
+    return OmegaConf.from_dotlist(overrides)
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -240,6 +258,9 @@ def _validate_trainer(config: DictConfig) -> None:
         if not _fits(value, hints[key]):
             raise ConfigError(f"trainer.{key}",
                               f"{value!r} not allowed; lightning.Trainer takes {_describe(hints[key])}")
+    max_steps = config.trainer.get("max_steps")
+    if isinstance(max_steps, int) and max_steps < 1:  # Lightning's -1 (no limit) never ends on an endless stream
+        raise ConfigError("trainer.max_steps", f"{max_steps} trains nothing; set the number of optimizer steps (>= 1)")
 
 
 def _fits(value: Any, hint: Any) -> bool:

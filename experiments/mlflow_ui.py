@@ -120,6 +120,43 @@ def open_when_up(url: str, port: int, timeout_s: float = 120.0) -> None:
     os._exit(0)
 
 
+def port_holder(port: int) -> str:
+    """``process <pid> (<command line>)`` listening on TCP ``port`` here, from ``/proc`` (Linux); "another process"
+    where it cannot be told (another user's process, another OS)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(fields[9])
+    for process in Path("/proc").glob("[0-9]*"):
+        try:
+            links = {os.readlink(fd) for fd in (process / "fd").iterdir()}
+            if any(f"socket:[{inode}]" in links for inode in inodes):
+                words = (process / "cmdline").read_bytes().decode(errors="replace").replace("\0", " ").split()
+                return f"process {process.name} ({' '.join(words)[:120]})"
+        except OSError:
+            continue
+    return "another process"
+
+
+def check_port_free(port: int) -> None:
+    """Raises SystemExit (status 1) naming the process that listens on ``port`` of 127.0.0.1."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is not a holder
+        try:
+            probe.bind((UI_HOST, port))
+        except OSError:
+            raise SystemExit(f"port {port} of {UI_HOST} is taken by {port_holder(port)}; stop it, or choose "
+                             f"another port: make ui PORT={port + 1}") from None
+
+
 def ui_main(argv: list[str]) -> int:
     import argparse
 
@@ -141,6 +178,7 @@ def ui_main(argv: list[str]) -> int:
         raise SystemExit(f"{uri} is an MLflow server already: open {url}")
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    check_port_free(args.port)  # else mlflow would log the clash and exit 0
     url = runs_page_url(f"http://{UI_HOST}:{args.port}", experiment_to_open(uri, experiment))
     command, env = ui_command(uri, args.port)
     print(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)", flush=True)

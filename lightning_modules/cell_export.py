@@ -99,7 +99,9 @@ def _export_tokenizer(tokenize: TextTokenizer, out: Path) -> None:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """ExportError unless ``out`` is new or empty, or ``overwrite`` is set."""
+    """ExportError unless ``out`` is a new or empty folder, or ``overwrite`` is set."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"OUT={out} is a file, not a folder; choose a new folder")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"OUT={out} exists and is not empty; choose a new folder or pass --overwrite "
                           f"(make export ... ARGS=--overwrite)")
@@ -300,3 +302,12 @@ def load_exported(path: str | Path):
 
     path = Path(path)
     return SentenceTransformer(str(path), device="cpu", trust_remote_code=bool(_remote_code(path)))
+
+
+if __name__ == "__main__":  # a library module: say where its command is instead of doing nothing
+    import sys
+
+    print("lightning_modules.cell_export is the export library, not a command; export a cell with: "
+          "python -m experiments.export CKPT [--cell NAME] (make export CKPT=... CELL=...; --help lists the options)",
+          file=sys.stderr)
+    sys.exit(2)

@@ -6,7 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from experiments.config import compose
-from experiments.run import fixed_changes, new_run_note, run_directory
+from experiments.run import fixed_changes, new_run_note, run_directory, trained_config
 
 
 def command(tmp_path: Path, *overrides: str):
@@ -20,6 +20,10 @@ def finished_run(tmp_path: Path, stamp: str, *overrides: str) -> Path:
     (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(command(tmp_path, *overrides), resolve=True))
     return run_dir
+
+
+def trained(run_dir: Path) -> dict:
+    return trained_config(run_dir, run_dir / "checkpoints" / "last.ckpt")
 
 
 def test_the_default_continues_the_newest_run_with_the_same_fixed_settings(tmp_path):
@@ -53,8 +57,8 @@ def test_resume_true_takes_the_newest_run_and_false_a_new_one(tmp_path):
 def test_the_change_list_names_each_changed_value_once_and_no_unchanged_key(tmp_path):
     """Before: a block switched on listed ``plugins.mel: None -> None`` and ``plugins.mel.rank: None -> 8``."""
     run_dir = finished_run(tmp_path, "20260101-000000", "plugins.mel=null")
-    assert fixed_changes(command(tmp_path, "plugins.mel.rank=8"), run_dir) == [
+    assert fixed_changes(command(tmp_path, "plugins.mel.rank=8"), trained(run_dir)) == [
         "plugins.mel: None -> {'rank': 8, 'ranks': [16, 8]}"]
-    assert fixed_changes(command(tmp_path, "plugins.mel=null", "trainer.max_steps=99"), run_dir) == []
-    assert fixed_changes(command(tmp_path, "plugins.mel=null", "optim.lr=0.01", "seed=3"), run_dir) == [
+    assert fixed_changes(command(tmp_path, "plugins.mel=null", "trainer.max_steps=99"), trained(run_dir)) == []
+    assert fixed_changes(command(tmp_path, "plugins.mel=null", "optim.lr=0.01", "seed=3"), trained(run_dir)) == [
         "optim.lr: 0.001 -> 0.01", "seed: 0 -> 3"]
