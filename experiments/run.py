@@ -31,7 +31,7 @@ RUN_DIR_ENV = "MATRYOSHKA_RUN_DIR"
 # data position mean.
 CHANGEABLE_ON_RESUME = (*(key for key in BOOKKEEPING_KEYS if key not in ("tracking", "name")), "tracking.run_name",
                         "tracking.artifact_dir", "trainer.max_steps", "probe", "max_nonfinite_steps",
-                        "distributed.activation_checkpointing")
+                        "distributed.activation_checkpointing", "loss.cache_chunk_size")
 
 
 @dataclass
@@ -77,12 +77,16 @@ def build(config: DictConfig):
     info = describe_backbone(config)
     plugins = build_plugins(config, info)
     check_data_config(config.data)
+    if config.loss.cache_chunk_size and config.trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError("loss.cache_chunk_size", "gradient caching gives one step the whole batch's gradient; "
+                          "raise data.batch_size instead of trainer.accumulate_grad_batches")
     L.seed_everything(config.seed, workers=True, verbose=False)
     backbone, tokenizer = backbones.load(config.model)
     tokenize = BatchTokenizer(tokenizer, info.family, config.model.max_length, config.model.query_prefix,
                               config.model.passage_prefix, config.data.packing)
     loss = ContrastiveLoss(config.loss.temperature, config.loss.hard_negative, config.loss.in_batch, config.loss.gather)
-    module = MatryoshkaEmbedder(backbone, plugins, loss, config.optim, config.distributed.activation_checkpointing)
+    module = MatryoshkaEmbedder(backbone, plugins, loss, config.optim, config.distributed.activation_checkpointing,
+                                config.loss.cache_chunk_size)
     datamodule = TranslationPairsDataModule(config.data, tokenize, config.seed)
     return module, datamodule
 

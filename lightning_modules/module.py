@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_modules.backbone import Backbone
 from lightning_modules.distributed import enable_activation_checkpointing, is_sharded, shard_backbone
+from lightning_modules.gradient_cache import GradientCache
 from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.config import OptimConfig
 from lightning_modules.optim import build_optimizer
@@ -30,6 +31,8 @@ class MatryoshkaEmbedder(L.LightningModule):
         loss: the contrastive loss applied to each view.
         optim: optimizer and schedule settings (``optim.name``: see :func:`~lightning_modules.optim.build_optimizer`).
         activation_checkpointing: recompute each transformer block in the backward pass (``configure_model``).
+        cache_chunk_size: gradient caching with chunks of this many texts (:mod:`~lightning_modules.gradient_cache`);
+            None: one forward with a graph.
 
     The public API of a trained model (what the probe, export and mining use): :meth:`cells` lists every
     deployable cell, :meth:`settings` and :meth:`applied` the model-side settings (one forward each),
@@ -40,7 +43,8 @@ class MatryoshkaEmbedder(L.LightningModule):
     """
 
     def __init__(self, backbone: Backbone, plugins: list[MatryoshkaPlugin], loss: ContrastiveLoss,
-                 optim: OptimConfig, activation_checkpointing: bool = False) -> None:
+                 optim: OptimConfig, activation_checkpointing: bool = False, cache_chunk_size: int | None = None
+                 ) -> None:
         super().__init__()
         self.backbone = backbone
         self.plugins = sorted(plugins, key=lambda plugin: plugin.stage)
@@ -50,6 +54,7 @@ class MatryoshkaEmbedder(L.LightningModule):
         self.loss = loss
         self.optim = optim
         self.activation_checkpointing = activation_checkpointing
+        self.gradient_cache = GradientCache(cache_chunk_size) if cache_chunk_size else None
         embedding = backbone.input_embeddings()
         # Token-embedding lookups cost no matmul FLOPs; the rest costs ~6 FLOPs per parameter per token.
         self.dense_parameters = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in embedding.parameters())
@@ -138,13 +143,22 @@ class MatryoshkaEmbedder(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         self.flops_per_batch = 6 * self.dense_parameters * int(batch["attention_mask"].sum())  # read by ThroughputRates
-        views = self.views(batch, self.global_step)
-        view_terms = self.view_losses(views, batch)
+        if self.gradient_cache is not None:  # chunk by chunk; all chunks but the last back-propagate here
+            self.zero_grad(set_to_none=True)  # instead of Lightning's zeroing, which comes after training_step
+            views, view_terms, total = self.gradient_cache.step(self, batch, self.global_step)
+        else:
+            views = self.views(batch, self.global_step)
+            view_terms = self.view_losses(views, batch)
+            total = self.weighted_total(views, view_terms)
+        if self.logs_this_step():
+            self.log_step(views, view_terms, total.detach(), batch.get("stats", {}))
+        return total
+
+    def weighted_total(self, views: list[View], view_terms: list[dict[str, Tensor]]) -> Tensor:
+        """The loss training minimises: Σ over views of weight · the sum of the view's terms."""
         total = torch.zeros((), device=self.device)
         for view, terms in zip(views, view_terms):
             total = total + view.weight * sum(terms.values())
-        if self.logs_this_step():
-            self.log_step(views, view_terms, total.detach(), batch.get("stats", {}))
         return total
 
     def log_step(self, views: list[View], view_terms: list[dict[str, Tensor]], total: Tensor,
@@ -191,6 +205,12 @@ class MatryoshkaEmbedder(L.LightningModule):
         x terms reach hundreds of values, and the reduction is a collective that the other steps do without."""
         step, every = self.global_step + 1, self.trainer.log_every_n_steps
         return step == self.trainer.max_steps or bool(every) and (step % every == 0 or self.trainer.should_stop)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        """Lightning zeroes the gradients between ``training_step`` and the backward of its loss; a cached step has
+        back-propagated most of its chunks by then, so it zeroes them itself, first."""
+        if self.gradient_cache is None:
+            optimizer.zero_grad()
 
     def configure_model(self) -> None:
         if self.activation_checkpointing and not self.backbone.model.is_gradient_checkpointing:
