@@ -82,7 +82,9 @@ class RunStats(L.Callback):
 class ThroughputRates(ThroughputMonitor):
     """Lightning's ThroughputMonitor, logging only its rates over the window: ``train/device/<x>_per_sec`` (this
     device) and, on several devices, ``train/<x>_per_sec`` (all devices), for x in batches, samples, items (real
-    tokens) and flops; ``train/device/mfu`` where the device's peak FLOPs are known.
+    tokens) and flops (the module's ``flops_per_batch``: model FLOPs, docs/training.md#mfu), and ``train/mfu``: this
+    device's model FLOPs per second over its peak (:func:`lightning_modules.flops.peak_flops`: a GPU's spec bf16
+    peak, a CPU's measured matmul rate), equal on every device of a run.
 
     The running counts it also logs would repeat other metrics or mislabel them: ``train/batches`` is the step,
     ``train/samples`` one device's share of ``system/data/examples/<source>``, ``train/time`` about
@@ -92,11 +94,19 @@ class ThroughputRates(ThroughputMonitor):
         >>> ThroughputRates(batch_size_fn=lambda batch: batch["num_queries"], window_size=10)
     """
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from lightning_modules.flops import peak_flops
+
+        super().setup(trainer, pl_module, stage)
+        peak = peak_flops(trainer.strategy.root_device)  # instead of Lightning's table (no CPU, other GPU names)
+        for throughput in self._throughputs.values():
+            throughput.available_flops = peak
+
     def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:  # ThroughputMonitor's, filtered
         if not trainer._logger_connector.should_update_logs:
             return
         stage = trainer.state.stage
-        rates = {key: value for key, value in self._throughputs[stage].compute().items()
+        rates = {key.replace("device/mfu", "mfu"): value for key, value in self._throughputs[stage].compute().items()
                  if key.endswith(("_per_sec", "mfu"))}
         if rates:
             trainer._logger_connector.log_metrics({f"{stage.value}/{key}": value for key, value in rates.items()},

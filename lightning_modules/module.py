@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_modules.backbone import Backbone
 from lightning_modules.distributed import enable_activation_checkpointing, is_sharded, shard_backbone
+from lightning_modules.flops import text_lengths, training_flops
 from lightning_modules.gradient_cache import GradientCache
 from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.config import OptimConfig
@@ -58,7 +59,12 @@ class MatryoshkaEmbedder(L.LightningModule):
         embedding = backbone.input_embeddings()
         # Token-embedding lookups cost no matmul FLOPs; the rest costs ~6 FLOPs per parameter per token.
         self.dense_parameters = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in embedding.parameters())
-        self.flops_per_batch = 0
+        config = backbone.model.config
+        self.attention_width = config.num_attention_heads * (getattr(config, "head_dim", None)
+                                                             or config.hidden_size // config.num_attention_heads)
+        setting = self.settings()[0]  # every setting has the same output-side views
+        self.view_widths = [cell.dim for cell in self.cells() if self.setting_of(cell) == setting]
+        self._last_batch: dict | None = None  # the batch of the last training step, for flops_per_batch
         self.last_logged: dict[str, float] = {}  # the metrics of the last logging step (see log_step)
 
     def views(self, batch: dict, step: int) -> list[View]:
@@ -141,8 +147,24 @@ class MatryoshkaEmbedder(L.LightningModule):
                 terms.update(plugin.loss_terms(view, batch))
         return all_terms
 
+    @property
+    def flops_per_batch(self) -> int:
+        """Model FLOPs of the last training step, read by ThroughputRates (``train/mfu``) after the step, when
+        Lightning's ThroughputMonitor has synchronised the device anyway."""
+        return 0 if self._last_batch is None else self.training_flops(self._last_batch)
+
+    def training_flops(self, batch: dict) -> int:
+        """Model FLOPs of a training step on ``batch`` (:func:`~lightning_modules.flops.training_flops`; the model-side
+        axes counted at their full setting)."""
+        queries, negatives = batch["num_queries"], batch["negatives_per_query"]
+        scores = (1 + negatives if self.loss.hard_negative and negatives else 0)
+        if self.loss.in_batch and batch.get("in_batch", True):
+            scores += queries * (self.trainer.world_size if self._trainer is not None else 1)
+        return training_flops(text_lengths(batch), self.dense_parameters, self.backbone.info.num_layers,
+                              self.attention_width, self.view_widths, queries, scores)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self.flops_per_batch = 6 * self.dense_parameters * int(batch["attention_mask"].sum())  # read by ThroughputRates
+        self._last_batch = batch
         if self.gradient_cache is not None:  # chunk by chunk; all chunks but the last back-propagate here
             self.zero_grad(set_to_none=True)  # instead of Lightning's zeroing, which comes after training_step
             views, view_terms, total = self.gradient_cache.step(self, batch, self.global_step)
