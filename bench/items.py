@@ -390,6 +390,6 @@ ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4
          "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state, "8": item_packing,
          "9": item_growth, "10": item_ffn_export}
 
-from bench.gradient_cache import item_gradient_cache  # noqa: E402  (it builds on this module's helpers)
+from bench.gradient_caching import item_gradient_cache  # noqa: E402  (it builds on this module's helpers)
 
 ITEMS["11"] = item_gradient_cache

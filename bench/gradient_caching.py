@@ -1,7 +1,7 @@
 """Bench item 11: gradient caching (``loss.cache_chunk_size``) and MFU.
 
 - Peak memory and time of a 3D-ML training step at a batch of 256 pairs (512 texts), cached in chunks of 32 texts vs
-  uncached: memory each side in a process of its own (``python -m bench.gradient_cache --chunk-size N``, peak as
+  uncached: memory each side in a process of its own (``python -m bench.gradient_caching --chunk-size N``, peak as
   :mod:`bench.memory` measures it), time interleaved in this process.
 - MFU (model FLOPs of the step, :meth:`~lightning_modules.module.MatryoshkaEmbedder.training_flops`, per second over
   :func:`~lightning_modules.flops.peak_flops`) of plain, 3D-ML, packed and cached steps, side by side.
@@ -109,12 +109,12 @@ def _padded(tokenize):
 
 def peak_memory(args: argparse.Namespace, chunk_size: int | None) -> dict:
     """:func:`main` in a process of its own: one peak cannot hide the other."""
-    command = [sys.executable, "-m", "bench.gradient_cache", "--experiment", args.experiment,
+    command = [sys.executable, "-m", "bench.gradient_caching", "--experiment", args.experiment,
                "--chunk-size", str(chunk_size or 0), "--max-length", str(args.max_length), "--device", args.device,
                "--corpus", args.corpus, "--threads", str(torch.get_num_threads())]
     completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
-        raise RuntimeError(f"bench.gradient_cache --chunk-size {chunk_size} failed:\n{completed.stderr[-2000:]}")
+        raise RuntimeError(f"bench.gradient_caching --chunk-size {chunk_size} failed:\n{completed.stderr[-2000:]}")
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
