@@ -171,3 +171,11 @@ def test_chunk_size_below_one_or_with_gradient_accumulation_is_a_config_error():
         compose("tiny", ["loss.cache_chunk_size=0"])
     with pytest.raises(ConfigError, match="loss.cache_chunk_size.*accumulate_grad_batches"):
         build(compose("tiny", ["loss.cache_chunk_size=4", "trainer.accumulate_grad_batches=2"]))
+
+
+def test_a_bundle_of_cached_exits_reads_only_those():
+    pooled = {2: torch.ones(3, 4), 4: torch.zeros(3, 4)}
+    bundle = EmbeddingBundle.of_pooled(pooled, num_layers=4)
+    assert bundle.layer(2) is pooled[2] and bundle.root_view().embeddings is pooled[4]
+    with pytest.raises(ValueError, match="exit layer 3 was not pooled in this bundle"):
+        bundle.layer(3)
