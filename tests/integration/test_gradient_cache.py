@@ -159,11 +159,23 @@ def test_training_run_with_caching_logs_the_uncached_runs_losses(tiny_config):
     for name, cache in (("uncached", "null"), ("cached", "3")):
         config = tiny_config("tiny", ["trainer.max_steps=4", "resume=false", f"name=tiny_{name}",
                                       f"loss.cache_chunk_size={cache}"])  # packed batches (the default)
-        result = train(config)
-        history = mlflow.MlflowClient(config.tracking.uri).get_metric_history(result.run_id, "train/loss")
-        losses[name] = [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
+        losses[name] = logged_losses(config, train(config).run_id)
     assert len(losses["cached"]) == 4
     assert losses["cached"] == pytest.approx(losses["uncached"], abs=TOLERANCE)
+
+
+def test_cached_run_resumes_like_an_uninterrupted_one(tiny_config):
+    cached = ["loss.cache_chunk_size=5", "checkpoint_every=2"]
+    straight = tiny_config("tiny", [*cached, "trainer.max_steps=4", "resume=false", "name=tiny_straight"])
+    expected = logged_losses(straight, train(straight).run_id)
+    train(tiny_config("tiny", [*cached, "trainer.max_steps=2", "resume=false", "name=tiny_resumed"]))
+    resumed = tiny_config("tiny", [*cached, "trainer.max_steps=4", "name=tiny_resumed"])  # continues the run above
+    assert logged_losses(resumed, train(resumed).run_id) == pytest.approx(expected, abs=TOLERANCE)
+
+
+def logged_losses(config, run_id: str) -> list[float]:
+    history = mlflow.MlflowClient(config.tracking.uri).get_metric_history(run_id, "train/loss")
+    return [metric.value for metric in sorted(history, key=lambda metric: metric.step)]
 
 
 def test_chunk_size_below_one_or_with_gradient_accumulation_is_a_config_error():
