@@ -12,7 +12,7 @@ from torch import Tensor
 # Dense bf16 tensor-core peaks (NVIDIA datasheets, without sparsity); H200 has H100 SXM's compute. Matched in order
 # against the lower-cased device name, so "h100 pcie" comes before "h100".
 PEAK_BF16 = (("h200", 989.4e12), ("h100 pcie", 756e12), ("h100", 989.4e12), ("a100", 312e12), ("l40s", 362e12))
-CPU_PEAK_SIZE = 512  # square fp32 matmuls: large enough for the BLAS kernel's best rate, ~5 ms each on 2 cores
+CPU_PEAK_SIZE = 512  # square fp32 matmuls: large enough for the BLAS kernel's best rate, a few ms on one core
 CPU_PEAK_SECONDS = 0.3
 
 
@@ -24,22 +24,28 @@ def spec_peak_flops(device_name: str) -> float | None:
 
 @functools.cache
 def measured_cpu_peak_flops(threads: int) -> float:
-    """This machine's dense fp32 matmul rate with ``threads`` torch threads: the best of as many
-    ``CPU_PEAK_SIZE``² matmuls as fit in ``CPU_PEAK_SECONDS`` (the best one: other processes on a shared machine
-    slow some of them). Measured once per process and thread count."""
-    a, b = torch.randn(CPU_PEAK_SIZE, CPU_PEAK_SIZE), torch.randn(CPU_PEAK_SIZE, CPU_PEAK_SIZE)
-    torch.mm(a, b)  # first call: kernel selection, page faults
-    best, started = float("inf"), time.perf_counter()
-    while time.perf_counter() - started < CPU_PEAK_SECONDS:
-        tick = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - tick)
-    return 2 * CPU_PEAK_SIZE**3 / best
+    """This machine's dense fp32 matmul peak with ``threads`` torch threads: ``threads`` × the best one-thread rate of
+    as many ``CPU_PEAK_SIZE``² matmuls as fit in ``CPU_PEAK_SECONDS``. One thread and the best of many short matmuls,
+    because on a shared machine other processes slow some of them, and a multi-threaded matmul waits for its slowest
+    thread (on a loaded 2-core machine the 2-thread best was 20x below this). Measured once per process and count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(CPU_PEAK_SIZE, CPU_PEAK_SIZE), torch.randn(CPU_PEAK_SIZE, CPU_PEAK_SIZE)
+        torch.mm(a, b)  # first call: kernel selection, page faults
+        best, started = float("inf"), time.perf_counter()
+        while time.perf_counter() - started < CPU_PEAK_SECONDS:
+            tick = time.perf_counter()
+            torch.mm(a, b)
+            best = min(best, time.perf_counter() - tick)
+    finally:
+        torch.set_num_threads(previous)
+    return threads * 2 * CPU_PEAK_SIZE**3 / best
 
 
 def peak_flops(device: torch.device) -> float | None:
     """The peak MFU divides by: a CUDA GPU's spec bf16 peak (None if its name is not in :data:`PEAK_BF16`), or this
-    CPU's measured fp32 matmul rate at the current torch thread count."""
+    CPU's measured fp32 matmul peak at the current torch thread count."""
     if device.type == "cuda":
         return spec_peak_flops(torch.cuda.get_device_name(device))
     if device.type == "cpu":
