@@ -14,16 +14,13 @@ import json
 import os
 import subprocess
 import sys
-from typing import TYPE_CHECKING
 
 import torch
 
 from bench.common import build_module, compare, compose_variant, to_device, trainable, translation_texts
+from bench.context import Context, packed, row
 from lightning_modules.flops import peak_flops
 from lightning_modules.gradient_cache import GradientCache
-
-if TYPE_CHECKING:
-    from bench.items import Context
 
 CACHE_BATCH = 256  # pairs: 512 texts
 CACHE_CHUNK = 32  # texts per chunk
@@ -48,8 +45,6 @@ def training_step(module, batch: dict, optimizer, chunk_size: int | None):
 
 def item_gradient_cache(ctx: Context) -> list[dict]:
     """11. Gradient caching: peak memory and step time at batch 256, chunks of 32 texts, vs uncached; MFU table."""
-    from bench.items import packed, row  # bench.items registers this item
-
     args = ctx.args
     module, tokenize, _ = ctx.module("3d-ml")
     plain, plain_tokenize, _ = ctx.module("plain")

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.atomic import write_atomic
+from contracts.atomic import write_atomic
 from datamodules.sources import DataError
 from experiments.config import Config, ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.run_lock import hold_run_lock
-from experiments.runs import ui_hint
+from experiments.mlflow_ui import ui_hint
 from experiments.run_metadata import BOOKKEEPING_KEYS, flatten
 from experiments.run_summary import log_run_summary
 from experiments.tracking import check_tracking, fail_fast_http, log_run_inputs, make_logger, system_metrics
-from lightning_modules.backbone import BackboneInfo
+from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.plugins import MatryoshkaPlugin
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -163,6 +163,7 @@ def train(config: DictConfig) -> TrainResult:
     from callbacks.progress import StepProgressBar
     from callbacks.run_stats import RunStats, ThroughputRates
     from lightning_modules.distributed import trainer_settings
+    from lightning_modules.flops import peak_flops
 
     started = time.perf_counter()
     if rank_zero_only.rank == 0:  # torchrun / SLURM start every rank at once: one of them creates the store
@@ -177,8 +178,8 @@ def train(config: DictConfig) -> TrainResult:
     trainer_args.update(trainer_settings(config.distributed.strategy, config.distributed.precision,
                                          config.distributed.sharded_checkpoint, trainer_args.get("accelerator", "auto")))
     callbacks = [
-        # Logs train/device/{samples,items,flops}_per_sec (items = real tokens) over a 10-step window.
-        ThroughputRates(batch_size_fn=lambda batch: batch["num_queries"],
+        # Logs train/device/{samples,items,flops}_per_sec (items = real tokens) and train/mfu over a 10-step window.
+        ThroughputRates(peak_flops=peak_flops, batch_size_fn=lambda batch: batch["num_queries"],
                         length_fn=lambda batch: int(batch["attention_mask"].sum()), window_size=10),
         NonFiniteGuard(config.checkpoint_every, config.max_nonfinite_steps),  # before the checkpoint saves
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
@@ -188,10 +189,13 @@ def train(config: DictConfig) -> TrainResult:
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     if config.probe.enabled:  # MTEB probes of every (layer, dim, rank) cell: start, every N steps, end
-        from callbacks.probe import ProbeCallback, probe_corpus_dir
+        from callbacks.probe_schedule import ProbeCallback
+        from evaluation.probing import ProbeSession, probe_corpus_dir
 
-        callbacks.append(ProbeCallback(config.probe, probe_corpus_dir(config), config.data.catalog_dir, run_dir,
-                                       datamodule.tokenize, f"matryoshka-lab/{config.name}"))
+        session = ProbeSession(config.probe, probe_corpus_dir(config), config.data.catalog_dir, run_dir,
+                               datamodule.tokenize, f"matryoshka-lab/{config.name}", list(config.data.locales))
+        callbacks.append(ProbeCallback(session, run_dir, config.probe.every_n_steps, config.probe.at_start,
+                                       config.probe.at_end))
     trainer = L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
     datamodule.trainer = trainer
     datamodule.prepare_data()

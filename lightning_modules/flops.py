@@ -1,5 +1,5 @@
 """The two halves of MFU (model FLOPs utilisation): the analytic model FLOPs of a training step, and the device's
-peak FLOP rate. Imports only torch (``scripts/gpu_check.py`` uses it without the rest of the project)."""
+peak FLOP rate. Imports only torch (``bench/gpu_check.py`` uses it without the rest of the project)."""
 
 from __future__ import annotations
 

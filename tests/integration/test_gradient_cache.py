@@ -9,7 +9,7 @@ from torch import nn
 from datamodules.tokenization import BatchTokenizer
 from experiments.config import ConfigError, compose
 from experiments.run import build, train
-from lightning_modules.backbone import last_token_pool, mean_pool
+from lightning_modules.backbone_adapter import last_token_pool, mean_pool
 from lightning_modules.backbones.tiny import byte_tokenizer
 from lightning_modules.distributed import enable_activation_checkpointing
 from lightning_modules.gradient_cache import GradientCache, chunks_of

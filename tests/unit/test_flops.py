@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from datamodules.tokenization import pack, pad
+from contracts.batch_layout import pack, pad
 from lightning_modules.flops import measured_cpu_peak_flops, peak_flops, spec_peak_flops, text_lengths, training_flops
 
 
