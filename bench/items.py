@@ -13,6 +13,7 @@ import torch
 
 from bench.common import compare, to_device, trainable, weighted_loss
 from bench.context import VARIANTS, Context, packed, row, train_step, training_batches
+from bench.gradient_caching import item_gradient_cache
 from bench.growth import item_growth
 from contracts.cells import axis_values
 from lightning_modules.embedding_model import EmbeddingModel
@@ -293,4 +294,4 @@ def item_ffn_export(ctx: Context) -> list[dict]:
 
 ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
          "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state, "8": item_packing,
-         "9": item_growth, "10": item_ffn_export}
+         "9": item_growth, "10": item_ffn_export, "11": item_gradient_cache}

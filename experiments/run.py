@@ -33,7 +33,7 @@ RUN_DIR_ENV = "MATRYOSHKA_RUN_DIR"
 # data position mean.
 CHANGEABLE_ON_RESUME = (*(key for key in BOOKKEEPING_KEYS if key not in ("tracking", "name")), "tracking.run_name",
                         "tracking.artifact_dir", "trainer.max_steps", "probe", "max_nonfinite_steps",
-                        "distributed.activation_checkpointing")
+                        "distributed.activation_checkpointing", "loss.cache_chunk_size")
 
 
 @dataclass
@@ -85,12 +85,16 @@ def build(config: DictConfig):
     info = describe_backbone(config)
     plugins = build_plugins(config, info)
     check_data_config(config.data)
+    if config.loss.cache_chunk_size and config.trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError("loss.cache_chunk_size", "gradient caching gives one step the whole batch's gradient; "
+                          "raise data.batch_size instead of trainer.accumulate_grad_batches")
     L.seed_everything(config.seed, workers=True, verbose=False)
     backbone, tokenizer = backbones.load(config.model)
     tokenize = BatchTokenizer(tokenizer, info.family, config.model.max_length, config.model.query_prefix,
                               config.model.passage_prefix, config.data.packing)
     loss = ContrastiveLoss(config.loss.temperature, config.loss.hard_negative, config.loss.in_batch, config.loss.gather)
-    module = MatryoshkaEmbedder(backbone, plugins, loss, config.optim, config.distributed.activation_checkpointing)
+    module = MatryoshkaEmbedder(backbone, plugins, loss, config.optim, config.distributed.activation_checkpointing,
+                                config.loss.cache_chunk_size)
     datamodule = TranslationPairsDataModule(config.data, tokenize, config.seed)
     return module, datamodule
 
@@ -333,6 +337,7 @@ def _train_in(config: DictConfig, run_dir: Path, resume_from: Path | None, start
     from callbacks.run_config import RunConfigInCheckpoint
     from callbacks.run_stats import RunStats, ThroughputRates
     from lightning_modules.atomic_checkpoint import remove_leftovers
+    from lightning_modules.flops import peak_flops
 
     if resume_from is not None:
         check_resume(config, run_dir, resume_from)
@@ -342,8 +347,8 @@ def _train_in(config: DictConfig, run_dir: Path, resume_from: Path | None, start
     checkpoint_dir = run_dir / "checkpoints"
     logger = make_logger(config, run_dir)
     callbacks = [
-        # Logs train/device/{samples,items,flops}_per_sec (items = real tokens) over a 10-step window.
-        ThroughputRates(batch_size_fn=lambda batch: batch["num_queries"],
+        # Logs train/device/{samples,items,flops}_per_sec (items = real tokens) and train/mfu over a 10-step window.
+        ThroughputRates(peak_flops=peak_flops, batch_size_fn=lambda batch: batch["num_queries"],
                         length_fn=lambda batch: int(batch["attention_mask"].sum()), window_size=10),
         # before the checkpoint saves
         NonFiniteGuard(config.checkpoint_every, config.max_nonfinite_steps, checkpoint_dir / CHECKPOINT_NAME),

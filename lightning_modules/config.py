@@ -72,8 +72,13 @@ class LossConfig:
     gather: GatherMode = "full"
     """Cross-device positives: ``none`` (reference: no gradient), ``local`` (local slice keeps its
     gradient), ``full`` (autograd all-gather)."""
+    cache_chunk_size: int | None = None
+    """Gradient caching: texts per chunk of the step's forward passes (``null``: off, one forward with a graph).
+    Activation memory then grows with the chunk, not the batch, for about one extra forward (docs/training.md)."""
 
     def __post_init__(self) -> None:
+        if self.cache_chunk_size is not None:
+            check_at_least("cache_chunk_size", self.cache_chunk_size, 1, note="or null for no gradient caching")
         low, high = TEMPERATURE_RANGE
         if not low <= self.temperature <= high:
             raise ConfigError("temperature", f"{self.temperature} not allowed; allowed range [{low}, {high}] "

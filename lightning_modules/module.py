@@ -14,6 +14,8 @@ from torch import Tensor
 from lightning_modules.backbone_adapter import Backbone, BackboneInfo
 from lightning_modules.distributed import (activation_checkpointing_enabled, enable_activation_checkpointing, is_sharded,
                                            shard_backbone)
+from lightning_modules.flops import text_lengths, training_flops
+from lightning_modules.gradient_cache import GradientCache
 from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.config import OptimConfig
 from lightning_modules.optim import build_optimizer
@@ -57,6 +59,8 @@ class MatryoshkaEmbedder(L.LightningModule):
         loss: the contrastive loss applied to each view.
         optim: optimizer and schedule settings (``optim.name``: see :func:`~lightning_modules.optim.build_optimizer`).
         activation_checkpointing: recompute each transformer block in the backward pass (``configure_model``).
+        cache_chunk_size: gradient caching with chunks of this many texts (:mod:`~lightning_modules.gradient_cache`);
+            None: one forward with a graph.
 
     The public API of a trained model (what the probe, export and mining use): :meth:`cells` lists every
     deployable cell, :meth:`settings` and :meth:`applied` the model-side settings (one forward each),
@@ -67,7 +71,8 @@ class MatryoshkaEmbedder(L.LightningModule):
     """
 
     def __init__(self, backbone: Backbone, plugins: list[MatryoshkaPlugin], loss: ContrastiveLoss,
-                 optim: OptimConfig, activation_checkpointing: bool = False) -> None:
+                 optim: OptimConfig, activation_checkpointing: bool = False, cache_chunk_size: int | None = None
+                 ) -> None:
         super().__init__()
         self.backbone = backbone
         self.plugins = sorted(plugins, key=lambda plugin: plugin.stage)
@@ -77,10 +82,16 @@ class MatryoshkaEmbedder(L.LightningModule):
         self.loss = loss
         self.optim = optim
         self.activation_checkpointing = activation_checkpointing
+        self.gradient_cache = GradientCache(cache_chunk_size) if cache_chunk_size else None
         embedding = backbone.input_embeddings()
         # Token-embedding lookups cost no matmul FLOPs; the rest costs ~6 FLOPs per parameter per token.
         self.dense_parameters = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in embedding.parameters())
-        self.flops_per_batch = 0
+        config = backbone.model.config
+        self.attention_width = config.num_attention_heads * (getattr(config, "head_dim", None)
+                                                             or config.hidden_size // config.num_attention_heads)
+        setting = self.settings()[0]  # every setting has the same output-side views
+        self.view_widths = [cell.dim for cell in self.cells() if self.setting_of(cell) == setting]
+        self._last_batch: dict | None = None  # the batch of the last training step, for flops_per_batch
         self.last_logged: dict[str, float] = {}  # the metrics of the last logging step (see log_step)
 
     def views(self, batch: dict, step: int) -> list[View]:
@@ -155,15 +166,40 @@ class MatryoshkaEmbedder(L.LightningModule):
                 terms.update(plugin.loss_terms(view, batch))
         return all_terms
 
+    @property
+    def flops_per_batch(self) -> int:
+        """Model FLOPs of the last training step, read by ThroughputRates (``train/mfu``) after the step, when
+        Lightning's ThroughputMonitor has synchronised the device anyway."""
+        return 0 if self._last_batch is None else self.training_flops(self._last_batch)
+
+    def training_flops(self, batch: dict) -> int:
+        """Model FLOPs of a training step on ``batch`` (:func:`~lightning_modules.flops.training_flops`; the model-side
+        axes counted at their full setting)."""
+        queries, negatives = batch["num_queries"], batch["negatives_per_query"]
+        scores = (1 + negatives if self.loss.hard_negative and negatives else 0)
+        if self.loss.in_batch and batch.get("in_batch", True):
+            scores += queries * (self.trainer.world_size if self._trainer is not None else 1)
+        return training_flops(text_lengths(batch), self.dense_parameters, self.backbone.info.num_layers,
+                              self.attention_width, self.view_widths, queries, scores)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self.flops_per_batch = 6 * self.dense_parameters * int(batch["attention_mask"].sum())  # read by ThroughputRates
-        views = self.views(batch, self.global_step)
-        view_terms = self.view_losses(views, batch)
+        self._last_batch = batch
+        if self.gradient_cache is not None:  # chunk by chunk; all chunks but the last back-propagate here
+            self.zero_grad(set_to_none=True)  # instead of Lightning's zeroing, which comes after training_step
+            views, view_terms, total = self.gradient_cache.step(self, batch, self.global_step)
+        else:
+            views = self.views(batch, self.global_step)
+            view_terms = self.view_losses(views, batch)
+            total = self.weighted_total(views, view_terms)
+        if self.logs_this_step():
+            self.log_step(views, view_terms, total.detach(), batch.get("stats", {}))
+        return total
+
+    def weighted_total(self, views: list[View], view_terms: list[dict[str, Tensor]]) -> Tensor:
+        """The loss training minimises: Σ over views of weight · the sum of the view's terms."""
         total = torch.zeros((), device=self.device)
         for view, terms in zip(views, view_terms):
             total = total + view.weight * sum(terms.values())
-        if self.logs_this_step():
-            self.log_step(views, view_terms, total.detach(), batch.get("stats", {}))
         return total
 
     def log_step(self, views: list[View], view_terms: list[dict[str, Tensor]], total: Tensor,
@@ -210,6 +246,12 @@ class MatryoshkaEmbedder(L.LightningModule):
         x terms reach hundreds of values, and the reduction is a collective that the other steps do without."""
         step, every = self.global_step + 1, self.trainer.log_every_n_steps
         return step == self.trainer.max_steps or bool(every) and (step % every == 0 or self.trainer.should_stop)
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        """Lightning zeroes the gradients between ``training_step`` and the backward of its loss; a cached step has
+        back-propagated most of its chunks by then, so it zeroes them itself, first."""
+        if self.gradient_cache is None:
+            optimizer.zero_grad()
 
     def configure_model(self) -> None:
         if self.activation_checkpointing and not activation_checkpointing_enabled(self.backbone):

@@ -23,7 +23,7 @@ def test_gpu_check_runs_every_setup_on_cpu_without_project_only_packages(tmp_pat
     rows = json.loads(out.read_text())
     assert list(rows) == ["plain contrastive", "MRL", "MLL", "MEL", "MLL+MRL+MEL", "MLL+MRL+MEL+precision",
                           "MLL+MRL+MEL, act. ckpt", "MLL+MRL+MEL, adamw8bit", "MLL+MRL+MEL, var. len.",
-                          "MLL+MRL+MEL, var. len., packed"]
+                          "MLL+MRL+MEL, var. len., packed", "MLL+MRL+MEL, 256 seqs, cached"]
     for name, row in rows.items():
         assert row["tokens_per_s"] > 0 and row["device"] == "cpu" and row["mfu"] is None, name
     assert "GPU check on 1 x cpu" in result.stdout and "MLL+MRL+MEL, adamw8bit" in result.stdout
