@@ -14,6 +14,7 @@ from lightning_modules.views import vector_bytes
 
 if TYPE_CHECKING:
     from lightning_modules.backbone import BackboneInfo
+    from lightning_modules.costs import CellCost
     from lightning_modules.views import Cell, EmbeddingBundle, View
 
 
@@ -130,6 +131,10 @@ class Precision(MatryoshkaPlugin):
                     derived = replace(derived, weight=0.0)  # probed, not trained
                 nested.append(derived)
         return nested
+
+    def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
+        """A stored coordinate takes the level's bits (fp32 32, int8 8, binary 1)."""
+        return cost.replace(bits_per_value=LEVELS[cell.tags["precision"]][1])
 
     def card_lines(self, cell: Cell) -> list[str]:
         rows = [f"| {level} | {weight:g} | {vector_bytes(cell.dim, LEVELS[level][1])} |"
