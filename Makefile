@@ -21,11 +21,14 @@ SOURCE ?=
 A      ?=
 B      ?=
 MODEL  ?=
+BUDGET ?=
+TASK   ?=
+REGISTER ?=
 # Debian's translated manual pages for the ManpageRetrieval probe (all in Debian 12; add any manpages-<lang>).
 MANPAGE_PACKAGES ?= manpages-de manpages-fr manpages-es manpages-ru manpages-pl
 
 .DEFAULT_GOAL := help
-.PHONY: help install exp test test-unit test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine paper
+.PHONY: help install exp test test-unit test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine paper frontier pick
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -57,9 +60,17 @@ runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smo
 ui: $(STAMP) ## MLflow UI on 127.0.0.1, opened on an experiment's runs table: make ui [URI=store | RUN=outputs/<NAME>/<ts>] [EXP=name] [PORT=5000]
 	@$(BIN)/python -m experiments.runs ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
 
-export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
+export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized REGISTER=model-name ARGS=--overwrite]
 	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name> | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized]"; exit 2; }
-	$(BIN)/python -m experiments.export $(CKPT) --mode $(MODE) $(if $(CELL),--cell $(CELL)) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) $(ARGS)
+	$(BIN)/python -m experiments.export $(CKPT) --mode $(MODE) $(if $(CELL),--cell $(CELL)) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) $(if $(REGISTER),--register $(REGISTER)) $(ARGS)
+
+frontier: $(STAMP) ## Quality vs cost per task (params, FLOPs, bytes, latency), Pareto cells marked, logged to MLflow: make frontier RUN=outputs/<NAME>/<ts> [MODE=compat|factorized]
+	@test -n "$(RUN)" || { echo "usage: make frontier RUN=outputs/<NAME>/<timestamp> [MODE=compat|factorized ARGS=\"--no-latency --no-mlflow\"]"; exit 2; }
+	$(BIN)/python -m experiments.frontier $(RUN) --mode $(MODE) $(ARGS)
+
+pick: $(STAMP) ## Export the best cell within a budget: make pick RUN=outputs/<NAME>/<ts> BUDGET="bytes<=128 latency_ms<=40" [TASK=name REGISTER=model-name OUT=dir]
+	@test -n "$(RUN)" -a -n "$(BUDGET)" || { echo "usage: make pick RUN=outputs/<NAME>/<timestamp> BUDGET=\"bytes<=128 latency_ms<=40\" [TASK=<probe task>] [REGISTER=<MLflow model name>] [MODE=compat|factorized OUT=dir]  (keys: params flops bytes latency_ms)"; exit 2; }
+	$(BIN)/python -m experiments.pick $(RUN) --budget "$(BUDGET)" --mode $(MODE) $(if $(TASK),--task $(TASK)) $(if $(REGISTER),--register $(REGISTER)) $(if $(OUT),--out $(OUT)) $(ARGS)
 
 probe: $(STAMP) ## MTEB-probe every cell of a checkpoint: make probe CKPT=path [ARGS="probe.locales=[de,kk]"]
 	@test -n "$(CKPT)" || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
