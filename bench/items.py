@@ -20,6 +20,7 @@ from lightning_modules.export import Origin, export_cell, load_exported
 from lightning_modules.plugins.mel import FactorizedEmbedding
 from lightning_modules.views import axis_values
 
+from bench.cell_costs import item_cell_costs
 from bench.common import (build_module, compare, compose_variant, to_device, trainable, translation_texts,
                           weighted_loss)
 
@@ -388,4 +389,4 @@ def item_ffn_export(ctx: Context) -> list[dict]:
 
 ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
          "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state, "8": item_packing,
-         "9": item_growth, "10": item_ffn_export}
+         "9": item_growth, "10": item_ffn_export, "11": item_cell_costs}

@@ -94,13 +94,17 @@ class RunFrontier:
             self.costs[name]["latency_ms"] = latency
 
 
-def load_frontier(run: str | Path, mode: str = "compat") -> RunFrontier:
-    """The run's cells, scores and analytic costs (no latency yet)."""
+def load_frontier(run: str | Path, mode: str = "compat", table_file: Path | None = None) -> RunFrontier:
+    """The run's cells, scores (``table_file``, default the latest probe table) and analytic costs (no latency
+    yet)."""
     from experiments.loading import load_run
     from lightning_modules.costs import cell_cost
 
     loaded = load_run(checkpoint_of(run))
-    table, table_file = latest_probe_table(loaded.run_dir)
+    if table_file is None:
+        table, table_file = latest_probe_table(loaded.run_dir)
+    else:
+        table = json.loads(Path(table_file).read_text())
     context = loaded.model.tokenize.max_length
     costs = {}
     for cell in loaded.model.cells():
@@ -172,6 +176,24 @@ def log_to_mlflow(frontier: RunFrontier, written: dict) -> str | None:
         log_table(client, run_id, rows, f"frontier_{safe_name(task)}.json")
         client.log_artifact(run_id, str(png))
     return run_id
+
+
+def overlay(table_a: Path, table_b: Path, out: Path, task: str | None = None) -> list[Path]:
+    """``frontier_<task>.png`` in ``out`` for every task both tables have (or ``task``): the analytic frontiers of the
+    runs the two probe tables belong to, overlaid (``make compare``). Raises :class:`FrontierError` when a table is
+    not in a run folder with a checkpoint."""
+    from callbacks.probe.compare import run_dir_of, run_label
+    from callbacks.probe.frontier import plot
+
+    sides = []
+    for table_file in (table_a, table_b):
+        run_dir = run_dir_of(Path(table_file))
+        if run_dir is None:
+            raise FrontierError(f"{table_file} is not in a run folder: no costs to draw a frontier with")
+        sides.append((run_label(Path(table_file)), load_frontier(run_dir, table_file=Path(table_file))))
+    tasks = [name for name in sides[0][1].tasks if name in sides[1][1].tasks and (task is None or name == task)]
+    return [plot(name, {label: frontier.rows(name) for label, frontier in sides}, out / f"frontier_{safe_name(name)}.png",
+                 "A vs B") for name in tasks]
 
 
 def main(argv: list[str]) -> int:

@@ -164,3 +164,17 @@ def test_registered_version_loads_through_mlflow_as_the_exported_model(run_dir, 
     assert export.main([str(run_dir / "checkpoints" / "last.ckpt"), "--cell", "layer_1/dim_8/rank_8", "--out",
                         str(tmp_path / "second"), "--register", "tiny-small"]) == 0
     assert client.get_model_version("tiny-small", "2").tags["cell"] == "layer_1/dim_8/rank_8"
+
+
+def test_compare_overlays_the_frontiers_of_a_and_b(run_dir, tmp_path, capsys):
+    from experiments import compare
+
+    table = run_dir / "probe" / "probe_step_2.json"
+    assert compare.main([str(table), "--vs", str(table), "--out", str(tmp_path / "compared")]) == 0
+    assert f"frontiers overlaid: {tmp_path / 'compared' / 'frontier_T1.png'}" in capsys.readouterr().out
+    assert (tmp_path / "compared" / "frontier_T2.png").stat().st_size > 0
+    # A table outside a run folder still compares; the overlay is skipped with one line saying why.
+    loose = tmp_path / "probe_step_2.json"
+    loose.write_text(table.read_text())
+    assert compare.main([str(loose), "--vs", str(table), "--out", str(tmp_path / "loose")]) == 0
+    assert "no frontier overlay: " in capsys.readouterr().out
