@@ -33,12 +33,14 @@ class Bound:
     key: str
     strict: bool
     limit: float
+    written: str = dataclasses.field(default="", compare=False)
+    """The bound as the user wrote it (``params<=50M``)."""
 
     def allows(self, value: float) -> bool:
         return value < self.limit if self.strict else value <= self.limit
 
     def __str__(self) -> str:
-        return f"{self.key}{'<' if self.strict else '<='}{self.limit:g}"
+        return self.written or f"{self.key}{'<' if self.strict else '<='}{self.limit:g}"
 
 
 def parse_budget(text: str) -> list[Bound]:
@@ -50,7 +52,7 @@ def parse_budget(text: str) -> list[Bound]:
         if match is None or match["key"] not in COSTS:
             raise BudgetError(f"BUDGET part {part!r} not understood: write key<=number (or <) with key one of "
                               f"{', '.join(COSTS)}, e.g. {EXAMPLE}")
-        bounds.append(Bound(match["key"], match["op"] == "<", float(match["value"]) * UNITS[match["unit"]]))
+        bounds.append(Bound(match["key"], match["op"] == "<", float(match["value"]) * UNITS[match["unit"]], part))
     if not bounds:
         raise BudgetError(f"BUDGET is empty: give at least one bound with a key of {', '.join(COSTS)}, e.g. {EXAMPLE}")
     keys = [bound.key for bound in bounds]

@@ -65,8 +65,10 @@ def test_bad_budget_is_one_line_naming_the_allowed_keys(budget, message, capsys)
 
 
 def test_budget_units_and_strict_bounds():
-    assert pick.parse_budget("params<=1.5M flops<2k") == [pick.Bound("params", False, 1.5e6),
-                                                          pick.Bound("flops", True, 2e3)]
+    bounds = pick.parse_budget("params<=1.5M flops<2k")
+    assert bounds == [pick.Bound("params", False, 1.5e6), pick.Bound("flops", True, 2e3)]
+    assert [str(bound) for bound in bounds] == ["params<=1.5M", "flops<2k"]  # as written, in messages
+    assert bounds[1].allows(1999) and not bounds[1].allows(2000) and bounds[0].allows(1.5e6)
 
 
 def test_frontier_prints_writes_and_logs_to_the_mlflow_run(run_dir, capsys):
