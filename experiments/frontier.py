@@ -192,8 +192,8 @@ def overlay(table_a: Path, table_b: Path, out: Path, task: str | None = None) ->
             raise FrontierError(f"{table_file} is not in a run folder: no costs to draw a frontier with")
         sides.append((run_label(Path(table_file)), load_frontier(run_dir, table_file=Path(table_file))))
     tasks = [name for name in sides[0][1].tasks if name in sides[1][1].tasks and (task is None or name == task)]
-    return [plot(name, {label: frontier.rows(name) for label, frontier in sides}, out / f"frontier_{safe_name(name)}.png",
-                 "A vs B") for name in tasks]
+    return [plot(name, {label: frontier.rows(name) for label, frontier in sides},
+                 out / f"frontier_{safe_name(name)}.png", "A vs B") for name in tasks]
 
 
 def main(argv: list[str]) -> int:

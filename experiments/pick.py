@@ -4,8 +4,9 @@ run that fits a budget.
 
 The best cell is the one with the highest score (the task's main score, or the mean over the probe's tasks) among the
 cells whose every cost is within its bound; ties go to the cheaper (fewer parameters, then FLOPs, bytes, latency).
-A latency bound measures every cell (each distinct encoder once: depth and model-side setting). It prints why (score, costs, the runner-up) and exports the cell as
-``make export`` does; a budget no cell meets exits with status 1 and one line naming the cheapest cell and its costs.
+A latency bound measures every cell (each distinct encoder once: depth and model-side setting). It prints why
+(score, costs, the runner-up) and exports the cell as ``make export`` does; a budget no cell meets exits with status 1
+and one line naming the cheapest cell and its costs.
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ def describe(name: str, costs: dict, score: float | None = None) -> str:
 def main(argv: list[str]) -> int:
     from lightning_modules.export import MODES
 
-    parser = argparse.ArgumentParser(prog="python -m experiments.pick", description=__doc__.split("\n")[2])
+    parser = argparse.ArgumentParser(prog="python -m experiments.pick",
+                                     description="export the best cell of a run that fits a budget")
     parser.add_argument("run", help="outputs/<NAME>/<timestamp> or a checkpoint in it")
     parser.add_argument("--budget", required=True, help=f"bounds on {', '.join(COSTS)}, e.g. {EXAMPLE}")
     parser.add_argument("--task", help="score by this probe task's main score (default: the mean over tasks)")

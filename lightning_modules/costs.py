@@ -128,7 +128,8 @@ def full_cost(model: nn.Module, context: int) -> CellCost:
     blocks = model.get_submodule(block_list(model))
     sizes = {sum(p.numel() for p in block.parameters()) for block in blocks}
     if len(sizes) != 1:
-        raise ValueError(f"blocks of {type(model).__name__} differ in size ({sorted(sizes)}); costs assume equal blocks")
+        raise ValueError(f"blocks of {type(model).__name__} differ in size ({sorted(sizes)}); costs assume equal "
+                         f"blocks")
     block = blocks[0]
     block_part = Part(sizes.pop(), linear_flops(block) + 4 * context * attention_width(model.config))
     embedding = Part(sum(p.numel() for p in model.get_input_embeddings().parameters()), 0)

@@ -147,7 +147,7 @@ class FFN(ModelSidePlugin):
         """Each block's feed-forward projections at width ``m``: ``2 · weight entries`` FLOPs per token, weights plus
         biases as parameters (carved out of the block's full-width projections)."""
         return cost.carve_block_part(self.tag, self.block_part(self.info.intermediate_size),
-                                     self.block_part(cell.tags[self.tag]))
+                                     self.block_part(cell.tags.get(self.tag, self.settings[0])))
 
     def block_part(self, width: int) -> Part:
         """The feed-forward projections of one block cut to ``width`` (blocks are alike: the total over blocks)."""

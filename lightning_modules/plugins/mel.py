@@ -249,9 +249,7 @@ class MEL(ModelSidePlugin):
     def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
         """The token embedding of the export: the merged ``vocab × d`` matrix (a lookup) in ``compat`` mode; in
         ``factorized`` mode the two factors, ``vocab·r + r·d`` parameters and ``2·r·d`` FLOPs per token."""
-        rank, info = cell.tags.get(self.tag), self.info
-        if rank is None:  # a posthoc run's training embedding
-            return cost
+        rank, info = cell.tags.get(self.tag, self.settings[0]), self.info  # untagged: the largest rank
         if mode == "factorized":
             return cost.with_model_part(TOKEN_EMBEDDING, Part(rank * (info.vocab_size + info.hidden_size),
                                                               2 * rank * info.hidden_size))

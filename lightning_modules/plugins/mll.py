@@ -68,4 +68,4 @@ class MLL(MatryoshkaPlugin):
 
     def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
         """A cell at exit ``l`` runs (and its export keeps) the first ``l`` blocks."""
-        return cost.replace(blocks=cell.tags["layer"])
+        return cost.replace(blocks=cell.layer)

@@ -73,4 +73,4 @@ class MRL(MatryoshkaPlugin):
 
     def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
         """A stored vector keeps the first ``dim`` coordinates (the encoder's cost is unchanged)."""
-        return cost.replace(width=cell.tags["dim"])
+        return cost.replace(width=cell.dim)

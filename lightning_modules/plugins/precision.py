@@ -134,7 +134,7 @@ class Precision(MatryoshkaPlugin):
 
     def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
         """A stored coordinate takes the level's bits (fp32 32, int8 8, binary 1)."""
-        return cost.replace(bits_per_value=LEVELS[cell.tags["precision"]][1])
+        return cost.replace(bits_per_value=LEVELS[cell.tags.get("precision", "fp32")][1])  # untagged: float
 
     def card_lines(self, cell: Cell) -> list[str]:
         rows = [f"| {level} | {weight:g} | {vector_bytes(cell.dim, LEVELS[level][1])} |"
