@@ -14,6 +14,7 @@ CKPT   ?=
 LAYERS ?=
 DIM    ?=
 RANK   ?=
+FFN    ?=
 CELL   ?=
 OUT    ?=
 MODE   ?= compat
@@ -55,14 +56,14 @@ ablation: $(STAMP) ## Run a suite into one MLflow experiment: make ablation SUIT
 	$(BIN)/python -m experiments.ablation $(SUITE) $(ARGS)
 
 runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smoke | EXP=<MLflow experiment>]
-	@$(BIN)/python -m experiments.runs $(if $(SUITE),--suite $(SUITE)) $(if $(EXP),--experiment $(EXP))
+	@$(BIN)/python -m experiments.runs_table $(if $(SUITE),--suite $(SUITE)) $(if $(EXP),--experiment $(EXP))
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1, opened on an experiment's runs table: make ui [URI=store | RUN=outputs/<NAME>/<ts>] [EXP=name] [PORT=5000]
-	@$(BIN)/python -m experiments.runs ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
+	@$(BIN)/python -m experiments.mlflow_ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
 
-export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized REGISTER=model-name ARGS=--overwrite]
-	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name> | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized]"; exit 2; }
-	$(BIN)/python -m experiments.export $(CKPT) --mode $(MODE) $(if $(CELL),--cell $(CELL)) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) $(if $(REGISTER),--register $(REGISTER)) $(ARGS)
+export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 (or a part) | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized REGISTER=model-name ARGS=--overwrite]
+	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name or part> | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized REGISTER=model-name]"; exit 2; }
+	$(BIN)/python -m experiments.export $(CKPT) --mode $(MODE) $(if $(CELL),--cell $(CELL)) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(FFN),--ffn $(FFN)) $(if $(OUT),--out $(OUT)) $(if $(REGISTER),--register $(REGISTER)) $(ARGS)
 
 frontier: $(STAMP) ## Quality vs cost per task (params, FLOPs, bytes, latency), Pareto cells marked, logged to MLflow: make frontier RUN=outputs/<NAME>/<ts> [MODE=compat|factorized]
 	@test -n "$(RUN)" || { echo "usage: make frontier RUN=outputs/<NAME>/<timestamp> [MODE=compat|factorized ARGS=\"--no-latency --no-mlflow\"]"; exit 2; }
@@ -91,11 +92,11 @@ bench: $(STAMP) ## Performance ratios (< 10 min on 2 cores): make bench [ARGS="-
 	$(BIN)/python -m bench $(ARGS)
 
 bench-data: $(STAMP) ## Loader pairs/s, padding with/without bucketing, data-wait share: make bench-data [ARGS="quickstart --steps 20"]
-	$(BIN)/python -m experiments.bench_data $(ARGS)
+	$(BIN)/python -m bench.data $(ARGS)
 
 # No $(STAMP): lent GPU machines have torch, lightning and transformers but cannot install anything.
 gpu-check: ## tokens/s, MFU, peak memory per setup on the GPUs present (< 8 min; tiny shape on CPU): [ARGS="--steps 20"]
-	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) scripts/gpu_check.py $(ARGS)
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m bench.gpu_check $(ARGS)
 
 test: $(STAMP) ## Run the test suite (fast tests, < 15 min on 2 cores)
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""Bench item 11: do measured encode latencies of exported cells order like their analytic FLOPs per token?"""
+"""Bench item 12: do measured encode latencies of exported cells order like their analytic FLOPs per token?"""
 
 from __future__ import annotations
 
@@ -6,11 +6,12 @@ import gc
 import itertools
 
 from bench.common import compare
+from bench.context import row
+from contracts.cells import axis_values
 from experiments.latency import probe_texts
 from lightning_modules.costs import cell_cost
 from lightning_modules.embedding_model import EmbeddingModel
-from lightning_modules.export import Origin, export_cell, load_exported
-from lightning_modules.views import axis_values
+from lightning_modules.cell_export import Origin, export_cell, load_exported
 
 CLEAR_RATIO = 1.25
 """Pairs of cells whose FLOPs differ by at least this factor must be ordered alike by latency (closer pairs are
@@ -18,10 +19,8 @@ reported, not judged: on a shared CPU their order is noise)."""
 
 
 def item_cell_costs(ctx) -> list[dict]:
-    """11. Exported depth x FFN-width cells: measured encode latency (probe-length texts, batch 32) against the
+    """12. Exported depth x FFN-width cells: measured encode latency (probe-length texts, batch 32) against the
     analytic FLOPs per token of lightning_modules.costs; every pair with FLOPs >= 1.25x apart ordered alike."""
-    from bench.items import row
-
     module, tokenize, config = ctx.module("3d-ml+ffn")
     module.eval()
     model = EmbeddingModel(module, tokenize)
@@ -46,7 +45,7 @@ def item_cell_costs(ctx) -> list[dict]:
     del models
     ctx.release("3d-ml+ffn")
     gc.collect()
-    return [row("11", "latency order = FLOPs order (pairs >= 1.25x apart)", clear_agree / len(clear), "= 1.00",
+    return [row("12", "latency order = FLOPs order (pairs >= 1.25x apart)", clear_agree / len(clear), "= 1.00",
                 clear_agree == len(clear), f"{clear_agree}/{len(clear)} clear pairs, {concordant}/{len(pairs)} of all "
                 f"pairs; {len(texts)} probe texts, batch {ctx.args.encode_batch_size}: {detail}",
                 flops=flops, seconds=seconds)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from bench.common import build_module, compare, compose_variant, trainable, weighted_loss
-from bench.items import Context, _train_step, row, training_batches
+from bench.context import Context, row, train_step, training_batches
 from lightning_modules.plugins.mel import FactorizedEmbedding
 
 FOURTEEN_DIMS = "[384,352,320,288,256,224,192,160,128,96,64,32,16,8]"
@@ -53,7 +53,7 @@ def step_time_vs_views(ctx: Context) -> dict[int, float]:
                      for key, value in training_batches(config, tokenize, ctx.args.corpus, 1)[0].items()}
         with torch.no_grad():
             views[count] = len(module.views(batch, 0))
-        steps[count] = _train_step(module, batch, torch.optim.AdamW(trainable(module), lr=1e-5), [0])
+        steps[count] = train_step(module, batch, torch.optim.AdamW(trainable(module), lr=1e-5), [0])
     if views != {count: count for count in VIEW_VARIANTS}:
         raise RuntimeError(f"view variants produce {views} views, expected their keys")
     seconds = compare(steps, ctx.args.steps, ctx.device)
@@ -65,10 +65,10 @@ def step_time_vs_views(ctx: Context) -> dict[int, float]:
 def probe_time_vs_cells(ctx: Context) -> dict[int, float]:
     """Seconds per probe of each grid (``{cells: seconds}``; the experiment's tasks on ``--growth-probe-locales``),
     interleaved."""
-    from callbacks.probe.prober import Prober, preserved_rng
+    from evaluation.scoring import Prober, preserved_rng
 
     with preserved_rng():
-        from callbacks.probe.tasks import build_tasks
+        from evaluation.tasks import build_tasks
 
     probes, cells = {}, {}
     for (exits, ranks), overrides in CELL_VARIANTS.items():
@@ -141,8 +141,9 @@ def plot(series: dict[str, dict[int, float]], path: Path) -> None:
     plt.close(figure)
 
 
-def growth_rows(ctx: Context) -> list[dict]:
-    """Item 9's rows: one log-log slope per series, with its table."""
+def item_growth(ctx: Context) -> list[dict]:
+    """9. How cost grows with the grid: step time vs views, probe time vs cells, MEL time vs tokens and vocabulary
+    (one log-log slope per series, with its table)."""
     args = ctx.args
     ctx.release(*list(ctx.modules))  # the variants below build their own
     series = {

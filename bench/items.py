@@ -1,5 +1,6 @@
-"""The six benchmark items of issue 6. Each returns result rows: ``{"item", "name", "ratio", "goal", "met", "detail",
-"raw"}``, where ``ratio`` always compares two things measured side by side in this process (or this run)."""
+"""The benchmark items of ``make bench`` (:data:`ITEMS`). Each returns result rows: ``{"item", "name", "ratio",
+"goal", "met", "detail", "raw"}``, where ``ratio`` always compares two things measured side by side in this process
+(or this run)."""
 
 from __future__ import annotations
 
@@ -7,105 +8,17 @@ import gc
 import json
 import subprocess
 import sys
-from argparse import Namespace
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-
-from datamodules.tokenization import pack
-from lightning_modules.embedding_model import EmbeddingModel
-from lightning_modules.export import Origin, export_cell, load_exported
-from lightning_modules.plugins.mel import FactorizedEmbedding
-from lightning_modules.views import axis_values
 
 from bench.cell_costs import item_cell_costs
-from bench.common import (build_module, compare, compose_variant, to_device, trainable, translation_texts,
-                          weighted_loss)
-
-# Plugin overrides of the variants compared in items 1, 5 and 6 (on top of the experiment file).
-VARIANTS = {
-    "plain": ["plugins.mll=null", "plugins.mrl=null", "plugins.mel=null"],
-    "mll+mrl": ["plugins.mel=null"],
-    "3d-ml": [],
-    "3d-ml+ffn": ["plugins.ffn={}"],
-}
-
-
-def row(item: str, name: str, ratio: float, goal: str | None, met: bool | None, detail: str, **raw) -> dict:
-    return {"item": item, "name": name, "ratio": round(ratio, 3), "goal": goal, "met": met, "detail": detail,
-            "raw": raw}
-
-
-@dataclass
-class Context:
-    """Models and data shared by the items (built once, released when no longer needed)."""
-
-    args: Namespace
-    device: torch.device
-    work_dir: Path
-    modules: dict = field(default_factory=dict)
-    pairs_cache: list | None = None
-
-    def config(self, variant: str):
-        return compose_variant(self.args.experiment, [*VARIANTS[variant], f"model.max_length={self.args.max_length}"])
-
-    def module(self, variant: str):
-        """``(module, tokenize, config)`` of a variant of the experiment."""
-        if variant not in self.modules:
-            config = self.config(variant)
-            self.modules[variant] = (*build_module(config, self.device), config)
-        return self.modules[variant]
-
-    def release(self, *variants: str) -> None:
-        for variant in variants:
-            self.modules.pop(variant, None)
-        gc.collect()
-
-    def pairs(self, count: int) -> list[tuple[str, str]]:
-        if self.pairs_cache is None or len(self.pairs_cache) < count:
-            self.pairs_cache = translation_texts(self.args.corpus, count)
-        return self.pairs_cache[:count]
-
-    def batch(self, tokenize) -> dict:
-        """One training batch: queries in several languages, their English translations as positives."""
-        pairs = self.pairs(self.args.batch_size)
-        return to_device(tokenize([xx for xx, _ in pairs], [en for _, en in pairs]), self.device)
-
-
-def training_batches(config, tokenize, corpus_dir: str, count: int) -> list[dict]:
-    """The first ``count`` padded training batches of an experiment's DataModule (its locales, sampling and batch
-    size), from the gettext corpus in ``corpus_dir``."""
-    import copy
-
-    from omegaconf import OmegaConf
-
-    from datamodules.pairs import TranslationPairsDataModule
-
-    data = OmegaConf.merge(config.data, {"dir": corpus_dir, "corpus": "gettext", "num_workers": 0})
-    padded = copy.copy(tokenize)
-    padded.packing = False  # the tokenizer lays batches out (it took data.packing when the model was built)
-    datamodule = TranslationPairsDataModule(data, padded, config.seed)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    batches = iter(datamodule.train_dataloader())
-    return [next(batches) for _ in range(count)]
-
-
-def packed(batch: dict, pad_id: int) -> dict:
-    """The same batch packed (same texts, same order)."""
-    texts = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
-    return {**batch, **pack(texts, pad_id)}
-
-
-def _train_step(module, batch: dict, optimizer, counter: list[int]):
-    def run():
-        optimizer.zero_grad(set_to_none=True)
-        weighted_loss(module, batch, counter[0]).backward()  # MEL draws this step's rank from the step number
-        optimizer.step()
-        counter[0] += 1
-    return run
+from bench.common import compare, to_device, trainable, weighted_loss
+from bench.context import VARIANTS, Context, packed, row, train_step, training_batches
+from bench.growth import item_growth
+from contracts.cells import axis_values
+from lightning_modules.embedding_model import EmbeddingModel
+from lightning_modules.cell_export import Origin, export_cell, load_exported
+from lightning_modules.plugins.mel import FactorizedEmbedding
 
 
 def item_training_step(ctx: Context) -> list[dict]:
@@ -114,7 +27,7 @@ def item_training_step(ctx: Context) -> list[dict]:
     for variant in VARIANTS:
         module, tokenize, _ = ctx.module(variant)
         optimizer = torch.optim.AdamW(trainable(module), lr=1e-5)
-        steps[variant] = _train_step(module, ctx.batch(tokenize), optimizer, [0])
+        steps[variant] = train_step(module, ctx.batch(tokenize), optimizer, [0])
     seconds = compare(steps, ctx.args.steps, ctx.device)
     axes = axis_values(ctx.module("3d-ml")[0].cells())
     views = len(axes["layer"]) * len(axes["dim"])
@@ -256,7 +169,7 @@ def item_vs_sentence_transformers(ctx: Context) -> list[dict]:
         st_loss(features, None).backward()
         st_optimizer.step()
 
-    ours = _train_step(module, ctx.batch(tokenize), torch.optim.AdamW(trainable(module), lr=1e-5), [0])
+    ours = train_step(module, ctx.batch(tokenize), torch.optim.AdamW(trainable(module), lr=1e-5), [0])
     seconds = compare({"ours": ours, "sentence_transformers": st_step}, ctx.args.steps, ctx.device)
     ratio = seconds["ours"] / seconds["sentence_transformers"]
     detail = (f"exits {axes['layer']} (ST: {len(axes['layer']) - 1} sampled prior layers + last), dims "
@@ -304,7 +217,7 @@ def item_optimizer_state(ctx: Context) -> list[dict]:
     state_bytes = {}
     for name in ("adamw", "adamw8bit"):
         optimizer = build_optimizer(module, OmegaConf.merge(config.optim, {"name": name}))
-        _train_step(module, batch, optimizer, [0])()  # state is allocated at the first step
+        train_step(module, batch, optimizer, [0])()  # state is allocated at the first step
         state_bytes[name] = optimizer_state_bytes(optimizer)
         del optimizer
     ratio = state_bytes["adamw8bit"] / state_bytes["adamw"]
@@ -332,7 +245,7 @@ def item_packing(ctx: Context) -> list[dict]:
     optimizer = torch.optim.AdamW(trainable(module), lr=1e-5)
 
     def steps(group: list[dict]):
-        runs = [_train_step(module, batch, optimizer, [0]) for batch in group]
+        runs = [train_step(module, batch, optimizer, [0]) for batch in group]
         return lambda: [run() for run in runs]
 
     seconds = compare({name: steps(group) for name, group in variants.items()}, ctx.args.steps, ctx.device)
@@ -346,13 +259,6 @@ def item_packing(ctx: Context) -> list[dict]:
               f"max |loss difference| {loss_difference:.1e}")
     return [row("8", "training tokens/s: packed / padded", ratio, "≥ 1.6", ratio >= 1.6, detail, seconds=seconds,
                 tokens=tokens, padding_fraction=padding, losses=losses)]
-
-
-def item_growth(ctx: Context) -> list[dict]:
-    """9. How cost grows with the grid: step time vs views, probe time vs cells, MEL time vs tokens and vocabulary."""
-    from bench.growth import growth_rows  # bench.growth builds on this module's helpers
-
-    return growth_rows(ctx)
 
 
 def item_ffn_export(ctx: Context) -> list[dict]:
@@ -389,4 +295,4 @@ def item_ffn_export(ctx: Context) -> list[dict]:
 
 ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
          "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state, "8": item_packing,
-         "9": item_growth, "10": item_ffn_export, "11": item_cell_costs}
+         "9": item_growth, "10": item_ffn_export, "12": item_cell_costs}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from bench.common import build_module, compose_variant, to_device, trainable, translation_texts, weighted_loss
-from bench.items import VARIANTS
+from bench.context import VARIANTS
 
 
 def resident_peak_bytes() -> int:

@@ -1,1 +1,2 @@
-"""The few names that the lower packages (lightning_modules, datamodules, callbacks) share without importing each other."""
+"""The ground of the layers: names every package shares (config errors, cells and their names, the batch layouts,
+atomic writes) without importing each other. Imports nothing of the project."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -11,15 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.atomic import write_atomic
+from contracts.atomic import write_atomic
 
 TextEncoder = Callable[[list[str], str], np.ndarray]
 """``encoder(texts, role) -> [n, d]`` embeddings; ``role`` (``query`` or ``passage``) picks the prompt prefix."""
-
-
-def digest(value) -> str:
-    """A short stable hash of a JSON-able value (the cache folder of one model)."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()[:12]
 
 
 class EmbeddingCache:
@@ -30,7 +24,7 @@ class EmbeddingCache:
     sources (the English pool of every locale) are encoded once.
 
     Args:
-        directory: the cache of one model (``.mining/cache/<model digest>``).
+        directory: the cache of one model (``.mining/cache/<model digest>``, :func:`contracts.digest.digest`).
         encoder: ``(texts, role) -> embeddings``; called only for missing texts, so a finished run never needs
             the model (the command's encoder loads it on its first call).
         batch_size: texts per encoder call.

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from datamodules.atomic import write_atomic
+from contracts.atomic import write_atomic
 from datamodules.mining_recipe import RULES, MiningConfig
 from datamodules.sources import SIDECAR_NAME, UNKNOWN_LANGUAGE
 

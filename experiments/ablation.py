@@ -158,7 +158,7 @@ def run_suite(name: str, args: list[str] | None = None, suites_dir: Path = SUITE
 
 
 def run_and_compare(name: str, args: list[str]) -> int:
-    from experiments.runs import print_runs
+    from experiments.runs_table import print_runs
 
     runs = run_suite(name, args)
     tracking = runs[0][0].tracking

@@ -1,5 +1,5 @@
 """``python -m experiments.compare A [A ...] --vs B [B ...] [--task NAME] [--out DIR] [--mlflow]`` (``make compare
-A=... B=...``): two runs' probe tables cell by cell (what is compared: :mod:`callbacks.probe.compare`).
+A=... B=...``): two runs' probe tables cell by cell (what is compared: :mod:`evaluation.comparison`).
 
 It prints the comparison and writes ``compare.json`` and ``compare.png`` (B − A heatmaps) to ``--out`` (default
 ``outputs/compare/<A>__vs__<B>``).
@@ -17,10 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-from callbacks.probe.compare import (CompareError, compare, format_comparison, heatmaps, load_table, run_dir_of,
+from evaluation.comparison import (CompareError, compare, format_comparison, heatmaps, load_table, run_dir_of,
                                      run_label)
-from datamodules.atomic import write_atomic
-from experiments.runs import run_store
+from contracts.atomic import write_atomic
+from experiments.mlflow_ui import run_store
 from experiments.tracking import DESCRIPTION_TAG, RUN_ID_FILE
 
 

@@ -2,7 +2,7 @@
 
 The root :class:`Config` composes the sections that each package declares beside what it builds
 (``lightning_modules/config.py``: model, loss, optim, distributed; ``datamodules/config.py``: data;
-``callbacks/probe/config.py``: probe); the root keys, ``tracking`` and ``trainer`` belong to the run. Every key is
+``evaluation/config.py``: probe); the root keys, ``tracking`` and ``trainer`` belong to the run. Every key is
 typed (``Literal`` for a set of names) and each section checks its values in ``__post_init__``, so an unknown key,
 a wrong type or a value outside the allowed set stops the run before any work with one message naming the full
 key and what is allowed.
@@ -26,10 +26,12 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException, ValidationError
 
-from callbacks.probe.config import ProbeConfig
+from evaluation.config import ProbeConfig
 from contracts.config_error import ConfigError, check_at_least
 from datamodules.config import DataConfig
-from lightning_modules.config import DistributedConfig, LossConfig, ModelConfig, OptimConfig, Precision, Strategy
+from lightning_modules.config import (DistributedConfig, LossConfig, ModelConfig, OptimConfig, Strategy,
+                                      TrainingPrecision)
+from experiments.console import VERBOSE_FLAG, quiet_libraries, take_verbose
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 
@@ -85,17 +87,23 @@ RUN_OWNED_TRAINER_ARGS = {
     "callbacks": "checkpoint_every, probe.*, max_nonfinite_steps instead (the run's own callbacks)",
     "default_root_dir": "output_dir instead (each run gets its own folder under output_dir/NAME)",
     "strategy": f"distributed.strategy instead ({' | '.join(typing.get_args(Strategy))})",
-    "precision": f"distributed.precision instead ({' | '.join(typing.get_args(Precision))})",
+    "precision": f"distributed.precision instead ({' | '.join(typing.get_args(TrainingPrecision))})",
 }
 
 
 def run_command(argv: list[str], usage: str, choices: str, command: Callable[[str, list[str]], int]) -> int:
     """Shared entry of the ``python -m experiments.*`` commands: ``-h`` / no argument prints usage, the hub stays
-    offline unless the user set otherwise, and a ConfigError becomes one line on stderr with exit status 2."""
+    offline unless the user set otherwise, the libraries' notices about themselves are filtered unless
+    ``--verbose`` (anywhere in ``argv``; see :mod:`experiments.console`), and a ConfigError becomes one line on stderr
+    with exit status 2."""
+    argv, verbose = take_verbose(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {usage}\n{choices}")
+        print(f"usage: {usage} [{VERBOSE_FLAG}]\n{choices}\n{VERBOSE_FLAG}: also what the libraries print about "
+              f"themselves (device lines, tips, MLflow's INFO lines, their deprecation warnings)")
         return 0 if argv else 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not verbose:
+        quiet_libraries()
     try:
         return command(argv[0], argv[1:])
     except ConfigError as error:

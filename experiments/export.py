@@ -1,5 +1,9 @@
-"""``python -m experiments.export CKPT [--cell NAME | --layers l --dim d --rank r] [--mode compat|factorized]``
-(``make export CKPT=... CELL=layer_2/dim_64/rank_64``): export one cell of a run, then check it against training."""
+"""``python -m experiments.export CKPT [--cell NAME] [--layers l --dim d --rank r --ffn m] [--mode compat|factorized]``
+(``make export CKPT=... CELL=layer_2/dim_64/rank_64``): export one cell of a run, then check it against training.
+
+``--cell`` takes a cell name or a part of one (``layer_2/ffn_384``: the other tags from the full cell), for any
+axis; ``--layers``/``--dim``/``--rank``/``--ffn`` are short names for the parts ``layer_l``, ``dim_d``, ``rank_r``,
+``ffn_m``."""
 
 from __future__ import annotations
 
@@ -8,16 +12,18 @@ import os
 import sys
 from pathlib import Path
 
-from lightning_modules.export import MODES
+from lightning_modules.cell_export import MODES
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__.split("\n")[1])
     parser.add_argument("checkpoint", help="outputs/<NAME>/<timestamp>/checkpoints/last.ckpt")
-    parser.add_argument("--cell", help="the cell's name, as the probe prints it (layer_2/dim_64/rank_64/...)")
+    parser.add_argument("--cell", help="the cell's name as the probe prints it (layer_2/dim_64/rank_64/...), or a "
+                                       "part of it (the other tags from the full cell)")
     parser.add_argument("--layers", type=int, help="blocks to keep (default: all)")
     parser.add_argument("--dim", type=int, help="embedding width (default: the hidden size)")
     parser.add_argument("--rank", type=int, help="token-embedding rank of a MEL run (default: the largest trained)")
+    parser.add_argument("--ffn", type=int, help="feed-forward width of an FFN run (default: the largest trained)")
     parser.add_argument("--mode", default="compat", choices=MODES)
     parser.add_argument("--out", help="output folder (default: <run_dir>/export/<cell>-<mode>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an existing export folder")
@@ -28,15 +34,13 @@ def main(argv: list[str]) -> int:
     from experiments.config import ConfigError
     from experiments.loading import RunLoadError, load_run
     from lightning_modules.embedding_model import CellError
-    from lightning_modules.export import ExportError, export_cell
+    from lightning_modules.cell_export import ExportError, export_cell
 
-    tags = {key: value for key, value in (("layer", args.layers), ("dim", args.dim), ("rank", args.rank))
-            if value is not None}
+    tags = {key: value for key, value in (("layer", args.layers), ("dim", args.dim), ("rank", args.rank),
+                                          ("ffn", args.ffn)) if value is not None}
     try:
-        if args.cell and tags:
-            raise CellError(f"CELL={args.cell} names the whole cell; leave LAYERS/DIM/RANK empty")
         run = load_run(args.checkpoint)
-        cell = run.model.cell(args.cell) if args.cell else run.model.cell(**tags)  # before writing anything
+        cell = run.model.cell(args.cell, **tags)  # before writing anything
         out = Path(args.out) if args.out else default_out(run, cell, args.mode)
         result = export_cell(run.model, out, cell, run.origin(), args.mode, args.overwrite)
     except (ExportError, ConfigError, RunLoadError, CellError) as error:
@@ -61,7 +65,7 @@ def default_out(run, cell, mode: str) -> Path:
 
 def report(run, result, check: bool = True) -> None:
     """Prints where the cell went, its parameters and (``check``) the largest difference from training."""
-    from lightning_modules.export import load_exported
+    from lightning_modules.cell_export import load_exported
 
     print(f"exported cell {result.cell.name} ({result.mode}) to {result.path}")
     print(f"  parameters: {result.parameters / 1e6:.2f} M ({result.parameters:,})")

@@ -45,7 +45,7 @@ def checkpoint_of(run: str | Path) -> Path:
 def latest_probe_table(run_dir: Path) -> tuple[dict, Path]:
     """The probe table of the latest step of the run (training's ``probe/`` or ``make probe``'s
     ``probe/checkpoint/``; a tie goes to ``make probe``'s)."""
-    from callbacks.probe import report
+    from evaluation import report
 
     files = [report.latest_table_file(run_dir / report.PROBE_DIR),
              report.latest_table_file(run_dir / report.PROBE_DIR / report.CHECKPOINT_DIR)]
@@ -76,7 +76,7 @@ class RunFrontier:
         return list(self.table["tasks"])
 
     def rows(self, task: str) -> list[dict]:
-        from callbacks.probe.frontier import frontier_rows, scores
+        from evaluation.pareto import frontier_rows, scores
 
         return frontier_rows(scores(self.table, task), self.costs)
 
@@ -119,7 +119,7 @@ def load_frontier(run: str | Path, mode: str = "compat", table_file: Path | None
 
 def measure_frontier_latency(frontier: RunFrontier) -> None:
     """Measures the cells on an analytic frontier of any task (their latency frontier is then among them)."""
-    from callbacks.probe.frontier import frontier_cells
+    from evaluation.pareto import frontier_cells
 
     on_a_frontier = set().union(*(frontier_cells(frontier.rows(task)) for task in frontier.tasks))
     frontier.measure(sorted(on_a_frontier))
@@ -131,7 +131,7 @@ def safe_name(task: str) -> str:
 
 def write(frontier: RunFrontier, out: Path) -> dict[str, tuple[list[dict], Path, Path]]:
     """Per task: its rows, ``frontier_<task>.json`` and ``frontier_<task>.png`` in ``out``."""
-    from callbacks.probe.frontier import plot
+    from evaluation.pareto import plot
 
     out.mkdir(parents=True, exist_ok=True)
     run_name = f"{frontier.run.run_dir.parent.name}-{frontier.run.run_dir.name}"
@@ -182,8 +182,8 @@ def overlay(table_a: Path, table_b: Path, out: Path, task: str | None = None) ->
     """``frontier_<task>.png`` in ``out`` for every task both tables have (or ``task``): the analytic frontiers of the
     runs the two probe tables belong to, overlaid (``make compare``). Raises :class:`FrontierError` when a table is
     not in a run folder with a checkpoint."""
-    from callbacks.probe.compare import run_dir_of, run_label
-    from callbacks.probe.frontier import plot
+    from evaluation.comparison import run_dir_of, run_label
+    from evaluation.pareto import plot
 
     sides = []
     for table_file in (table_a, table_b):
@@ -197,7 +197,7 @@ def overlay(table_a: Path, table_b: Path, out: Path, task: str | None = None) ->
 
 
 def main(argv: list[str]) -> int:
-    from lightning_modules.export import MODES
+    from lightning_modules.cell_export import MODES
 
     parser = argparse.ArgumentParser(prog="python -m experiments.frontier", description=__doc__.split("\n")[1])
     parser.add_argument("run", help="outputs/<NAME>/<timestamp> or a checkpoint in it")
@@ -206,7 +206,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to the run's MLflow run")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from callbacks.probe.frontier import format_rows
+    from evaluation.pareto import format_rows
     from experiments.config import ConfigError
     from experiments.loading import RunLoadError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lightning_modules.views import Cell
+from contracts.cells import Cell
 
 TEXTS = 1000
 BATCH_SIZE = 32
@@ -18,10 +18,10 @@ BATCH_SIZE = 32
 def probe_texts(config, count: int = TEXTS, seed: int = 0) -> list[str]:
     """``count`` texts drawn (seeded, with replacement when the probe has fewer) from the texts the run's probe
     tasks encode, each with the run's prefix for its role: the lengths the probe's scores were measured on."""
-    from callbacks.probe.callback import probe_corpus_dir
-    from callbacks.probe.grid import prefix
-    from callbacks.probe.prober import preserved_rng
-    from callbacks.probe.tasks import build_tasks
+    from evaluation.grid import prefix
+    from evaluation.probing import probe_corpus_dir
+    from evaluation.scoring import preserved_rng
+    from evaluation.tasks import build_tasks
 
     with preserved_rng():  # mteb reseeds the global generators on import
         tasks = build_tasks(list(config.probe.tasks), probe_corpus_dir(config), list(config.probe.locales),
@@ -62,7 +62,7 @@ def measure(model, cells: list[Cell], texts: list[str], mode: str = "compat", re
             known: dict[tuple, float] | None = None) -> dict[str, float]:
     """``{cell name: ms per 1,000 texts}`` of each cell's export (written to a temporary folder and loaded as a user
     would); ``known`` caches measurements by :func:`encoder_key` across calls."""
-    from lightning_modules.export import Origin, export_cell, load_exported
+    from lightning_modules.cell_export import Origin, export_cell, load_exported
 
     known = {} if known is None else known
     latencies = {}

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import Config
 from lightning_modules.embedding_model import EmbeddingModel
-from lightning_modules.export import Origin
+from lightning_modules.cell_export import Origin
 
 
 class RunLoadError(ValueError):

@@ -1,7 +1,7 @@
 """``python -m experiments.mine NAME [mine.key=value ...] [key=value ...]`` (``make mine SOURCE=NAME``): hard negatives.
 
 Mines hard negatives for every training source of experiment ``NAME`` into ``data/mined/<NAME>`` (the recipe,
-the output and how it resumes: :mod:`datamodules.mining`), encoding with the experiment's pretrained backbone
+the output and how it resumes: :mod:`datamodules.mining_pipeline`), encoding with the experiment's pretrained backbone
 (``mine.model=backbone``) or a training checkpoint's full cell (``mine.model=<path>.ckpt``).
 
 Example:
@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from datamodules.mining import mine
+from datamodules.mining_pipeline import mine
 from datamodules.mining_recipe import BACKBONE, OPTION_PREFIX, MiningConfig
 from datamodules.sources import DataError
 from experiments.config import ConfigError, available_experiments, compose, merge_layer, run_command

@@ -80,7 +80,7 @@ def order_key(name: str, scores: dict[str, float], costs: dict) -> tuple:
 def choose(frontier, bounds: list[Bound], task: str) -> Choice:
     """The best and second-best cells of ``frontier`` (a :class:`~experiments.frontier.RunFrontier`) within
     ``bounds``, scored by ``task``. A latency bound measures every cell first (each distinct encoder once)."""
-    from callbacks.probe.frontier import scores as table_scores
+    from evaluation.pareto import scores as table_scores
 
     scores = table_scores(frontier.table, task)
     costs = frontier.costs
@@ -94,7 +94,7 @@ def choose(frontier, bounds: list[Bound], task: str) -> Choice:
 
 
 def describe(name: str, costs: dict, score: float | None = None) -> str:
-    from callbacks.probe.frontier import format_number
+    from evaluation.pareto import format_number
 
     parts = [] if score is None else [f"score {score:.4f}"]
     parts += [f"{key} {format_number(key, costs[key])}" for key in COSTS if costs[key] is not None]
@@ -102,7 +102,7 @@ def describe(name: str, costs: dict, score: float | None = None) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from lightning_modules.export import MODES
+    from lightning_modules.cell_export import MODES
 
     parser = argparse.ArgumentParser(prog="python -m experiments.pick",
                                      description="export the best cell of a run that fits a budget")
@@ -120,13 +120,13 @@ def main(argv: list[str]) -> int:
     except BudgetError as error:
         print(f"pick error: {error}", file=sys.stderr)
         return 2
-    from callbacks.probe.frontier import MEAN, scores as table_scores
+    from evaluation.pareto import MEAN, scores as table_scores
     from experiments.config import ConfigError
     from experiments.export import default_out, register_export, report
     from experiments.frontier import FrontierError, load_frontier
     from experiments.loading import RunLoadError
     from experiments.registry import RegistryError
-    from lightning_modules.export import ExportError, export_cell
+    from lightning_modules.cell_export import ExportError, export_cell
 
     task = args.task or MEAN
     try:

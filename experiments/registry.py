@@ -37,7 +37,7 @@ def register(export_path: Path, name: str, tracking_uri: str, run_id: str, tags:
     from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
-    from lightning_modules.export import load_exported
+    from lightning_modules.cell_export import load_exported
 
     if not name or "/" in name or ":" in name:
         raise RegistryError(f"REGISTER={name!r} is not a model name (no '/' or ':')")

@@ -13,15 +13,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.atomic import write_atomic
+from contracts.atomic import write_atomic
 from datamodules.sources import DataError
 from experiments.config import Config, ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.run_lock import hold_run_lock
-from experiments.runs import ui_hint
+from experiments.mlflow_ui import ui_hint
 from experiments.run_metadata import BOOKKEEPING_KEYS, flatten
 from experiments.run_summary import log_run_summary
 from experiments.tracking import check_tracking, fail_fast_http, log_run_inputs, make_logger, system_metrics
-from lightning_modules.backbone import BackboneInfo
+from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.plugins import MatryoshkaPlugin
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -184,10 +184,13 @@ def train(config: DictConfig) -> TrainResult:
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     if config.probe.enabled:  # MTEB probes of every (layer, dim, rank) cell: start, every N steps, end
-        from callbacks.probe import ProbeCallback, probe_corpus_dir
+        from callbacks.probe_schedule import ProbeCallback
+        from evaluation.probing import ProbeSession, probe_corpus_dir
 
-        callbacks.append(ProbeCallback(config.probe, probe_corpus_dir(config), config.data.catalog_dir, run_dir,
-                                       datamodule.tokenize, f"matryoshka-lab/{config.name}"))
+        session = ProbeSession(config.probe, probe_corpus_dir(config), config.data.catalog_dir, run_dir,
+                               datamodule.tokenize, f"matryoshka-lab/{config.name}", list(config.data.locales))
+        callbacks.append(ProbeCallback(session, run_dir, config.probe.every_n_steps, config.probe.at_start,
+                                       config.probe.at_end))
     trainer = L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
     datamodule.trainer = trainer
     datamodule.prepare_data()

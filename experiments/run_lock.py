@@ -1,16 +1,18 @@
-"""One training process per run folder: an exclusive ``flock`` on ``<run_dir>/run.lock``.
+"""One training process per run folder: an exclusive lock on ``<run_dir>/run.lock`` (``filelock``: ``flock`` on Unix).
 
 The kernel drops the lock when its holder exits in any way (``kill -9`` included), so a lock is never stale; the
-file keeps the holder's PID for the message the second process prints.
+file keeps the holder's PID for the message the second process prints (filelock opens the file without truncating
+it, so a waiting process does not erase that PID).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from experiments.config import ConfigError
 
@@ -37,15 +39,15 @@ def hold_run_lock(run_dir: Path) -> Iterator[None]:
         ...     trainer.fit(...)
     """
     run_dir.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    path = run_dir / LOCK_NAME
+    lock = FileLock(path, timeout=0)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise RunLockedError(run_dir, holder) from None
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        lock.acquire()
+    except Timeout:
+        holder = path.read_text(encoding="utf-8", errors="replace").strip() or "unknown"
+        raise RunLockedError(run_dir, holder) from None
+    try:
+        path.write_text(f"{os.getpid()}\n", encoding="utf-8")  # another descriptor: the lock stays held
         yield
     finally:
-        os.close(descriptor)  # releases the lock; the file stays (removing it would race a waiting process)
+        lock.release()  # the file stays (removing it would race a waiting process)

@@ -4,8 +4,6 @@ state, config hash, package versions, device), and the names MLflow stores uncha
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import platform
 import re
@@ -15,6 +13,7 @@ from importlib import metadata
 
 from omegaconf import DictConfig, OmegaConf
 
+from contracts.digest import digest
 from datamodules.pairs import metric_name
 from experiments.config import EXPERIMENTS_DIR, plugin_configs
 
@@ -54,7 +53,7 @@ def check_name(kind: str, name: str) -> str:
         problem = "MLflow treats names as paths: no '//', './', '..', leading or trailing '/'"
     if problem:
         raise ValueError(f"{kind} name {name!r} is not valid for MLflow: {problem}. Views use key_value "
-                         f"(lightning_modules.views.view_name); sources use datamodules.pairs.metric_name")
+                         f"(contracts.cells.view_name); sources use datamodules.pairs.metric_name")
     return name
 
 
@@ -83,7 +82,7 @@ def config_hash(config: DictConfig) -> str:
         for parent in parents:
             node = node.get(parent) or {}
         node.pop(leaf, None)
-    return hashlib.sha256(json.dumps(container, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return digest(container)
 
 
 def device_description() -> str:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from callbacks.probe.report import grid_figure, grid_panel, save_png
+from evaluation.report import grid_figure, grid_panel, save_png
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import MLFlowLogger
@@ -53,7 +53,7 @@ def view_grids(losses: Mapping[str, float]) -> dict[str, dict[tuple[int | None, 
 
 def heatmap_figure(grid: Mapping[tuple[int | None, int | None], float], title: str):
     """A layer × dim heatmap of losses in the probe heatmaps' layout (shallowest layer first, widest dim first; see
-    :func:`callbacks.probe.report.grid_panel`), each cell annotated, with a colour bar (a matplotlib Figure, no
+    :func:`evaluation.report.grid_panel`), each cell annotated, with a colour bar (a matplotlib Figure, no
     global pyplot state)."""
     layers, dims = {layer for layer, _ in grid}, {dim for _, dim in grid}
     finite = [value for value in grid.values() if not math.isnan(value)]

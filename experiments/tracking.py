@@ -13,12 +13,13 @@ What lands in MLflow for one run:
   under ``system/``, which MLflow shows in its own "System metrics" tab. Lightning's ``epoch`` is not logged (the
   stream is one endless epoch: it would be a constant 0).
 - artifacts: ``config.yaml`` (the resolved config) and ``plots/final_view_loss*.png`` + ``.json``; the probe adds
-  ``probe_final.csv`` and ``probe_final_<setting>.png`` at the root (callbacks/probe/report.py).
+  ``probe_final.csv`` and ``probe_final_<setting>.png`` at the root (evaluation/report.py).
 - description (``mlflow.note.content``): the header comment of the experiment file.
 - system metrics (``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, GPU ones where
   ``nvidia-ml-py`` finds a GPU): MLflow's own monitor, every 10 s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``).
 
-The terminal table of runs and the MLflow UI launcher live in ``experiments/runs.py`` (no Lightning import there).
+The terminal table of runs lives in ``experiments/runs_table.py``, the MLflow UI launcher in
+``experiments/mlflow_ui.py`` (no Lightning import in either).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.atomic import write_atomic
+from contracts.atomic import write_atomic
 from experiments.config import EXPERIMENTS_DIR, ConfigError
 from experiments.run_metadata import check_name, flatten, log_params, run_params, run_tags
 

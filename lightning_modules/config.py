@@ -14,7 +14,7 @@ from contracts.config_error import ConfigError, check_at_least
 GatherMode = Literal["none", "local", "full"]
 OptimizerName = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
 Strategy = Literal["single", "ddp", "fsdp2"]
-Precision = Literal["auto", "32-true", "bf16-mixed"]
+TrainingPrecision = Literal["auto", "32-true", "bf16-mixed"]
 # Logits are cosines / τ: below 1e-3 they overflow bf16 and saturate fp32; above 100 every softmax is uniform.
 TEMPERATURE_RANGE = (1e-3, 100.0)
 
@@ -110,7 +110,7 @@ class DistributedConfig:
     """``single`` (one device), ``ddp`` (replicated weights) or ``fsdp2`` (``torch.distributed.fsdp.fully_shard``
     through Lightning's ModelParallelStrategy: one shard unit per transformer block, the token embedding (MEL
     factors included) and the root). Devices and nodes: ``trainer.devices``, ``trainer.num_nodes``."""
-    precision: Precision = "auto"
+    precision: TrainingPrecision = "auto"
     """``auto`` (``bf16-mixed`` on a CUDA device with bf16, else ``32-true``), ``32-true`` or ``bf16-mixed``
     (under fsdp2: bf16 compute and all-gathers, fp32 gradient reduction and optimizer)."""
     activation_checkpointing: bool = False

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from lightning_modules.views import Cell, vector_bytes
+from contracts.cells import Cell, vector_bytes
 
 TOKEN_EMBEDDING = "token_embedding"
 REST = "rest"

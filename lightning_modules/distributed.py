@@ -17,7 +17,7 @@ from torch import nn
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from lightning_modules.backbone import Backbone
+    from lightning_modules.backbone_adapter import Backbone
 
 
 class FSDP2Strategy(ModelParallelStrategy):
@@ -121,4 +121,14 @@ def enable_activation_checkpointing(backbone: Backbone) -> None:
     with FSDP2, tested to change no number)."""
     if not backbone.model.supports_gradient_checkpointing:
         raise ValueError(f"{type(backbone.model).__name__} does not support activation checkpointing")
-    backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(backbone.model, "activation_checkpointing_enable"):  # its newer name (the old one warns in 5.24)
+        backbone.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def activation_checkpointing_enabled(backbone: Backbone) -> bool:
+    """Whether the backbone recomputes its blocks (under the name the installed transformers has)."""
+    model = backbone.model
+    return (model.is_activation_checkpointing if hasattr(type(model), "is_activation_checkpointing")
+            else model.is_gradient_checkpointing)

@@ -7,8 +7,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from contracts.cells import Cell, axis_values, parse_cell_name
 from lightning_modules.module import MatryoshkaEmbedder
-from lightning_modules.views import Cell, axis_values
 
 PROMPTS = ("query", "passage")
 
@@ -62,15 +62,25 @@ class EmbeddingModel:
         return max(self.cells(), key=Cell.size)
 
     def cell(self, name: str | None = None, **tags: object) -> Cell:
-        """A cell by its name (``layer_2/dim_64/rank_64``), or by some of its tags with the others taken from the
-        full cell (``cell(layer=2, dim=64)``); :class:`CellError` names the bad part and the allowed values."""
+        """A cell by its name (``layer_2/dim_64/rank_64``), or by some of its tags, as a part of a name
+        (``cell("layer_2/ffn_384")``) or as keywords (``cell(layer=2, dim=64)``), the others taken from the full
+        cell; :class:`CellError` names the bad part and the allowed values."""
         cells = self.cells()
         if name is not None:
             match = next((cell for cell in cells if cell.name == name), None)
-            if match is None:
+            if match is not None and not tags:
+                return match
+            try:
+                named = parse_cell_name(name)
+            except ValueError as error:
+                raise CellError(str(error)) from None
+            if match is None and set(named) >= set(axis_values(cells)):  # a whole name, of no cell of this run
                 raise CellError(f"CELL={name} is not a cell of this run; its cells look like {cells[0].name} with "
                                 f"{self._allowed(cells)}")
-            return match
+            twice = sorted(set(named) & set(tags))
+            if twice:
+                raise CellError(f"CELL={name} and the {', '.join(twice)} option name the same axis; give it once")
+            tags = {**named, **tags}
         full = self.full_cell()
         allowed = axis_values(cells)
         for key, value in tags.items():

@@ -11,13 +11,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_modules.backbone import Backbone
-from lightning_modules.distributed import enable_activation_checkpointing, is_sharded, shard_backbone
+from lightning_modules.backbone_adapter import Backbone
+from lightning_modules.distributed import (activation_checkpointing_enabled, enable_activation_checkpointing, is_sharded,
+                                           shard_backbone)
 from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.config import OptimConfig
 from lightning_modules.optim import build_optimizer
 from lightning_modules.plugins.base import MatryoshkaPlugin, ModelSidePlugin
-from lightning_modules.views import Cell, EmbeddingBundle, View
+from contracts.cells import Cell
+from lightning_modules.views import EmbeddingBundle, View
 
 
 class MatryoshkaEmbedder(L.LightningModule):
@@ -193,7 +195,7 @@ class MatryoshkaEmbedder(L.LightningModule):
         return step == self.trainer.max_steps or bool(every) and (step % every == 0 or self.trainer.should_stop)
 
     def configure_model(self) -> None:
-        if self.activation_checkpointing and not self.backbone.model.is_gradient_checkpointing:
+        if self.activation_checkpointing and not activation_checkpointing_enabled(self.backbone):
             enable_activation_checkpointing(self.backbone)
         if self.device_mesh is not None and not is_sharded(self.backbone):  # ModelParallelStrategy: FSDP2
             shard_backbone(self.backbone, self.device_mesh["data_parallel"], bf16=self.trainer.precision == "bf16-mixed")

@@ -1,6 +1,6 @@
 """Packed (padding-free) batches: several texts share one row, each attending only to itself.
 
-The data side builds the layout (:func:`datamodules.tokenization.pack`); this module runs the model on it.
+The data side builds the layout (:func:`contracts.batch_layout.pack`); this module runs the model on it.
 
 A padded batch of N texts is ``[N, longest]``; a packed one is ``[R, longest]`` with R ≤ N rows filled first-fit
 by decreasing length, so the padding left is what does not fill the last slots of each row. Each token carries its

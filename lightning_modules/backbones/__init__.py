@@ -3,7 +3,7 @@ and tiny random-init models for tests. ``describe`` is cheap (no weights) so con
 
 from __future__ import annotations
 
-from lightning_modules.backbone import Backbone, BackboneInfo
+from lightning_modules.backbone_adapter import Backbone, BackboneInfo
 from lightning_modules.config import ModelConfig
 
 # Model types whose embeddings are read at the last token (causal LMs); everything else is mean-pooled.

@@ -14,14 +14,31 @@ from contracts.config_error import ConfigError
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-    from lightning_modules.backbone import Backbone, BackboneInfo
+    from lightning_modules.backbone_adapter import Backbone, BackboneInfo
+    from contracts.cells import Cell
     from lightning_modules.costs import CellCost
-    from lightning_modules.views import Cell, EmbeddingBundle, View
+    from lightning_modules.views import EmbeddingBundle, View
 
 
 @dataclass
 class PluginConfig:
     """Base of every plugin's typed config (the block under ``plugins.<name>`` in an experiment)."""
+
+
+@dataclass
+class PosthocConfig(PluginConfig):
+    """The config of an axis that can be left out of training and applied afterwards (MEL, FFN, precision)."""
+
+    posthoc: bool = False
+    """Train as if the axis were absent (the model untouched: its own embedding, the full FFN width, float vectors)
+    and only probe and export its settings afterwards: the "cut a model trained without it" baseline."""
+
+
+def check_posthoc(config: PosthocConfig, key: str, value: object) -> None:
+    """Raises ConfigError when ``posthoc`` comes with a training choice of ``key`` it overrides."""
+    if config.posthoc and value is not None:
+        raise ConfigError(key, f"{list(value)} has no effect with posthoc: true (nothing of this axis is trained); "
+                               f"leave {key} out")
 
 
 class MatryoshkaPlugin:
@@ -90,6 +107,11 @@ class MatryoshkaPlugin:
         :mod:`lightning_modules.costs`)."""
         return cost
 
+    def posthoc_settings(self) -> list:
+        """The settings of this axis that are probed (and exported) but never trained: applied afterwards to a model
+        trained without them (``posthoc: true``, a zero probability or loss weight). Default: none."""
+        return []
+
     def step_rng(self, step: int) -> np.random.Generator:
         """A generator that depends only on (seed, plugin class, step): identical on every device and
         after a resume, independent of any global RNG state."""
@@ -104,21 +126,31 @@ class ModelSidePlugin(MatryoshkaPlugin):
     A subclass sets ``tag`` (the view tag and cell-name part, e.g. ``rank``), fills ``self.settings`` (the ladder,
     largest first) and ``self.probabilities`` in ``__init__``, and implements:
 
-        current(): the setting the model computes with now.
+        current(): the setting the model computes with now; None while it computes without this axis (a
+            ``posthoc`` run in training: its views carry no tag of the axis).
         set(setting): make the model compute with ``setting``: the only place that writes it.
         export(model, setting, mode): write ``setting`` into ``model``, a copy of the Hugging Face model cut for
             export, so that it computes the cell with plain transformers code; ``mode`` is ``compat`` (no custom
-            code) or ``factorized`` (an axis with a compact form may keep it). Returns the files to write beside
-            the model and the ``config.json`` entries to update (both may be empty).
+            code) or one of the axis's own ``export_modes`` (MEL: ``factorized``, which keeps its compact form).
+            Returns the files to write beside the model and the ``config.json`` entries to update (both may be
+            empty).
 
-    Training calls :meth:`before_forward`, which sets ``sample(step)`` (a pure function of (seed, step): every device
-    agrees, a resumed run repeats it) and leaves it in place through the backward pass (activation checkpointing
-    recomputes with it). Tools use :meth:`applied`, which restores the previous setting on exit.
+    Trained versus applied afterwards: training calls :meth:`before_forward`, which sets ``sample(step)`` (a pure
+    function of (seed, step): every device agrees, a resumed run repeats it) and leaves it in place through the
+    backward pass (activation checkpointing recomputes with it); with ``posthoc: true`` in the config
+    (:class:`PosthocConfig`) it sets :meth:`untouched`, the model as if the axis were absent. Tools use :meth:`applied`, which restores the previous setting on
+    exit; :meth:`posthoc_settings` names the settings never trained.
     """
 
     tag: ClassVar[str]
+    export_modes: ClassVar[tuple[str, ...]] = ()
     settings: list
     probabilities: list[float]
+
+    @property
+    def posthoc(self) -> bool:
+        """Training leaves this axis out; its settings are applied only afterwards (probe, export)."""
+        return bool(getattr(self.config, "posthoc", False))
 
     def current(self):
         raise NotImplementedError
@@ -133,6 +165,21 @@ class ModelSidePlugin(MatryoshkaPlugin):
         """The setting training uses at global step ``step``."""
         return self.settings[int(self.step_rng(step).choice(len(self.settings), p=self.probabilities))]
 
+    def untouched(self):
+        """The setting that computes what the model computes without this axis (FFN: the full width), or None when
+        none does (MEL: the model's own embedding is no rank of its factors). A ``posthoc`` run trains with it."""
+        return None
+
+    def posthoc_settings(self) -> list:
+        if self.posthoc:
+            return [setting for setting in self.settings if setting != self.untouched()]
+        return [setting for setting, probability in zip(self.settings, self.probabilities) if probability == 0]
+
+    def trained_settings(self) -> list:
+        """The settings training samples (the others are applied afterwards), largest first."""
+        posthoc = self.posthoc_settings()
+        return [setting for setting in self.settings if setting not in posthoc]
+
     @contextmanager
     def applied(self, setting) -> Iterator[None]:
         """The model computes with ``setting`` inside; the previous setting is back on exit."""
@@ -144,13 +191,15 @@ class ModelSidePlugin(MatryoshkaPlugin):
             self.set(previous)
 
     def before_forward(self, step: int) -> None:
-        self.set(self.sample(step))
+        self.set(self.untouched() if self.posthoc else self.sample(step))
 
     def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
-        return [view.derive(**{self.tag: self.current()}) for view in views]
+        setting = self.current()
+        return views if setting is None else [view.derive(**{self.tag: setting}) for view in views]
 
     def step_metrics(self) -> dict[str, float]:
-        return {f"{type(self).__name__.lower()}/{self.tag}": float(self.current())}
+        setting = self.current()
+        return {} if setting is None else {f"{type(self).__name__.lower()}/{self.tag}": float(setting)}
 
 
 def ladder_probabilities(key: str, probabilities: list[float] | None, written: list[int], settings: list[int]

@@ -15,7 +15,7 @@ from contracts.config_error import ConfigError
 from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig
 
 if TYPE_CHECKING:
-    from lightning_modules.backbone import Backbone, BackboneInfo
+    from lightning_modules.backbone_adapter import Backbone, BackboneInfo
     from lightning_modules.views import View
 
 TEACHERS = ("backbone", "use")

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, checked_ladder, checked_weights
 
 if TYPE_CHECKING:
-    from lightning_modules.backbone import BackboneInfo
+    from lightning_modules.backbone_adapter import BackboneInfo
+    from contracts.cells import Cell
     from lightning_modules.costs import CellCost
-    from lightning_modules.views import Cell, EmbeddingBundle, View
+    from lightning_modules.views import EmbeddingBundle, View
 
 PAPER_LAYERS = (1, 2, 4, 8, 16, 24, 32, 40, 48)
 

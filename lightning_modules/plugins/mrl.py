@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, checked_ladder, checked_weights
 
 if TYPE_CHECKING:
-    from lightning_modules.backbone import BackboneInfo
+    from lightning_modules.backbone_adapter import BackboneInfo
+    from contracts.cells import Cell
     from lightning_modules.costs import CellCost
-    from lightning_modules.views import Cell, EmbeddingBundle, View
+    from lightning_modules.views import EmbeddingBundle, View
 
 
 def default_dims(width: int) -> list[int]:

@@ -10,7 +10,7 @@ import torch
 from experiments.ablation import available_suites, load_suite, run_suite, suite_configs
 from experiments.config import EXPERIMENTS_DIR, ConfigError, available_experiments, compose, plugin_configs
 from experiments.run import build, build_plugins, describe_backbone
-from experiments.runs import axes_of, differing_params, format_table, print_runs, probe_summary_keys
+from experiments.runs_table import axes_of, differing_params, format_table, print_runs, probe_summary_keys
 from experiments.run_summary import tail_mean
 from tests.conftest import run_overrides
 
@@ -77,7 +77,7 @@ def test_a_suite_with_seeds_runs_every_experiment_once_per_seed_into_its_own_fol
 
 
 def test_paper_runs_train_their_axes_and_share_one_grid_of_probe_cells():
-    from lightning_modules.backbone import BackboneInfo
+    from lightning_modules.backbone_adapter import BackboneInfo
     from lightning_modules.plugins.base import ModelSidePlugin
 
     configs = {config.name.removeprefix("paper_"): config for config in suite_configs(load_suite("paper"))[:6]}
@@ -153,8 +153,11 @@ def test_axes_and_differing_params_of_the_runs_table():
 def test_a_runs_table_wider_than_the_terminal_puts_the_runs_side_by_side():
     header, rows = ["run", "loss", "probe/mean/full"], [["posthoc", "1.9", "0.88"], ["precision", "2.1", "0.87"]]
     assert format_table(header, rows, max_width=80).splitlines()[2].split() == ["posthoc", "1.9", "0.88"]
-    assert [line.split() for line in format_table(header, rows, max_width=20).splitlines()] == [
-        ["posthoc", "precision"], ["-" * 15, "-" * 7, "-" * 9], ["loss", "1.9", "2.1"], ["probe/mean/full", "0.88", "0.87"]]
+    assert format_table(header, rows, max_width=20).splitlines() == [
+        "                  posthoc   precision",
+        "─────────────────────────────────────",
+        "loss                  1.9         2.1",
+        "probe/mean/full      0.88        0.87"]
 
 
 def test_a_suite_trains_each_experiment_into_one_mlflow_experiment_and_the_table_compares_them(tmp_path, corpus_dir,

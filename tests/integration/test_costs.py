@@ -4,9 +4,9 @@ import pytest
 
 from experiments.config import compose
 from experiments.run import build
+from lightning_modules.cell_export import Origin, export_cell
 from lightning_modules.costs import cell_cost
 from lightning_modules.embedding_model import EmbeddingModel
-from lightning_modules.export import Origin, export_cell
 
 # tiny_bert: vocab V = 260 (bytes), d = 32, I = 64, 4 blocks, 512 positions, 2 token types; tiny.yaml: 48 tokens.
 V, D, I, CONTEXT = 260, 32, 64, 48

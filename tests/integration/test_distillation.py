@@ -12,7 +12,7 @@ from experiments.config import ConfigError, compose
 from experiments.run import build_plugins, describe_backbone, train
 from experiments.tracking import StrictMLFlowLogger
 from lightning_modules import backbones
-from lightning_modules.backbone import BackboneInfo
+from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.module import MatryoshkaEmbedder
 from lightning_modules.plugins import Distillation
 from lightning_modules.plugins.distillation import BackboneTeacher, mse_distillation, similarity_distillation

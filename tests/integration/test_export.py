@@ -17,9 +17,9 @@ from experiments.export import main
 from experiments.loading import LoadedRun, RunLoadError, load_run
 from experiments.run import build, train
 from lightning_modules.embedding_model import CellError, EmbeddingModel
-from lightning_modules.export import ExportError, export_cell, load_exported, model_card, probe_scores
+from lightning_modules.cell_export import ExportError, export_cell, load_exported, model_card, probe_scores
 from lightning_modules.plugins.precision import QUANTIZE_SNIPPET, Precision, PrecisionConfig, binary, int8
-from lightning_modules.views import Cell
+from contracts.cells import Cell
 from tests.conftest import run_overrides
 
 # Different lengths (padding), non-Latin scripts, and one text longer than max_length (truncation).
@@ -138,6 +138,14 @@ def test_invalid_cells_are_rejected(runs, tags, message):
         runs["tiny_bert"].model.cell("layer_3/dim_32/rank_16")
 
 
+def test_a_part_of_a_cell_name_takes_the_other_tags_from_the_full_cell(runs):
+    model = runs["tiny_bert"].model
+    assert model.cell("layer_2").name == model.cell(layer=2).name == "layer_2/dim_32/rank_16"
+    assert model.cell("rank_8/layer_1").name == model.cell("layer_1", rank=8).name == "layer_1/dim_32/rank_8"
+    with pytest.raises(CellError, match="'layer2' is not a cell name"):
+        model.cell("layer2")
+
+
 def test_defaults_are_the_full_cell_and_the_largest_rank(runs):
     model = runs["tiny_bert"].model
     assert model.cell().name == model.full_cell().name == "layer_4/dim_32/rank_16"
@@ -164,7 +172,7 @@ def test_run_without_mel(corpus_dir, tmp_path):
 
 def test_probe_scores_of_the_cell_reach_the_model_card(runs, tmp_path):
     (tmp_path / "probe").mkdir()
-    (tmp_path / "probe" / "probe_step_3.csv").write_text(  # the layout of callbacks/probe/report.py
+    (tmp_path / "probe" / "probe_step_3.csv").write_text(  # the layout of evaluation/report.py
         "step,task,layer,dim,rank,main_score\n"
         "0,bitext,2,16,8,0.10\n"
         "3,bitext,2,16,8,0.25\n"
@@ -216,7 +224,9 @@ def test_cli_exports_checks_and_reports_errors(runs, capsys):
     assert main([checkpoint, "--layers", "9"]) == 2
     assert "export error: layer 9 is not a value of this run; choose one of [1, 2, 4]" in capsys.readouterr().err
     assert main([checkpoint, "--cell", "layer_2/dim_16/rank_8", "--layers", "2"]) == 2
-    assert "names the whole cell" in capsys.readouterr().err
+    assert "CELL=layer_2/dim_16/rank_8 and the layer option name the same axis" in capsys.readouterr().err
+    assert main([checkpoint, "--cell", "layer_2/ffn_8"]) == 2
+    assert "export error: the run has no 'ffn' axis; its axes: layer, dim, rank" in capsys.readouterr().err
     assert main([checkpoint, "--cell", "layer_2/dim_16/rank_8", "--out", str(runs["tiny_bert"].run_dir / "by_name")]) == 0
     assert "exported cell layer_2/dim_16/rank_8 (compat)" in capsys.readouterr().out
     assert main([checkpoint, "--layers", "1", "--dim", "8", "--rank", "8", "--mode", "factorized"]) == 0

@@ -1,4 +1,4 @@
-"""Hard-negative mining (datamodules/mining*.py, experiments/mine.py): the recipe's numbers, translation groups,
+"""Hard-negative mining (datamodules/mining_pipeline*.py, experiments/mine.py): the recipe's numbers, translation groups,
 resume, options, and the DataModule training on the mined folder with k of N negatives."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from datamodules.mining import mine
+from datamodules.mining_pipeline import mine
 from datamodules.mining_recipe import RULES, MiningConfig, TextGroups, pool_passages, select_negatives, text_key
 from datamodules.sources import DataError, make_row, open_source
 from experiments.config import ConfigError, compose

@@ -6,9 +6,10 @@ import mlflow
 import pytest
 import torch
 
-from datamodules.tokenization import BatchTokenizer, pack
+from contracts.batch_layout import pack
+from datamodules.tokenization import BatchTokenizer
 from experiments.run import train
-from lightning_modules.backbone import Backbone
+from lightning_modules.backbone_adapter import Backbone
 from lightning_modules.backbones.tiny import byte_tokenizer, tiny_bert, tiny_qwen3
 from lightning_modules.packing import use_varlen_attention
 

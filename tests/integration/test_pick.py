@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from callbacks.probe import report
-from callbacks.probe.frontier import frontier_rows, pareto
+from evaluation import report
+from evaluation.pareto import frontier_rows, pareto
 from experiments import frontier as frontier_cli
 from experiments import pick
 from experiments.config import compose
 from experiments.run import train
 from experiments.tracking import RUN_ID_FILE
-from lightning_modules.export import load_exported
+from lightning_modules.cell_export import load_exported
 from tests.conftest import run_overrides
 
 TEXTS = ["Datei öffnen", "The file could not be opened.", "ok", "Файл не найден " * 4]

@@ -13,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from callbacks.probe.encoding import EmbeddingCache, Slot, split_views
-from callbacks.probe.prober import Prober, preserved_rng, summary
+from evaluation.encoding import CellEmbeddings, Slot, split_views
+from evaluation.scoring import Prober, preserved_rng, summary
 from datamodules.gettext_corpus import Pair
-from lightning_modules.views import Cell, View, view_name
+from contracts.cells import Cell, view_name
+from lightning_modules.views import View
 
 with preserved_rng():  # mteb reseeds the global generators on import
     import mteb  # noqa: F401
@@ -25,8 +26,8 @@ with preserved_rng():  # mteb reseeds the global generators on import
     from mteb.abstasks.text.bitext_mining import AbsTaskBitextMining
     from mteb.abstasks.task_metadata import TaskMetadata
 
-    from callbacks.probe.grid import CellModel, evaluate, input_texts, model_meta
-    from callbacks.probe.tasks import GettextBitextMining, GettextRetrieval, build_tasks
+    from evaluation.grid import CellModel, evaluate, input_texts, model_meta
+    from evaluation.tasks import GettextBitextMining, GettextRetrieval, build_tasks
 
 META = model_meta("matryoshka-lab/test", "step-0", 4, None, True)
 PREFIXES = SimpleNamespace(query_prefix="q: ", passage_prefix="p: ")
@@ -34,7 +35,7 @@ PREFIXES = SimpleNamespace(query_prefix="q: ", passage_prefix="p: ")
 
 def hand_encoder(vectors: dict[str, list[float]]):
     """A stand-in for GridEncoder whose cache holds the given (prefixed) texts, one 4-d cell."""
-    cache = EmbeddingCache()
+    cache = CellEmbeddings()
     cache.add(list(vectors), [Cell({"layer": 1, "dim": 4}, 16)], [Slot(0, 4)],
               [torch.tensor(list(vectors.values()), dtype=torch.float32)])
     return SimpleNamespace(cache=cache, tokenize=PREFIXES)
@@ -141,7 +142,7 @@ def test_split_views_shares_one_source_per_exit():
 
 
 def test_cache_lookup_slices_then_renormalises():
-    cache = EmbeddingCache()
+    cache = CellEmbeddings()
     full = torch.tensor([[3.0, 4.0, 12.0], [1.0, 0.0, 5.0]])
     cache.add(["a", "b"], [Cell({"layer": 1, "dim": 3}, 12), Cell({"layer": 1, "dim": 2}, 8)],
               [Slot(0, 3), Slot(0, 2)], [full])
@@ -200,8 +201,8 @@ def test_packed_probe_equals_the_padded_one_with_mteb_s_own_helpers(tiny_module,
     loaders and metrics): embeddings within float rounding, every score of every cell the same."""
     import copy
 
-    from callbacks.probe import grid
-    from callbacks.probe.encoding import GridEncoder
+    from evaluation import grid
+    from evaluation.encoding import GridEncoder
 
     module, tokenize, tasks = tiny_module
     padded = copy.copy(tokenize)
@@ -283,7 +284,7 @@ def test_failing_task_is_logged_and_the_others_are_scored(tiny_module, caplog):
 def test_forked_scoring_gives_the_one_process_table(tiny_module, monkeypatch, tmp_path):
     """Two scoring processes: the same table as one, and a task failing in a cell the helper scores is left out of
     the whole probe, as in one process."""
-    from callbacks.probe import grid, prober
+    from evaluation import grid, scoring as prober
 
     module, tokenize, tasks = tiny_module
     monkeypatch.setattr(prober, "usable_processes", lambda requested: requested)  # also on a 1-core machine
@@ -317,7 +318,7 @@ def test_unavailable_registry_task_is_skipped_with_one_line(corpus_dir, caplog):
 
 
 def test_probe_config_errors_name_the_key(tiny_config):
-    from callbacks.probe.callback import check_tasks
+    from evaluation.probing import check_tasks
     from experiments.config import ConfigError
 
     with pytest.raises(ConfigError, match="probe.tasks.*'NoSuchTask'"):

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import torch
 
-from callbacks.probe.prober import Prober, preserved_rng
+from evaluation.scoring import Prober, preserved_rng
 from experiments.config import compose
 from experiments.run import RUN_DIR_ENV, build
 from experiments.tracking import RUN_ID_FILE
@@ -35,7 +35,7 @@ def reference(overrides, corpus_dir):
         config = compose("tiny", overrides)
         module, datamodule = build(config)
         with preserved_rng():
-            from callbacks.probe.tasks import build_tasks
+            from evaluation.tasks import build_tasks
 
             tasks = build_tasks(list(config.probe.tasks), corpus_dir, list(config.probe.locales), 8)
         return Prober(module, datamodule.tokenize, tasks, config.probe.batch_size).run(step=0)

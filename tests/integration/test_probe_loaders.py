@@ -1,4 +1,4 @@
-"""The probe's light mteb data loaders and helpers (callbacks/probe/grid.py) give exactly mteb's own scores."""
+"""The probe's light mteb data loaders and helpers (evaluation/grid.py) give exactly mteb's own scores."""
 
 import contextlib
 import json
@@ -6,14 +6,14 @@ import random
 
 import pytest
 
-from callbacks.probe.prober import preserved_rng
+from evaluation.scoring import preserved_rng
 from datamodules.gettext_corpus import Pair
 from tests.integration.test_probe import META, hand_encoder
 
 with preserved_rng():  # mteb reseeds the global generators on import
-    from callbacks.probe import grid
-    from callbacks.probe.grid import CellModel, evaluate
-    from callbacks.probe.tasks import GettextBitextMining, GettextRetrieval
+    from evaluation import grid
+    from evaluation.grid import CellModel, evaluate
+    from evaluation.tasks import GettextBitextMining, GettextRetrieval
 
 # Three locales of five translations, near-duplicates included, so that rankings are not trivial.
 PAIRS = {locale: [Pair(f"en {i}", f"{locale} {i}", locale, "t") for i in range(5)] for locale in ("de", "kk", "ta")}

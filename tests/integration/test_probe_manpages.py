@@ -6,14 +6,14 @@ import math
 
 import pytest
 
-from callbacks.probe.prober import preserved_rng
+from evaluation.scoring import preserved_rng
 from datamodules import manpages_corpus
 from tests.unit.test_manpages_corpus import page_source, write_page
 from tests.integration.test_probe import META, hand_encoder, one_hot
 
 with preserved_rng():  # mteb reseeds the global generators on import
-    from callbacks.probe.grid import CellModel, evaluate
-    from callbacks.probe.tasks import ManpageRetrieval, build_tasks, check_task_names
+    from evaluation.grid import CellModel, evaluate
+    from evaluation.tasks import ManpageRetrieval, build_tasks, check_task_names
 
 
 @pytest.fixture
@@ -79,13 +79,13 @@ def test_no_translated_pages_skip_the_task_with_one_line(man_dir, tmp_path, monk
     monkeypatch.setattr(manpages_corpus, "CORPUS_DIR", str(tmp_path / "corpus"))
     monkeypatch.setattr(manpages_corpus, "MAN_DIR", str(man_dir))
     assert check_task_names(["ManpageRetrieval"]) is None
-    with caplog.at_level(logging.WARNING, logger="callbacks.probe.tasks"):
+    with caplog.at_level(logging.WARNING, logger="evaluation.tasks"):
         assert build_tasks(["ManpageRetrieval"], tmp_path / "no-gettext-corpus", ["kk", "ta"], 8) == []
     assert [record.getMessage() for record in caplog.records] == [
         f"probe: skipping ManpageRetrieval: no translated manual pages for probe.locales ['kk', 'ta'] under "
         f"{man_dir} (languages with pages: de, fr; `make manpages` installs some)"]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="callbacks.probe.tasks"):
+    with caplog.at_level(logging.WARNING, logger="evaluation.tasks"):
         assert ManpageRetrieval.from_corpus(["de"], 8, tmp_path / "other", tmp_path / "no-man-tree") is None
     assert len(caplog.records) == 1
     assert caplog.records[0].getMessage().startswith("probe: skipping ManpageRetrieval: cannot build the "
@@ -97,7 +97,7 @@ def test_no_translated_pages_skip_the_task_with_one_line(man_dir, tmp_path, monk
 def test_a_man_tree_without_translations_skips_the_task_with_one_line(tmp_path, caplog):
     english_only = tmp_path / "man"
     write_page(english_only, "man1/ls.1.gz", page_source("ls", "list directory contents"))
-    with caplog.at_level(logging.WARNING, logger="callbacks.probe.tasks"):
+    with caplog.at_level(logging.WARNING, logger="evaluation.tasks"):
         assert ManpageRetrieval.from_corpus(["de", "fr"], 8, tmp_path / "corpus", english_only) is None
     assert [record.getMessage() for record in caplog.records] == [
         f"probe: skipping ManpageRetrieval: no translated manual pages for probe.locales ['de', 'fr'] under "

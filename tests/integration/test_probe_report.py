@@ -5,9 +5,9 @@ import csv
 import mlflow
 import pytest
 
-from callbacks.probe import report
-from callbacks.probe.prober import summary
-from lightning_modules.views import view_name
+from evaluation import report
+from evaluation.scoring import summary
+from contracts.cells import view_name
 
 TASKS = {"Bitext": {"type": "BitextMining", "main_score": "f1", "subsets": ["de-en"]},
          "Retrieval": {"type": "Retrieval", "main_score": "ndcg_at_10", "subsets": ["default"]}}

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.entities import Metric, Param
 
-from experiments.runs import print_runs
+from experiments.runs_table import print_runs
 
 # Each run: (experiment, name, status, params, {metric: [(step, value), ...]}); started in this order.
 RUNS = [
@@ -25,19 +25,19 @@ RUNS = [
 ]
 TABLE = """
 MLflow experiment 'suite-pair' ({uri}): 2 runs
-run       status    steps  axes     loss.gather   loss  loss_hard  samples/s  peak_MB  wall_s  probe/mean/full
---------  --------  -----  -------  -----------  -----  ---------  ---------  -------  ------  ---------------
-baseline  FINISHED     12  none     full         2.188          -      106.5      512    42.5                -
-3dml      RUNNING       5  mll+mrl  none             3          1          -        -       -            0.875
+run        status     steps   axes      loss.gather    loss   loss_hard   samples/s   peak_MB   wall_s   probe/mean/full
+────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
+baseline   FINISHED      12   none      full          2.188           -       106.5       512     42.5                 -
+3dml       RUNNING        5   mll+mrl   none              3           1           -         -        -             0.875
 """
 EMPTY = """
 MLflow experiment 'empty' ({uri}): 0 runs
 """
 OTHER = """
 MLflow experiment 'other' ({uri}): 1 runs
-run   status  steps  axes  wall_s
-----  ------  -----  ----  ------
-lone  FAILED      0  none       3
+run    status   steps   axes   wall_s
+─────────────────────────────────────
+lone   FAILED       0   none        3
 """
 
 

@@ -59,7 +59,7 @@ def ui(store):
     """``(runs page URL, base URL)`` of ``make ui``'s launcher serving the store."""
     uri, experiment = store
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "experiments.runs", "ui", "--port", str(port), "--uri", uri,
+    server = subprocess.Popen([sys.executable, "-m", "experiments.mlflow_ui", "--port", str(port), "--uri", uri,
                                "--experiment", experiment, "--no-browser"], cwd=PROJECT_ROOT,
                               env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
@@ -196,7 +196,7 @@ def test_models_page_lists_the_registered_versions(store, ui, browser, shots):
     if not os.environ.get("UI_STORE"):
         from experiments.export import register_export
         from experiments.loading import load_run
-        from lightning_modules.export import export_cell
+        from lightning_modules.cell_export import export_cell
 
         (checkpoint,) = Path(uri.removeprefix("sqlite:///")).parent.glob("run1/outputs/*/*/checkpoints/last.ckpt")
         run = load_run(checkpoint)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from datamodules.tokenization import BatchTokenizer
-from lightning_modules.backbone import Backbone, last_token_pool, mean_pool
+from lightning_modules.backbone_adapter import Backbone, last_token_pool, mean_pool
 from lightning_modules.backbones.tiny import byte_tokenizer, tiny_bert, tiny_qwen3
 
 

@@ -157,7 +157,7 @@ def test_a_section_raises_with_its_own_field_name_and_the_composition_adds_the_s
 
 
 def test_the_section_configs_import_neither_experiments_nor_torch():
-    code = ("import sys, callbacks.probe.config, datamodules.config, lightning_modules.config\n"
+    code = ("import sys, evaluation.config, datamodules.config, lightning_modules.config\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('experiments', 'torch', 'lightning')))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"

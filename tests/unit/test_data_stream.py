@@ -176,7 +176,7 @@ def test_padding_fraction_is_reported_per_batch(tmp_path):
 
 
 def test_bench_data_counts_pairs_per_batch_and_padding(tmp_path, corpus_dir, mlflow_dir):
-    from experiments.bench_data import loader_speed
+    from bench.data import loader_speed
     from experiments.config import compose
     from tests.conftest import run_overrides
 

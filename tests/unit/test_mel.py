@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from experiments.config import compose
-from lightning_modules.backbone import BackboneInfo
+from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.plugins import ConfigError, MEL
 from lightning_modules.plugins.mel import FactorizedEmbedding, MELConfig
 

@@ -1,6 +1,6 @@
 import pytest
 
-from lightning_modules.backbone import BackboneInfo
+from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.plugins import ConfigError, MLL
 from lightning_modules.plugins.mll import MLLConfig, default_layers
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_modules.backbone import BackboneInfo
+from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.plugins import ConfigError, MRL
 from lightning_modules.plugins.mrl import MRLConfig, default_dims
 from lightning_modules.views import View

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from experiments.run import build
-from lightning_modules.backbone import BackboneInfo
+from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.plugins import ConfigError, MRL, Precision
 from lightning_modules.plugins.mrl import MRLConfig
 from lightning_modules.plugins.precision import PrecisionConfig, binary, clipped_gradient, identity_gradient, int8

@@ -4,7 +4,7 @@ redone in the calling process."""
 import logging
 import os
 
-from callbacks.probe.shares import map_shares, usable_processes
+from evaluation.shares import map_shares, usable_processes
 
 
 def with_pid(items: list[int]) -> tuple[int, list[int]]:

@@ -1,6 +1,6 @@
 """GPU check: training throughput, MFU and peak memory of a Qwen3-0.6B-shaped embedder under FSDP2.
 
-    python scripts/gpu_check.py            # make gpu-check; on a CUDA machine: < 8 minutes, no network, no download
+    python -m bench.gpu_check              # make gpu-check; on a CUDA machine: < 8 minutes, no network, no download
 
 On CUDA: a random-init Qwen3 with the real 0.6B shape (hidden 1024, 28 blocks, 16 heads × 128, vocab 151,936),
 bf16 mixed precision, FSDP2 over every GPU present (the script re-launches itself under torchrun when there is
@@ -35,18 +35,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lightning as L
+import torch
+from tqdm import tqdm
+from transformers import Qwen3Config, Qwen3Model
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from transformers import Qwen3Config, Qwen3Model  # noqa: E402
-
-from datamodules.tokenization import pack, pad  # noqa: E402
-from lightning_modules.backbone import Backbone  # noqa: E402
-from lightning_modules.distributed import FSDP2Strategy  # noqa: E402
-from lightning_modules.losses import ContrastiveLoss  # noqa: E402
-from lightning_modules.module import MatryoshkaEmbedder  # noqa: E402
-from lightning_modules.plugins import MEL, MLL, MRL, Precision  # noqa: E402
+from contracts.batch_layout import pack, pad
+from experiments.console import VERBOSE_FLAG, quiet_libraries
+from lightning_modules.backbone_adapter import Backbone
+from lightning_modules.distributed import FSDP2Strategy
+from lightning_modules.losses import ContrastiveLoss
+from lightning_modules.module import MatryoshkaEmbedder
+from lightning_modules.plugins import BUILTIN_PLUGINS
 
 QWEN3_0_6B = dict(vocab_size=151_936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, intermediate_size=3072)
@@ -54,7 +54,6 @@ TINY = dict(vocab_size=2048, hidden_size=64, num_hidden_layers=4, num_attention_
             head_dim=16, intermediate_size=128)
 # Dense bf16 tensor-core peaks (NVIDIA datasheets); H200 has H100 SXM's compute.
 PEAK_BF16 = (("h200", 989.4e12), ("h100 pcie", 756e12), ("h100", 989.4e12), ("a100", 312e12), ("l40s", 362e12))
-PLUGINS = {"mrl": MRL, "mll": MLL, "mel": MEL, "precision": Precision}
 
 
 @dataclass
@@ -134,9 +133,9 @@ def run_setup(setup: Setup, args: argparse.Namespace, shape: dict, on_cuda: bool
     floor = torch.cuda.memory_allocated() if on_cuda else 0  # what earlier setups still hold is not this one's
     with torch.device("cuda" if on_cuda else "cpu"):  # random init straight on the GPU: seconds, not minutes
         model = Qwen3Model(Qwen3Config(max_position_embeddings=max(512, args.seq_len), tie_word_embeddings=False,
-                                       **shape))
+                                       use_cache=False, **shape))  # training keeps no KV cache
     backbone = Backbone(model.train(), "decoder")
-    plugins = [PLUGINS[name](PLUGINS[name].Config(), backbone.info, 0) for name in setup.plugins]
+    plugins = [BUILTIN_PLUGINS[name](BUILTIN_PLUGINS[name].Config(), backbone.info, 0) for name in setup.plugins]
     optim = SimpleNamespace(name=setup.optimizer, lr=1e-5, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01,
                             warmup_steps=2, min_lr=1e-7)
     module = MatryoshkaEmbedder(backbone, plugins, ContrastiveLoss(0.05), optim, setup.activation_checkpointing)
@@ -182,7 +181,7 @@ def table(setups: list[Setup]) -> str:
 
 
 def parse_args(argv: list[str], on_cuda: bool) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10 if on_cuda else 2, help="timed steps per setup")
     parser.add_argument("--warmup", type=int, default=3 if on_cuda else 1, help="untimed steps first")
     parser.add_argument("--queries", type=int, default=16 if on_cuda else 4,
@@ -190,36 +189,50 @@ def parse_args(argv: list[str], on_cuda: bool) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512 if on_cuda else 32)
     parser.add_argument("--only", nargs="*", help="run only these setups (names as in the table)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(VERBOSE_FLAG, action="store_true",
+                        help="also what the libraries print about themselves (device lines, tips, known warnings)")
     return parser.parse_args(argv)
+
+
+def not_measured(setups: list[Setup], on_cuda: bool) -> list[str]:
+    """What the table could not measure, one line each."""
+    if not on_cuda:
+        return ["MFU and peak memory: no CUDA device (a tiny shape on the CPU: its numbers only show the check runs)"]
+    unknown = sorted({s.result["device"] for s in setups if "device" in s.result and s.result["mfu"] is None})
+    return [f"MFU: no dense bf16 peak known for {device} (PEAK_BF16 in bench/gpu_check.py)" for device in unknown]
 
 
 def main(argv: list[str]) -> int:
     on_cuda = torch.cuda.is_available()
     args = parse_args(argv, on_cuda)
+    if not args.verbose:
+        quiet_libraries()
     if on_cuda and torch.cuda.device_count() > 1 and "LOCAL_RANK" not in os.environ:
         # FSDP2 over every GPU: one process per GPU, all running this same script (torchrun sets the ranks).
         os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc-per-node={torch.cuda.device_count()}", __file__, *argv])
+                                  f"--nproc-per-node={torch.cuda.device_count()}", "-m", "bench.gpu_check", *argv])
     if on_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # before any model is built on "cuda"
     shape = QWEN3_0_6B if on_cuda else TINY
     setups = [setup for setup in SETUPS if not args.only or setup.name in args.only]
-    for setup in setups:
-        if setup.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
-            setup.result = {"skipped": "bitsandbytes is not installed"}
-            continue
-        started = time.perf_counter()
-        run_setup(setup, args, shape, on_cuda)
-        setup.result["setup_s"] = time.perf_counter() - started
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"[gpu-check] {setup.name}: {setup.result['tokens_per_s']:,.0f} tokens/s "
-                  f"({setup.result['setup_s']:.0f} s)", file=sys.stderr, flush=True)
-    if int(os.environ.get("RANK", 0)) == 0:
+    rank_zero = int(os.environ.get("RANK", 0)) == 0
+    with tqdm(setups, desc="gpu-check", unit="setup", file=sys.stderr, disable=not rank_zero) as bar:
+        for setup in bar:
+            bar.set_postfix_str(setup.name)
+            if setup.optimizer != "adamw" and importlib.util.find_spec("bitsandbytes") is None:
+                setup.result = {"skipped": "bitsandbytes is not installed"}
+                continue
+            started = time.perf_counter()
+            run_setup(setup, args, shape, on_cuda)
+            setup.result["setup_s"] = time.perf_counter() - started
+    if rank_zero:
         device = next((s.result["device"] for s in setups if "device" in s.result), "cpu")
         world = next((s.result["world_size"] for s in setups if "world_size" in s.result), 1)
         print(f"\nGPU check on {world} x {device}: hidden {shape['hidden_size']}, {shape['num_hidden_layers']} blocks, "
               f"vocab {shape['vocab_size']:,}; {2 * args.queries} sequences x {args.seq_len} tokens per device; "
               f"{'bf16-mixed' if on_cuda else 'fp32 (CPU fallback: tiny shape)'}, FSDP2\n" + table(setups))
+        for line in not_measured(setups, on_cuda):
+            print(f"not measured: {line}")
         if args.json:
             args.json.write_text(json.dumps({s.name: s.result for s in setups}, indent=2))
     return 0

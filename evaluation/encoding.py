@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.tokenization import pack, pad
-from lightning_modules.views import Cell, View
+from contracts.batch_layout import pack, pad
+from contracts.cells import Cell
+from lightning_modules.views import View
 
 
 @dataclass(frozen=True)
@@ -49,11 +50,11 @@ def split_views(views: Sequence[View], num_layers: int) -> tuple[list[Cell], lis
     return cells, slots, sources
 
 
-class EmbeddingCache:
+class CellEmbeddings:
     """Embeddings of texts for every cell, one matrix per source; rows are looked up by text.
 
     Example:
-        >>> cache = EmbeddingCache()
+        >>> cache = CellEmbeddings()
         >>> cache.add(["a", "b"], [Cell({"layer": 1, "dim": 2}, 8)], [Slot(0, 2)], [torch.eye(2)])
         >>> cache.lookup(["b"], 0).tolist()
         [[0.0, 1.0]]
@@ -112,15 +113,15 @@ def world() -> tuple[int, int]:
 
 
 class GridEncoder:
-    """Encodes missing texts with one forward each, on every device together, into an :class:`EmbeddingCache`.
+    """Encodes missing texts with one forward each, on every device together, into a :class:`CellEmbeddings`.
 
     Under DDP/FSDP2 :meth:`encode_missing` is collective: every device computes the same list of missing texts,
     encodes a strided shard of it (padded so that every device runs the same number of batches, which FSDP2's
     per-forward all-gathers need) and the shards are all-gathered. The module must already be in eval mode
-    under ``torch.no_grad`` at the model-side setting to encode (see :class:`~callbacks.probe.prober.Prober`).
+    under ``torch.no_grad`` at the model-side setting to encode (see :class:`~evaluation.scoring.Prober`).
 
     When the run packs its batches (``tokenize.packing``, ``data.packing``) each forward is packed too
-    (:func:`datamodules.tokenization.pack`): every batch then takes texts of all lengths (strided over the
+    (:func:`contracts.batch_layout.pack`): every batch then takes texts of all lengths (strided over the
     longest-first list), so that they fill the packed rows (quickstart probe: 4 % of the token positions are
     padding, 42 % in length-sorted padded batches). The embeddings equal the padded ones up to float rounding.
 
@@ -137,7 +138,7 @@ class GridEncoder:
         self.module, self.tokenize, self.batch_size = module, tokenize, batch_size
         self.device, self.forward_context = device, forward_context
         self.packing = tokenize.packing
-        self.cache = EmbeddingCache()
+        self.cache = CellEmbeddings()
         self.encoded = 0  # texts this device ran through the backbone (padding included)
         self.threads = torch.get_num_threads()  # forwards keep these even when scoring runs single-threaded
 

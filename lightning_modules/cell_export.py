@@ -6,8 +6,9 @@ project:
 
 - the backbone cut to the cell's depth (``num_hidden_layers`` updated);
 - every model-side axis writes its setting into that copy (MEL: the token embedding at rank ``r``, merged
-  ``U[:, :r] · V[:r]`` in ``compat`` mode or kept as two factors in ``factorized`` mode with a short modeling file
-  for ``trust_remote_code=True``; FFN: the sliced projections and a smaller ``intermediate_size``);
+  ``U[:, :r] · V[:r]`` in ``compat`` mode; FFN: the sliced projections and a smaller ``intermediate_size``); an
+  axis may offer export modes of its own (``export_modes``: MEL's ``factorized`` keeps the two factors with a short
+  modeling file for ``trust_remote_code=True``);
 - sentence-transformers modules: Transformer → Pooling (mean for encoders, last token for decoders, whose
   tokenizer is saved to append EOS) → the first ``dim`` coordinates → L2 normalisation; ``truncate_dim = dim``,
   the query / passage prompts of the run, cosine similarity;
@@ -26,11 +27,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from contracts.cells import Cell, axis_values
 from lightning_modules.costs import block_list
 from lightning_modules.embedding_model import EmbeddingModel, TextTokenizer
-from lightning_modules.views import Cell, axis_values
+from lightning_modules.plugins import BUILTIN_PLUGINS
 
-MODES = ("compat", "factorized")
+COMPAT = "compat"  # plain modules only: every axis can write its setting so
+# Every mode a built-in axis offers (what the CLI accepts); a run allows compat and those of its own axes.
+MODES = (COMPAT, *sorted({mode for plugin in BUILTIN_PLUGINS.values() for mode in getattr(plugin, "export_modes", ())}))
 
 
 def _update_json(path: Path, **updates) -> None:
@@ -115,12 +119,18 @@ def export_cell(model: EmbeddingModel, out: str | Path, cell: Cell, origin: Orig
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
     from transformers.utils import logging as transformers_logging
 
-    if mode not in MODES:
-        raise ExportError(f"MODE={mode!r} not allowed; choose one of {', '.join(MODES)}")
     module, info = model.module, model.module.backbone.info
+    axes = module.model_side
+    offered = {COMPAT} | {offered for axis in axes for offered in axis.export_modes}
+    if mode not in offered:
+        axes_with_it = [name.upper() for name, plugin in BUILTIN_PLUGINS.items()
+                        if mode in getattr(plugin, "export_modes", ())]
+        if axes_with_it:
+            raise ExportError(f"MODE={mode} needs an axis with a {mode} form ({', '.join(axes_with_it)}); this run "
+                              f"has none: use MODE={COMPAT}")
+        raise ExportError(f"MODE={mode!r} not allowed; choose one of {', '.join(MODES)}")
     if cell.name not in {known.name for known in model.cells()}:
         raise ExportError(f"CELL={cell.name} is not a cell of this run")
-    axes = module.model_side
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"OUT={out} exists and is not empty; choose a new folder or pass --overwrite")
@@ -131,9 +141,6 @@ def export_cell(model: EmbeddingModel, out: str | Path, cell: Cell, origin: Orig
         extra_files, updates = axis.export(cut, cell.tags[axis.tag], mode)
         files |= extra_files
         config_updates |= updates
-    if mode == "factorized" and not files:
-        raise ExportError("MODE=factorized needs an axis with a factorized form (MEL); this run has none: use "
-                          "MODE=compat")
     parameters = sum(p.numel() for p in cut.parameters())
     out.mkdir(parents=True, exist_ok=True)
     cut.save_pretrained(out)

@@ -69,7 +69,7 @@ class Backbone(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, packing: dict | None = None) -> EmbeddingBundle:
         """Every exit's pooled embeddings of a padded batch, or of a packed one (``packing``: the layout of
-        :func:`datamodules.tokenization.pack`; pooled per text, in the texts' order)."""
+        :func:`contracts.batch_layout.pack`; pooled per text, in the texts' order)."""
         if packing is not None:
             return self._forward_packed(input_ids, packing)
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)

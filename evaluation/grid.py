@@ -32,7 +32,7 @@ from sklearn.metrics import auc as sklearn_auc
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 if TYPE_CHECKING:
-    from callbacks.probe.encoding import GridEncoder
+    from evaluation.encoding import GridEncoder
 
 
 def model_meta(name: str, revision: str, embed_dim: int | list[int], n_parameters: int | None,
@@ -71,7 +71,7 @@ class CellModel(AbsEncoder):
     Embeddings are the cell's slice of the cached encoding, re-normalised; ``similarity`` is the cosine.
 
     Args:
-        encoder: the model-side setting's :class:`~callbacks.probe.encoding.GridEncoder`.
+        encoder: the model-side setting's :class:`~evaluation.encoding.GridEncoder`.
         cell: index into ``encoder.cache.cells`` (resolved at encode time: the first encode discovers the grid).
         meta: the model metadata (its revision names the step, so no result cache can match).
         may_encode: whether a text missing from the cache may be encoded now (only in the warm-up cell: encoding
@@ -98,6 +98,13 @@ class CellModel(AbsEncoder):
             raise RuntimeError(f"{task_metadata.name} asked for texts that were not encoded in its warm-up cell; the "
                                f"other cells are scored from that encoding, on other devices and processes")
         return self.encoder.cache.lookup(texts, self.cell)
+
+    def embed(self, texts: list[str], role: str) -> torch.Tensor:
+        """The cell's embeddings of cached ``texts`` read as a ``"query"`` or a ``"document"`` (the
+        :data:`~evaluation.query_scores.Embed` of per-query scores)."""
+        prompt_type = PromptType.document if role == "document" else PromptType.query
+        return self.encoder.cache.lookup([prefix(self.encoder.tokenize, prompt_type) + text for text in texts],
+                                         self.cell)
 
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         return _unit(embeddings1) @ _unit(embeddings2).T

@@ -1,4 +1,4 @@
-"""``python -m experiments.bench_data [NAME] [key=value ...]`` (``make bench-data``): data-loader speed, padding,
+"""``python -m bench.data [NAME] [key=value ...]`` (``make bench-data``): data-loader speed, padding,
 and data-wait share.
 
 1. The loader alone, in this process (= one DataLoader worker): batches and tokenized pairs per second, and
@@ -7,7 +7,7 @@ and data-wait share.
    time the training loop spent waiting for data (``system/data/device/wait_fraction``, start-up batch excluded).
 
 Example:
-    .venv/bin/python -m experiments.bench_data quickstart --steps 20 --batches 200
+    .venv/bin/python -m bench.data quickstart --steps 20 --batches 200
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def loader_speed(config, batches: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m experiments.bench_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", default="quickstart", help="experiment (default: quickstart)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--batches", type=int, default=200, help="batches timed per loader setting")

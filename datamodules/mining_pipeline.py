@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.atomic import write_atomic
-from datamodules.mining_cache import EmbeddingCache, TextEncoder, digest
+from contracts.atomic import write_atomic
+from contracts.digest import digest
+from datamodules.mining_cache import EmbeddingCache, TextEncoder
 from datamodules.mining_recipe import (BACKBONE, OPTION_PREFIX, MiningConfig, TextGroups, pool_passages,
                                        select_negatives, text_key)
 from datamodules.mining_report import write_report, write_sidecar
