@@ -22,6 +22,9 @@ SOURCE ?=
 A      ?=
 B      ?=
 MODEL  ?=
+BUDGET ?=
+TASK   ?=
+REGISTER ?=
 # Debian's translated manual pages for the ManpageRetrieval probe (all in Debian 12; add any manpages-<lang>).
 MANPAGE_PACKAGES ?= manpages-de manpages-fr manpages-es manpages-ru manpages-pl
 
@@ -30,7 +33,7 @@ MANPAGE_PACKAGES ?= manpages-de manpages-fr manpages-es manpages-ru manpages-pl
 quote = '$(subst ','\'',$(1))'
 
 .DEFAULT_GOAL := help
-.PHONY: help install exp test test-unit test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine paper
+.PHONY: help install exp test test-unit test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine paper frontier pick
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -62,9 +65,17 @@ runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smo
 ui: $(STAMP) ## MLflow UI on 127.0.0.1, opened on an experiment's runs table: make ui [URI=store | RUN=outputs/<NAME>/<ts>] [EXP=name] [PORT=5000]
 	@$(BIN)/python -m experiments.mlflow_ui --port $(call quote,$(PORT)) $(if $(URI),--uri $(call quote,$(URI))) $(if $(RUN),--run $(call quote,$(RUN))) $(if $(EXP),--experiment $(call quote,$(EXP)))
 
-export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 (or a part) | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
-	@test -n $(call quote,$(CKPT)) || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name or part> | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized]"; exit 2; }
-	$(BIN)/python -m experiments.export $(call quote,$(CKPT)) --mode $(call quote,$(MODE)) $(if $(CELL),--cell $(call quote,$(CELL))) $(if $(LAYERS),--layers $(call quote,$(LAYERS))) $(if $(DIM),--dim $(call quote,$(DIM))) $(if $(RANK),--rank $(call quote,$(RANK))) $(if $(FFN),--ffn $(call quote,$(FFN))) $(if $(OUT),--out $(call quote,$(OUT))) $(ARGS)
+export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 (or a part) | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized REGISTER=model-name ARGS=--overwrite]
+	@test -n $(call quote,$(CKPT)) || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name or part> | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized REGISTER=model-name]"; exit 2; }
+	$(BIN)/python -m experiments.export $(call quote,$(CKPT)) --mode $(call quote,$(MODE)) $(if $(CELL),--cell $(call quote,$(CELL))) $(if $(LAYERS),--layers $(call quote,$(LAYERS))) $(if $(DIM),--dim $(call quote,$(DIM))) $(if $(RANK),--rank $(call quote,$(RANK))) $(if $(FFN),--ffn $(call quote,$(FFN))) $(if $(OUT),--out $(call quote,$(OUT))) $(if $(REGISTER),--register $(call quote,$(REGISTER))) $(ARGS)
+
+frontier: $(STAMP) ## Quality vs cost per task (params, FLOPs, bytes, latency), Pareto cells marked, logged to MLflow: make frontier RUN=outputs/<NAME>/<ts> [MODE=compat|factorized]
+	@test -n $(call quote,$(RUN)) || { echo "usage: make frontier RUN=outputs/<NAME>/<timestamp> [MODE=compat|factorized ARGS=\"--no-latency --no-mlflow\"]"; exit 2; }
+	$(BIN)/python -m experiments.frontier $(call quote,$(RUN)) --mode $(call quote,$(MODE)) $(ARGS)
+
+pick: $(STAMP) ## Export the best cell within a budget: make pick RUN=outputs/<NAME>/<ts> BUDGET="bytes<=128 latency_ms<=60k" [TASK=name REGISTER=model-name OUT=dir]
+	@test -n $(call quote,$(RUN)) -a -n $(call quote,$(BUDGET)) || { echo "usage: make pick RUN=outputs/<NAME>/<timestamp> BUDGET=\"bytes<=128 latency_ms<=60k\" [TASK=<probe task>] [REGISTER=<MLflow model name>] [MODE=compat|factorized OUT=dir]  (keys: params flops bytes latency_ms)"; exit 2; }
+	$(BIN)/python -m experiments.pick $(call quote,$(RUN)) --budget $(call quote,$(BUDGET)) --mode $(call quote,$(MODE)) $(if $(TASK),--task $(call quote,$(TASK))) $(if $(REGISTER),--register $(call quote,$(REGISTER))) $(if $(OUT),--out $(call quote,$(OUT))) $(ARGS)
 
 probe: $(STAMP) ## MTEB-probe every cell of a checkpoint: make probe CKPT=path [ARGS="probe.locales=[de,kk]"]
 	@test -n $(call quote,$(CKPT)) || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
@@ -81,7 +92,7 @@ mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE
 	@test -n $(call quote,$(SOURCE)) || { $(BIN)/python -m experiments.mine; exit 2; }
 	$(BIN)/python -m experiments.mine $(call quote,$(SOURCE)) $(if $(MODEL),mine.model=$(call quote,$(MODEL))) $(ARGS)
 
-bench: $(STAMP) ## Performance ratios (< 10 min on 2 cores): make bench [ARGS="--items 1,2 --mel-vocab 32000"]
+bench: $(STAMP) ## Performance ratios (items 1-10 < 10 min on 2 cores; 11 and 12 about 10 min each): make bench [ARGS="--items 1,2 --mel-vocab 32000"]
 	$(BIN)/python -m bench $(ARGS)
 
 bench-data: $(STAMP) ## Loader pairs/s, padding with/without bucketing, data-wait share: make bench-data [ARGS="quickstart --steps 20"]

@@ -17,12 +17,12 @@ import torch
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated item numbers")
+    parser.add_argument("--items", default="1,2,3,4,5,6,7,8,9,10,11,12", help="comma-separated item numbers")
     parser.add_argument("--out", default="bench/results/latest.json")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--corpus", default="data/gettext", help="gettext corpus folder (built if missing)")
-    group = parser.add_argument_group("model items (1, 3, 4, 5, 6, 7, 8, 9, 10)")
+    group = parser.add_argument_group("model items (1, 3, 4, 5, 6, 7, 8, 9, 10, 12)")
     group.add_argument("--experiment", default="quickstart", help="experiment whose model is measured")
     group.add_argument("--batch-size", type=int, default=32, help="training pairs per step")
     group.add_argument("--max-length", type=int, default=64)
@@ -32,7 +32,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="probe locales of the probe-vs-cells series (item 9)")
     group.add_argument("--encode-batch-size", type=int, default=32)
     group.add_argument("--probe-texts", type=int, default=64, help="texts encoded for every cell (item 3)")
-    group.add_argument("--throughput-texts", type=int, default=256, help="texts encoded per repeat (items 4, 10)")
+    group.add_argument("--throughput-texts", type=int, default=256, help="texts encoded per repeat (items 4, 10, 12)")
     group.add_argument("--throughput-repeats", type=int, default=3)
     group.add_argument("--export-layers", type=int, nargs="+", default=[1, 2], help="shallow depths (item 4)")
     group = parser.add_argument_group("MEL item (2)")

@@ -1,4 +1,4 @@
-"""The ten benchmark items of ``make bench`` (:data:`ITEMS`). Each returns result rows: ``{"item", "name", "ratio",
+"""The benchmark items of ``make bench`` (:data:`ITEMS`). Each returns result rows: ``{"item", "name", "ratio",
 "goal", "met", "detail", "raw"}``, where ``ratio`` always compares two things measured side by side in this process
 (or this run)."""
 
@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from bench.cell_costs import item_cell_costs
 from bench.common import compare, to_device, trainable, weighted_loss
 from bench.context import VARIANTS, Context, packed, row, train_step, training_batches
 from bench.gradient_caching import item_gradient_cache
@@ -19,6 +20,7 @@ from contracts.cells import axis_values
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.cell_export import Origin, export_cell, load_exported
 from lightning_modules.plugins.mel import FactorizedEmbedding
+
 
 def item_training_step(ctx: Context) -> list[dict]:
     """1. A training step with the Matryoshka views (and MEL) vs a plain contrastive step: same model and batch."""
@@ -294,4 +296,5 @@ def item_ffn_export(ctx: Context) -> list[dict]:
 
 ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
          "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state, "8": item_packing,
-         "9": item_growth, "10": item_ffn_export, "11": item_gradient_cache}
+         "9": item_growth, "10": item_ffn_export, "11": item_gradient_cache,
+         "12": item_cell_costs}

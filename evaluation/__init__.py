@@ -1,4 +1,5 @@
-"""The evaluation library: MTEB probes over the (layer × dim × rank) grid, their reports and comparisons.
+"""The evaluation library: MTEB probes over the (layer × dim × rank) grid, their reports and comparisons, and the
+quality-versus-cost frontier of a run's cells (:mod:`evaluation.pareto`).
 
 :class:`ProbeSession` probes during training (for :class:`callbacks.probe_schedule.ProbeCallback`); ``python -m
 experiments.probe CKPT`` (``make probe``) probes a checkpoint. Imports are lazy: the probe command must switch the hub offline before anything imports

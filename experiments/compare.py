@@ -98,6 +98,14 @@ def main(argv: list[str]) -> int:
         heatmaps(a[0], result, out / "compare.png")
         print(format_comparison(result))
         print(f"\nper-cell differences and heatmaps: {out}")
+        try:  # the runs' quality-versus-cost frontiers, overlaid (needs their run folders and checkpoints)
+            from experiments.frontier import FrontierError, overlay
+            from experiments.loading import RunLoadError
+
+            plots = overlay(files_a[0], files_b[0], out, options.task)
+            print(f"frontiers overlaid: {', '.join(str(path) for path in plots)}")
+        except (FrontierError, RunLoadError) as error:
+            print(f"no frontier overlay: {error}")
         if options.mlflow:  # after the files: a run folder's absence stops only the logging
             uri, run_id = log_comparison(result, out, files_b)
             print(f"logged as MLflow run {run_id} ({uri})")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from contracts.cells import Cell, axis_values
+from lightning_modules.costs import block_list
 from lightning_modules.embedding_model import EmbeddingModel, TextTokenizer
 from lightning_modules.plugins import BUILTIN_PLUGINS
 
@@ -67,14 +68,12 @@ class ExportResult:
 
 def _cut(model: nn.Module, layers: int) -> nn.Module:
     """A copy of ``model`` with its first ``layers`` blocks (config updated)."""
-    depth = model.config.num_hidden_layers
     cut = copy.deepcopy(model)
-    # The block list is the one ModuleList with one entry per layer (``encoder.layer``, ``layers``, ...).
-    blocks = [name for name, child in cut.named_modules() if isinstance(child, nn.ModuleList) and len(child) == depth]
-    if len(blocks) != 1:
-        raise ExportError(f"cannot find the block list of {type(model).__name__} "
-                          f"(ModuleLists of length {depth}: {blocks})")
-    cut.set_submodule(blocks[0], cut.get_submodule(blocks[0])[:layers])
+    try:
+        blocks = block_list(cut)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    cut.set_submodule(blocks, cut.get_submodule(blocks)[:layers])
     cut.config.num_hidden_layers = layers
     if getattr(cut.config, "layer_types", None):  # per-layer attention types must match the depth
         cut.config.layer_types = cut.config.layer_types[:layers]

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from lightning_modules.backbone_adapter import Backbone, BackboneInfo
     from contracts.cells import Cell
+    from lightning_modules.costs import CellCost
     from lightning_modules.views import EmbeddingBundle, View
 
 
@@ -60,6 +61,11 @@ class MatryoshkaPlugin:
             and other plugins' terms.
         card_lines(cell): lines this axis adds to the model card of an exported cell (precision: how to store
             the quantized vectors).
+        cost(cell, cost, mode): what this axis' value in ``cell`` costs: ``cost`` (a
+            :class:`~lightning_modules.costs.CellCost`, as the plugins before this one left it) with this axis' part
+            changed. A model-side axis states the parameters and FLOPs per token its setting keeps (MLL: blocks run;
+            MEL: the token embedding at rank r in export ``mode``; FFN: the feed-forward part of each block), an
+            output-side axis what a stored vector takes (MRL: its width; precision: bits per coordinate).
     and optionally ``step_metrics()`` to log the step's choices (MEL: its rank).
 
     An axis that changes the network itself (a setting per forward) subclasses :class:`ModelSidePlugin`.
@@ -95,6 +101,11 @@ class MatryoshkaPlugin:
     def card_lines(self, cell: Cell) -> list[str]:
         """Markdown lines for the model card of an exported ``cell`` (default: none)."""
         return []
+
+    def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
+        """``cost`` with what this axis' value in ``cell`` changes (default: nothing; see
+        :mod:`lightning_modules.costs`)."""
+        return cost
 
     def posthoc_settings(self) -> list:
         """The settings of this axis that are probed (and exported) but never trained: applied afterwards to a model

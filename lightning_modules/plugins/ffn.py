@@ -10,12 +10,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contracts.config_error import ConfigError
+from lightning_modules.costs import Part
 from lightning_modules.plugins.base import (ModelSidePlugin, PosthocConfig, check_posthoc, checked_ladder,
                                            ladder_probabilities)
 
 if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import Backbone, BackboneInfo
     from contracts.cells import Cell
+    from lightning_modules.costs import CellCost
 
 
 def default_widths(intermediate_size: int) -> list[int]:
@@ -50,6 +52,11 @@ class NestedLinear(nn.Linear):
             if bias is not None:
                 linear.bias.copy_(bias)
         return linear
+
+    def shape_at(self, width: int) -> tuple[int, int]:
+        """``(weight entries, bias entries)`` of the projection cut to ``width`` units."""
+        rows, columns = (width, self.in_features) if self.nested == "out" else (self.out_features, width)
+        return rows * columns, 0 if self.bias is None else rows
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nested={self.nested}, width={self.width}"
@@ -148,6 +155,19 @@ class FFN(ModelSidePlugin):
 
     def step_metrics(self) -> dict[str, float]:
         return {"ffn/width": float(self.current())}
+
+    def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
+        """Each block's feed-forward projections at width ``m``: ``2 · weight entries`` FLOPs per token, weights plus
+        biases as parameters (carved out of the block's full-width projections)."""
+        return cost.carve_block_part(self.tag, self.block_part(self.info.intermediate_size),
+                                     self.block_part(cell.tags.get(self.tag, self.settings[0])))
+
+    def block_part(self, width: int) -> Part:
+        """The feed-forward projections of one block cut to ``width`` (blocks are alike: the total over blocks)."""
+        shapes = [projection.shape_at(width) for projection in self.projections]
+        weights, biases = sum(w for w, _ in shapes), sum(b for _, b in shapes)
+        blocks = self.info.num_layers
+        return Part((weights + biases) // blocks, 2 * weights // blocks)
 
     def card_lines(self, cell: Cell) -> list[str]:
         return ["", "## Feed-forward width (MatFormer)", "",

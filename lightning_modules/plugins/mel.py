@@ -11,12 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contracts.config_error import ConfigError
+from lightning_modules.costs import TOKEN_EMBEDDING, Part
 from lightning_modules.plugins.base import (ModelSidePlugin, PosthocConfig, check_posthoc, checked_ladder,
                                            ladder_probabilities)
 
 if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import Backbone, BackboneInfo
     from contracts.cells import Cell
+    from lightning_modules.costs import CellCost
     from lightning_modules.views import EmbeddingBundle, View
 
 FACTORIZED_MODE = "factorized"
@@ -226,6 +228,15 @@ class MEL(ModelSidePlugin):
         return ({FACTORIZED_CODE_FILE: source},
                 {"model_type": names["model_type"], "architectures": [names["name"]], "matryoshka_rank": rank,
                  "auto_map": {"AutoConfig": f"{code}.{names['config_name']}", "AutoModel": f"{code}.{names['name']}"}})
+
+    def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
+        """The token embedding of the export: the merged ``vocab × d`` matrix (a lookup) in ``compat`` mode; in
+        ``factorized`` mode the two factors, ``vocab·r + r·d`` parameters and ``2·r·d`` FLOPs per token."""
+        rank, info = cell.tags.get(self.tag, self.settings[0]), self.info  # untagged: the largest rank
+        if mode == FACTORIZED_MODE:
+            return cost.with_model_part(TOKEN_EMBEDDING, Part(rank * (info.vocab_size + info.hidden_size),
+                                                              2 * rank * info.hidden_size))
+        return cost.with_model_part(TOKEN_EMBEDDING, Part(info.vocab_size * info.hidden_size, 0))
 
     def card_lines(self, cell: Cell) -> list[str]:
         rank, info = cell.tags[self.tag], self.info

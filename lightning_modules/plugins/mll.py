@@ -9,6 +9,8 @@ from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, check
 
 if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import BackboneInfo
+    from contracts.cells import Cell
+    from lightning_modules.costs import CellCost
     from lightning_modules.views import EmbeddingBundle, View
 
 PAPER_LAYERS = (1, 2, 4, 8, 16, 24, 32, 40, 48)
@@ -64,3 +66,7 @@ class MLL(MatryoshkaPlugin):
             for view in views
             for layer, weight in zip(self.layers, self.weights)
         ]
+
+    def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
+        """A cell at exit ``l`` runs (and its export keeps) the first ``l`` blocks."""
+        return cost.replace(blocks=cell.layer)

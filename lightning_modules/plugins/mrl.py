@@ -10,6 +10,8 @@ from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, check
 
 if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import BackboneInfo
+    from contracts.cells import Cell
+    from lightning_modules.costs import CellCost
     from lightning_modules.views import EmbeddingBundle, View
 
 
@@ -69,3 +71,7 @@ class MRL(MatryoshkaPlugin):
             for view in views
             for dim, weight in zip(self.dims, self.weights)
         ]
+
+    def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
+        """A stored vector keeps the first ``dim`` coordinates (the encoder's cost is unchanged)."""
+        return cost.replace(width=cell.dim)

@@ -15,6 +15,7 @@ from lightning_modules.plugins.base import MatryoshkaPlugin, PosthocConfig, chec
 if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import BackboneInfo
     from contracts.cells import Cell
+    from lightning_modules.costs import CellCost
     from lightning_modules.views import EmbeddingBundle, View
 
 
@@ -138,6 +139,10 @@ class Precision(MatryoshkaPlugin):
                     derived = replace(derived, weight=0.0)  # probed, not trained
                 nested.append(derived)
         return nested
+
+    def cost(self, cell: Cell, cost: CellCost, mode: str) -> CellCost:
+        """A stored coordinate takes the level's bits (fp32 32, int8 8, binary 1)."""
+        return cost.replace(bits_per_value=LEVELS[cell.tags.get("precision", "fp32")][1])  # untagged: float
 
     def posthoc_settings(self) -> list[str]:
         return [level for level, weight in zip(self.levels, self.weights) if weight == 0]

@@ -41,7 +41,7 @@ def test_guide_example_runs_as_written(tmp_path, monkeypatch, tiny_config):
     exec(compile(files["tests/integration/test_topk.py"], f"{GUIDE}:tests/integration/test_topk.py", "exec"), template)
     fixtures = {"tiny_config": tiny_config, "tmp_path": tmp_path}
     tests = [function for name, function in template.items() if name.startswith("test_")]
-    assert len(tests) == 3
+    assert len(tests) == 4
     for test in tests:
         test(**{name: fixtures[name] for name in inspect.signature(test).parameters})
 

@@ -183,3 +183,36 @@ def test_runs_table_run_page_and_compare_page_show_runs_headline_metrics_and_hea
     browser.set_window_size(1600, 1000)
     assert all((shots / name).stat().st_size > 10_000 for name in ("runs.png", "run.png", "compare.png",
                                                                   "compare_heatmaps.png"))
+
+
+MODEL_NAME = "ui-browser-cell"
+
+
+def test_models_page_lists_the_registered_versions(store, ui, browser, shots):
+    """``make pick|export REGISTER=...``: two versions of one model; the Models page lists the model, its page both
+    versions with their source run. With ``$UI_STORE`` the store's own registered models are checked instead."""
+    uri, _ = store
+    client = mlflow.MlflowClient(uri)
+    if not os.environ.get("UI_STORE"):
+        from experiments.export import register_export
+        from experiments.loading import load_run
+        from lightning_modules.cell_export import export_cell
+
+        (checkpoint,) = Path(uri.removeprefix("sqlite:///")).parent.glob("run1/outputs/*/*/checkpoints/last.ckpt")
+        run = load_run(checkpoint)
+        for layer, dim in ((2, 16), (4, 32)):
+            result = export_cell(run.model, checkpoint.parent.parent / "export" / f"l{layer}-d{dim}",
+                                 run.model.cell(layer=layer, dim=dim), run.origin())
+            register_export(run, result, MODEL_NAME)
+    models = {model.name: model for model in client.search_registered_models()}
+    assert models, "no registered model in the store"
+    name = MODEL_NAME if MODEL_NAME in models else sorted(models)[0]
+    versions = sorted(int(version.version) for version in client.search_model_versions(f"name='{name}'"))
+    _, base = ui
+    browser.get(f"{base}/#/models")
+    wait_for(browser, [name])  # (a first visit may open MLflow's dialogs over the page: read the text, click nothing)
+    browser.save_screenshot(str(shots / "models.png"))
+    browser.get(f"{base}/#/models/{urllib.parse.quote(name)}")
+    wait_for(browser, [name, *(f"Version {version}" for version in versions)])
+    browser.save_screenshot(str(shots / "model_versions.png"))
+    assert (shots / "models.png").stat().st_size > 10_000
