@@ -22,7 +22,12 @@ def test_sharded_8bit_adamw_matches_one_process(ranks):
     initial = make_model().state_dict()
     for name, value in model.state_dict().items():
         assert (value - initial[name]).abs().max() > 1e-2, name  # the comparison below is not trivial
-        torch.testing.assert_close(ranks[0]["straight"][name], value, atol=1e-5, rtol=0, msg=name)
+        # Sharded and whole matmuls sum in other orders; on some CPUs (seen on an Intel Xeon, not on AMD EPYC) that
+        # moves a moment across an 8-bit quantization boundary for a few elements (2 of 8192: 1.06e-4 off). Every
+        # other element agrees to 1e-5, and none moves by more than one such step.
+        difference = (ranks[0]["straight"][name] - value).abs()
+        assert float(difference.max()) < 1e-3, name
+        assert int((difference > 1e-5).sum()) <= max(1, difference.numel() // 1000), name
 
 
 def test_each_rank_holds_half_and_8bit_states(ranks):
