@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 
@@ -116,19 +115,12 @@ def peak_memory(args: argparse.Namespace, chunk_size: int | None) -> dict:
 def main() -> None:
     """Peak memory of one 3D-ML optimizer step at batch 256, cached (``--chunk-size N``) or not (0), as one JSON line:
     the peak (CPU: resident set, VmHWM; CUDA: allocated) and the part above what was resident before the step."""
-    from bench.memory import reset_resident_peak, resident_peak_bytes
+    from bench.memory import reset_resident_peak, resident_peak_bytes, start_step_process, step_process_arguments
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--experiment", default="quickstart")
+    parser = step_process_arguments(argparse.ArgumentParser())
     parser.add_argument("--chunk-size", type=int, default=0, help="texts per chunk; 0: uncached")
-    parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--corpus", default="data/gettext")
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = start_step_process(args)
     config = compose_variant(args.experiment, [f"model.max_length={args.max_length}"])
     module, tokenize = build_module(config, device)
     pairs = translation_texts(args.corpus, CACHE_BATCH)

@@ -26,20 +26,30 @@ def reset_resident_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current resident size
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def step_process_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every one-step measuring child process takes (this module's and gradient caching's)."""
     parser.add_argument("--experiment", default="quickstart")
-    parser.add_argument("--variant", choices=VARIANTS, required=True)
-    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--corpus", default="data/gettext")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    return parser
+
+
+def start_step_process(args: argparse.Namespace) -> torch.device:
+    """Offline hub, the thread count and the device of a measuring child process."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    return torch.device(args.device)
+
+
+def main() -> None:
+    parser = step_process_arguments(argparse.ArgumentParser())
+    parser.add_argument("--variant", choices=VARIANTS, required=True)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=2)
+    args = parser.parse_args()
+    device = start_step_process(args)
     config = compose_variant(args.experiment, [*VARIANTS[args.variant], f"model.max_length={args.max_length}"])
     module, tokenize = build_module(config, device)
     pairs = translation_texts(args.corpus, args.batch_size)
