@@ -32,11 +32,12 @@ class ProbeCallback(L.Callback):
 
     Probes run at the start, every ``every_n_steps`` optimizer steps and at the end (see
     :class:`~evaluation.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
-    ``probe/<task>/<metric>/layer_<l>/dim_<d>/rank_<r>``, ``probe/mean_main_score/{full,cheapest}`` and
-    ``probe/seconds`` to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per rank
-    to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``; at the end, the last table also as
-    ``probe_final.csv`` and ``probe_final_<group>.png`` at the MLflow run's root with its ``final/...`` summary
-    metrics (see :func:`~evaluation.report.log_final`). A failing task is logged with
+    ``<task>/<cell>`` (e.g. ``GettextRetrieval/layer_4/dim_64/rank_128``, see :func:`~evaluation.report.metrics`)
+    and ``probe/seconds`` to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per
+    model-side setting to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``; at the end, the
+    last table also as ``probe_final.csv``, ``probe_final_table.json`` and ``probe_final_<task>_<setting>.png`` at the
+    MLflow run's root with its ``final/...`` headline metrics (see :func:`~evaluation.report.log_final`). A failing
+    task is logged with
     its name and left out; training goes on. Weights, RNG streams and the data position are left untouched, so
     a run's losses are the same with and without probes.
 

@@ -20,9 +20,9 @@ import re
 from pathlib import Path
 
 from evaluation.scoring import summary
-from evaluation.report import (CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_figure, grid_panel, heatmap_groups,
-                                    latest_table_file, save_png)
-from contracts.cells import view_name
+from evaluation.report import (CHECKPOINT_DIR, FILE_PREFIX, LEGACY_FULL_SETTINGS, PROBE_DIR, grid_figure,
+                               grid_panel, heatmap_groups, latest_table_file, save_png)
+from contracts.cells import cell_name, view_name
 
 MEAN = "mean_main_score"
 CELL_KEYS = ("name", "tags", "bytes", "scores", MEAN)
@@ -60,6 +60,9 @@ def load_table(path: str | Path) -> tuple[dict, Path]:
         if missing:
             raise CompareError(f"{file}: cells[{index}] lacks {', '.join(missing)} (a probe table's cells have "
                                f"{', '.join(CELL_KEYS)})")
+    if "full_settings" not in table:  # written before the naming rule: its names as today's (docs/tracking.md)
+        for cell in table["cells"]:
+            cell["name"] = cell_name(cell["tags"], LEGACY_FULL_SETTINGS)
     return table, file
 
 

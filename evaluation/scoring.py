@@ -220,6 +220,7 @@ class Prober:
             "settings_encoded": len(settings),
             "texts_encoded_per_device": encoded,
             "axes": axes,
+            "full_settings": dict(self.module.full_settings),  # what cell names leave out
             "tasks": {task.metadata.name: {"type": task.metadata.type, "main_score": task.metadata.main_score,
                                            "subsets": list(task.hf_subsets)}
                       for task in self.tasks if task.metadata.name not in errors},

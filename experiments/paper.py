@@ -50,15 +50,21 @@ def role(experiment: str) -> str:
 
 
 def grid(tables: list[dict]) -> dict[str, list]:
-    """The values of each tag in the first table's cells, largest first (``{"layer": [4, 2, 1], "dim": [...]}``)."""
-    values: dict[str, set] = {}
-    for cell in tables[0]["cells"]:
-        for key, value in cell["tags"].items():
-            values.setdefault(key, set()).add(value)
-    return {key: sorted(found, reverse=True) for key, found in values.items()}
+    """The values of each tag that every table's cells have, largest first (``{"layer": [4, 2, 1], "dim": [...]}``):
+    the suite's common grid (a baseline truncated afterwards also has its untruncated setting, which the runs that
+    train MEL lack)."""
+    per_table = []
+    for table in tables:
+        values: dict[str, set] = {}
+        for cell in table["cells"]:
+            for key, value in cell["tags"].items():
+                values.setdefault(key, set()).add(value)
+        per_table.append(values)
+    return {key: sorted(set.intersection(*(values.get(key, set()) for values in per_table)), reverse=True)
+            for key in per_table[0]}
 
 
-def cell_name(axes: dict[str, list], **tags) -> str:
+def grid_cell(axes: dict[str, list], **tags) -> str:
     """The name of the cell with ``tags`` and the largest value of every other axis (``layer_4/dim_32/rank_192``)."""
     return view_name({key: tags.get(key, values[0]) for key, values in axes.items()})
 
@@ -97,8 +103,8 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     """
     missing = [name for name, tables in runs.items() if not tables or task not in tables[0].get("tasks", {})]
     present = {name: tables for name, tables in runs.items() if name not in missing}
-    axes = grid(next(iter(present.values()))) if present else {}
-    full = cell_name(axes) if present else ""
+    axes = grid([tables[0] for tables in present.values()]) if present else {}
+    full = grid_cell(axes) if present else ""
     rows = []
 
     def needs(*names: str) -> bool:
@@ -113,7 +119,7 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
         width = axes["dim"][0]
         dims = {fraction: max((d for d in axes["dim"] if d <= width / fraction), default=min(axes["dim"]))
                 for fraction in (8, 16)}
-        parts, clear = kept_shares(mrl, base, {f"d/{fraction} (dim {dim})": cell_name(axes, dim=dim)
+        parts, clear = kept_shares(mrl, base, {f"d/{fraction} (dim {dim})": grid_cell(axes, dim=dim)
                                                for fraction, dim in dims.items()}, full)
         ok = delta_full > -FULL_COST and clear
         rows.append(Claim(1, "MRL", statement, "; ".join(parts) + f"; full {delta_full:+.2f} pt", ok))
@@ -125,7 +131,7 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     if needs("baseline", "mll"):
         deltas = compare(present["baseline"], present["mll"], task)["deltas"]
         exits = sorted(axes["layer"])[:2]
-        exit_deltas = [deltas[cell_name(axes, layer=layer)] for layer in exits]
+        exit_deltas = [deltas[grid_cell(axes, layer=layer)] for layer in exits]
         ok = all(delta > 0 for delta in exit_deltas) and deltas[full] > -FULL_COST
         value = "; ".join(f"exit {layer}: {delta:+.2f} pt" for layer, delta in zip(exits, exit_deltas))
         rows.append(Claim(2, "MLL", statement, f"{value}; full {deltas[full]:+.2f} pt", ok))
@@ -138,7 +144,7 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     if needs("mel", "mel_fixed") and "rank" in axes:
         nested, fixed = mean_scores(present["mel"], task), mean_scores(present["mel_fixed"], task)
         delta_full = compare(present["mel_fixed"], present["mel"], task)["deltas"][full]
-        parts, clear = kept_shares(nested, fixed, {f"rank {rank}": cell_name(axes, rank=rank)
+        parts, clear = kept_shares(nested, fixed, {f"rank {rank}": grid_cell(axes, rank=rank)
                                                    for rank in axes["rank"][1:]}, full)
         ok = abs(delta_full) < FULL_COST and clear
         rows.append(Claim(3, "MEL", statement, "; ".join(parts) + f"; at R {delta_full:+.2f} pt", ok))

@@ -5,8 +5,8 @@
 
 The table has one row per run (oldest first): its name and status, the steps it logged, the params that differ
 between the runs of the table (``axes`` summarises which Matryoshka plugins a run trains), and its key metrics:
-final losses (mean of the last 10 logged values), throughput, peak memory, training wall time, and any probe
-summary metrics (``probe/...`` names without a view coordinate).
+final losses (mean of the last 10 logged values), throughput, peak memory, training wall time, and the probe's
+headline metrics (``final/<task>/{full,grid_mean}``: the same keys in every probed run, whatever its axes).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ METRIC_COLUMNS = (
 )
 # Params that name or place a run rather than say what it trains; the run column already shows the name.
 HIDDEN_PARAMS = ("name", "tracking.run_name", "tracking.experiment", "output_dir")
-CELL_PART = re.compile(r"layer_\d+")  # every probe cell metric names its exit layer
 MAX_CELL = 28
 
 
@@ -69,10 +68,11 @@ def differing_params(all_params: Sequence[dict[str, str]]) -> list[str]:
     return columns
 
 
-def probe_summary_keys(metric_keys: set[str]) -> list[str]:
-    """``probe/...`` metrics that are summaries, not one cell of the grid."""
-    return sorted(key for key in metric_keys
-                  if key.startswith("probe/") and not any(CELL_PART.fullmatch(part) for part in key.split("/")))
+def headline_keys(metric_keys: set[str]) -> list[str]:
+    """The probe's headline metrics (``final/...``, see :func:`evaluation.report.final_summary`), mean over tasks
+    first."""
+    return sorted((key for key in metric_keys if key.startswith("final/")),
+                  key=lambda key: (not key.startswith("final/mean_main_score/"), key))
 
 
 def _cell(value) -> str:
@@ -93,7 +93,7 @@ def run_table(client, runs) -> tuple[list[str], list[list[str]]]:
     param_columns = differing_params(all_params)
     present = set().union(*(run.data.metrics for run in runs))
     metric_columns = [(column, keys, how) for column, keys, how in METRIC_COLUMNS if present & set(keys)]
-    metric_columns += [(key, (key,), "last") for key in probe_summary_keys(present)]
+    metric_columns += [(key, (key,), "last") for key in headline_keys(present)]
     header = ["run", "status", "steps", "axes", *param_columns, *[column for column, *_ in metric_columns]]
     rows = []
     for run in runs:

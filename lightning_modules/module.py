@@ -48,6 +48,8 @@ class MatryoshkaEmbedder(L.LightningModule):
         self.model_side = [plugin for plugin in self.plugins if isinstance(plugin, ModelSidePlugin)]
         for plugin in self.plugins:
             plugin.setup(backbone)
+        # Each axis's untruncated setting, which cell names leave out (contracts.cells.cut_tags).
+        self.full_settings = {tag: value for plugin in self.plugins for tag, value in plugin.full_settings().items()}
         self.loss = loss
         self.optim = optim
         self.activation_checkpointing = activation_checkpointing
@@ -70,7 +72,7 @@ class MatryoshkaEmbedder(L.LightningModule):
 
     def expand(self, bundle: EmbeddingBundle) -> list[View]:
         """The plugins' nested, tagged views of one bundle."""
-        views = [bundle.root_view()]
+        views = [bundle.root_view(self.full_settings)]
         for plugin in self.plugins:
             views = plugin.expand(views, bundle)
         return views
@@ -155,8 +157,9 @@ class MatryoshkaEmbedder(L.LightningModule):
         ``stats``, which are already global or say ``device`` in their names.
 
         - ``train/loss``: the weighted sum over views that training minimises.
-        - ``train/loss/<view>`` (before its weight): only when there is more than one view.
-        - ``train/loss_<term>`` (weighted sum over views) and, with more than one view, ``train/loss_<term>/<view>``:
+        - ``train/loss/<cell>`` (before its weight; the view's cell name, as the probe's): only when there is more
+          than one view.
+        - ``train/loss_<term>`` (weighted sum over views) and, with more than one view, ``train/loss_<term>/<cell>``:
           only when there is more than one term (e.g. ``hard`` and ``in_batch``).
 
         A metric that would always equal another (the one view's loss, the one term's loss) is left out.
@@ -167,14 +170,16 @@ class MatryoshkaEmbedder(L.LightningModule):
         step, so a view of another MEL rank would repeat a stale value."""
         means = {"train/loss": total}
         per_view = len(views) > 1
+        num_layers = self.backbone.info.num_layers
         for view, terms in zip(views, view_terms):
+            cell = view.cell(num_layers).name
             if per_view:
-                means[f"train/loss/{view.name}"] = sum(terms.values()).detach()
+                means[f"train/loss/{cell}"] = sum(terms.values()).detach()
             if len(terms) > 1:
                 for term, value in terms.items():
                     means[f"train/loss_{term}"] = means.get(f"train/loss_{term}", 0.0) + view.weight * value.detach()
                     if per_view:
-                        means[f"train/loss_{term}/{view.name}"] = value.detach()
+                        means[f"train/loss_{term}/{cell}"] = value.detach()
         # Every device trains the same views and terms, so the keys agree; one collective for all values.
         values = self.trainer.strategy.reduce(torch.stack(list(means.values())).float(), reduce_op="mean").tolist()
         metrics = dict(zip(means, values))

@@ -44,7 +44,9 @@ class MatryoshkaPlugin:
             and other plugins' terms.
         card_lines(cell): lines this axis adds to the model card of an exported cell (precision: how to store
             the quantized vectors).
-    and optionally ``step_metrics()`` to log the step's choices (MEL: its rank).
+    and optionally ``step_metrics()`` to log the step's choices (MEL: its rank) and ``full_settings()`` to declare
+    the untruncated setting of its tag (precision: ``fp32``), which cell names leave out
+    (:func:`~contracts.cells.cut_tags`).
 
     An axis that changes the network itself (a setting per forward) subclasses :class:`ModelSidePlugin`.
     """
@@ -79,6 +81,12 @@ class MatryoshkaPlugin:
     def card_lines(self, cell: Cell) -> list[str]:
         """Markdown lines for the model card of an exported ``cell`` (default: none)."""
         return []
+
+    def full_settings(self) -> dict[str, object]:
+        """``{tag: value}`` of the tags this axis adds whose value at some cell is the model not cut along it (a
+        cell's name leaves such a tag out: one name per deployable model). Default: none, the tag is always named
+        (MLL and MRL's ``layer`` and ``dim`` always are; trained MEL replaces the embedding at every rank)."""
+        return {}
 
     def step_rng(self, step: int) -> np.random.Generator:
         """A generator that depends only on (seed, plugin class, step): identical on every device and

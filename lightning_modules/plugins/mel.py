@@ -146,13 +146,15 @@ class MEL(ModelSidePlugin):
     References:
         Zhang et al., "ML-Embed: Inclusive and Efficient Embeddings for a Multilingual World", ICML 2026, §3.
 
-    With ``posthoc: true`` nothing changes in training: the model keeps (and trains) its own embedding matrix and
-    views carry no rank tag. Only the tools' settings (probe, export) factorise: inside ``applied(r)`` the embedding
-    is replaced by the rank-r truncated SVD of its current weights, and the original module is back on exit.
+    With ``posthoc: true`` nothing changes in training: the model keeps (and trains) its own embedding matrix, the
+    untruncated setting (tagged with the full rank ``min(vocab, d)``, left out of cell names: ``layer_4/dim_384``).
+    Only the tools' other settings (probe, export) factorise: inside ``applied(r)`` the embedding is replaced by the
+    rank-r truncated SVD of its current weights, and the original module is back on exit. The probe scores the
+    untruncated setting as well as every rank.
 
     Example:
         ``plugins: {mel: {rank: 256}}`` trains ranks 256, 128, 64 with probabilities 4/7, 2/7, 1/7.
-        ``plugins: {mel: {rank: 256, posthoc: true}}`` trains the full embedding and probes ranks 256, 128, 64.
+        ``plugins: {mel: {rank: 256, posthoc: true}}`` trains the full embedding and probes it and ranks 256, 128, 64.
     """
 
     Config = MELConfig
@@ -171,6 +173,11 @@ class MEL(ModelSidePlugin):
         self.max_rank = max_rank
         self.settings = sorted(ranks, reverse=True)
         self.probabilities = ladder_probabilities("probabilities", config.probabilities, ranks, self.settings)
+        # posthoc: the model's own embedding is a setting too, the untruncated one, at the matrix's full rank (its
+        # cells are named without a rank: the same deployable model as a run without MEL); never sampled.
+        self.full_rank = limit
+        if config.posthoc and limit not in self.settings:
+            self.settings, self.probabilities = [limit, *self.settings], [0.0, *self.probabilities]
         self.embedding: FactorizedEmbedding | None = None
         self.posthoc = config.posthoc
         self.backbone: Backbone | None = None  # posthoc: the model whose embedding a setting swaps
@@ -184,17 +191,17 @@ class MEL(ModelSidePlugin):
         self.embedding = FactorizedEmbedding.from_svd(backbone.input_embeddings().weight, self.max_rank)
         backbone.replace_input_embeddings(self.embedding)
 
-    def current(self) -> int | None:
-        """The active rank; None for a posthoc run computing with its own embedding (training)."""
+    def current(self) -> int:
+        """The active rank; the full rank for a posthoc run computing with its own embedding (training)."""
         if self.posthoc:
             swapped = self.backbone is not None and self.backbone.input_embeddings() is self.embedding
-            return self.embedding.rank if swapped else None
+            return self.embedding.rank if swapped else self.full_rank
         return self._factors().rank
 
-    def set(self, rank: int | None) -> None:
+    def set(self, rank: int) -> None:
         if not self.posthoc:
             self._factors().rank = rank
-        elif rank is None:
+        elif rank == self.full_rank:
             self.backbone.replace_input_embeddings(self.trained)
         else:
             factors = self._factors()
@@ -205,11 +212,13 @@ class MEL(ModelSidePlugin):
         if not self.posthoc:  # posthoc: training computes with the model's own embedding
             super().before_forward(step)
 
-    def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
-        return views if self.current() is None else super().expand(views, bundle)
-
     def step_metrics(self) -> dict[str, float]:
         return {} if self.posthoc else super().step_metrics()
+
+    def full_settings(self) -> dict[str, object]:
+        """posthoc: the full rank (the model's own embedding, untruncated); trained MEL has no untruncated setting
+        (the embedding is replaced by rank-R factors), so its cells always name their rank."""
+        return {self.tag: self.full_rank} if self.posthoc else {}
 
     def _factors(self) -> FactorizedEmbedding:
         if self.posthoc and self.trained is not None:
@@ -229,6 +238,8 @@ class MEL(ModelSidePlugin):
         return self.embedding
 
     def export(self, model: nn.Module, rank: int, mode: str) -> tuple[dict[str, str], dict[str, object]]:
+        if self.posthoc and rank == self.full_rank:
+            return {}, {}  # the model's own embedding, untruncated
         factors = self._factors()
         with torch.no_grad():
             if mode == "compat":
@@ -247,6 +258,8 @@ class MEL(ModelSidePlugin):
 
     def card_lines(self, cell: Cell) -> list[str]:
         rank, info = cell.tags[self.tag], self.info
+        if self.posthoc and rank == self.full_rank:
+            return []  # the model's own embedding: nothing to say about a rank
         return ["", "## Token embedding (MEL)", "",
                 f"Rank {rank} of the SVD factors (trained ranks {self.settings}): `vocab·r + r·d` = "
                 f"{rank * (info.vocab_size + info.hidden_size):,} parameters factorized (`make export MODE=factorized`"

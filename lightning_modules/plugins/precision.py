@@ -132,6 +132,10 @@ class Precision(MatryoshkaPlugin):
                 nested.append(derived)
         return nested
 
+    def full_settings(self) -> dict[str, object]:
+        """float32 storage is the embedding not quantized: ``layer_4/dim_64`` rather than ``.../precision_fp32``."""
+        return {"precision": "fp32"}
+
     def card_lines(self, cell: Cell) -> list[str]:
         rows = [f"| {level} | {weight:g} | {vector_bytes(cell.dim, LEVELS[level][1])} |"
                 for level, weight in zip(self.levels, self.weights)]

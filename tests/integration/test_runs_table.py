@@ -20,15 +20,15 @@ RUNS = [
       "optim.lr": "0.001"},
      {"train/loss": [(4, 2.5), (0, 3.5), (2, 3.0)],  # logged every 2 steps, out of order: 5 steps, mean 3.0
       "train/loss_hard": [(0, 1.25), (2, 1.0), (4, 0.75)],
-      "probe/mean/full": [(4, 0.875)], "probe/bitext/recall_at_1/layer_4/dim_64": [(4, 0.5)]}),
+      "final/mean_main_score/full": [(4, 0.875)], "bitext/recall_at_1/layer_4/dim_64": [(4, 0.5)]}),
     ("other", "lone", "FAILED", {"name": "lone", "optim.lr": "0.01"}, {"train/elapsed_s": [(0, 3.0)]}),
 ]
 TABLE = """
 MLflow experiment 'suite-pair' ({uri}): 2 runs
-run        status     steps   axes      loss.gather    loss   loss_hard   samples/s   peak_MB   wall_s   probe/mean/full
-────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
-baseline   FINISHED      12   none      full          2.188           -       106.5       512     42.5                 -
-3dml       RUNNING        5   mll+mrl   none              3           1           -         -        -             0.875
+run        status     steps   axes      loss.gather    loss   loss_hard   samples/s   peak_MB   wall_s   final/mean_main_score/full
+───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
+baseline   FINISHED      12   none      full          2.188           -       106.5       512     42.5                            -
+3dml       RUNNING        5   mll+mrl   none              3           1           -         -        -                        0.875
 """
 EMPTY = """
 MLflow experiment 'empty' ({uri}): 0 runs
