@@ -102,6 +102,8 @@ def test_run_tags_record_commit_dirty_flag_versions_and_device(tiny_config):
     assert tags["versions.torch"] == torch.__version__ and tags["versions.mlflow"] == mlflow.__version__
     assert tags["device"].startswith("cuda: " if torch.cuda.is_available() else "cpu: ")
     assert re.fullmatch(r"[0-9a-f]{12}", tags["config.hash"])
+    assert (tags["experiment"], tags["axes"]) == ("tiny", "mll+mrl+mel")  # what the runs table groups by
+    assert run_tags(tiny_config("tiny", ["plugins.mel=null", "plugins.mll=null", "plugins.mrl=null"]))["axes"] == "none"
 
 
 def free_port() -> int:
