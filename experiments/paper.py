@@ -273,15 +273,20 @@ def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> li
         runs = found[found["run_id"].isin(ids)]
 
         def over_seeds(column: str, how: str = "mean") -> float:
-            """The seeds' ``how`` (a pandas aggregation) of ``column``; NaN when no seed logged it."""
-            return float(runs[column].agg(how)) if column in runs and runs[column].notna().any() else math.nan
+            """The seeds' ``how`` (a pandas aggregation) of ``column`` (or of its name before the ``run/`` prefix,
+            for runs logged earlier); NaN when no seed logged it."""
+            for name in (column, column.replace("metrics.run/device/", "metrics.train/device/").replace(
+                    "metrics.run/", "metrics.system/")):
+                if name in runs and runs[name].notna().any():
+                    return float(runs[name].agg(how))
+            return math.nan
 
-        memory = over_seeds("metrics.system/memory/device/peak_cuda_mb")  # device memory when on CUDA
+        memory = over_seeds("metrics.run/memory/device/peak_cuda_mb")  # device memory when on CUDA
         if math.isnan(memory):
-            memory = over_seeds("metrics.system/memory/device/peak_rss_mb")
+            memory = over_seeds("metrics.run/memory/device/peak_rss_mb")
         rows.append({"run": name, "seeds": len(runs), "peak_memory_mb": memory,
-                     "trainable_parameters": over_seeds("metrics.system/model/trainable_parameters"),
-                     "step_s": first.data.batch_size / over_seeds("metrics.train/device/samples_per_sec", "max")})
+                     "trainable_parameters": over_seeds("metrics.run/model/trainable_parameters"),
+                     "step_s": first.data.batch_size / over_seeds("metrics.run/device/samples_per_sec", "max")})
     return rows
 
 

@@ -173,13 +173,13 @@ def train(config: DictConfig) -> TrainResult:
     trainer_args.update(trainer_settings(config.distributed.strategy, config.distributed.precision,
                                          config.distributed.sharded_checkpoint, trainer_args.get("accelerator", "auto")))
     callbacks = [
-        # Logs train/device/{samples,items,flops}_per_sec (items = real tokens) over a 10-step window.
+        # Logs run/device/{samples,items,flops}_per_sec (items = real tokens) over a 10-step window.
         ThroughputRates(batch_size_fn=lambda batch: batch["num_queries"],
                         length_fn=lambda batch: int(batch["attention_mask"].sum()), window_size=10),
         NonFiniteGuard(config.checkpoint_every, config.max_nonfinite_steps),  # before the checkpoint saves
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
                         save_last=True),
-        RunStats(),  # train/elapsed_s, system/memory/device/peak_*_mb
+        RunStats(),  # train/elapsed_s, run/memory/device/peak_*_mb
     ]
     if trainer_args.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())

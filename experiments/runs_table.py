@@ -31,10 +31,10 @@ METRIC_COLUMNS = (
     ("loss_in_batch", ("train/loss_in_batch",), "tail"),
     ("loss_hard", ("train/loss_hard",), "tail"),
     ("loss_distill", ("train/loss_distill",), "tail"),
-    ("samples/s", ("train/device/samples_per_sec",), "tail"),
-    ("tokens/s", ("train/device/items_per_sec",), "tail"),
+    ("samples/s", ("run/device/samples_per_sec",), "tail"),
+    ("tokens/s", ("run/device/items_per_sec",), "tail"),
     # device memory when on CUDA
-    ("peak_MB", ("system/memory/device/peak_cuda_mb", "system/memory/device/peak_rss_mb"), "last"),
+    ("peak_MB", ("run/memory/device/peak_cuda_mb", "run/memory/device/peak_rss_mb"), "last"),
     ("wall_s", ("train/elapsed_s",), "last"),
 )
 # Params that name or place a run rather than say what it trains; the run column already shows the name.

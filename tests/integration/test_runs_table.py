@@ -13,8 +13,8 @@ RUNS = [
     ("suite-pair", "baseline", "FINISHED",
      {"name": "baseline", "plugins": "{}", "loss.gather": "full", "optim.lr": "0.001"},
      {"train/loss": [(step, 3.0 - 0.125 * step) for step in range(12)],  # last 10: steps 2..11, mean 2.1875
-      "train/device/samples_per_sec": [(step, 100.0 + step) for step in range(12)],  # last 10: mean 106.5
-      "system/memory/device/peak_rss_mb": [(11, 512.0)], "train/elapsed_s": [(11, 42.5)]}),
+      "run/device/samples_per_sec": [(step, 100.0 + step) for step in range(12)],  # last 10: mean 106.5
+      "run/memory/device/peak_rss_mb": [(11, 512.0)], "train/elapsed_s": [(11, 42.5)]}),
     ("suite-pair", "3dml", "RUNNING",
      {"name": "3dml", "plugins.mrl.dims": "None", "plugins.mll.layers": "None", "loss.gather": "none",
       "optim.lr": "0.001"},
