@@ -82,7 +82,10 @@ class ProbeCallback(L.Callback):
             wall = time.perf_counter() - self.started
             log.info("probe: %d probes took %.1f s, %.1f %% of %.1f s of training wall time", len(self.probed),
                      self.seconds, 100 * self.seconds / wall, wall)
-            self._log(trainer, {"probe/seconds_total": self.seconds, "probe/wall_share": self.seconds / wall}, [])
+            totals = {"probe/wall_share": self.seconds / wall}
+            if len(self.probed) > 1:  # one probe: its probe/seconds already says it
+                totals["probe/seconds_total"] = self.seconds
+            self._log(trainer, totals, [])
 
     def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
         """One probe at the current global step (once per step); returns its table."""

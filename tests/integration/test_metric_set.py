@@ -58,12 +58,22 @@ def test_no_metric_repeats_another(tiny_run):
     owners: dict[tuple, list[str]] = {}
     for key, history in histories.items():
         owners.setdefault(tuple(history), []).append(key)
-    # The one alias by design: final/<task>/full is the run's full cell under a key every run shares (its own name,
-    # the tag final.full_cell, differs between a MEL run and a baseline); no final/<task>/best, no per-step means.
+    # Probe scores of a barely trained tiny model on 8 pairs tie between cells (distinct models, one value by
+    # chance): such groups are allowed. Any other key in a group is a repeat, except the one alias by design:
+    # final/<task>/full is the run's full cell under a key every run shares (its own name, the tag final.full_cell,
+    # differs between a MEL run and a baseline). No final/<task>/best, no per-step means.
     full_cell = client.get_run(run_id).data.tags["final.full_cell"]
     assert full_cell == "layer_4/dim_32/rank_16"
-    assert sorted(sorted(keys) for keys in owners.values() if len(keys) > 1) == [
-        [f"final/{task}/full", f"{task}/{full_cell}"] for task in TASKS]
+    cell_score = re.compile(rf"({'|'.join(TASKS)})/(\w+/)?layer_\d+/dim_\d+/rank_\d+")  # main or other score
+    aliases = []
+    for keys in owners.values():
+        others = [key for key in keys if not cell_score.fullmatch(key)]
+        if len(keys) > 1 and others:
+            task = others[0].split("/")[1]
+            assert others == [f"final/{task}/full"] and f"{task}/{full_cell}" in keys, keys
+            aliases.append(others[0])
+    assert sorted(aliases) == [f"final/{task}/full" for task in TASKS]
+    assert not [key for key in histories if key.endswith("/best") or key.startswith("probe/mean")]
     # one contrastive term (in-batch: the gettext pairs have no hard negatives): no per-term copies of the losses
     assert not [key for key in histories if key.startswith("train/loss_")]
 
