@@ -122,10 +122,6 @@ class FFN(ModelSidePlugin):
     def current(self) -> int:
         return self.projections[0].width
 
-    def full_settings(self) -> dict[str, object]:
-        """The backbone's own feed-forward width: a cell at it is not cut along this axis."""
-        return {self.tag: self.info.intermediate_size}
-
     def set(self, width: int) -> None:
         for projection in self.projections:
             projection.width = width
@@ -136,6 +132,10 @@ class FFN(ModelSidePlugin):
                 model.set_submodule(name, module.sliced(width))
         model.config.intermediate_size = width
         return {}, {}
+
+    def full_settings(self) -> dict[str, object]:
+        """The backbone's own feed-forward width: a cell at it is not cut along this axis."""
+        return {self.tag: self.info.intermediate_size}
 
     def step_metrics(self) -> dict[str, float]:
         return {"ffn/width": float(self.current())}
