@@ -32,8 +32,10 @@ CHECKPOINT_DIR = "checkpoint"  # make probe's tables: <run_dir>/probe/checkpoint
 FILE_PREFIX = "probe_step_"
 FINAL_STEM = "probe_final"  # stable names of the final table and heatmaps at the MLflow run's root
 FINAL_TABLE = f"{FINAL_STEM}_table.json"  # the wide final table (mlflow.log_table)
-HEADLINES = ("full", "grid_mean")  # final/<task>/<headline>: the run's full cell, the mean over its cells
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+# Tables written before the cell naming rule (no ``full_settings``) named every axis; their only full setting known
+# without the run is fp32 precision. docs/tracking.md has the whole name map.
+LEGACY_FULL_SETTINGS = {"precision": "fp32"}
 
 
 def metrics(table: dict, extra: list[str]) -> dict[str, float]:
@@ -57,11 +59,6 @@ def setting_name(table: dict, tags: dict) -> str:
     ``full_settings``: their fp32 precision is the one full setting they are known to name."""
     full = table.get("full_settings", LEGACY_FULL_SETTINGS)
     return view_name({key: value for key, value in cut_tags(tags, full).items() if key not in ALWAYS_NAMED})
-
-
-# Tables written before the cell naming rule (no ``full_settings``) named every axis; their only full setting known
-# without the run is fp32 precision. docs/tracking.md has the whole name map.
-LEGACY_FULL_SETTINGS = {"precision": "fp32"}
 
 
 def heatmap_groups(table: dict) -> dict[str, list[dict]]:

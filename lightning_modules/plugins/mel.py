@@ -15,7 +15,6 @@ from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, checke
 if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import Backbone, BackboneInfo
     from contracts.cells import Cell
-    from lightning_modules.views import EmbeddingBundle, View
 
 FACTORIZED_CODE_FILE = "modeling_factorized.py"
 
