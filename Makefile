@@ -14,6 +14,7 @@ CKPT   ?=
 LAYERS ?=
 DIM    ?=
 RANK   ?=
+FFN    ?=
 CELL   ?=
 OUT    ?=
 MODE   ?= compat
@@ -23,6 +24,10 @@ B      ?=
 MODEL  ?=
 # Debian's translated manual pages for the ManpageRetrieval probe (all in Debian 12; add any manpages-<lang>).
 MANPAGE_PACKAGES ?= manpages-de manpages-fr manpages-es manpages-ru manpages-pl
+
+# A variable as one shell word, whatever it holds (make exp NAME='tiny;touch X' runs no command). ARGS, A and B are
+# lists of words by design: they are written like a command line's arguments.
+quote = '$(subst ','\'',$(1))'
 
 .DEFAULT_GOAL := help
 .PHONY: help install exp test test-unit test-slow test-ui data manpages clean ablation runs ui export bench bench-data gpu-check probe compare mine paper
@@ -44,37 +49,37 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create or update .venv with the pinned stack
 
 exp: $(STAMP) ## Train an experiment: make exp NAME=quickstart [ARGS="trainer.max_steps=20 resume=false"]
-	@test -n "$(NAME)" || { echo "usage: make exp NAME=<experiment> [ARGS=\"key=value ...\"]"; $(BIN)/python -m experiments.run --help; exit 2; }
-	$(BIN)/python -m experiments.run $(NAME) $(ARGS)
+	@test -n $(call quote,$(NAME)) || { echo "usage: make exp NAME=<experiment> [ARGS=\"key=value ...\"]"; $(BIN)/python -m experiments.run --help; exit 2; }
+	$(BIN)/python -m experiments.run $(call quote,$(NAME)) $(ARGS)
 
 ablation: $(STAMP) ## Run a suite into one MLflow experiment: make ablation SUITE=smoke [ARGS="resume=false"]
-	@test -n "$(SUITE)" || { $(BIN)/python -m experiments.ablation; exit 2; }
-	$(BIN)/python -m experiments.ablation $(SUITE) $(ARGS)
+	@test -n $(call quote,$(SUITE)) || { $(BIN)/python -m experiments.ablation; exit 2; }
+	$(BIN)/python -m experiments.ablation $(call quote,$(SUITE)) $(ARGS)
 
 runs: $(STAMP) ## Compare runs from MLflow in the terminal: make runs [SUITE=smoke | EXP=<MLflow experiment>]
-	@$(BIN)/python -m experiments.runs_table $(if $(SUITE),--suite $(SUITE)) $(if $(EXP),--experiment $(EXP))
+	@$(BIN)/python -m experiments.runs_table $(if $(SUITE),--suite $(call quote,$(SUITE))) $(if $(EXP),--experiment $(call quote,$(EXP)))
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1, opened on an experiment's runs table: make ui [URI=store | RUN=outputs/<NAME>/<ts>] [EXP=name] [PORT=5000]
-	@$(BIN)/python -m experiments.runs_table ui --port $(PORT) $(if $(URI),--uri $(URI)) $(if $(RUN),--run $(RUN)) $(if $(EXP),--experiment $(EXP))
+	@$(BIN)/python -m experiments.mlflow_ui --port $(call quote,$(PORT)) $(if $(URI),--uri $(call quote,$(URI))) $(if $(RUN),--run $(call quote,$(RUN))) $(if $(EXP),--experiment $(call quote,$(EXP)))
 
-export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
-	@test -n "$(CKPT)" || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name> | LAYERS=l DIM=d RANK=r] [OUT=dir MODE=compat|factorized]"; exit 2; }
-	$(BIN)/python -m experiments.export $(CKPT) --mode $(MODE) $(if $(CELL),--cell $(CELL)) $(if $(LAYERS),--layers $(LAYERS)) $(if $(DIM),--dim $(DIM)) $(if $(RANK),--rank $(RANK)) $(if $(OUT),--out $(OUT)) $(ARGS)
+export: $(STAMP) ## Export one cell: make export CKPT=path [CELL=layer_2/dim_64/rank_64 (or a part) | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized ARGS=--overwrite]
+	@test -n $(call quote,$(CKPT)) || { echo "usage: make export CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [CELL=<cell name or part> | LAYERS=l DIM=d RANK=r FFN=m] [OUT=dir MODE=compat|factorized]"; exit 2; }
+	$(BIN)/python -m experiments.export $(call quote,$(CKPT)) --mode $(call quote,$(MODE)) $(if $(CELL),--cell $(call quote,$(CELL))) $(if $(LAYERS),--layers $(call quote,$(LAYERS))) $(if $(DIM),--dim $(call quote,$(DIM))) $(if $(RANK),--rank $(call quote,$(RANK))) $(if $(FFN),--ffn $(call quote,$(FFN))) $(if $(OUT),--out $(call quote,$(OUT))) $(ARGS)
 
 probe: $(STAMP) ## MTEB-probe every cell of a checkpoint: make probe CKPT=path [ARGS="probe.locales=[de,kk]"]
-	@test -n "$(CKPT)" || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
-	$(BIN)/python -m experiments.probe $(CKPT) $(ARGS)
+	@test -n $(call quote,$(CKPT)) || { echo "usage: make probe CKPT=outputs/<NAME>/<timestamp>/checkpoints/last.ckpt [ARGS=\"probe.key=value ...\"]"; exit 2; }
+	$(BIN)/python -m experiments.probe $(call quote,$(CKPT)) $(ARGS)
 
 compare: $(STAMP) ## Probe tables cell by cell, B − A heatmaps: make compare A=<run_dir|table.json ...> B=<...> [ARGS="--task GettextRetrieval --mlflow"]
-	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR --mlflow\"] (several runs per side: their mean per cell)"; exit 2; }
+	@test -n $(call quote,$(A)) -a -n $(call quote,$(B)) || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR --mlflow\"] (several runs per side: their mean per cell)"; exit 2; }
 	$(BIN)/python -m experiments.compare $(A) --vs $(B) $(ARGS)
 
-paper: $(STAMP) ## The paper's claims: run/resume suites/paper.yaml, probe, write docs/results.md: make paper [ARGS="--suite paper_smoke"]
+paper: $(STAMP) ## The paper's claims: run/resume suites/paper.yaml, probe, write docs/results.md (other suites: outputs/suite-<SUITE>/results.md): make paper [ARGS="--suite paper_smoke"]
 	$(BIN)/python -m experiments.paper $(ARGS)
 
 mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE=quickstart [MODEL=backbone|path.ckpt] [ARGS="mine.max_queries=1000 mine.max_score=0.9"]
-	@test -n "$(SOURCE)" || { $(BIN)/python -m experiments.mine; exit 2; }
-	$(BIN)/python -m experiments.mine $(SOURCE) $(if $(MODEL),mine.model=$(MODEL)) $(ARGS)
+	@test -n $(call quote,$(SOURCE)) || { $(BIN)/python -m experiments.mine; exit 2; }
+	$(BIN)/python -m experiments.mine $(call quote,$(SOURCE)) $(if $(MODEL),mine.model=$(call quote,$(MODEL))) $(ARGS)
 
 bench: $(STAMP) ## Performance ratios (< 10 min on 2 cores): make bench [ARGS="--items 1,2 --mel-vocab 32000"]
 	$(BIN)/python -m bench $(ARGS)

@@ -17,7 +17,7 @@ import torch
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--items", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated item numbers")
+    parser.add_argument("--items", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated item numbers")
     parser.add_argument("--out", default="bench/results/latest.json")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

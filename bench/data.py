@@ -2,7 +2,8 @@
 and data-wait share.
 
 1. The loader alone, in this process (= one DataLoader worker): batches and tokenized pairs per second, and
-   the padding fraction, with length bucketing off and on, over the experiment's data and tokenizer.
+   the padding fraction, with length bucketing off and on, over the experiment's data and tokenizer; the table
+   says whether batches are packed (``data.packing``, on by default) or padded.
 2. A short training run of the experiment (``--steps``, fresh run in a temporary folder): the share of step
    time the training loop spent waiting for data (``run/data/device/wait_fraction``, start-up batch excluded).
 
@@ -48,11 +49,16 @@ def main(argv: list[str] | None = None) -> None:
     from experiments.run import train
 
     base = [*args.overrides, "data.num_workers=0"]
+    packing = "on" if compose(args.name, base).data.packing else "off"
     print(f"loader alone, {args.name} data, one process = one worker, {args.batches} batches:")
-    print(f"  {'bucketing':<10} {'batches/s':>10} {'pairs/s':>10} {'padding':>8}")
+    print(f"  {'packing':<8} {'bucketing':<10} {'batches/s':>10} {'pairs/s':>10} {'padding':>8}")
     for bucketing in ("false", "true"):
         speed = loader_speed(compose(args.name, [*base, f"data.bucketing={bucketing}"]), args.batches)
-        print(f"  {bucketing:<10} {speed['batches_per_s']:>10.1f} {speed['pairs_per_s']:>10.0f} {speed['padding']:>8.3f}")
+        print(f"  {packing:<8} {bucketing:<10} {speed['batches_per_s']:>10.1f} {speed['pairs_per_s']:>10.0f} "
+              f"{speed['padding']:>8.3f}")
+    if packing == "on":
+        print("  (bucketing sorts each pool by length: it lowers padding in padded batches, data.packing=false; packed "
+              "rows fill best with mixed lengths)")
     if args.steps:
         with tempfile.TemporaryDirectory() as scratch:
             config = compose(args.name, [*args.overrides, f"trainer.max_steps={args.steps}", "resume=false",

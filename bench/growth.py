@@ -141,8 +141,9 @@ def plot(series: dict[str, dict[int, float]], path: Path) -> None:
     plt.close(figure)
 
 
-def growth_rows(ctx: Context) -> list[dict]:
-    """Item 9's rows: one log-log slope per series, with its table."""
+def item_growth(ctx: Context) -> list[dict]:
+    """9. How cost grows with the grid: step time vs views, probe time vs cells, MEL time vs tokens and vocabulary
+    (one log-log slope per series, with its table)."""
     args = ctx.args
     ctx.release(*list(ctx.modules))  # the variants below build their own
     series = {

@@ -13,7 +13,8 @@ import torch
 
 from bench.common import compare, to_device, trainable, weighted_loss
 from bench.context import VARIANTS, Context, packed, row, train_step, training_batches
-from bench.growth import growth_rows
+from bench.gradient_caching import item_gradient_cache
+from bench.growth import item_growth
 from contracts.cells import axis_values
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.cell_export import Origin, export_cell, load_exported
@@ -259,11 +260,6 @@ def item_packing(ctx: Context) -> list[dict]:
                 tokens=tokens, padding_fraction=padding, losses=losses)]
 
 
-def item_growth(ctx: Context) -> list[dict]:
-    """9. How cost grows with the grid: step time vs views, probe time vs cells, MEL time vs tokens and vocabulary."""
-    return growth_rows(ctx)
-
-
 def item_ffn_export(ctx: Context) -> list[dict]:
     """10. Exported FFN cells (MatFormer): parameters and encoding throughput at I/2 and I/4 of the feed-forward width
     vs the full width I, each a plain transformers model with that intermediate_size, same depth, dim and rank."""
@@ -298,4 +294,4 @@ def item_ffn_export(ctx: Context) -> list[dict]:
 
 ITEMS = {"1": item_training_step, "2": item_mel_gather, "3": item_probe_grid, "4": item_export_throughput,
          "5": item_vs_sentence_transformers, "6": item_memory, "7": item_optimizer_state, "8": item_packing,
-         "9": item_growth, "10": item_ffn_export}
+         "9": item_growth, "10": item_ffn_export, "11": item_gradient_cache}

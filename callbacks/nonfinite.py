@@ -15,6 +15,7 @@ per step: skipping an update needs the answer before it happens). A step with a 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -41,18 +42,26 @@ class NonFiniteGuard(L.Callback):
     Args:
         checkpoint_every: the run's checkpoint interval (checked before each save).
         max_skipped: non-finite steps skipped (counted) before the run stops; 0: the first one stops it.
+        checkpoint: the run's ``last.ckpt``, named in the message when it exists (None: not named).
 
     Example:
         >>> trainer = L.Trainer(callbacks=[NonFiniteGuard(checkpoint_every=50), ModelCheckpoint(...)])
     """
 
-    def __init__(self, checkpoint_every: int, max_skipped: int = 0) -> None:
+    def __init__(self, checkpoint_every: int, max_skipped: int = 0, checkpoint: Path | None = None) -> None:
         self.checkpoint_every = checkpoint_every
+        self.checkpoint = checkpoint
         self.max_skipped = max_skipped
         self.skipped = 0
         self._bad: torch.Tensor | None = None  # device flag: some loss since the last check was not finite
         self._first_bad_step: torch.Tensor | None = None
         self._sources: dict[int, str] = {}  # step -> batch source since the last check (host strings, no sync)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed run starts from finite weights, or stops naming its checkpoint (not the learning rate)."""
+        if trainer.ckpt_path and not all_finite(trainer, [p.detach() for p in pl_module.parameters()]):
+            raise NonFiniteLossError(f"checkpoint {trainer.ckpt_path} (step {trainer.global_step}) holds non-finite "
+                                     f"weights (NaN/inf): it cannot be resumed; resume=false starts a new run")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         if not self.max_skipped:
@@ -61,7 +70,7 @@ class NonFiniteGuard(L.Callback):
             return
         self.skipped += 1
         if self.skipped > self.max_skipped:
-            self._stop(pl_module, trainer.global_step, f"{self.skipped} non-finite steps, more than "
+            self._stop(pl_module, self.checkpoint, trainer.global_step, f"{self.skipped} non-finite steps, more than "
                                                        f"max_nonfinite_steps={self.max_skipped}")
         for parameter in pl_module.parameters():
             parameter.grad = None  # AdamW skips parameters without a gradient: no update, no decay, no moment change
@@ -92,21 +101,24 @@ class NonFiniteGuard(L.Callback):
         bad_here = self._bad is not None and bool(self._bad)
         if trainer.strategy.reduce_boolean_decision(bad_here, all=False):  # every rank stops together
             first = int(self._first_bad_step) if bad_here else trainer.global_step - 1
-            self._stop(pl_module, first, f"source {self._sources.get(first, 'on another device')!r}")
+            self._stop(pl_module, self.checkpoint, first, f"source {self._sources.get(first, 'on another device')!r}")
         self._sources.clear()
         if not all_finite(trainer, [p.detach() for p in pl_module.parameters()]):
-            self._stop(pl_module, trainer.global_step - 1, "the loss was finite but the weights are not")
+            self._stop(pl_module, self.checkpoint, trainer.global_step - 1,
+                       "the loss was finite but the weights are not")
 
     @staticmethod
-    def _stop(pl_module: L.LightningModule, step: int, detail: str) -> None:
+    def _stop(pl_module: L.LightningModule, checkpoint: Path | None, step: int, detail: str) -> None:
         # The module's last logged metrics (MatryoshkaEmbedder.last_logged: written at every check step).
         logged = getattr(pl_module, "last_logged", {})
         bad = sorted(key for key, value in logged.items() if key.startswith("train/loss") and not math.isfinite(value))
         named = ", ".join(bad[:SHOWN_METRICS]) + (f" and {len(bad) - SHOWN_METRICS} more" if len(bad) > SHOWN_METRICS
                                                   else "")
+        kept = (f"{checkpoint} is the last good one" if checkpoint is not None and checkpoint.exists()
+                else "no checkpoint was saved before it")
         raise NonFiniteLossError(
             f"non-finite loss at step {step} ({detail}; non-finite now: {named or 'the total train/loss'}); "
-            f"stopped, checkpoints/last.ckpt is the last good one; lower optim.lr or set max_nonfinite_steps")
+            f"stopped, {kept}; lower optim.lr or set max_nonfinite_steps")
 
     def state_dict(self) -> dict[str, Any]:
         return {"skipped": self.skipped}

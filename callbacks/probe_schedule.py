@@ -20,7 +20,7 @@ class ProbeRunner(Protocol):
     """What the callback asks of a probe (:class:`~evaluation.probing.ProbeSession` is the one in use)."""
 
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool: ...
-    def run(self, step: int, predict_context) -> dict: ...
+    def run(self, step: int, predict_context, final: bool = False, progress: bool = False) -> dict: ...
     def write(self, table: dict, run_name: str) -> tuple[dict[str, float], list[Path]]: ...
     def write_final(self, table: dict, run_name: str) -> None: ...
     def log_to_mlflow(self, client, run_id: str, logged: dict[str, float], step: int, files: list[Path]) -> None: ...
@@ -33,7 +33,7 @@ class ProbeCallback(L.Callback):
     Probes run at the start, every ``every_n_steps`` optimizer steps and at the end (see
     :class:`~evaluation.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
     ``<task>/<cell>`` (e.g. ``GettextRetrieval/layer_4/dim_64/rank_128``, see :func:`~evaluation.report.metrics`)
-    and ``probe/seconds`` to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per
+    and ``probe/seconds`` (the final evaluation: ``probe/final_seconds``) to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per
     model-side setting to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``; at the end, the
     last table also as ``probe_final.csv``, ``probe_final_table.json`` and ``probe_final_<task>_<setting>.png`` at the
     MLflow run's root with its ``final/...`` headline metrics (see :func:`~evaluation.report.log_final`). A failing
@@ -57,7 +57,8 @@ class ProbeCallback(L.Callback):
         self.disabled = False
         self.probed: set[int] = set()
         self.last_table: dict | None = None
-        self.seconds = 0.0
+        self.seconds = 0.0  # mid-training probes (probe/wall_share)
+        self.final_seconds = 0.0  # the final evaluation (probe/final_seconds)
         self.started = time.perf_counter()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -71,24 +72,27 @@ class ProbeCallback(L.Callback):
                            batch_idx: int) -> None:
         every = self.every_n_steps
         if every and trainer.global_step % every == 0:
-            self.probe(trainer, pl_module)
+            self.probe(trainer, pl_module, final=0 < trainer.max_steps <= trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_end:
-            self.probe(trainer, pl_module)
+            self.probe(trainer, pl_module, final=True)
         if trainer.is_global_zero and self.last_table is not None:
             self._log_final(trainer)
         if trainer.is_global_zero and self.probed:
-            wall = time.perf_counter() - self.started
-            log.info("probe: %d probes took %.1f s, %.1f %% of %.1f s of training wall time", len(self.probed),
-                     self.seconds, 100 * self.seconds / wall, wall)
+            wall = time.perf_counter() - self.started - self.final_seconds
+            mid_training = len(self.probed) - (self.final_seconds > 0)
+            log.info("probe: %d mid-training probes took %.1f s, %.1f %% of %.1f s of training wall time; the final "
+                     "evaluation %.1f s", mid_training, self.seconds, 100 * self.seconds / wall, wall,
+                     self.final_seconds)
             totals = {"probe/wall_share": self.seconds / wall}
-            if len(self.probed) > 1:  # one probe: its probe/seconds already says it
+            if mid_training > 1:  # one mid-training probe: its probe/seconds already says it
                 totals["probe/seconds_total"] = self.seconds
             self._log(trainer, totals, [])
 
-    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict | None:
-        """One probe at the current global step (once per step); returns its table."""
+    def probe(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> dict | None:
+        """One probe at the current global step (once per step); returns its table. The ``final`` one (the
+        last step) also keeps per-query scores."""
         step = trainer.global_step
         if step in self.probed or self.disabled:
             return None
@@ -96,11 +100,17 @@ class ProbeCallback(L.Callback):
         if not self.runner.prepare(trainer, pl_module):
             self.disabled = True
             return None
-        table = self.runner.run(step, trainer.precision_plugin.predict_step_context)
-        self.seconds += table["seconds"]
+        table = self.runner.run(step, trainer.precision_plugin.predict_step_context, final,
+                                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None)
+        if final:  # the final evaluation is sized for the verdicts, not held to the mid-training probes' budget
+            self.final_seconds += table["seconds"]
+        else:
+            self.seconds += table["seconds"]
         self.last_table = table
         if trainer.is_global_zero:
             logged, files = self.runner.write(table, self._run_name(trainer))
+            if final:  # the final evaluation's time has its own name (not a mid-training probe's probe/seconds)
+                logged["probe/final_seconds"] = logged.pop("probe/seconds")
             self._log(trainer, logged, files)
             summary = table["summary"].get("full", {})
             log.info("probe at step %d: %.1f s, mean main score %.4f at %s", step, table["seconds"],

@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import sys
+
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class StepProgressBar(TQDMProgressBar):
-    """``step/max_steps`` with ETA, starting at the resumed step, showing the total loss and the plugins' step
-    choices (e.g. the MEL rank) of the last logged step rather than the dozens of per-view losses (those are in
-    MLflow)."""
+    """One bar, ``train``: ``step/max_steps`` with rate and ETA, starting at the resumed step, showing the total loss
+    and the plugins' step choices (e.g. the MEL rank) of the last logged step rather than the dozens of per-view
+    losses (those are in MLflow). Lightning's own bar starts as ``Training`` and restarts as ``Epoch 0``."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The bar starts with the first step, after the probe at the start: its rate is the training's."""
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_epoch_start(trainer, pl_module)
-        if trainer.max_steps > 0:
-            self.train_progress_bar.reset(total=trainer.max_steps)
-            self.train_progress_bar.initial = trainer.global_step
-        self.train_progress_bar.set_description("train")
+        """The bar counts steps across the stream's epochs: nothing to restart."""
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._train_progress_bar is None:
+            self.train_progress_bar = Tqdm(
+                desc="train", total=trainer.max_steps if trainer.max_steps > 0 else None, initial=trainer.global_step,
+                position=2 * self.process_position, disable=self.is_disabled, leave=True, dynamic_ncols=True,
+                file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._train_progress_bar is not None:  # None: no step ran (a resumed run that had finished)
+            super().on_train_epoch_end(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._train_progress_bar is not None:
+            super().on_train_end(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
         bar = self.train_progress_bar

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,23 +82,36 @@ class RunStats(L.Callback):
 
 class ThroughputRates(ThroughputMonitor):
     """Lightning's ThroughputMonitor, logging only its rates over the window: ``run/device/<x>_per_sec`` (this
-    device) and, on several devices, ``train/<x>_per_sec`` (all devices), for x in batches, samples, items (real
-    tokens) and flops; ``run/device/mfu`` where the device's peak FLOPs are known.
+    device) and, on several devices, ``run/<x>_per_sec`` (all devices), for x in batches, samples, items (real
+    tokens) and flops (the module's ``flops_per_batch``: model FLOPs, docs/training.md#mfu), and ``train/mfu``: this
+    device's model FLOPs per second over its peak (``peak_flops(device)``; the trainer passes
+    :func:`lightning_modules.flops.peak_flops`: a GPU's spec bf16 peak, a CPU's measured matmul rate), equal on every
+    device of a run. The rates are plumbing (``run/``); the MFU is training's own number (``train/``).
 
     The running counts it also logs would repeat other metrics or mislabel them: ``train/batches`` is the step,
     ``train/samples`` one device's share of ``run/data/examples/<source>``, ``train/time`` about
     ``train/elapsed_s``, and ``train/lengths`` one device's tokens under a name without ``device``.
 
     Example:
-        >>> ThroughputRates(batch_size_fn=lambda batch: batch["num_queries"], window_size=10)
+        >>> rates = ThroughputRates(peak_flops=lambda device: 989.4e12,
+        ...                         batch_size_fn=lambda batch: batch["num_queries"], window_size=10)
     """
+
+    def __init__(self, *, peak_flops: Callable[[torch.device], float | None], **monitor_args: Any) -> None:
+        super().__init__(**monitor_args)
+        self.peak_flops = peak_flops  # passed in: callbacks does not import lightning_modules (the layout's layers)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        peak = self.peak_flops(trainer.strategy.root_device)  # instead of Lightning's table (no CPU, other GPU names)
+        for throughput in self._throughputs.values():
+            throughput.available_flops = peak
 
     def _compute(self, trainer: L.Trainer, iter_num: int | None = None) -> None:  # ThroughputMonitor's, filtered
         if not trainer._logger_connector.should_update_logs:
             return
         stage = trainer.state.stage
-        rates = {key: value for key, value in self._throughputs[stage].compute().items()
-                 if key.endswith(("_per_sec", "mfu"))}
+        rates = {("train/mfu" if key.endswith("mfu") else f"run/{key}"): value
+                 for key, value in self._throughputs[stage].compute().items() if key.endswith(("_per_sec", "mfu"))}
         if rates:
-            trainer._logger_connector.log_metrics({f"run/{key}": value for key, value in rates.items()},
-                                                  step=iter_num)
+            trainer._logger_connector.log_metrics(rates, step=iter_num)

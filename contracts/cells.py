@@ -37,16 +37,64 @@ def cell_name(tags: Mapping[str, object], full_settings: Mapping[str, object]) -
     return view_name(cut_tags(tags, full_settings))
 
 
+def parse_cell_name(name: str) -> dict[str, object]:
+    """The tags a cell name (or part of one) spells, the inverse of :func:`view_name`: integers and decimals as
+    numbers, other values (``precision_int8``) as text.
+
+    Example:
+        >>> parse_cell_name("layer_2/rank_64/precision_int8")
+        {'layer': 2, 'rank': 64, 'precision': 'int8'}
+    """
+    tags: dict[str, object] = {}
+    for part in name.strip("/").split("/"):
+        key, separator, value = part.rpartition("_")
+        if not (separator and key and value) or key in tags:
+            raise ValueError(f"{name!r} is not a cell name: each part is <axis>_<value> once, e.g. layer_2/dim_64")
+        tags[key] = _number(value)
+    return tags
+
+
+def _number(text: str) -> object:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def vector_bytes(width: int, bits_per_value: int) -> int:
     """Bytes of one stored vector, packed (64-d binary: 8 bytes)."""
     return -(-width * bits_per_value // 8)
+
+
+class Tags(dict):
+    """A cell's tags, read-only and hashable (a plain ``dict`` for everything that reads it: ``==``, ``**``, JSON).
+
+    Example:
+        >>> Tags({"layer": 2})["layer"] = 4
+        Traceback (most recent call last):
+        TypeError: a cell's tags are read-only; build a new Cell
+    """
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("a cell's tags are read-only; build a new Cell")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.items()))  # equal tags in another order are equal, so hash alike
+
+    def __reduce__(self):
+        return Tags, (dict(self),)
 
 
 @dataclass(frozen=True)
 class Cell:
     """One deployable model of a run: its tags (``layer``, ``dim``, then every other axis in plugin order, e.g.
     ``rank``, ``ffn``, ``precision``; each axis of the run, also at its full setting), the bytes one stored vector
-    costs and the full setting of each axis that has one (what :func:`cell_name` leaves out).
+    costs and the full setting of each axis that has one (what :func:`cell_name` leaves out). Hashable; its tags are
+    read-only (:class:`Tags`), so a cell can key a dict or sit in a set.
 
     Example:
         >>> Cell({"layer": 2, "dim": 64, "rank": 64}, 256).name
@@ -55,9 +103,13 @@ class Cell:
         'layer_2/dim_64'
     """
 
-    tags: dict[str, object]
+    tags: Mapping[str, object]
     bytes: int
     full_settings: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tags", Tags(self.tags))
+        object.__setattr__(self, "full_settings", Tags(self.full_settings))
 
     @property
     def name(self) -> str:

@@ -5,7 +5,8 @@ Every ``<catalog_dir>/<locale>/LC_MESSAGES/*.mo`` file maps English UI strings
 small self-written ``.mo`` parser (Python's ``gettext`` module crashes on
 non-UTF-8 and unknown charsets), keeps sentence-like pairs, splits them by
 English source into train / probe / test, and writes the result once to disk
-as JSON-lines files plus a manifest.
+as JSON-lines files plus a manifest. It stays one file (a data parser, about 450 lines): the ``.mo`` reader,
+the pair filters and the split are one format's pipeline, read in that order.
 
 Layout written by :func:`build_gettext_corpus`::
 

@@ -4,7 +4,8 @@ Debian's ``manpages-<lang>`` packages (and many programs' own packages) install 
 ``<man_dir>/<lang>/man<N>/`` next to the English pages in ``<man_dir>/man<N>/``. A translated page is paired
 with the English page of the same file name in the same section. This module reads both with a small parser
 of the roff source (:func:`parse_man_page`: the NAME line, and each section's first paragraph) and writes the
-result once to disk as JSON-lines files plus a manifest, like the gettext corpus.
+result once to disk as JSON-lines files plus a manifest, like the gettext corpus. It stays one file (a data
+parser, about 550 lines): the roff parser, the pairing and the split are one format's pipeline.
 
 Layout written by :func:`build_manpage_corpus`::
 

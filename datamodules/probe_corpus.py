@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import unicodedata
 from pathlib import Path
 
 from datamodules import manpages_corpus
@@ -13,7 +14,7 @@ from datamodules.gettext_corpus import MANIFEST_NAME, Pair, build_gettext_corpus
 from datamodules.manpages_corpus import EnglishPage, TranslatedPage
 
 __all__ = ["SPLIT", "EnglishPage", "Pair", "TranslatedPage", "build_corpus", "corpus_built", "corpus_revision",
-           "manpage_sample", "probe_pairs"]
+           "english_pool", "manpage_sample", "normalised", "probe_sample", "training_texts"]
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +38,38 @@ def corpus_revision(corpus_dir: str | Path) -> str:
     return manifest["content_hash"] if manifest else "unknown"
 
 
-def probe_pairs(corpus_dir: str | Path, locales: list[str], max_pairs: int) -> dict[str, list[Pair]]:
-    """Up to ``max_pairs`` held-out pairs per locale, one per English sentence and per translation.
+def normalised(text: str) -> str:
+    """``text`` as leakage checks compare it: case-folded, punctuation removed, whitespace collapsed
+    (``"Save the file…"`` and ``"save the file"`` are the same text)."""
+    kept = "".join(" " if unicodedata.category(char).startswith("P") else char for char in text.casefold())
+    return " ".join(kept.split())
+
+
+def training_texts(corpus_dir: str | Path, locales: list[str]) -> set[str]:
+    """The :func:`normalised` English and translated texts of the training split of ``locales`` (a locale without
+    one is skipped): what a probe text must not equal."""
+    texts: set[str] = set()
+    for locale in locales:
+        try:
+            pairs = load_split(corpus_dir, "train", locale)
+        except FileNotFoundError:
+            continue
+        texts.update(normalised(text) for pair in pairs for text in (pair.en, pair.xx))
+    return texts
+
+
+def _held_out(corpus_dir: str | Path, locale: str) -> list[Pair]:
+    try:
+        return load_split(corpus_dir, SPLIT, locale)
+    except FileNotFoundError:
+        return []
+
+
+def probe_sample(corpus_dir: str | Path, locales: list[str], max_pairs: int, exclude: set[str] = frozenset()
+                 ) -> tuple[dict[str, list[Pair]], dict[str, int]]:
+    """``(pairs, dropped)``: up to ``max_pairs`` held-out pairs per locale, one per English sentence and per
+    translation, leaving out (and counting in ``dropped``, per locale) the pairs whose :func:`normalised` English or
+    translation is in ``exclude`` (e.g. :func:`training_texts`).
 
     Pairs are taken in the order of a hash of the English sentence, the same order for every locale, so the
     locales share English sentences where they can (fewer texts to encode). A locale without probe pairs is
@@ -47,27 +78,32 @@ def probe_pairs(corpus_dir: str | Path, locales: list[str], max_pairs: int) -> d
     def english_order(pair: Pair) -> str:
         return hashlib.sha1(pair.en.encode()).hexdigest()
 
-    selected = {}
+    selected, dropped = {}, {}
     for locale in locales:
-        try:
-            pairs = load_split(corpus_dir, SPLIT, locale)
-        except FileNotFoundError:
-            pairs = []
-        chosen, seen = [], set()
-        for pair in sorted(pairs, key=english_order):
-            if pair.en not in seen and pair.xx not in seen:
+        chosen, seen, leaked = [], set(), 0
+        for pair in sorted(_held_out(corpus_dir, locale), key=english_order):
+            if exclude and (normalised(pair.en) in exclude or normalised(pair.xx) in exclude):
+                leaked += 1
+            elif pair.en not in seen and pair.xx not in seen:
                 seen.update((pair.en, pair.xx))
                 chosen.append(pair)
         if len(chosen) < 2:
             log.warning("probe: skipping locale %s: %d usable pairs in the %s split of %s", locale, len(chosen),
                         SPLIT, corpus_dir)
             continue
-        selected[locale] = chosen[:max_pairs]
+        selected[locale], dropped[locale] = chosen[:max_pairs], leaked
     if not selected:
         available = sorted(path.stem for path in (Path(corpus_dir) / SPLIT).glob("*.jsonl"))
         raise ValueError(f"probe.locales {locales}: none has probe pairs in {corpus_dir}; locales with probe pairs: "
                          f"{', '.join(available) or 'none (build the corpus first)'}")
-    return selected
+    return selected, dropped
+
+
+def english_pool(corpus_dir: str | Path, locales: list[str], exclude: set[str] = frozenset()) -> list[str]:
+    """Every held-out English sentence of ``locales`` whose :func:`normalised` text is not in ``exclude``, sorted:
+    the final evaluation's retrieval pool (thousands of candidates, not the sampled pairs' ~100)."""
+    return sorted({pair.en for locale in locales for pair in _held_out(corpus_dir, locale)
+                   if not exclude or normalised(pair.en) not in exclude})
 
 
 def manpage_sample(locales: list[str], max_queries: int, corpus_dir: str | Path | None = None,

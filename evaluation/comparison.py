@@ -1,12 +1,19 @@
-"""Two runs' probe tables cell by cell, or two sets of runs (seeds) by their mean per cell (the command:
-:mod:`experiments.compare`, ``make compare A=... B=...``).
+"""Two runs' probe tables cell by cell, or two sets of runs (seeds) by their mean per cell, with 95 % intervals
+(the command: :mod:`experiments.compare`, ``make compare A=... B=...``).
 
 An ablation asks "is B better than A in the cells I care about", not only at the full and cheapest cell.
-:func:`compare` gives, for all common cells and for each value of every axis but layer and dim (``rank_64``,
-``precision_binary``), how many cells B scores higher and lower, the mean, smallest and largest difference in
-points, the difference at that group's full and cheapest cell, and a two-sided sign-test p-value (cells of one run
-share weights, so read it as a guide, not as independent trials); :func:`heatmaps` draws one layers × dims heatmap
-of B − A per group of the probe's own heatmaps (every tag but layer and dim).
+:func:`compare` gives, per common cell, B − A in points with a 95 % interval from a paired bootstrap over queries
+(:mod:`evaluation.bootstrap`; hierarchical, seeds then queries, when a side has several tables), and, for all cells
+and for each value of every axis but layer and dim (``rank_64``, ``precision_binary``): how many cells B scores
+significantly better, worse or indistinguishably (the interval above 0, below 0, or holding 0), how many higher
+and lower at all, the mean, smallest and largest difference, and the difference at that group's full and cheapest
+cell. The cells of one run are nested views of one model, so they are counted, not tested as independent trials.
+:func:`heatmaps` draws one layers × dims heatmap of B − A per group of the probe's own heatmaps (every tag but
+layer and dim), framing the cells whose interval excludes 0.
+
+Intervals need the per-query scores that final probes keep beside their tables
+(:mod:`evaluation.query_scores`); a table without them (probed before they were kept, or a registry task) gives
+differences without intervals, and the summary says why.
 
 A and B are probe tables (``probe_step_<n>.json``) or run folders, one or more each (their mean per cell, e.g. over
 seeds; only cells every table has are compared); a run folder's table is the latest one of
@@ -19,6 +26,10 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
+
+from evaluation.bootstrap import LEVEL, RESAMPLES, difference_intervals
+from evaluation.query_scores import read_query_scores
 from evaluation.scoring import summary
 from evaluation.report import (CHECKPOINT_DIR, FILE_PREFIX, LEGACY_FULL_SETTINGS, PROBE_DIR, grid_figure,
                                grid_panel, heatmap_groups, latest_table_file, save_png)
@@ -60,9 +71,15 @@ def load_table(path: str | Path) -> tuple[dict, Path]:
         if missing:
             raise CompareError(f"{file}: cells[{index}] lacks {', '.join(missing)} (a probe table's cells have "
                                f"{', '.join(CELL_KEYS)})")
+    renamed = {}
     if "full_settings" not in table:  # written before the naming rule: its names as today's (docs/tracking.md)
         for cell in table["cells"]:
-            cell["name"] = cell_name(cell["tags"], LEGACY_FULL_SETTINGS)
+            renamed[cell["name"]] = cell["name"] = cell_name(cell["tags"], LEGACY_FULL_SETTINGS)
+    query_scores = read_query_scores(file)
+    for entry in query_scores.values():  # their cells keyed by the same names as the table's
+        entry["cells"] = {renamed.get(name, name): scores for name, scores in entry["cells"].items()}
+    if query_scores:
+        table["query_scores"] = query_scores
     return table, file
 
 
@@ -74,31 +91,84 @@ def cell_scores(table: dict, task: str | None, file: Path) -> dict[str, tuple[di
             for cell in table["cells"] if task is None or task in cell["scores"]}
 
 
-def sign_test(higher: int, lower: int) -> float:
-    """Two-sided exact sign test of ``higher`` against ``lower`` (ties left out): P(a split at least this uneven)."""
-    from scipy.stats import binomtest
-
-    trials = higher + lower
-    return 1.0 if trials == 0 else float(binomtest(higher, trials, 0.5).pvalue)
-
-
-def group_stats(pairs: list[tuple[dict, float, float]]) -> dict:
-    """Counts, differences (B − A, in points) and the sign test of ``[(cell of A, score A, score B), ...]``."""
+def group_stats(pairs: list[tuple[dict, float, float]], intervals: dict[str, tuple[float, float]]) -> dict:
+    """Counts and differences (B − A, in points) of ``[(cell of A, score A, score B), ...]``; with ``intervals``
+    (``{cell: (low, high)}`` in points) also how many cells are significantly ``better``, ``worse`` or
+    ``indistinguishable`` (None without intervals)."""
     deltas = [100 * (b - a) for _, a, b in pairs]
-    higher, lower = sum(delta > 0 for delta in deltas), sum(delta < 0 for delta in deltas)
     by_name = {cell["name"]: 100 * (b - a) for cell, a, b in pairs}
     ends = summary([cell for cell, _, _ in pairs])
-    return {"cells": len(deltas), "higher": higher, "lower": lower, "mean_delta": sum(deltas) / len(deltas),
-            "min_delta": min(deltas), "max_delta": max(deltas), "sign_test_p": sign_test(higher, lower),
+    verdicts = [significance(intervals[cell["name"]]) for cell, _, _ in pairs] if intervals else None
+    return {"cells": len(deltas), "higher": sum(delta > 0 for delta in deltas),
+            "lower": sum(delta < 0 for delta in deltas), "mean_delta": sum(deltas) / len(deltas),
+            "min_delta": min(deltas), "max_delta": max(deltas),
+            **{label: (verdicts.count(sign) if verdicts is not None else None)
+               for label, sign in (("better", 1), ("worse", -1), ("indistinguishable", 0))},
             "full": {"cell": ends["full"]["cell"], "delta": by_name[ends["full"]["cell"]]},
             "cheapest": {"cell": ends["cheapest"]["cell"], "delta": by_name[ends["cheapest"]["cell"]]}}
+
+
+def significance(interval: tuple[float, float]) -> int:
+    """1 when the interval lies above 0 (B better), -1 below 0 (B worse), 0 when it holds 0."""
+    low, high = interval
+    return 1 if low > 0 else -1 if high < 0 else 0
+
+
+def query_arrays(tables: list[dict], task: str, cells: list[str], file_names: list[Path]) -> np.ndarray:
+    """``[tables, cells, queries]`` per-query scores of ``task``; CompareError naming the first table without them."""
+    for table, file in zip(tables, file_names):
+        entry = table.get("query_scores", {}).get(task)
+        if entry is None:
+            raise CompareError(f"{file} has no per-query scores for {task} (probed before final probes kept them, or "
+                               f"a task without them; `make probe CKPT=...` re-probes a checkpoint with them)")
+        missing = [cell for cell in cells if cell not in entry["cells"]]
+        if missing:
+            raise CompareError(f"{file} has no per-query scores of {task} at {missing[0]}")
+    return np.stack([np.stack([table["query_scores"][task]["cells"][cell] for cell in cells]) for table in tables])
+
+
+def paired_arrays(a: list[dict], b: list[dict], tasks: list[str], cells: list[str],
+                  files: tuple[list[Path], list[Path]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per task ``(A, B)`` per-query scores, each ``[tables, cells, queries]``, for
+    :func:`evaluation.bootstrap.resampled_means`. Raises CompareError when a table lacks them or the sides were
+    scored on different queries."""
+    paired = []
+    for name in tasks:
+        sides = (query_arrays(a, name, cells, files[0]), query_arrays(b, name, cells, files[1]))
+        ids = [table["query_scores"][name]["ids"] for table in a + b]
+        if any(other != ids[0] for other in ids[1:]):
+            raise CompareError(f"{name}: the tables were scored on different queries (another probe set), so their "
+                               f"queries cannot be paired")
+        paired.append(sides)
+    return paired
+
+
+def intervals(a: list[dict], b: list[dict], task: str | None, cells: list[str],
+              files: tuple[list[Path], list[Path]], resamples: int = RESAMPLES) -> tuple[dict, str]:
+    """``({cell: (low, high)} of B − A in points, a line saying how)`` from a paired bootstrap over the queries
+    (hierarchical when a side has several tables); ``({}, why not)`` when a table lacks per-query scores or the two
+    sides were scored on different queries."""
+    tasks = [task] if task else list(a[0].get("tasks", {}))
+    try:
+        paired = paired_arrays(a, b, tasks, cells, files)
+    except CompareError as error:
+        return {}, f"no intervals: {error}"
+    low, high = difference_intervals(paired, resamples)
+    found = {cell: (100 * float(lo), 100 * float(hi)) for cell, lo, hi in zip(cells, low, high)}
+    queries = ", ".join(f"{name} {sides[0].shape[2]:,}" for name, sides in zip(tasks, paired))
+    how = (f"{LEVEL:.0%} intervals: paired bootstrap over queries ({queries}; {resamples:,} resamples, one draw "
+           f"shared by A and B and by every cell)")
+    if len(a) > 1 or len(b) > 1:
+        how += f"; hierarchical: seeds, then queries (A {len(a)} tables, B {len(b)})"
+    return found, how
 
 
 def compare(a: list[dict], b: list[dict], task: str | None = None,
             files: tuple[list[Path], list[Path]] | None = None) -> dict:
     """B − A over the cells that every table has, each side's score the mean over its tables (e.g. seeds):
-    ``{"groups": {"all": stats, "precision_binary": stats, ...}, "deltas": {cell: points}, "only_a": [...],
-    "only_b": [...]}`` (see :func:`group_stats`)."""
+    ``{"groups": {"all": stats, "precision_binary": stats, ...}, "deltas": {cell: points}, "intervals": {cell:
+    (low, high)}, "intervals_note": how (or why none), "only_a": [...], "only_b": [...]}`` (see :func:`group_stats`,
+    :func:`intervals`)."""
     files = files or ([Path(f"A{i}") for i in range(len(a))], [Path(f"B{i}") for i in range(len(b))])
     sides = [[cell_scores(table, task, file) for table, file in zip(tables, side_files)]
              for tables, side_files in ((a, files[0]), (b, files[1]))]
@@ -112,6 +182,7 @@ def compare(a: list[dict], b: list[dict], task: str | None = None,
         return sum(scores[name][1] for scores in side) / len(side)
 
     pairs = [(every[0][name][0], mean(sides[0], name), mean(sides[1], name)) for name in common]
+    found, how = intervals(a, b, task, common, files)
     groups = {"all": pairs}
     for pair in pairs:
         for key, value in pair[0]["tags"].items():
@@ -120,22 +191,38 @@ def compare(a: list[dict], b: list[dict], task: str | None = None,
     left_out = [list(dict.fromkeys(name for scores in side for name in scores if name not in common)) for side in sides]
     return {"a": [str(file) for file in files[0]], "b": [str(file) for file in files[1]], "score": task or MEAN,
             "steps": [[table.get("step") for table in a], [table.get("step") for table in b]],
-            "groups": {label: group_stats(members) for label, members in groups.items()},
+            "groups": {label: group_stats(members, found) for label, members in groups.items()},
             "deltas": {cell["name"]: 100 * (score_b - score_a) for cell, score_a, score_b in pairs},
+            "intervals": found, "intervals_note": how,
             "only_a": left_out[0], "only_b": left_out[1]}
 
 
 def format_comparison(result: dict) -> str:
+    """The summary per group (significant-cell counts when there are intervals), then every cell's difference with
+    its interval (``*``: the interval excludes 0)."""
     lines = [f"B − A in points of {result['score']}" + (", each side the mean of its tables" if
                                                           len(result["a"]) + len(result["b"]) > 2 else ""),
              *(f"{side.upper()}: {file} (step {step})" for side in ("a", "b")
                for file, step in zip(result[side], result["steps"][side == "b"])),
-             f"{'group':<18} {'cells':>5} {'B higher':>8} {'lower':>5} {'mean':>7} {'min':>7} {'max':>7} "
-             f"{'full':>7} {'cheapest':>8} {'sign p':>7}"]
+             result["intervals_note"],
+             f"{'group':<18} {'cells':>5} {'better':>6} {'worse':>5} {'indist.':>7} {'higher':>6} {'lower':>5} "
+             f"{'mean':>7} {'min':>7} {'max':>7} {'full':>7} {'cheapest':>8}"]
+
+    def count(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
     for label, stats in result["groups"].items():
-        lines.append(f"{label:<18} {stats['cells']:>5} {stats['higher']:>8} {stats['lower']:>5} "
+        lines.append(f"{label:<18} {stats['cells']:>5} {count(stats['better']):>6} {count(stats['worse']):>5} "
+                     f"{count(stats['indistinguishable']):>7} {stats['higher']:>6} {stats['lower']:>5} "
                      f"{stats['mean_delta']:>+7.2f} {stats['min_delta']:>+7.2f} {stats['max_delta']:>+7.2f} "
-                     f"{stats['full']['delta']:>+7.2f} {stats['cheapest']['delta']:>+8.2f} {stats['sign_test_p']:>7.3f}")
+                     f"{stats['full']['delta']:>+7.2f} {stats['cheapest']['delta']:>+8.2f}")
+    width = max(len(name) for name in result["deltas"])
+    lines.append(f"{'cell':<{width}} {'B − A':>7}  {LEVEL:.0%} interval" if result["intervals"] else
+                 f"{'cell':<{width}} {'B − A':>7}")
+    for name, delta in result["deltas"].items():
+        interval = result["intervals"].get(name)
+        lines.append(f"{name:<{width}} {delta:>+7.2f}" + (
+            f"  [{interval[0]:+.2f}, {interval[1]:+.2f}]{' *' if significance(interval) else ''}" if interval else ""))
     for side in ("a", "b"):
         if result[f"only_{side}"]:
             lines.append(f"not in every table, left out: {len(result[f'only_{side}'])} cells of {side.upper()}, e.g. "
@@ -145,8 +232,10 @@ def format_comparison(result: dict) -> str:
 
 def heatmaps(a: dict, result: dict, path: Path) -> None:
     """One panel per group of the probe heatmaps (e.g. ``rank_64/precision_binary``): layers × dims of B − A in
-    points, red where B is lower and blue where higher, on one colour scale for all panels."""
+    points, red where B is lower and blue where higher, on one colour scale for all panels; a black frame marks a
+    cell whose 95 % interval excludes 0."""
     deltas = result["deltas"]
+    significant = {name for name, interval in result["intervals"].items() if significance(tuple(interval))}
     groups = {label: [cell for cell in cells if cell["name"] in deltas] for label, cells in heatmap_groups(a).items()}
     groups = {label: cells for label, cells in groups.items() if cells}
     limit = max(abs(delta) for delta in deltas.values()) or 1.0
@@ -158,10 +247,14 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
     for index, (label, cells) in enumerate(groups.items()):
         axes = figure.add_subplot(rows, columns, index + 1)
         image = grid_panel(axes, cells, lambda cell: deltas[cell["name"]], "RdBu", (-limit, limit), "+.1f",
-                           fontsize=7)
+                           fontsize=7, framed=lambda cell: cell["name"] in significant)
         values = [deltas[cell["name"]] for cell in cells]
-        axes.set_title(f"{label}\nB higher in {sum(value > 0 for value in values)}/{len(values)}, "
-                       f"mean {sum(values) / len(values):+.2f}", fontsize=8)
+        if result["intervals"]:
+            signs = [significance(result["intervals"][cell["name"]]) for cell in cells]
+            counts = f"B better in {signs.count(1)}, worse in {signs.count(-1)} of {len(values)} (framed)"
+        else:
+            counts = f"B higher in {sum(value > 0 for value in values)}/{len(values)} (no intervals)"
+        axes.set_title(f"{label}\n{counts}, mean {sum(values) / len(values):+.2f}", fontsize=8)
     figure.colorbar(image, ax=figure.axes, label="B − A (points)", shrink=0.8)
     names = [", ".join(run_label(Path(file)) for file in result[side]) for side in ("a", "b")]
     figure.suptitle(f"B − A, {result['score']}\nA: {names[0]}\nB: {names[1]}", fontsize=8)

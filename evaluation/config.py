@@ -8,6 +8,26 @@ from contracts.config_error import check_at_least
 
 
 @dataclass
+class FinalEvalConfig:
+    """The final evaluation (the end-of-training probe and ``make probe``): sets sized for 1-point differences, with
+    per-query scores kept; the mid-training probes keep the cheap settings of the ``probe`` section."""
+
+    enabled: bool = True
+    """False: the final probe uses the mid-training settings."""
+    locales: list[str] = field(default_factory=lambda: ["de", "fr", "ru", "es", "pt", "ja", "uk", "pl", "it", "gl"])
+    """Locales of the built-in tasks (the default ten have ≥ 200 held-out pairs each in the system catalogs)."""
+    max_pairs_per_locale: int = 200
+    whole_pool: bool = True
+    """GettextRetrieval searches every held-out English sentence of the locales, not only the sampled pairs'."""
+    drop_training_overlap: bool = True
+    """Leave out probe pairs and pool sentences whose text (case, punctuation and whitespace normalised) occurs in
+    the training split of the run's ``data.locales``; the counts are logged and kept in the table."""
+
+    def __post_init__(self) -> None:
+        check_at_least("final.max_pairs_per_locale", self.max_pairs_per_locale, 0, exclusive=True)
+
+
+@dataclass
 class ProbeConfig:
     """Mid-training MTEB probes of every (layer × dim × rank) cell (:class:`~evaluation.probing.ProbeSession`, run
     by :class:`~callbacks.probe_schedule.ProbeCallback`)."""
@@ -32,6 +52,8 @@ class ProbeConfig:
     """Scores logged per cell besides each task's main score (when a task reports them)."""
     corpus_dir: str | None = None
     """Corpus with the probe split; null: ``data.dir`` for gettext/django corpora, else ``data/gettext``."""
+    final: FinalEvalConfig = field(default_factory=FinalEvalConfig)
+    """The final evaluation's larger sets (see :class:`FinalEvalConfig`)."""
 
     def __post_init__(self) -> None:
         check_at_least("every_n_steps", self.every_n_steps, 0)

@@ -99,6 +99,13 @@ class CellModel(AbsEncoder):
                                f"other cells are scored from that encoding, on other devices and processes")
         return self.encoder.cache.lookup(texts, self.cell)
 
+    def embed(self, texts: list[str], role: str) -> torch.Tensor:
+        """The cell's embeddings of cached ``texts`` read as a ``"query"`` or a ``"document"`` (the
+        :data:`~evaluation.query_scores.Embed` of per-query scores)."""
+        prompt_type = PromptType.document if role == "document" else PromptType.query
+        return self.encoder.cache.lookup([prefix(self.encoder.tokenize, prompt_type) + text for text in texts],
+                                         self.cell)
+
     def similarity(self, embeddings1, embeddings2) -> torch.Tensor:
         return _unit(embeddings1) @ _unit(embeddings2).T
 

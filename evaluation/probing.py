@@ -39,8 +39,21 @@ def check_tasks(config: ProbeConfig) -> None:
         raise ConfigError("probe.tasks", problem)
 
 
+def final_tasks(config: ProbeConfig, corpus_dir: str, training_locales: list[str]) -> list:
+    """The final evaluation's tasks (:class:`~evaluation.config.FinalEvalConfig`; the mid-training settings when
+    it is off). Call inside :func:`~evaluation.scoring.preserved_rng`."""
+    from evaluation.tasks import build_tasks
+
+    final = config.final
+    if not final.enabled:
+        return build_tasks(list(config.tasks), corpus_dir, list(config.locales), config.max_pairs_per_locale)
+    return build_tasks(list(config.tasks), corpus_dir, list(final.locales), final.max_pairs_per_locale,
+                       final.whole_pool, list(training_locales) if final.drop_training_overlap else None)
+
+
 class ProbeSession:
     """The probes of one training run: the tasks, the :class:`~evaluation.scoring.Prober` and the run's report files.
+    The final probe is the final evaluation: its own, larger tasks (``probe.final``), built when it comes.
 
     Args:
         config: the ``probe`` section (its task names are checked here, before training starts).
@@ -49,14 +62,19 @@ class ProbeSession:
         run_dir: the run folder (tables and heatmaps go to ``run_dir/probe``).
         tokenize: the run's batch tokenizer (tokenizer and e5 prefixes).
         model_name: names the model in mteb results (``organisation/name``).
+        training_locales: the run's training locales, whose training split the final evaluation's texts must not
+            overlap.
     """
 
     def __init__(self, config: ProbeConfig, corpus_dir: str, catalog_dir: str, run_dir: str | Path,
-                 tokenize: TextTokenizer, model_name: str = "matryoshka-lab/probe") -> None:
+                 tokenize: TextTokenizer, model_name: str = "matryoshka-lab/probe",
+                 training_locales: list[str] = ()) -> None:
         check_tasks(config)
         self.config, self.corpus_dir, self.catalog_dir = config, corpus_dir, catalog_dir
         self.probe_dir, self.tokenize, self.model_name = Path(run_dir) / report.PROBE_DIR, tokenize, model_name
+        self.training_locales = list(training_locales)
         self.prober: Prober | None = None
+        self.final_prober: Prober | None = None
 
     def prepare(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         """Builds the tasks once (and the corpus if needed); False, with one error line, if that fails: the
@@ -81,9 +99,17 @@ class ProbeSession:
                              pl_module.device, self.config.scoring_processes)
         return True
 
-    def run(self, step: int, predict_context) -> dict:
-        """Scores every cell at ``step`` (all ranks take part); the table of :meth:`Prober.run`."""
-        return self.prober.run(step, predict_context)
+    def run(self, step: int, predict_context, final: bool = False, progress: bool = False) -> dict:
+        """Scores every cell at ``step`` (all ranks take part); the table of :meth:`Prober.run`. The ``final`` one
+        is the final evaluation: its tasks, with per-query scores. ``progress``: show the probe's bar."""
+        if not final:
+            return self.prober.run(step, predict_context, progress=progress)
+        if self.final_prober is None:
+            with preserved_rng():
+                tasks = final_tasks(self.config, self.corpus_dir, self.training_locales)
+            self.final_prober = Prober(self.prober.module, self.tokenize, tasks, self.config.batch_size,
+                                       self.model_name, self.prober.device, self.config.scoring_processes)
+        return self.final_prober.run(step, predict_context, query_scores=True, progress=progress)
 
     def write(self, table: dict, run_name: str) -> tuple[dict[str, float], list[Path]]:
         """Writes the step's table and heatmaps; the metrics to log and the files written."""

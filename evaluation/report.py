@@ -1,7 +1,8 @@
 """A probe table as MLflow metrics, files in the run folder (JSON, CSV, one heatmap per model-side setting) and text.
 
 Files of the probe at step n, in ``<run_dir>/probe/``: ``probe_step_<n>.json`` (the full table, see
-:meth:`~evaluation.scoring.Prober.run`, plus its flat ``rows``), ``probe_step_<n>.csv`` (those rows: one per
+:meth:`~evaluation.scoring.Prober.run`, plus its flat ``rows``), ``probe_step_<n>.queries.npz`` (a final table's
+per-query scores, see :mod:`evaluation.query_scores`), ``probe_step_<n>.csv`` (those rows: one per
 cell and task, a column per score) and ``probe_step_<n>_<group>.png`` (layers × dims heatmaps of each task's main
 score, one file per model-side setting: ``full``, ``rank_64``, ... named by the cell naming rule).
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from contracts.atomic import replacing, write_atomic
 from contracts.cells import ALWAYS_NAMED, cut_tags, view_name
+from evaluation.query_scores import query_file, write_query_scores
 
 PROBE_DIR = "probe"
 CHECKPOINT_DIR = "checkpoint"  # make probe's tables: <run_dir>/probe/checkpoint, beside those of training
@@ -76,11 +78,12 @@ def _full_first(value: int | None) -> tuple:
 
 def grid_panel(axes, cells: list[dict], value: Callable[[dict], float | None], cmap: str,
                limits: tuple[float, float], number: str, text_color: Callable[[float], str] = lambda value: "black",
-               fontsize: int = 8, colorbar: str | None = None):
+               fontsize: int = 8, colorbar: str | None = None, framed: Callable[[dict], bool] | None = None):
     """One heatmap of ``value(cell)`` (None: an empty square): layers (rows, shallowest first) × dims (columns, widest
     first; ticks with bytes per vector where cells have ``bytes``), each square annotated with
     ``format(value, number)``; a layer or dim tag that is None (axis not nested) reads ``full``. ``colorbar`` labels
-    a colour bar beside the panel. Returns the image."""
+    a colour bar beside the panel; ``framed(cell)`` true draws a black frame around the cell's square. Returns the
+    image."""
     layers = sorted({cell["tags"]["layer"] for cell in cells}, key=_full_first)
     dims = sorted({cell["tags"]["dim"] for cell in cells}, key=lambda dim: _full_first(-dim if dim else None))
     storage = {cell["tags"]["dim"]: cell.get("bytes") for cell in cells}
@@ -95,6 +98,13 @@ def grid_panel(axes, cells: list[dict], value: Callable[[dict], float | None], c
             if not math.isnan(cell_value):
                 axes.text(column, row, format(cell_value, number), ha="center", va="center", fontsize=fontsize,
                           color=text_color(cell_value))
+    if framed is not None:
+        from matplotlib.patches import Rectangle
+
+        for cell in cells:
+            if framed(cell):
+                axes.add_patch(Rectangle((dims.index(cell["tags"]["dim"]) - 0.45, layers.index(cell["tags"]["layer"])
+                                          - 0.45), 0.9, 0.9, fill=False, edgecolor="black", linewidth=1.6))
 
     def label(value: int | None) -> str:
         return "full" if value is None else str(value)
@@ -173,7 +183,11 @@ def write(table: dict, out: str | Path, run_name: str = "", stem: str | None = N
     paths = [out / f"{stem}.csv"]
     if json_table:
         paths.insert(0, out / f"{stem}.json")
-        write_atomic(paths[0], json.dumps({**table, "rows": flat}, indent=1))
+        per_query = table.get("query_scores")
+        plain = {key: value for key, value in table.items() if key != "query_scores"}
+        write_atomic(paths[0], json.dumps({**plain, "rows": flat}, indent=1))
+        if per_query:
+            paths.insert(1, write_query_scores(query_file(paths[0]), per_query))
     columns = list(dict.fromkeys(key for row in flat for key in row))
     with replacing(paths[-1]) as temporary, temporary.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)

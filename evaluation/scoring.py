@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from evaluation.encoding import GridEncoder, intra_op_threads, world
 from evaluation.shares import map_shares, usable_processes
-from contracts.cells import Cell, view_name
+from contracts.cells import Cell, cell_name, view_name
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +79,10 @@ def _all_gather(value):
 def _merge(results: dict, errors: dict, other_results: dict, other_errors: dict) -> None:
     """Adds another device's or process's cell scores and task errors to ``results`` and ``errors``."""
     for name, cell in other_results.items():
-        entry = results.setdefault(name, {"tags": cell["tags"], "bytes": cell["bytes"], "scores": {}})
+        entry = results.setdefault(name, {"tags": cell["tags"], "bytes": cell["bytes"], "scores": {},
+                                          "query_scores": {}})
         entry["scores"].update(cell["scores"])
+        entry["query_scores"].update(cell["query_scores"])
     for task, error in other_errors.items():
         errors.setdefault(task, error)
 
@@ -136,17 +141,27 @@ class Prober:
 
         return [prefix(self.tokenize, role) + text for roles in self.roles.values() for text, role in roles.items()]
 
-    def run(self, step: int, forward_context: Callable[[], AbstractContextManager] = nullcontext) -> dict:
-        """Scores every cell at training step ``step``; the returned table is identical on every device."""
+    def run(self, step: int, forward_context: Callable[[], AbstractContextManager] = nullcontext,
+            query_scores: bool = False, progress: bool = False) -> dict:
+        """Scores every cell at training step ``step``; the returned table is identical on every device. With
+        ``query_scores`` (final evaluations: they cost ~0.4 ms per retrieval query and cell) the table also holds
+        ``query_scores``, ``{task: {"ids": [...], "cells": {cell: per-query main scores}}}`` (see
+        :mod:`evaluation.query_scores`; :func:`evaluation.report.write` stores them beside the JSON table).
+        ``progress``: a bar ``probe step <n>`` counting the cells scored, ending with the full cell's mean main
+        score (on stdout, like Lightning's training bar; one device should show it)."""
         started = time.perf_counter()
         settings = self.module.settings()
         device_rank, world_size = world()
+        bar = tqdm(total=len(self.module.cells()), desc=f"probe step {step}", unit="cell", file=sys.stdout,
+                   dynamic_ncols=True, leave=True, disable=not progress)
+        this_process = os.getpid()
         results: dict[str, dict] = {}
         errors: dict[str, str] = {}
         order: list[str] = []  # the grid's cell order (devices score cells in different orders)
         encoded = 0
         with preserved_state(self.module):
             from evaluation.grid import CellModel, evaluate, model_meta
+            from evaluation.query_scores import task_query_scores
 
             meta = model_meta(self.model_name, f"step-{step}", self.module.backbone.info.hidden_size,
                               sum(p.numel() for p in self.module.parameters()),
@@ -164,8 +179,9 @@ class Prober:
                         try:  # one thread: scoring multiplies small matrices, where torch's thread pool costs more
                             # than it saves (10× slower with 2 threads on a busy 2-core machine)
                             with intra_op_threads(1):
-                                scores = evaluate(CellModel(encoder, index, meta, may_encode, self.roles.get(name)),
-                                                  task, self.batch_size)
+                                model = CellModel(encoder, index, meta, may_encode, self.roles.get(name))
+                                scores = evaluate(model, task, self.batch_size)
+                                per_query = task_query_scores(task, model.embed) if query_scores else None
                         except Exception as error:  # noqa: BLE001 - a failing task must not stop training
                             cell = encoder.cache.cells[index] if index < len(encoder.cache.cells) else None
                             where = cell.name if cell is not None else f"cell {index}"
@@ -174,12 +190,17 @@ class Prober:
                             continue
                         cell = encoder.cache.cells[index]
                         entry = cell_results.setdefault(cell.name, {"tags": cell.tags, "bytes": cell.bytes,
-                                                                    "scores": {}})
+                                                                    "scores": {}, "query_scores": {}})
                         entry["scores"][name] = scores
+                        if per_query is not None:
+                            entry["query_scores"][name] = per_query
+                    if os.getpid() == this_process:  # a forked scoring process's cells count when they arrive
+                        bar.update()
                 return cell_results, cell_errors
 
             mine: list[tuple[GridEncoder, int]] = []  # the cells this device scores after the warm-ups
             for setting in settings:
+                bar.set_postfix_str(f"encoding {cell_name(setting, self.module.full_settings)}")
                 encoder = GridEncoder(self.module, self.tokenize, self.batch_size, self.device, forward_context)
                 with self.module.applied(setting):
                     encoder.encode_missing(self._announced_texts())
@@ -189,6 +210,7 @@ class Prober:
                 order += [cell.name for cell in encoder.cache.cells]
                 mine += [(encoder, index) for index in range(1, len(encoder.cache.cells))
                          if index % world_size == device_rank]
+            bar.set_postfix_str("scoring")
             # Scoring reads the encodings only, so one fork serves every setting.
             for share in map_shares(lambda cells: score_cells(cells, may_encode=False), mine, self.processes):
                 _merge(results, errors, *share)
@@ -197,11 +219,25 @@ class Prober:
         for task, error in errors.items():
             log.error("probe: task %s failed at step %d and is left out of this probe: %s", task, step, error)
         results = {name: results[name] for name in order if name in results}
-        return self._table(step, settings, results, errors, _all_gather(encoded), time.perf_counter() - started)
+        table = self._table(step, settings, results, errors, _all_gather(encoded), time.perf_counter() - started)
+        full = table["summary"].get("full")
+        bar.n = bar.total  # the other devices' and processes' cells
+        bar.set_postfix_str(f"mean main score {full['mean_main_score']:.4f} at {full['cell']}" if full
+                            else "no scores")
+        bar.close()
+        return table
 
     def _table(self, step: int, settings: list, results: dict, errors: dict, encoded: list[int], seconds: float) -> dict:
+        from evaluation.query_scores import query_ids
+
         cells = []
+        per_query: dict[str, dict] = {}
         for name, cell in results.items():
+            for task in self.tasks:
+                vector = cell["query_scores"].get(task.metadata.name)
+                if vector is not None and task.metadata.name not in errors:
+                    entry = per_query.setdefault(task.metadata.name, {"ids": query_ids(task), "cells": {}})
+                    entry["cells"][name] = vector
             # A task that failed anywhere is left out of the whole probe, also from cells scored before it failed.
             scores = {task: values for task, values in cell["scores"].items() if task not in errors}
             if scores:
@@ -222,11 +258,15 @@ class Prober:
             "axes": axes,
             "full_settings": dict(self.module.full_settings),  # what cell names leave out
             "tasks": {task.metadata.name: {"type": task.metadata.type, "main_score": task.metadata.main_score,
-                                           "subsets": list(task.hf_subsets)}
+                                           "subsets": list(task.hf_subsets),
+                                           "revision": task.metadata.dataset.get("revision")}
                       for task in self.tasks if task.metadata.name not in errors},
             "errors": errors,
+            "overlap_dropped": {task.metadata.name: task.overlap_dropped for task in self.tasks
+                                if getattr(task, "overlap_dropped", None) is not None},
             "cells": cells,
             "summary": summary(cells),
+            **({"query_scores": per_query} if per_query else {}),
         }
 
 

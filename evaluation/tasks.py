@@ -22,8 +22,8 @@ from mteb.languages.check_language_code import check_language_code
 from mteb.languages.iso_mappings import _hf_lang_to_iso_lang_script
 from mteb.types import PromptType
 
-from datamodules.probe_corpus import (SPLIT, EnglishPage, Pair, TranslatedPage, corpus_revision, manpage_sample,
-                                      probe_pairs)
+from datamodules.probe_corpus import (SPLIT, EnglishPage, Pair, TranslatedPage, corpus_revision, english_pool,
+                                      manpage_sample, probe_sample, training_texts)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class GettextBitextMining(AbsTaskBitextMining):
     evaluator passes no prompt type: :meth:`probe_inputs` declares the roles).
 
     Args:
-        pairs: ``{locale: pairs}`` (see :func:`probe_pairs`).
+        pairs: ``{locale: pairs}`` (see :func:`~datamodules.probe_corpus.probe_sample`).
         revision: the corpus's content hash.
     """
 
@@ -113,20 +113,22 @@ class GettextRetrieval(AbsTaskRetrieval):
     retrieves its English source from the pool of all held-out English sources. Main score: nDCG@10.
 
     Args:
-        pairs: ``{locale: pairs}`` (see :func:`probe_pairs`).
+        pairs: ``{locale: pairs}`` (see :func:`~datamodules.probe_corpus.probe_sample`).
         revision: the corpus's content hash.
+        pool: more English documents to search besides the pairs' sources (the final evaluation: every held-out
+            English sentence of the locales, :func:`~datamodules.probe_corpus.english_pool`).
     """
 
     k_values = (1, 10)  # each cut-off adds ~10 scores (and their nAUCs) to compute per cell
 
-    def __init__(self, pairs: dict[str, list[Pair]], revision: str = "unknown") -> None:
+    def __init__(self, pairs: dict[str, list[Pair]], revision: str = "unknown", pool: list[str] = ()) -> None:
         languages = sorted({mteb_language(locale) for locale in pairs} | {"eng-Latn"})
         self.metadata = _metadata(
             "GettextRetrieval", "Retrieval", "ndcg_at_10",
             "Translations from every probe locale (pooled queries) retrieve their English source among all "
             "held-out English sources of the gettext probe split.", languages, revision)
         self.pairs = pairs
-        self.english = sorted({p.en for pairs in pairs.values() for p in pairs})
+        self.english = sorted({p.en for pairs in pairs.values() for p in pairs} | set(pool))
         super().__init__()
         self.load_data()
 
@@ -234,11 +236,29 @@ def check_task_names(names: list[str]) -> str | None:
     return None
 
 
-def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], max_pairs: int) -> list[AbsTask]:
+def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], max_pairs: int,
+                whole_pool: bool = False, training_locales: list[str] | None = None) -> list[AbsTask]:
     """The configured tasks with their data loaded. A registry task whose data is not available locally (no
     hub access, not in the cache) is left out with one log line, and so is ManpageRetrieval when no locale has
-    translated manual pages."""
-    pairs = probe_pairs(corpus_dir, locales, max_pairs) if set(names) & set(GETTEXT_TASKS) else {}
+    translated manual pages.
+
+    The final evaluation's options: ``whole_pool`` makes GettextRetrieval search every held-out English sentence of
+    the locales; with ``training_locales`` a gettext probe pair whose English or translation equals a text of those
+    locales' training split (:func:`~datamodules.probe_corpus.normalised`: case, punctuation, whitespace) is left
+    out, and so is such a pool sentence; the counts are logged and kept as each gettext task's
+    ``overlap_dropped`` (``{locale: pairs}``, plus ``pool`` for the pool's sentences).
+    """
+    exclude = training_texts(corpus_dir, training_locales) if training_locales else set()
+    pairs, dropped = ({}, {}) if not set(names) & set(GETTEXT_TASKS) else probe_sample(corpus_dir, locales, max_pairs,
+                                                                                         exclude)
+    pool = english_pool(corpus_dir, list(pairs), exclude) if whole_pool and pairs else []
+    if training_locales and pairs:
+        pool_dropped = len(english_pool(corpus_dir, list(pairs))) - len(pool) if whole_pool else 0
+        dropped = {**dropped, **({"pool": pool_dropped} if whole_pool else {})}
+        log.info("probe: left out %d held-out pairs (%s) and %d pool sentences whose normalised text occurs in the "
+                 "training split of %s", sum(dropped[locale] for locale in pairs),
+                 ", ".join(f"{locale} {count}" for locale, count in dropped.items() if locale != "pool"),
+                 dropped.get("pool", 0), ", ".join(training_locales))
     revision = corpus_revision(corpus_dir)
     tasks = []
     for name in names:
@@ -246,8 +266,12 @@ def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], ma
             task = ManpageRetrieval.from_corpus(locales, max_pairs)
             if task is None:
                 continue
+        elif name == "GettextRetrieval":
+            task = GettextRetrieval(pairs, revision, pool)
         else:
             task = GETTEXT_TASKS[name](pairs, revision) if name in GETTEXT_TASKS else mteb.get_task(name)
+        if name in GETTEXT_TASKS and training_locales:
+            task.overlap_dropped = dropped
         try:
             task.load_data()
         except Exception as error:  # noqa: BLE001 - datasets raises many kinds for missing data

@@ -4,10 +4,10 @@ A=... B=...``): two runs' probe tables cell by cell (what is compared: :mod:`eva
 It prints the comparison and writes ``compare.json`` and ``compare.png`` (B − A heatmaps) to ``--out`` (default
 ``outputs/compare/<A>__vs__<B>``).
 
-With ``--mlflow`` the comparison is also logged as an MLflow run of its own in B's experiment and store (read from
-B's run folder): ``compare.json`` and ``compare.png`` at its root, the metrics ``compare/<group>/<stat>`` and the
-tags ``compare.a`` / ``compare.b`` (the tables) and ``compare.b_run_id``, so the UI shows the per-cell comparison
-next to the runs.
+With ``--mlflow`` the comparison is also logged as an MLflow run of its own in B's store (read from B's run folder),
+in the experiment ``<B's experiment>/compare`` (beside the training runs, not among them: ``make runs`` lists
+training runs only): ``compare.json`` and ``compare.png`` at its root, the metrics ``compare/<group>/<stat>`` and
+the tags ``compare.a`` / ``compare.b`` (the tables) and ``compare.b_run_id``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ from pathlib import Path
 from evaluation.comparison import (CompareError, compare, format_comparison, heatmaps, load_table, run_dir_of,
                                      run_label)
 from contracts.atomic import write_atomic
-from experiments.runs_table import run_store
+from experiments.mlflow_ui import run_store
+from experiments.runs_table import COMPARISON_TAG
 from experiments.tracking import DESCRIPTION_TAG, RUN_ID_FILE
+
+
+COMPARE_EXPERIMENT_SUFFIX = "/compare"
 
 
 def default_out(files_a: list[Path], files_b: list[Path]) -> Path:
@@ -33,7 +37,8 @@ def default_out(files_a: list[Path], files_b: list[Path]) -> Path:
 
 
 def log_comparison(result: dict, out: Path, files_b: list[Path]) -> tuple[str, str]:
-    """Logs the comparison as a new MLflow run in the experiment and store of B's (first) run; returns
+    """Logs the comparison as a new MLflow run in the store of B's (first) run, in the experiment
+    ``<B's experiment>/compare`` (its artifacts in a ``compare`` folder of B's experiment's); returns
     ``(tracking uri, run id)``.
 
     Raises:
@@ -47,10 +52,15 @@ def log_comparison(result: dict, out: Path, files_b: list[Path]) -> tuple[str, s
                            f"so there is no MLflow store and experiment to log to")
     uri, experiment = run_store(run_dir)
     client = MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    found = client.get_experiment_by_name(f"{experiment}{COMPARE_EXPERIMENT_SUFFIX}")
+    if found is None:
+        trained = client.get_experiment_by_name(experiment)
+        location = f"{trained.artifact_location.rstrip('/')}/compare" if trained else None
+        experiment_id = client.create_experiment(f"{experiment}{COMPARE_EXPERIMENT_SUFFIX}", location)
+    else:
+        experiment_id = found.experiment_id
     names = [", ".join(run_label(Path(file)) for file in result[side]) for side in ("a", "b")]
-    tags = {"compare.a": " ".join(result["a"])[:5000], "compare.b": " ".join(result["b"])[:5000],
+    tags = {"compare.a": " ".join(result["a"])[:5000], COMPARISON_TAG: " ".join(result["b"])[:5000],
             DESCRIPTION_TAG: f"B − A in points of {result['score']}, cell by cell.\nA: {names[0]}\nB: {names[1]}"}
     if (run_dir / RUN_ID_FILE).is_file():
         tags["compare.b_run_id"] = (run_dir / RUN_ID_FILE).read_text().strip()
@@ -75,7 +85,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--task", help="compare this task's main score (default: the mean over tasks)")
     parser.add_argument("--out", help="folder for compare.json and compare.png (default: outputs/compare/<A>__vs__<B>)")
     parser.add_argument("--mlflow", action="store_true",
-                        help="also log the comparison as an MLflow run in B's experiment (B must be in a run folder)")
+                        help="also log the comparison as an MLflow run in <B's experiment>/compare (B must be in a run "
+                             "folder)")
     options = parser.parse_args(argv)
     try:
         loaded = [[load_table(path) for path in paths] for paths in (options.a, options.vs)]

@@ -20,7 +20,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +31,7 @@ from contracts.config_error import ConfigError, check_at_least
 from datamodules.config import DataConfig
 from lightning_modules.config import (DistributedConfig, LossConfig, ModelConfig, OptimConfig, Strategy,
                                       TrainingPrecision)
+from experiments.console import VERBOSE_FLAG, quiet_libraries, take_verbose
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent
 
@@ -48,8 +49,10 @@ class TrackingConfig:
 class Config:
     name: str = "unnamed"
     seed: int = 0
-    resume: bool = True
-    """Re-running the same experiment continues its last checkpoint; false starts fresh."""
+    resume: bool | Literal["auto"] = "auto"
+    """``auto``: continue the newest run of this experiment whose settings that cannot change on resume equal these
+    (else start a new run, saying so); ``true``: continue the newest run, stopping if such a setting changed;
+    ``false``: always start a new run."""
     output_dir: str = "outputs"
     checkpoint_every: int = 50
     """Save ``last.ckpt`` every N optimizer steps (and at the end)."""
@@ -92,14 +95,25 @@ RUN_OWNED_TRAINER_ARGS = {
 
 def run_command(argv: list[str], usage: str, choices: str, command: Callable[[str, list[str]], int]) -> int:
     """Shared entry of the ``python -m experiments.*`` commands: ``-h`` / no argument prints usage, the hub stays
-    offline unless the user set otherwise, and a ConfigError becomes one line on stderr with exit status 2."""
+    offline unless the user set otherwise, the libraries' notices about themselves are filtered unless
+    ``--verbose`` (anywhere in ``argv``; see :mod:`experiments.console`), and a ConfigError becomes one line on stderr
+    with exit status 2 (with its traceback under ``--debug``)."""
+    argv, verbose = take_verbose(argv)
+    debug = "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: {usage}\n{choices}")
+        print(f"usage: {usage} [{VERBOSE_FLAG}] [--debug]\n{choices}\n{VERBOSE_FLAG}: also what the libraries print "
+              f"about themselves (device lines, tips, MLflow's INFO lines, their deprecation warnings)\n--debug: a "
+              f"traceback with every error")
         return 0 if argv else 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not verbose:
+        quiet_libraries()
     try:
         return command(argv[0], argv[1:])
     except ConfigError as error:
+        if debug:
+            raise
         print(error, file=sys.stderr)
         return 2
 
@@ -122,6 +136,11 @@ def _key_error(error: OmegaConfBaseException, prefix: str, origin: str) -> Confi
         hint = typing.get_type_hints(section).get(error.key)
         if typing.get_origin(hint) is typing.Literal:
             message = f"{error.value!r} not allowed; choose one of {', '.join(map(str, typing.get_args(hint)))}"
+        elif typing.get_origin(hint) in (typing.Union, types.UnionType) and set(typing.get_args(hint)) <= {
+                bool, *(arg for arg in typing.get_args(hint) if typing.get_origin(arg) is typing.Literal)}:
+            names = [name for arg in typing.get_args(hint)
+                     for name in (("true", "false") if arg is bool else typing.get_args(arg))]
+            message = f"{error.value!r} not allowed; choose one of {', '.join(names)}"
     return ConfigError(key, f"{message} (from {origin})")
 
 
@@ -149,10 +168,7 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
         config = merge_layer(config, load_yaml(path), str(path))
     for origin, layer in layers:
         config = merge_layer(config, layer, origin)
-    try:
-        dotlist = OmegaConf.from_dotlist(list(overrides or []))
-    except OmegaConfBaseException as error:
-        raise ConfigError("ARGS", f"cannot parse overrides {overrides}: {error}") from None
+    dotlist = parse_overrides(list(overrides or []))
     config = merge_layer(config, dotlist, "ARGS")
     config.name = name
     if config.tracking.experiment is None:
@@ -160,6 +176,22 @@ def compose(name: str, overrides: list[str] | None = None, experiments_dir: Path
     _check_interpolations(config, [*files, *(origin for origin, _ in layers)], overrides or [])
     validate(config)
     return config
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``key=value`` overrides as a config; a value that is not valid YAML is named with its override.
+
+    Raises:
+        ConfigError: at ``ARGS``, quoting the override that does not parse.
+    """
+    for override in overrides:
+        try:
+            OmegaConf.from_dotlist([override])
+        except (OmegaConfBaseException, yaml.YAMLError) as error:
+            problem = getattr(error, "problem", None) or (str(error).splitlines() or [type(error).__name__])[0]
+            raise ConfigError("ARGS", f"cannot parse {override!r}: {problem} (values are YAML: close brackets "
+                                      f"and quotes, e.g. data.locales=[de,fr])") from None
+    return OmegaConf.from_dotlist(overrides)
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -226,6 +258,9 @@ def _validate_trainer(config: DictConfig) -> None:
         if not _fits(value, hints[key]):
             raise ConfigError(f"trainer.{key}",
                               f"{value!r} not allowed; lightning.Trainer takes {_describe(hints[key])}")
+    max_steps = config.trainer.get("max_steps")
+    if isinstance(max_steps, int) and max_steps < 1:  # Lightning's -1 (no limit) never ends on an endless stream
+        raise ConfigError("trainer.max_steps", f"{max_steps} trains nothing; set the number of optimizer steps (>= 1)")
 
 
 def _fits(value: Any, hint: Any) -> bool:

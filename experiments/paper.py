@@ -1,19 +1,29 @@
-"""``python -m experiments.paper [--suite paper] [--out docs/results.md] [key=value ...]`` (``make paper``): the
-paper's claims at small scale, measured.
+"""``python -m experiments.paper [--suite paper] [--out PAGE] [--from-tables [DIR]] [key=value ...]``
+(``make paper``): the paper's claims at small scale, measured. Only the full suite (``paper``, no overrides)
+writes the committed ``docs/results.md`` and says what it replaced; any other suite, or overrides, write
+``<output_dir>/suite-<suite>/results.md``.
 
 Runs (or resumes: finished runs end at once) the suite ``experiments/suites/<suite>.yaml``, makes sure every run has
-its final probe table (probing its last checkpoint when the end-of-training probe is missing), then writes the
-results page FROM THE RUNS: the claims table (each claim of the paper a row per probe domain with its number and
-pass/fail, from :func:`evaluation.comparison.compare` over the seeds' mean per cell), the heatmaps of
-``3dml − baseline`` per cell (``compare.heatmaps``), the efficiency of each run (from MLflow) and the commands.
+its final probe table (probing its last checkpoint when the end-of-training probe is missing), saves each run's
+compact table (main scores, per-query scores, corpus content hashes) with a manifest (setup, efficiency from MLflow,
+commands) under ``<out stem>/tables/`` (``docs/results/tables/``), then writes the results page FROM THOSE TABLES:
+the claims table (each claim of the paper a row per probe domain with its estimate, 95 % interval and pass/fail,
+decided by :func:`holds`, the one rule, written on the page as :data:`RULE`), the heatmaps of ``3dml − baseline``
+per cell (``compare.heatmaps``), the efficiency of each run and the commands. ``--from-tables`` writes the page from
+saved tables without running anything: the same bytes (``test_the_page_rebuilds_byte_identical_from_its_tables``).
 
 Runs are matched to the claims by experiment name without the ``paper_`` prefix (``paper_mel_fixed`` -> ``mel_fixed``);
 a claim whose runs are not in the suite is reported as not run.
+
+The committed ``docs/results.md`` predates saved tables and per-query scores: its runs' tables were never committed,
+so it cannot be rebuilt and stays as it is until ``make paper`` re-runs the suite (hours), which saves the tables
+and gives every claim its interval.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -21,11 +31,16 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from evaluation.comparison import CompareError, cell_scores, compare, heatmaps, load_table, table_file
-from evaluation.report import FILE_PREFIX
-from contracts.cells import view_name
+from evaluation.bootstrap import percentile_interval, resampled_means
+from evaluation.comparison import CompareError, cell_scores, compare, heatmaps, load_table, paired_arrays, table_file
+from evaluation.query_scores import query_file, write_query_scores
+from evaluation.report import FILE_PREFIX, LEGACY_FULL_SETTINGS
+from contracts.atomic import write_atomic
+from contracts.cells import cell_name
 
 ROLE_PREFIX = "paper_"
+FULL_SUITE = "paper"  # the only suite whose page, run without overrides, is the committed one
+COMMITTED_PAGE = Path("docs/results.md")
 # The probe's retrieval task of each domain: the claims are checked on its main score (nDCG@10).
 DOMAINS = {"GettextRetrieval": "gettext UI strings (training's domain)",
            "ManpageRetrieval": "Debian manual pages (out of domain)"}
@@ -64,9 +79,16 @@ def grid(tables: list[dict]) -> dict[str, list]:
             for key in per_table[0]}
 
 
-def grid_cell(axes: dict[str, list], **tags) -> str:
-    """The name of the cell with ``tags`` and the largest value of every other axis (``layer_4/dim_32/rank_192``)."""
-    return view_name({key: tags.get(key, values[0]) for key, values in axes.items()})
+def full_settings(tables: list[dict]) -> dict[str, object]:
+    """The full settings the tables' cell names leave out (``full_settings``; a table written before the naming rule:
+    :data:`~evaluation.report.LEGACY_FULL_SETTINGS`, as :func:`~evaluation.comparison.load_table` renamed its cells)."""
+    return {key: value for table in tables for key, value in table.get("full_settings", LEGACY_FULL_SETTINGS).items()}
+
+
+def grid_cell(axes: dict[str, list], full: dict[str, object], **tags) -> str:
+    """The name (by the cell naming rule, ``full``: the full settings) of the cell with ``tags`` and the largest value
+    of every other axis (``layer_4/dim_32/rank_192``)."""
+    return cell_name({key: tags.get(key, values[0]) for key, values in axes.items()}, full)
 
 
 def mean_scores(tables: list[dict], task: str) -> dict[str, float]:
@@ -76,25 +98,86 @@ def mean_scores(tables: list[dict], task: str) -> dict[str, float]:
             for name in per_table[0] if all(name in scores for scores in per_table)}
 
 
-def share(scores: dict[str, float], cell: str, full: str) -> float:
-    """The part of the full cell's score that ``cell`` keeps."""
-    return scores[cell] / scores[full] if scores[full] else math.nan
+@dataclass(frozen=True)
+class Estimate:
+    """A measured quantity in points, with its 95 % interval when the tables have per-query scores."""
+
+    value: float
+    interval: tuple[float, float] | None
+
+    def text(self) -> str:
+        """``+7.7 pt [5.1, 10.2]`` (``+7.7 pt`` without an interval)."""
+        return f"{self.value:+.2f} pt" + (f" [{self.interval[0]:+.2f}, {self.interval[1]:+.2f}]" if self.interval else "")
 
 
-def kept_shares(nested: dict[str, float], other: dict[str, float], cells: dict[str, str], full: str
-                ) -> tuple[list[str], bool]:
-    """For each ``{label: cell}``: the share of its full-cell score each run keeps there, as text, and whether
-    ``nested`` keeps at least :data:`CLEAR_SHARE` more than ``other`` at every one of them."""
+RULE = ("A claim passes when the 95 % interval of each quantity it names lies on the claimed side: \"better\" when "
+        "the interval's low end is above 0, \"keeps ≥ 5 points more\" when it is above +5, \"costs < 1 point\" when "
+        "the interval's worst (low) end is above −1, \"within 1 point\" when the whole interval lies inside (−1, +1). "
+        "Intervals: paired bootstrap over queries, hierarchical over seeds (seeds, then queries), 10,000 resamples. "
+        "Without per-query scores (tables probed before they were kept) the point estimate decides and the page says so.")
+
+
+def holds(estimate: Estimate, above: float | None = None, below: float | None = None) -> bool:
+    """THE claim rule (:data:`RULE`, written on the page): the interval (or, without one, the point estimate) lies
+    above ``above`` and below ``below``."""
+    low, high = estimate.interval or (estimate.value, estimate.value)
+    return (above is None or low > above) and (below is None or high < below)
+
+
+class Evidence:
+    """Two roles' scores on one task, each the mean over its tables (seeds), with bootstrap samples of every cell
+    when every table has per-query scores (:func:`evaluation.bootstrap.resampled_means`, paired over queries,
+    hierarchical over seeds).
+
+    Args:
+        a, b: the reference's and the tested role's tables.
+        task: the probe task whose main score is compared.
+    """
+
+    def __init__(self, a: list[dict], b: list[dict], task: str) -> None:
+        self.a, self.b = mean_scores(a, task), mean_scores(b, task)
+        self.cells = [cell for cell in self.a if cell in self.b]
+        try:
+            paired = paired_arrays(a, b, [task], self.cells, ([Path("A")] * len(a), [Path("B")] * len(b)))
+        except CompareError:
+            self.samples = None
+        else:
+            self.samples = resampled_means(paired)
+
+    def _estimate(self, statistic) -> Estimate:
+        """``statistic(scores of A, scores of B)`` (each indexable by cell, per resample when bootstrapped), in
+        points."""
+        value = 100 * statistic(self.a, self.b)
+        if self.samples is None:
+            return Estimate(value, None)
+        columns = [{cell: samples[:, index] for index, cell in enumerate(self.cells)} for samples in self.samples]
+        low, high = percentile_interval(100 * statistic(*columns))
+        return Estimate(value, (float(low), float(high)))
+
+    def difference(self, cell: str) -> Estimate:
+        """B − A at ``cell``."""
+        return self._estimate(lambda a, b: b[cell] - a[cell])
+
+    def kept_gain(self, cell: str, full: str) -> Estimate:
+        """How much more of its own full-cell score B keeps at ``cell`` than A does (points of share)."""
+        return self._estimate(lambda a, b: b[cell] / b[full] - a[cell] / a[full])
+
+
+def kept_shares(evidence: Evidence, cells: dict[str, str], full: str) -> tuple[list[str], bool]:
+    """For each ``{label: cell}``: the share of its full-cell score each side keeps and B's gain with its interval,
+    as text, and whether B keeps at least :data:`CLEAR_SHARE` more at every one of them (:func:`holds`)."""
     parts, clear = [], True
     for label, cell in cells.items():
-        gain = share(nested, cell, full) - share(other, cell, full)
-        clear = clear and gain >= CLEAR_SHARE
-        parts.append(f"{label}: {share(nested, cell, full):.1%} vs {share(other, cell, full):.1%} ({100 * gain:+.1f})")
+        gain = evidence.kept_gain(cell, full)
+        clear = clear and holds(gain, above=100 * CLEAR_SHARE)
+        parts.append(f"{label}: {evidence.b[cell] / evidence.b[full]:.1%} vs {evidence.a[cell] / evidence.a[full]:.1%} "
+                     f"({gain.text()})")
     return parts, clear
 
 
 def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
-    """The four pass/fail claims of the paper on ``task``'s main score, each side the mean over its tables (seeds).
+    """The four pass/fail claims of the paper on ``task``'s main score, each side the mean over its tables (seeds),
+    each decided by :func:`holds` on its 95 % intervals.
 
     Args:
         runs: probe tables per role (``baseline``, ``mrl``, ``mll``, ``mel``, ``mel_fixed``, ``3dml``), all of the
@@ -103,8 +186,9 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     """
     missing = [name for name, tables in runs.items() if not tables or task not in tables[0].get("tasks", {})]
     present = {name: tables for name, tables in runs.items() if name not in missing}
-    axes = grid([tables[0] for tables in present.values()]) if present else {}
-    full = grid_cell(axes) if present else ""
+    firsts = [tables[0] for tables in present.values()]
+    axes, settings = (grid(firsts), full_settings(firsts)) if present else ({}, {})
+    full = grid_cell(axes, settings) if present else ""
     rows = []
 
     def needs(*names: str) -> bool:
@@ -114,27 +198,28 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     statement = (f"`mrl` keeps ≥ {CLEAR_SHARE:.0%} more of its full-cell score than `baseline` sliced afterwards at "
                  f"d/8 and d/16; full cell costs < {FULL_COST:g} point")
     if needs("baseline", "mrl"):
-        base, mrl = mean_scores(present["baseline"], task), mean_scores(present["mrl"], task)
-        delta_full = compare(present["baseline"], present["mrl"], task)["deltas"][full]
+        evidence = Evidence(present["baseline"], present["mrl"], task)
         width = axes["dim"][0]
         dims = {fraction: max((d for d in axes["dim"] if d <= width / fraction), default=min(axes["dim"]))
                 for fraction in (8, 16)}
-        parts, clear = kept_shares(mrl, base, {f"d/{fraction} (dim {dim})": grid_cell(axes, dim=dim)
-                                               for fraction, dim in dims.items()}, full)
-        ok = delta_full > -FULL_COST and clear
-        rows.append(Claim(1, "MRL", statement, "; ".join(parts) + f"; full {delta_full:+.2f} pt", ok))
+        parts, clear = kept_shares(evidence, {f"d/{fraction} (dim {dim})": grid_cell(axes, settings, dim=dim)
+                                              for fraction, dim in dims.items()}, full)
+        cost = evidence.difference(full)
+        rows.append(Claim(1, "MRL", statement, "; ".join(parts) + f"; full {cost.text()}",
+                          clear and holds(cost, above=-FULL_COST)))
     else:
         rows.append(Claim(1, "MRL", statement, "not run", None))
 
     # 2. MLL: exits 1 and 2 (the two shallowest) at full width and rank.
     statement = f"`mll` beats `baseline` at exits 1 and 2; full depth costs < {FULL_COST:g} point"
     if needs("baseline", "mll"):
-        deltas = compare(present["baseline"], present["mll"], task)["deltas"]
+        evidence = Evidence(present["baseline"], present["mll"], task)
         exits = sorted(axes["layer"])[:2]
-        exit_deltas = [deltas[grid_cell(axes, layer=layer)] for layer in exits]
-        ok = all(delta > 0 for delta in exit_deltas) and deltas[full] > -FULL_COST
-        value = "; ".join(f"exit {layer}: {delta:+.2f} pt" for layer, delta in zip(exits, exit_deltas))
-        rows.append(Claim(2, "MLL", statement, f"{value}; full {deltas[full]:+.2f} pt", ok))
+        exit_deltas = [evidence.difference(grid_cell(axes, settings, layer=layer)) for layer in exits]
+        cost = evidence.difference(full)
+        ok = all(holds(delta, above=0) for delta in exit_deltas) and holds(cost, above=-FULL_COST)
+        value = "; ".join(f"exit {layer}: {delta.text()}" for layer, delta in zip(exits, exit_deltas))
+        rows.append(Claim(2, "MLL", statement, f"{value}; full {cost.text()}", ok))
     else:
         rows.append(Claim(2, "MLL", statement, "not run", None))
 
@@ -142,24 +227,29 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     statement = (f"below R, `mel` keeps ≥ {CLEAR_SHARE:.0%} more of its rank-R score than `mel_fixed` truncated "
                  f"afterwards; at R within {FULL_COST:g} point")
     if needs("mel", "mel_fixed") and "rank" in axes:
-        nested, fixed = mean_scores(present["mel"], task), mean_scores(present["mel_fixed"], task)
-        delta_full = compare(present["mel_fixed"], present["mel"], task)["deltas"][full]
-        parts, clear = kept_shares(nested, fixed, {f"rank {rank}": grid_cell(axes, rank=rank)
-                                                   for rank in axes["rank"][1:]}, full)
-        ok = abs(delta_full) < FULL_COST and clear
-        rows.append(Claim(3, "MEL", statement, "; ".join(parts) + f"; at R {delta_full:+.2f} pt", ok))
+        evidence = Evidence(present["mel_fixed"], present["mel"], task)
+        parts, clear = kept_shares(evidence, {f"rank {rank}": grid_cell(axes, settings, rank=rank)
+                                              for rank in axes["rank"][1:]}, full)
+        at_rank = evidence.difference(full)
+        rows.append(Claim(3, "MEL", statement, "; ".join(parts) + f"; at R {at_rank.text()}",
+                          clear and holds(at_rank, above=-FULL_COST, below=FULL_COST)))
     else:
         rows.append(Claim(3, "MEL", statement, "not run", None))
 
     # 4. 3D-ML against the baseline sliced afterwards, every cell.
-    statement = f"`3dml` beats `baseline` sliced afterwards in most cells; full cell costs ≤ {COST_3DML:g} points"
+    statement = f"`3dml` beats `baseline` sliced afterwards in most cells; full cell costs < {COST_3DML:g} points"
     if needs("baseline", "3dml"):
         result = compare(present["baseline"], present["3dml"], task)
-        stats, delta_full = result["groups"]["all"], result["deltas"][full]
-        ok = stats["higher"] > stats["cells"] / 2 and delta_full >= -COST_3DML
-        rows.append(Claim(4, "3D-ML", statement, f"higher in {stats['higher']}/{stats['cells']} cells (mean "
-                          f"{stats['mean_delta']:+.2f} pt, sign p {stats['sign_test_p']:.3f}); "
-                          f"full {delta_full:+.2f} pt", ok))
+        stats = result["groups"]["all"]
+        cost = Evidence(present["baseline"], present["3dml"], task).difference(full)
+        if stats["better"] is not None:  # most cells: significantly better (interval above 0) in more than half
+            most = stats["better"] > stats["cells"] / 2
+            counted = f"better in {stats['better']}/{stats['cells']} cells, worse in {stats['worse']}"
+        else:
+            most = stats["higher"] > stats["cells"] / 2
+            counted = f"higher in {stats['higher']}/{stats['cells']} cells"
+        rows.append(Claim(4, "3D-ML", statement, f"{counted} (mean {stats['mean_delta']:+.2f} pt); full {cost.text()}",
+                          most and holds(cost, above=-COST_3DML)))
     else:
         rows.append(Claim(4, "3D-ML", statement, "not run", None))
     return rows
@@ -186,7 +276,8 @@ def render(results: dict[str, list[Claim]], agreement: dict[str, dict[int, str]]
         efficiency: one row per run: ``run``, ``seeds``, ``trainable_parameters``, ``peak_memory_mb``, ``step_s``.
         figures: per task, the path of its ``3dml − baseline`` heatmap relative to the page.
         commands: the commands that produced the page.
-        setup: ``suite``, ``steps``, ``seeds``, ``backbone``.
+        setup: ``suite``, ``steps``, ``seeds``, ``backbone``; ``intervals`` (false: the page says the claims are
+            decided by point estimates) and ``corpora`` (``{task: content hashes}``), when known.
         smoke: a smoke configuration: the page says its numbers mean nothing.
     """
     lines = ["# Results: the paper's claims at small scale", "",
@@ -199,7 +290,14 @@ def render(results: dict[str, list[Claim]], agreement: dict[str, dict[int, str]]
               f"{setup['seeds']}; every run probed at the end on the same grid of cells (cells a run did not train "
               f"are sliced afterwards: dims cut, layers cut, rank of U·V or of the embedding's SVD truncated). Scores "
               f"are each task's main score (nDCG@10) in points, each run the mean over its seeds. \"Seeds\" counts the "
-              f"seeds in which the claim passes on that seed's runs alone.", ""]
+              f"seeds in which the claim passes on that seed's runs alone.", "", RULE, ""]
+    if not setup.get("intervals", True):
+        lines += ["> **No intervals yet.** These tables were probed before per-query scores were kept, so each claim "
+                  "is decided by its point estimate; re-running `make paper` (or `make probe` on each run's last "
+                  "checkpoint) gives every quantity its 95 % interval.", ""]
+    if setup.get("corpora"):
+        lines += ["Corpora (content hashes of the probe sets): " + "; ".join(
+            f"{task} `{'`, `'.join(hashes)}`" for task, hashes in setup["corpora"].items()) + ".", ""]
     for task, rows in results.items():
         lines += [f"## Claims on {task}: {DOMAINS.get(task, task)}", "",
                   "| # | axis | claim | measured | result | seeds |",
@@ -290,27 +388,59 @@ def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> li
     return rows
 
 
-def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suites_dir: Path | None = None,
-                  experiments_dir: Path | None = None) -> Path:
-    """Runs (or resumes) the suite, probes what is missing and writes the results page ``out`` with its figures in
-    ``<out stem>/``. Returns ``out``."""
-    from experiments.ablation import SUITES_DIR, run_suite
-    from experiments.config import EXPERIMENTS_DIR
+TABLES_DIR = "tables"  # beside the page's figures: docs/results/tables/
+MANIFEST = "manifest.json"
 
-    configs = [config for config, _ in run_suite(suite_name, args, suites_dir or SUITES_DIR,
-                                                 experiments_dir or EXPERIMENTS_DIR)]
+
+def compact_table(table: dict) -> dict:
+    """What the page reads of a probe table: its step, tasks (with their corpus revisions), the full settings its cell
+    names leave out, and per cell the name,
+    tags, bytes, each task's main score and their mean (the per-query scores go to the ``.queries.npz`` beside)."""
+    return {"step": table["step"], "tasks": table["tasks"], "summary": table.get("summary", {}),
+            **({"full_settings": table["full_settings"]} if "full_settings" in table else {}),
+            "cells": [{"name": cell["name"], "tags": cell["tags"], "bytes": cell["bytes"],
+                       "scores": {task: {"main_score": scores["main_score"]} for task, scores in cell["scores"].items()},
+                       "mean_main_score": cell["mean_main_score"]} for cell in table["cells"]]}
+
+
+def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifest: dict) -> Path:
+    """Writes each run's compact table (``<role>_seed<seed>.json``) and its per-query scores
+    (``.queries.npz``, when it has them) into ``folder``, with ``manifest.json``: ``manifest`` (``setup``,
+    ``smoke``, ``commands``, ``efficiency``) plus the list of runs. ``tables``: ``(role, seed, table, run
+    folder)``. Returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for name, seed, table, run_dir in tables:
+        file = folder / f"{name}_seed{seed}.json"
+        write_atomic(file, json.dumps(compact_table(table), indent=1) + "\n")
+        query_file(file).unlink(missing_ok=True)
+        if table.get("query_scores"):
+            write_query_scores(query_file(file), table["query_scores"])
+        runs.append({"role": name, "seed": seed, "table": file.name, "run_dir": str(run_dir)})
+    write_atomic(folder / MANIFEST, json.dumps({**manifest, "runs": runs}, indent=1) + "\n")
+    return folder
+
+
+def suite_folder(config: DictConfig, suite_name: str) -> Path:
+    """``<output_dir>/suite-<suite>``, the folder above a suite run's own ``output_dir`` (which may add ``seed_<s>``)."""
+    folder = Path(config.output_dir)
+    while folder.name != f"suite-{suite_name}" and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def write_page(folder: Path, out: Path) -> Path:
+    """Writes the results page ``out`` (and its figures in ``<out stem>/``) from the tables saved by
+    :func:`save_tables` in ``folder``: the same page whether the runs were just trained or not (``make paper
+    ARGS=--from-tables``). Returns ``out``."""
+    manifest = json.loads((folder / MANIFEST).read_text())
     tables: dict[int, dict[str, list[dict]]] = {}
-    run_dirs: dict[str, list[Path]] = {}
     table_files: dict[str, list[Path]] = {}
-    for config in configs:
-        found = final_table(config)
-        if found is None:
-            print(f"{config.name} (seed {config.seed}): no checkpoint, left out", file=sys.stderr)
-            continue
-        tables.setdefault(config.seed, {}).setdefault(role(config.name), []).append(load_table(found[1])[0])
-        run_dirs.setdefault(role(config.name), []).append(found[0])
-        table_files.setdefault(role(config.name), []).append(found[1])
-    runs = {name: [table for seed in tables.values() for table in seed.get(name, [])] for name in run_dirs}
+    for entry in manifest["runs"]:
+        table, file = load_table(folder / entry["table"])
+        tables.setdefault(entry["seed"], {}).setdefault(entry["role"], []).append(table)
+        table_files.setdefault(entry["role"], []).append(file)
+    runs = {name: [table for seed in tables.values() for table in seed.get(name, [])] for name in table_files}
     tasks = [task for task in DOMAINS if any(task in table["tasks"] for tables_ in runs.values() for table in tables_)]
     figures_dir = out.parent / out.stem
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -321,20 +451,81 @@ def write_results(suite_name: str, args: list[str], out: Path, smoke: bool, suit
         if "baseline" in runs and "3dml" in runs:
             path = figures_dir / f"3dml_vs_baseline_{task}.png"
             result = compare(runs["baseline"], runs["3dml"], task, (table_files["baseline"], table_files["3dml"]))
-            heatmaps(runs["baseline"][0], result, path)  # its title names the runs by their folders
+            heatmaps(runs["baseline"][0], result, path)
             figures[task] = f"{figures_dir.name}/{path.name}"
+    every = [table for tables_ in runs.values() for table in tables_]
+    setup = {**manifest["setup"], "seeds": sorted(tables),
+             "intervals": bool(every) and all("query_scores" in table for table in every),
+             "corpora": {task: sorted({str(table["tasks"][task].get("revision")) for table in every
+                                       if task in table["tasks"]}) for task in tasks}}
+    out.write_text(render(results, agreement, manifest["efficiency"], figures, manifest["commands"], setup,
+                          manifest["smoke"]))
+    return out
+
+
+def write_results(suite_name: str, args: list[str], out: Path | None, smoke: bool, suites_dir: Path | None = None,
+                  experiments_dir: Path | None = None) -> Path:
+    """Runs (or resumes) the suite, probes what is missing, saves the runs' compact tables under
+    ``<out stem>/tables/`` and writes the results page ``out`` from them (:func:`write_page`; None: the suite's
+    ``results.md`` beside its runs, ``<output_dir>/suite-<suite>/results.md``). Returns the page's path."""
+    from experiments.ablation import SUITES_DIR, run_suite
+    from experiments.config import EXPERIMENTS_DIR
+
+    configs = [config for config, _ in run_suite(suite_name, args, suites_dir or SUITES_DIR,
+                                                 experiments_dir or EXPERIMENTS_DIR)]
+    out = out or suite_folder(configs[0], suite_name) / "results.md"
+    found_tables: list[tuple[str, int, dict, Path]] = []
+    run_dirs: dict[str, list[Path]] = {}
+    for config in configs:
+        found = final_table(config)
+        if found is None:
+            print(f"{config.name} (seed {config.seed}): no checkpoint, left out", file=sys.stderr)
+            continue
+        found_tables.append((role(config.name), config.seed, load_table(found[1])[0], found[0]))
+        run_dirs.setdefault(role(config.name), []).append(found[0])
+    tasks = [task for task in DOMAINS if any(task in table["tasks"] for _, _, table, _ in found_tables)]
     first = configs[0]
+    folder = out.parent / out.stem / TABLES_DIR
     make_args = " ".join(["--suite", suite_name, *args, "--out", str(out)])
-    commands = [f'make paper ARGS="{make_args}"   # runs/resumes the suite, probes, writes this page']
+    commands = [f'make paper ARGS="{make_args}"   # runs/resumes the suite, probes, writes this page',
+                f'make paper ARGS="--from-tables --out {out}"   # rebuilds this page from {folder}, no training']
     if "baseline" in run_dirs and "3dml" in run_dirs:
         commands += [f"make compare A=\"{' '.join(map(str, run_dirs['baseline']))}\" "
                      f"B=\"{' '.join(map(str, run_dirs['3dml']))}\" ARGS=\"--task {task}\"" for task in tasks]
-    setup = {"suite": suite_name, "steps": first.trainer.max_steps, "seeds": sorted(tables),
+    setup = {"suite": suite_name, "steps": first.trainer.max_steps,
              "backbone": f"{first.model.source} ({first.model.num_layers or 'all'} blocks), locales "
                          f"{list(first.data.locales)}, batch {first.data.batch_size}"}
-    page = render(results, agreement, efficiency(configs, run_dirs), figures, commands, setup, smoke)
-    out.write_text(page)
-    return out
+    if out.is_file() and not smoke:
+        print(f"replaced {out} and its figures in {out.parent / out.stem}/ (before: {setup_line(out.read_text())}); "
+              f"git diff {out} shows what changed")
+    save_tables(folder, found_tables, {"setup": setup, "smoke": smoke, "commands": commands,
+                                       "efficiency": efficiency(configs, run_dirs)})
+    return write_page(folder, out)
+
+
+def setup_line(page: str) -> str:
+    """What a results page measured: the start of its ``Suite ...`` line (suite, backbone, budget, seeds)."""
+    line = next((line for line in page.splitlines() if line.startswith("Suite ")), "no setup line")
+    return line.split(";")[0]
+
+
+def page_for(suite: str, overrides: list[str], out: str | None) -> Path | None:
+    """The page ``--out`` asks for: :data:`COMMITTED_PAGE` for the full suite by default, the suite's folder under
+    ``outputs/`` (None here) for any other suite or with overrides.
+
+    Raises:
+        ConfigError: ``--out`` names the committed page for a smoke or partial run.
+    """
+    from experiments.config import ConfigError
+
+    full = suite == FULL_SUITE and not overrides
+    if out is None:
+        return COMMITTED_PAGE if full else None
+    if not full and Path(out).resolve() == COMMITTED_PAGE.resolve():
+        raise ConfigError("--out", f"{out} holds the committed results of the full suite; only `make paper` (suite "
+                                   f"{FULL_SUITE}, no overrides) writes it; leave --out out to write this run's page "
+                                   f"as <output_dir>/suite-{suite}/results.md")
+    return Path(out)
 
 
 def main(argv: list[str]) -> int:
@@ -342,16 +533,34 @@ def main(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", default="paper", help="suite file under experiments/suites (default: paper)")
-    parser.add_argument("--out", default="docs/results.md", help="results page (default: docs/results.md)")
+    parser.add_argument("--out", help=f"results page (default: {COMMITTED_PAGE} for the full suite, else "
+                                      f"<output_dir>/suite-<suite>/results.md)")
+    parser.add_argument("--from-tables", nargs="?", const="", metavar="DIR",
+                        help="rebuild the page from saved tables without running anything (default DIR: "
+                             "<out stem>/tables, e.g. docs/results/tables)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (after the suite's overrides)")
     options = parser.parse_args(argv)
-    smoke = options.suite != "paper" or bool(options.overrides)
+    smoke = options.suite != FULL_SUITE or bool(options.overrides)
+    if options.from_tables is not None:
+        out = Path(options.out) if options.out else COMMITTED_PAGE
+        folder = Path(options.from_tables) if options.from_tables else out.parent / out.stem / TABLES_DIR
+        if not (folder / MANIFEST).is_file():
+            print(f"--from-tables: no {MANIFEST} in {folder} (`make paper` saves the runs' tables there)",
+                  file=sys.stderr)
+            return 2
+        if json.loads((folder / MANIFEST).read_text()).get("smoke") and out.resolve() == COMMITTED_PAGE.resolve():
+            print(f"--from-tables: {folder} holds a smoke or partial run's tables; {COMMITTED_PAGE} is the full "
+                  f"suite's page: pass --out", file=sys.stderr)
+            return 2
+        print(f"results: {write_page(folder, out)}")
+        return 0
     try:
-        out = write_results(options.suite, options.overrides, Path(options.out), smoke)
+        out = write_results(options.suite, options.overrides, page_for(options.suite, options.overrides, options.out),
+                            smoke)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2
-    print(f"results: {out}")
+    print(f"results: {out}" + (f" (a smoke or partial run: {COMMITTED_PAGE} is left as it is)" if smoke else ""))
     return 0
 
 

@@ -1,7 +1,8 @@
 """``python -m experiments.probe CKPT [probe.key=value ...]`` (``make probe CKPT=... ARGS=...``): probe a checkpoint.
 
 Rebuilds the module from the run's resolved ``config.yaml`` (next to ``checkpoints/``), loads the checkpoint's
-weights, scores every cell of the run, prints the table, writes ``<run_dir>/probe/checkpoint/probe_step_<n>.*``
+weights, scores every cell of the run on the final evaluation's tasks (``probe.final``, with per-query scores;
+``probe.final.enabled=false``: the mid-training settings), prints the table, writes ``<run_dir>/probe/checkpoint/probe_step_<n>.*``
 (beside the tables of training) and, when the run has an MLflow run id, logs the metrics to that MLflow run at the
 checkpoint's step and the files under its artifacts ``probe/checkpoint/step_<n>``; the table also becomes the run's
 root-level ``probe_final.csv`` / ``probe_final_<task>_<setting>.png`` and ``final/...`` headline metrics (see
@@ -51,18 +52,20 @@ def main(argv: list[str]) -> int:
         return 2
     import torch
 
-    from evaluation.tasks import build_tasks
+    from evaluation.probing import final_tasks
+    from evaluation.scoring import preserved_rng
 
     try:
-        tasks = build_tasks(list(config.probe.tasks), probe_corpus_dir(config), list(config.probe.locales),
-                            config.probe.max_pairs_per_locale)
+        with preserved_rng():
+            tasks = final_tasks(config.probe, probe_corpus_dir(config), list(config.data.locales))
     except ValueError as error:  # e.g. no locale of probe.locales has probe pairs
-        print(ConfigError("probe.locales", str(error)), file=sys.stderr)
+        key = "probe.final.locales" if config.probe.final.enabled else "probe.locales"
+        print(ConfigError(key, str(error)), file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     module = run.model.module.to(device)
     table = Prober(module, run.model.tokenize, tasks, config.probe.batch_size, f"matryoshka-lab/{config.name}",
-                   device, config.probe.scoring_processes).run(run.global_step)
+                   device, config.probe.scoring_processes).run(run.global_step, query_scores=True, progress=True)
     # Beside, not over, the tables written during training (this probe may use other settings).
     out = Path(run.run_dir) / report.PROBE_DIR / report.CHECKPOINT_DIR
     run_id_file = Path(run.run_dir) / RUN_ID_FILE

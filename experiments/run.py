@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import sys
 import time
 import zipfile
@@ -17,10 +19,10 @@ from contracts.atomic import write_atomic
 from datamodules.sources import DataError
 from experiments.config import Config, ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.run_lock import hold_run_lock
-from experiments.runs_table import ui_hint
-from experiments.run_metadata import BOOKKEEPING_KEYS, flatten
-from experiments.run_summary import log_run_summary
-from experiments.tracking import check_tracking, fail_fast_http, log_run_inputs, make_logger, system_metrics
+from experiments.mlflow_ui import ui_hint
+from experiments.run_metadata import BOOKKEEPING_KEYS
+from experiments.tracking import (check_tracking, fail_fast_http, finish_tracking, log_run_inputs, make_logger,
+                                  mark_killed_runs, system_metrics)
 from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.plugins import MatryoshkaPlugin
 
@@ -31,7 +33,7 @@ RUN_DIR_ENV = "MATRYOSHKA_RUN_DIR"
 # data position mean.
 CHANGEABLE_ON_RESUME = (*(key for key in BOOKKEEPING_KEYS if key not in ("tracking", "name")), "tracking.run_name",
                         "tracking.artifact_dir", "trainer.max_steps", "probe", "max_nonfinite_steps",
-                        "distributed.activation_checkpointing")
+                        "distributed.activation_checkpointing", "loss.cache_chunk_size")
 
 
 @dataclass
@@ -42,6 +44,7 @@ class TrainResult:
     metrics: dict[str, float]
     seconds: float
     is_global_zero: bool = True  # several processes return from a distributed run; one of them reports it
+    unlogged: Path | None = None  # metrics the MLflow store did not take, waiting in the run folder
 
 
 def build_plugins(config: DictConfig, info: BackboneInfo) -> list[MatryoshkaPlugin]:
@@ -59,9 +62,14 @@ def describe_backbone(config: DictConfig) -> BackboneInfo:
     from lightning_modules import backbones
 
     try:
-        return backbones.describe(config.model)
+        info = backbones.describe(config.model)
     except ValueError as error:
         raise ConfigError("model", str(error)) from None
+    if info.max_positions is not None and config.model.max_length > info.max_positions:
+        raise ConfigError("model.max_length", f"{config.model.max_length} is more than the {info.max_positions} "
+                                              f"positions of the {config.model.source} backbone; set "
+                                              f"model.max_length<={info.max_positions}")
+    return info
 
 
 def build(config: DictConfig):
@@ -77,19 +85,25 @@ def build(config: DictConfig):
     info = describe_backbone(config)
     plugins = build_plugins(config, info)
     check_data_config(config.data)
+    if config.loss.cache_chunk_size and config.trainer.get("accumulate_grad_batches", 1) != 1:
+        raise ConfigError("loss.cache_chunk_size", "gradient caching gives one step the whole batch's gradient; "
+                          "raise data.batch_size instead of trainer.accumulate_grad_batches")
     L.seed_everything(config.seed, workers=True, verbose=False)
     backbone, tokenizer = backbones.load(config.model)
     tokenize = BatchTokenizer(tokenizer, info.family, config.model.max_length, config.model.query_prefix,
                               config.model.passage_prefix, config.data.packing)
     loss = ContrastiveLoss(config.loss.temperature, config.loss.hard_negative, config.loss.in_batch, config.loss.gather)
-    module = MatryoshkaEmbedder(backbone, plugins, loss, config.optim, config.distributed.activation_checkpointing)
+    module = MatryoshkaEmbedder(backbone, plugins, loss, config.optim, config.distributed.activation_checkpointing,
+                                config.loss.cache_chunk_size)
     datamodule = TranslationPairsDataModule(config.data, tokenize, config.seed)
     return module, datamodule
 
 
 def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
-    """``(run_dir, checkpoint to resume or None)``: the newest run of this experiment when ``resume`` is on and it
-    has a checkpoint, else a new time-stamped folder (earlier runs are never overwritten).
+    """``(run_dir, checkpoint to resume or None)``. Unless ``resume`` is false, a run of this experiment with a
+    checkpoint is continued: with ``resume=auto`` the newest one whose settings that cannot change on resume equal
+    the requested ones (:func:`fixed_changes`), with ``resume=true`` the newest one (:func:`check_resume` then stops
+    on such a change). Otherwise a new time-stamped folder: earlier runs are never overwritten.
 
     ``$MATRYOSHKA_RUN_DIR``, when set, is the folder: rank 0 sets it for the ranks Lightning's launcher starts
     (they re-run the same command); a multi-node job script sets it so every node agrees."""
@@ -97,11 +111,10 @@ def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
     if os.environ.get(RUN_DIR_ENV):
         run_dir = Path(os.environ[RUN_DIR_ENV])
         checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
-        return run_dir, checkpoint if config.resume and checkpoint.exists() else None
-    if config.resume and experiment_dir.is_dir():
-        for run_dir in sorted(experiment_dir.iterdir(), reverse=True):
-            checkpoint = run_dir / "checkpoints" / CHECKPOINT_NAME
-            if checkpoint.exists():  # a file, or a folder of shards (fsdp2)
+        return run_dir, checkpoint if config.resume is not False and checkpoint.exists() else None
+    if config.resume is not False:
+        for run_dir, checkpoint in resumable_runs(experiment_dir):
+            if config.resume is True or not fixed_changes(config, trained_config(run_dir, checkpoint) or {}):
                 return run_dir, checkpoint
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir, count = experiment_dir / stamp, 1
@@ -111,19 +124,113 @@ def run_directory(config: DictConfig) -> tuple[Path, Path | None]:
     return run_dir, None
 
 
+def resumable_runs(experiment_dir: Path) -> list[tuple[Path, Path]]:
+    """``(run_dir, checkpoint)`` of every run under ``experiment_dir`` with a checkpoint, newest first."""
+    if not experiment_dir.is_dir():
+        return []
+    runs = ((run_dir, run_dir / "checkpoints" / CHECKPOINT_NAME) for run_dir in sorted(experiment_dir.iterdir(),
+                                                                                          reverse=True))
+    return [(run_dir, checkpoint) for run_dir, checkpoint in runs if checkpoint.exists()]  # file or shard folder
+
+
+def new_run_note(config: DictConfig, run_dir: Path) -> str | None:
+    """One line for ``resume=auto`` starting ``run_dir`` although runs of the experiment exist: what sets the newest
+    one apart; None when there is no earlier run."""
+    earlier = resumable_runs(Path(config.output_dir) / config.name)
+    if config.resume != "auto" or not earlier:
+        return None
+    newest, checkpoint = earlier[0]
+    changes = fixed_changes(config, trained_config(newest, checkpoint) or {})
+    return (f"new run {run_dir}: no run of {config.name} has these settings (newest, {newest.name}: "
+            f"{'; '.join(changes)}); resume=true continues the newest one")
+
+
+class _Absent:
+    """A key one of two configs does not have."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
+def claim_new_run_folder(run_dir: Path) -> Path:
+    """Creates the new run folder :func:`run_directory` named, with a ``mkdir`` that fails if it exists: when another
+    run took the name since (two runs started in the same second), the next free ``<timestamp>-<n>``.
+
+    Raises:
+        ConfigError: ``output_dir`` cannot hold run folders (a file, not writable).
+    """
+    numbered = re.fullmatch(r"(\d{8}-\d{6})-(\d+)", run_dir.name)  # run_directory's "<timestamp>-<n>"
+    stamp, first = (numbered[1], int(numbered[2])) if numbered else (run_dir.name, 1)
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        for count in itertools.count(first):
+            claimed = run_dir.parent / (stamp if count == 1 else f"{stamp}-{count}")
+            try:
+                claimed.mkdir()
+                return claimed
+            except FileExistsError:
+                continue
+    except OSError as error:
+        raise ConfigError("output_dir", f"{run_dir.parent} cannot hold run folders ({type(error).__name__}: "
+                                        f"{error.strerror or error}); set output_dir to a writable folder") from None
+
+
+def release_new_run_folder(run_dir: Path, existed_before: set[Path]) -> None:
+    """Removes a claimed run folder that stayed empty (the run stopped before it began) and the parents the claim
+    created."""
+    for folder in (run_dir, run_dir.parent, run_dir.parent.parent):
+        if folder in existed_before:
+            return
+        try:
+            folder.rmdir()  # only an empty folder
+        except OSError:
+            return
+
+
 def _changeable(key: str) -> bool:
     return any(key == prefix or key.startswith(prefix + ".") for prefix in CHANGEABLE_ON_RESUME)
 
 
+def _differences(before: dict, after: dict, defaults: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(key, before, after)`` for every leaf that differs, walking both configs; ``defaults`` stands in for keys
+    ``before`` lacks (keys added to the schema since). A block that was null and is now set is one difference."""
+    found = []
+    for key in set(before) | set(after):
+        old, new = before.get(key, defaults.get(key, ABSENT)), after.get(key, ABSENT)
+        if isinstance(old, dict) and isinstance(new, dict):
+            nested_defaults = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
+            found += _differences(old, new, nested_defaults, f"{prefix}{key}.")
+        elif str(old) != str(new):  # as strings: a YAML round trip may change a number's type, not its value
+            found.append((f"{prefix}{key}", old, new))
+    return found
+
+
+def fixed_changes(config: DictConfig, trained: dict) -> list[str]:
+    """``key: before -> after`` for each setting of ``config`` that differs from ``trained`` (the resolved config
+    that trained a checkpoint: :func:`trained_config`) and cannot change on resume (:data:`CHANGEABLE_ON_RESUME`),
+    sorted by key."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    saved = trained
+    now = OmegaConf.to_container(config, resolve=True)
+    differences = sorted(_differences(saved, now, defaults), key=lambda difference: difference[0])
+    return [f"{key}: {old} -> {new}" for key, old, new in differences if not _changeable(key)]
+
+
 def check_resume(config: DictConfig, run_dir: Path, checkpoint: Path) -> None:
-    """Before any weights load: the checkpoint is readable, and the settings changed since the run began are ones a
-    resume can apply (:data:`CHANGEABLE_ON_RESUME`).
+    """Before any weights load: the checkpoint is readable, its weights are finite, and the settings changed since
+    the run began are ones a resume can apply (:data:`CHANGEABLE_ON_RESUME`), compared with the config the checkpoint
+    carries (:func:`trained_config`), not with the run folder's ``config.yaml``, which a user may have edited or
+    deleted.
 
     Raises:
         ConfigError: naming the checkpoint file, or every key that cannot change with its two values.
     """
     import torch
 
+    state = None
     try:
         if checkpoint.is_dir():  # fsdp2: a folder of shards described by its .metadata
             if not (checkpoint / ".metadata").is_file():
@@ -131,67 +238,137 @@ def check_resume(config: DictConfig, run_dir: Path, checkpoint: Path) -> None:
         elif not zipfile.is_zipfile(checkpoint):
             raise ValueError("not a torch checkpoint: truncated or overwritten")
         else:
-            torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # any reason: the file is unusable; say which and leave it (and the run) alone
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ConfigError("resume", f"cannot read checkpoint {checkpoint} ({reason}); nothing was changed; "
                                     f"resume=false starts a new run") from None
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.is_file():
-        return
-    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(Config)))
-    saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_file)))
-    now = flatten(OmegaConf.to_container(config, resolve=True))
-    fixed = [f"{key}: {saved.get(key, defaults.get(key))} -> {now.get(key)}" for key in sorted(set(saved) | set(now))
-             if saved.get(key, defaults.get(key)) != now.get(key) and not _changeable(key)]
+    bad = [key for key, value in (state or {}).get("state_dict", {}).items()
+           if value.is_floating_point() and not bool(value.isfinite().all())]
+    if bad:  # a sharded checkpoint's weights are checked at the first step after resume (callbacks/nonfinite.py)
+        raise ConfigError("resume", f"checkpoint {checkpoint} (step {state.get('global_step')}) holds non-finite "
+                                    f"weights (NaN/inf in {len(bad)} tensors, e.g. {bad[0]}): it cannot be resumed; "
+                                    f"resume=false starts a new run")
+    trained = trained_config(run_dir, checkpoint)
+    if trained is None:
+        raise ConfigError("resume", f"{checkpoint} carries no config and {run_dir / 'config.yaml'} is missing: "
+                                    f"what trained it is unknown, so it is not resumed; resume=false starts a new run")
+    fixed = fixed_changes(config, trained)
     if fixed:
         raise ConfigError("resume", f"{run_dir} was trained with other values that cannot change on resume "
                                     f"({'; '.join(fixed)}); resume=false starts a new run with them")
 
 
+def trained_config(run_dir: Path, checkpoint: Path) -> dict | None:
+    """The resolved config that trained ``checkpoint``: the one it carries (:mod:`callbacks.run_config`), else that
+    of an older checkpoint's run folder (``config.yaml``), else None."""
+    import torch
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    from callbacks.run_config import CONFIG_KEY
+
+    # fsdp2: a folder of shards and Lightning's file of the non-tensor state
+    state_file = checkpoint / _METADATA_FILENAME if checkpoint.is_dir() else checkpoint
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=not checkpoint.is_dir())
+    except Exception:  # noqa: BLE001 - unreadable: check_resume names the file; the folder's config may still say
+        state = {}
+    if CONFIG_KEY in state:
+        return state[CONFIG_KEY]
+    saved_file = run_dir / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(saved_file)) if saved_file.is_file() else None
+
+
 def train(config: DictConfig) -> TrainResult:
     """Train one composed experiment config; re-running the same config resumes its last checkpoint."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    started = time.perf_counter()
+    if rank_zero_only.rank == 0:  # torchrun / SLURM start every rank at once: one of them creates the store
+        check_tracking(config)  # an unusable MLflow store stops the run before any weights load
+        mark_killed_runs(config)  # runs whose process died before they could end
+    output_dir = Path(config.output_dir)
+    existed_before = {folder for folder in (output_dir, output_dir / config.name) if folder.exists()}
+    run_dir, resume_from = run_directory(config)
+    fresh = resume_from is None and rank_zero_only.rank == 0 and not os.environ.get(RUN_DIR_ENV)
+    if fresh:  # the other ranks of a job take rank 0's folder (from RUN_DIR_ENV, or the same time stamp)
+        run_dir = claim_new_run_folder(run_dir)
+    try:
+        return _train_in(config, run_dir, resume_from, started)
+    except BaseException:
+        if fresh:
+            release_new_run_folder(run_dir, existed_before)  # only if nothing was written into it
+        raise
+
+
+def make_trainer(config: DictConfig, run_dir: Path, logger, callbacks: list):
+    """``lightning.Trainer`` with the run's logger, callbacks and atomic checkpoint writer; Lightning's refusal of a
+    trainer setting (``accelerator=gpu`` without a GPU) is one config error line."""
     import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from lightning_modules.atomic_checkpoint import AtomicCheckpointIO
+    from lightning_modules.distributed import trainer_settings
+
+    trainer_args = OmegaConf.to_container(config.trainer, resolve=True)
+    trainer_args.update(trainer_settings(config.distributed.strategy, config.distributed.precision,
+                                         config.distributed.sharded_checkpoint,
+                                         trainer_args.get("accelerator", "auto")))
+    trainer_args["plugins"] = [*(trainer_args.get("plugins") or []), AtomicCheckpointIO()]
+    try:
+        return L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
+    except (MisconfigurationException, RuntimeError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        hardware = [key for key in ("accelerator", "devices", "num_nodes") if key in config.trainer]
+        key = next((key for key in hardware if key in reason.lower()), hardware[0] if hardware else None)
+        if key is None:
+            raise ConfigError("trainer", f"lightning.Trainer refuses it: {reason}") from None
+        raise ConfigError(f"trainer.{key}", f"lightning.Trainer refuses {key}={config.trainer[key]} on this "
+                                            f"machine: {reason}") from None
+
+
+def _train_in(config: DictConfig, run_dir: Path, resume_from: Path | None, started: float) -> TrainResult:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from callbacks.nonfinite import NonFiniteGuard
     from callbacks.progress import StepProgressBar
+    from callbacks.random_state import RandomStateCheckpoint
+    from callbacks.run_config import RunConfigInCheckpoint
     from callbacks.run_stats import RunStats, ThroughputRates
-    from lightning_modules.distributed import trainer_settings
+    from lightning_modules.atomic_checkpoint import remove_leftovers
+    from lightning_modules.flops import peak_flops
 
-    started = time.perf_counter()
-    if rank_zero_only.rank == 0:  # torchrun / SLURM start every rank at once: one of them creates the store
-        check_tracking(config)  # an unusable MLflow store stops the run before any weights load
-    run_dir, resume_from = run_directory(config)
     if resume_from is not None:
         check_resume(config, run_dir, resume_from)
+    elif rank_zero_only.rank == 0 and not os.environ.get(RUN_DIR_ENV) and (note := new_run_note(config, run_dir)):
+        print(note)
     module, datamodule = build(config)
     checkpoint_dir = run_dir / "checkpoints"
     logger = make_logger(config, run_dir)
-    trainer_args = OmegaConf.to_container(config.trainer, resolve=True)
-    trainer_args.update(trainer_settings(config.distributed.strategy, config.distributed.precision,
-                                         config.distributed.sharded_checkpoint, trainer_args.get("accelerator", "auto")))
     callbacks = [
-        # Logs run/device/{samples,items,flops}_per_sec (items = real tokens) over a 10-step window.
-        ThroughputRates(batch_size_fn=lambda batch: batch["num_queries"],
+        # Logs run/device/{samples,items,flops}_per_sec (items = real tokens) and train/mfu over a 10-step window.
+        ThroughputRates(peak_flops=peak_flops, batch_size_fn=lambda batch: batch["num_queries"],
                         length_fn=lambda batch: int(batch["attention_mask"].sum()), window_size=10),
-        NonFiniteGuard(config.checkpoint_every, config.max_nonfinite_steps),  # before the checkpoint saves
+        # before the checkpoint saves
+        NonFiniteGuard(config.checkpoint_every, config.max_nonfinite_steps, checkpoint_dir / CHECKPOINT_NAME),
+        RunConfigInCheckpoint(OmegaConf.to_container(config, resolve=True)),  # what a resume checks against
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
                         save_last=True),
         RunStats(),  # train/elapsed_s, run/memory/device/peak_*_mb
+        RandomStateCheckpoint(),  # every rank's generators: dropout after a resume draws the straight run's masks
     ]
-    if trainer_args.get("enable_progress_bar", True):
+    if config.trainer.get("enable_progress_bar", True):
         callbacks.append(StepProgressBar())
     if config.probe.enabled:  # MTEB probes of every (layer, dim, rank) cell: start, every N steps, end
         from callbacks.probe_schedule import ProbeCallback
         from evaluation.probing import ProbeSession, probe_corpus_dir
 
         session = ProbeSession(config.probe, probe_corpus_dir(config), config.data.catalog_dir, run_dir,
-                               datamodule.tokenize, f"matryoshka-lab/{config.name}")
+                               datamodule.tokenize, f"matryoshka-lab/{config.name}", list(config.data.locales))
         callbacks.append(ProbeCallback(session, run_dir, config.probe.every_n_steps, config.probe.at_start,
                                        config.probe.at_end))
-    trainer = L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
+    trainer = make_trainer(config, run_dir, logger, callbacks)
     datamodule.trainer = trainer
     datamodule.prepare_data()
     try:
@@ -202,6 +379,9 @@ def train(config: DictConfig) -> TrainResult:
     # One training per run folder: rank 0 holds the lock for all ranks of its job.
     with hold_run_lock(run_dir) if rank_zero_only.rank == 0 else nullcontext():
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        if rank_zero_only.rank == 0:
+            remove_leftovers(checkpoint_dir)  # temporary files of a save killed mid-way (last.ckpt is whole)
+        # The settings that train it from now on (a resume changed only CHANGEABLE_ON_RESUME keys: check_resume).
         write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(config, resolve=True))
         if trainer.is_global_zero:
             log_run_inputs(logger, config, run_dir, datamodule.summary())
@@ -219,23 +399,33 @@ def train(config: DictConfig) -> TrainResult:
                 del os.environ[RUN_DIR_ENV]
         checkpoint = checkpoint_dir / CHECKPOINT_NAME
         trainer.save_checkpoint(checkpoint, weights_only=False)  # the full state: a rerun resumes from it
+        metrics = {}
         if trainer.is_global_zero:
-            with fail_fast_http():
-                if logger.replay_unlogged():
-                    log_run_summary(logger)  # per-view loss heatmaps
-    metrics = {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+            finish_tracking(logger)
+            if not module.last_logged:  # no step ran in this session (a finished run again): MLflow's last values
+                metrics = logged_metrics(logger)
+    metrics.update({key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1})
     metrics.update(module.last_logged)  # the last step's global losses, as written to MLflow
     return TrainResult(checkpoint, logger.run_id, run_dir, metrics, time.perf_counter() - started,
-                       trainer.is_global_zero)
+                       trainer.is_global_zero, logger.unlogged_file if logger.unlogged_file.is_file() else None)
+
+
+def logged_metrics(logger) -> dict[str, float]:
+    """The latest value of each metric of the logger's MLflow run; {} when the store does not answer."""
+    try:
+        return dict(logger.experiment.get_run(logger.run_id).data.metrics)
+    except Exception:  # any failure of the store: the summary line then shows nan, the run itself is done
+        return {}
 
 
 def train_and_report(name: str, overrides: list[str]) -> int:
     from callbacks.nonfinite import NonFiniteLossError
+    from lightning_modules.atomic_checkpoint import CheckpointWriteError
 
     config = compose(name, overrides)
     try:
         result = train(config)  # validation errors are raised before any weights load
-    except (NonFiniteLossError, DataError) as error:  # found while training (data.strict reads rows as it goes)
+    except (NonFiniteLossError, DataError, CheckpointWriteError) as error:  # found while training
         print(error, file=sys.stderr)
         return 1
     if not result.is_global_zero:
@@ -243,7 +433,16 @@ def train_and_report(name: str, overrides: list[str]) -> int:
     print(f"\nfinished {config.name} in {result.seconds:.0f} s; final train/loss = "
           f"{result.metrics.get('train/loss', float('nan')):.4f}")
     print(f"checkpoint: {result.checkpoint}")
-    print(ui_hint(config.tracking.uri, result.run_id))
+    if result.unlogged is not None:
+        steps = len(result.unlogged.read_text().splitlines())
+        print(f"not logged: metrics of {steps} steps wait in {result.unlogged}; the same command sends them when "
+              f"{config.tracking.uri} takes writes again", file=sys.stderr)
+    try:
+        print(ui_hint(config.tracking.uri, result.run_id))
+    except Exception as error:  # the training is done and saved: a failing store only costs the hint
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        print(f"the MLflow store {config.tracking.uri} did not answer for the runs-table hint ({reason})",
+              file=sys.stderr)
     return 0
 
 

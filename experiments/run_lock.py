@@ -51,3 +51,16 @@ def hold_run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()  # the file stays (removing it would race a waiting process)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds ``run_dir``'s lock (a folder without a lock file is not locked)."""
+    if not (run_dir / LOCK_NAME).is_file():
+        return False
+    probe = FileLock(run_dir / LOCK_NAME)
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return True
+    probe.release()
+    return False

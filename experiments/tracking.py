@@ -18,7 +18,8 @@ What lands in MLflow for one run:
 - system metrics (``system/cpu_utilization_percentage``, ``system/system_memory_usage_megabytes``, GPU ones where
   ``nvidia-ml-py`` finds a GPU): MLflow's own monitor, every 10 s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``).
 
-The terminal table of runs and the MLflow UI launcher live in ``experiments/runs_table.py`` (no Lightning import there).
+The terminal table of runs lives in ``experiments/runs_table.py``, the MLflow UI launcher in
+``experiments/mlflow_ui.py`` (no Lightning import in either).
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ from omegaconf import DictConfig, OmegaConf
 from contracts.atomic import write_atomic
 from experiments.config import EXPERIMENTS_DIR, ConfigError
 from experiments.run_metadata import check_name, flatten, log_params, run_params, run_tags
+from experiments.store import HalfMigratedStoreError, open_store
 
 RUN_ID_FILE = "mlflow_run_id"
+RUN_DIR_TAG = "run_dir"  # the run folder (absolute) of an MLflow run: a later run finds runs whose process died
 UNLOGGED_FILE = "unlogged_metrics.jsonl"  # in the run folder: metrics a tracking server did not take yet
 RETRY_SECONDS = 30  # while the tracking server does not answer, one attempt per this many seconds
 MLFLOW_METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
@@ -147,13 +150,11 @@ def check_tracking(config: DictConfig) -> None:
         TrackingError: naming ``tracking.uri`` and the store's answer.
         ConfigError: naming ``tracking.artifact_dir`` (see :func:`check_artifact_location`).
     """
-    from mlflow import MlflowClient
-
     uri = config.tracking.uri
     _prepare_local_store(config)  # a bad tracking.artifact_dir is named as such
     try:
         with fail_fast_http():
-            client = MlflowClient(uri)
+            client = open_store(uri)  # created or migrated by one process at a time
             experiment = client.get_experiment_by_name(config.tracking.experiment)
             if experiment is None:
                 experiment_id = client.create_experiment(config.tracking.experiment, artifact_location(config),
@@ -161,6 +162,8 @@ def check_tracking(config: DictConfig) -> None:
             else:
                 experiment_id = experiment.experiment_id
             client.set_experiment_tag(experiment_id, "matryoshka_lab.last_write_check", datetime.now().isoformat())
+    except HalfMigratedStoreError as error:  # not a reachability problem: say what it is and how to repair it
+        raise ConfigError("tracking.uri", str(error)) from None
     except Exception as error:  # any failure here means the store is not usable; say which and why
         reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise TrackingError(uri, f"{type(error).__name__}: {reason}"[:500]) from None
@@ -288,11 +291,42 @@ class StrictMLFlowLogger(MLFlowLogger):
             log_params(self.experiment, self.run_id, params)
 
 
+def missing_run(uri: str, run_id: str) -> bool:
+    """Whether the store answers that it has no run ``run_id`` (deleted or replaced store); an unreachable store is
+    not a missing run (its metrics wait, see :class:`StrictMLFlowLogger`)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        with fail_fast_http():
+            MlflowClient(uri).get_run(run_id)
+    except MlflowException as error:
+        return error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+    except Exception:  # an unreachable or failing store: the run may well be there
+        return False
+    return False
+
+
 def make_logger(config: DictConfig, run_dir: Path) -> StrictMLFlowLogger:
-    """MLflow logger for this run; a resumed run continues its MLflow run (id kept in ``run_dir/mlflow_run_id``)."""
+    """MLflow logger for this run; a resumed run continues its MLflow run (id kept in ``run_dir/mlflow_run_id``), or
+    starts a new one for the same folder when the store no longer has it (saying so on stderr).
+
+    Global rank 0 has created the store (:func:`check_tracking`); the other ranks wait for it before their logger
+    opens it (:func:`experiments.store.wait_for_store`)."""
+    from experiments.store import wait_for_store
+
     _prepare_local_store(config)
+    if rank_zero_only.rank != 0:
+        wait_for_store(config.tracking.uri)
     run_id_file = run_dir / RUN_ID_FILE
     run_id = run_id_file.read_text().strip() if run_id_file.is_file() else None
+    if run_id and rank_zero_only.rank == 0 and missing_run(config.tracking.uri, run_id):
+        waiting = run_dir / UNLOGGED_FILE
+        print(f"the MLflow run {run_id} of {run_dir} is not in {config.tracking.uri} (store deleted or replaced); "
+              f"this run folder goes on in a new MLflow run"
+              + (f", which gets the metrics waiting in {waiting}" if waiting.is_file() else ""), file=sys.stderr)
+        run_id = None
     return StrictMLFlowLogger(
         unlogged_file=run_dir / UNLOGGED_FILE,
         experiment_name=config.tracking.experiment,
@@ -310,6 +344,7 @@ def log_run_inputs(logger: StrictMLFlowLogger, config: DictConfig, run_dir: Path
     ``resume/changes-<time>.txt`` (MLflow keeps the first value)."""
     write_atomic(run_dir / RUN_ID_FILE, logger.run_id)
     client, run_id = logger.experiment, logger.run_id
+    client.set_tag(run_id, RUN_DIR_TAG, str(run_dir.resolve()))
     changed = log_params(client, run_id, run_params(config, sources))
     if not logger.resumed:
         client.log_text(run_id, OmegaConf.to_yaml(config, resolve=True), "config.yaml")
@@ -336,6 +371,50 @@ def log_run_inputs(logger: StrictMLFlowLogger, config: DictConfig, run_dir: Path
         client.set_tag(run_id, "resume.changed_keys", ",".join(keys)[:8000])
         print(f"resumed MLflow run {run_id} with changed settings (first values kept as params): {', '.join(changed)}",
               file=sys.stderr)
+
+
+def mark_killed_runs(config: DictConfig) -> list[str]:
+    """Marks KILLED the RUNNING MLflow runs of this experiment whose process is gone: their run folder (tag
+    :data:`RUN_DIR_TAG`) is on this machine and nobody holds its lock (a process killed before its first checkpoint,
+    whose folder is never resumed, would otherwise stay RUNNING forever). Returns their ids; a store that does not
+    answer is left alone."""
+    from mlflow import MlflowClient
+
+    from experiments.run_lock import is_locked
+
+    killed = []
+    try:
+        with fail_fast_http():
+            client = MlflowClient(config.tracking.uri)
+            experiment = client.get_experiment_by_name(config.tracking.experiment)
+            runs = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
+            for run in runs:
+                folder = run.data.tags.get(RUN_DIR_TAG)
+                if folder and Path(folder).is_dir() and not is_locked(Path(folder)):
+                    client.set_terminated(run.info.run_id, "KILLED")
+                    killed.append(run.info.run_id)
+    except Exception as error:  # bookkeeping of other runs never stops this one
+        print(f"warning: could not check {config.tracking.uri} for runs left RUNNING ({type(error).__name__})",
+              file=sys.stderr)
+    if killed:
+        print(f"marked KILLED {len(killed)} MLflow run(s) of experiment {config.tracking.experiment!r} whose process "
+              f"had died: {', '.join(killed)}", file=sys.stderr)
+    return killed
+
+
+def finish_tracking(logger: StrictMLFlowLogger) -> None:
+    """After the final checkpoint: sends the metrics still waiting and logs the per-view loss heatmaps. A store
+    that fails now costs nothing trained: what was not sent stays in the run folder (the caller says where)."""
+    from experiments.run_summary import log_run_summary
+
+    try:
+        with fail_fast_http():
+            if logger.replay_unlogged():
+                log_run_summary(logger)  # per-view loss heatmaps
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        print(f"warning: the MLflow store {logger._tracking_uri} failed at the end of the run ({reason}); the "
+              f"checkpoint is saved; the loss heatmaps were not logged", file=sys.stderr)
 
 
 def experiment_description(experiment_file: Path) -> str:

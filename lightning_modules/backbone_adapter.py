@@ -25,6 +25,8 @@ class BackboneInfo:
     family: Family
     intermediate_size: int
     """Hidden units of each block's feed-forward layer."""
+    max_positions: int | None = None
+    """Longest sequence the position embeddings cover (None: not limited or not known)."""
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -59,7 +61,7 @@ class Backbone(nn.Module):
     def info(self) -> BackboneInfo:
         config = self.model.config
         return BackboneInfo(config.hidden_size, config.num_hidden_layers, config.vocab_size, self.family,
-                            config.intermediate_size)
+                            config.intermediate_size, getattr(config, "max_position_embeddings", None))
 
     def input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

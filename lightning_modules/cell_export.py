@@ -6,8 +6,9 @@ project:
 
 - the backbone cut to the cell's depth (``num_hidden_layers`` updated);
 - every model-side axis writes its setting into that copy (MEL: the token embedding at rank ``r``, merged
-  ``U[:, :r] · V[:r]`` in ``compat`` mode or kept as two factors in ``factorized`` mode with a short modeling file
-  for ``trust_remote_code=True``; FFN: the sliced projections and a smaller ``intermediate_size``);
+  ``U[:, :r] · V[:r]`` in ``compat`` mode; FFN: the sliced projections and a smaller ``intermediate_size``); an
+  axis may offer export modes of its own (``export_modes``: MEL's ``factorized`` keeps the two factors with a short
+  modeling file for ``trust_remote_code=True``);
 - sentence-transformers modules: Transformer → Pooling (mean for encoders, last token for decoders, whose
   tokenizer is saved to append EOS) → the first ``dim`` coordinates → L2 normalisation; ``truncate_dim = dim``,
   the query / passage prompts of the run, cosine similarity;
@@ -26,10 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_modules.embedding_model import EmbeddingModel, TextTokenizer
 from contracts.cells import Cell, axis_values
+from lightning_modules.embedding_model import EmbeddingModel, TextTokenizer
+from lightning_modules.plugins import BUILTIN_PLUGINS
 
-MODES = ("compat", "factorized")
+COMPAT = "compat"  # plain modules only: every axis can write its setting so
+# Every mode a built-in axis offers (what the CLI accepts); a run allows compat and those of its own axes.
+MODES = (COMPAT, *sorted({mode for plugin in BUILTIN_PLUGINS.values() for mode in getattr(plugin, "export_modes", ())}))
 
 
 def _update_json(path: Path, **updates) -> None:
@@ -94,6 +98,15 @@ def _export_tokenizer(tokenize: TextTokenizer, out: Path) -> None:
         _update_json(out / "tokenizer_config.json", add_bos_token=False, add_eos_token=True, padding_side="right")
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """ExportError unless ``out`` is a new or empty folder, or ``overwrite`` is set."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"OUT={out} is a file, not a folder; choose a new folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"OUT={out} exists and is not empty; choose a new folder or pass --overwrite "
+                          f"(make export ... ARGS=--overwrite)")
+
+
 def export_cell(model: EmbeddingModel, out: str | Path, cell: Cell, origin: Origin, mode: str = "compat",
                 overwrite: bool = False) -> ExportResult:
     """Writes ``cell`` of ``model`` to ``out`` as a Hugging Face + sentence-transformers folder.
@@ -116,15 +129,20 @@ def export_cell(model: EmbeddingModel, out: str | Path, cell: Cell, origin: Orig
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
     from transformers.utils import logging as transformers_logging
 
-    if mode not in MODES:
-        raise ExportError(f"MODE={mode!r} not allowed; choose one of {', '.join(MODES)}")
     module, info = model.module, model.module.backbone.info
+    axes = module.model_side
+    offered = {COMPAT} | {offered for axis in axes for offered in axis.export_modes}
+    if mode not in offered:
+        axes_with_it = [name.upper() for name, plugin in BUILTIN_PLUGINS.items()
+                        if mode in getattr(plugin, "export_modes", ())]
+        if axes_with_it:
+            raise ExportError(f"MODE={mode} needs an axis with a {mode} form ({', '.join(axes_with_it)}); this run "
+                              f"has none: use MODE={COMPAT}")
+        raise ExportError(f"MODE={mode!r} not allowed; choose one of {', '.join(MODES)}")
     if cell.name not in {known.name for known in model.cells()}:
         raise ExportError(f"CELL={cell.name} is not a cell of this run")
-    axes = module.model_side
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"OUT={out} exists and is not empty; choose a new folder or pass --overwrite")
+    check_out(out, overwrite)
     cut = _cut(module.backbone.model, cell.layer)
     files: dict[str, str] = {}
     config_updates: dict[str, object] = {}
@@ -132,9 +150,6 @@ def export_cell(model: EmbeddingModel, out: str | Path, cell: Cell, origin: Orig
         extra_files, updates = axis.export(cut, cell.tags[axis.tag], mode)
         files |= extra_files
         config_updates |= updates
-    if mode == "factorized" and not files:
-        raise ExportError("MODE=factorized needs an axis with a factorized form (MEL); this run has none: use "
-                          "MODE=compat")
     parameters = sum(p.numel() for p in cut.parameters())
     out.mkdir(parents=True, exist_ok=True)
     cut.save_pretrained(out)
@@ -287,3 +302,12 @@ def load_exported(path: str | Path):
 
     path = Path(path)
     return SentenceTransformer(str(path), device="cpu", trust_remote_code=bool(_remote_code(path)))
+
+
+if __name__ == "__main__":  # a library module: say where its command is instead of doing nothing
+    import sys
+
+    print("lightning_modules.cell_export is the export library, not a command; export a cell with: "
+          "python -m experiments.export CKPT [--cell NAME] (make export CKPT=... CELL=...; --help lists the options)",
+          file=sys.stderr)
+    sys.exit(2)

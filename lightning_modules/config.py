@@ -28,6 +28,9 @@ class TinyModelConfig:
     num_heads: int = 2
     intermediate_size: int = 64
     eos_is_pad: bool = False
+    dropout: float = 0.0
+    """Dropout probability of every dropout layer in train mode (real backbones train with 0.1); 0: none, so
+    tests compare exact losses without depending on random masks."""
 
 
 @dataclass
@@ -53,6 +56,8 @@ class ModelConfig:
         if self.num_layers is not None:
             check_at_least("num_layers", self.num_layers, 1, note="or null for all blocks")
         check_at_least("max_length", self.max_length, 0, exclusive=True)
+        if not 0.0 <= self.tiny.dropout < 1.0:
+            raise ConfigError("tiny.dropout", f"{self.tiny.dropout} must be in [0, 1)")
 
 
 @dataclass
@@ -67,8 +72,13 @@ class LossConfig:
     gather: GatherMode = "full"
     """Cross-device positives: ``none`` (reference: no gradient), ``local`` (local slice keeps its
     gradient), ``full`` (autograd all-gather)."""
+    cache_chunk_size: int | None = None
+    """Gradient caching: texts per chunk of the step's forward passes (``null``: off, one forward with a graph).
+    Activation memory then grows with the chunk, not the batch, for about one extra forward (docs/training.md)."""
 
     def __post_init__(self) -> None:
+        if self.cache_chunk_size is not None:
+            check_at_least("cache_chunk_size", self.cache_chunk_size, 1, note="or null for no gradient caching")
         low, high = TEMPERATURE_RANGE
         if not low <= self.temperature <= high:
             raise ConfigError("temperature", f"{self.temperature} not allowed; allowed range [{low}, {high}] "

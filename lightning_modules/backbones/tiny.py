@@ -26,16 +26,22 @@ def byte_tokenizer(eos_is_pad: bool = False) -> PreTrainedTokenizerFast:
         pad_token="</s>" if eos_is_pad else "<pad>", model_max_length=512)
 
 
-def tiny_bert(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int) -> BertModel:
+MAX_POSITIONS = 512  # position embeddings of both tiny backbones
+
+
+def tiny_bert(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+              dropout: float = 0.0) -> BertModel:
     config = BertConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                         num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                        max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                        max_position_embeddings=MAX_POSITIONS, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     return BertModel(config, add_pooling_layer=False)
 
 
-def tiny_qwen3(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int) -> Qwen3Model:
+def tiny_qwen3(vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int,
+               dropout: float = 0.0) -> Qwen3Model:
     config = Qwen3Config(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
                          num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
                          head_dim=hidden_size // num_heads, intermediate_size=intermediate_size,
-                         max_position_embeddings=512, tie_word_embeddings=False)
+                         max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=False, attention_dropout=dropout)
     return Qwen3Model(config)

@@ -24,6 +24,22 @@ class PluginConfig:
     """Base of every plugin's typed config (the block under ``plugins.<name>`` in an experiment)."""
 
 
+@dataclass
+class PosthocConfig(PluginConfig):
+    """The config of an axis that can be left out of training and applied afterwards (MEL, FFN, precision)."""
+
+    posthoc: bool = False
+    """Train as if the axis were absent (the model untouched: its own embedding, the full FFN width, float vectors)
+    and only probe and export its settings afterwards: the "cut a model trained without it" baseline."""
+
+
+def check_posthoc(config: PosthocConfig, key: str, value: object) -> None:
+    """Raises ConfigError when ``posthoc`` comes with a training choice of ``key`` it overrides."""
+    if config.posthoc and value is not None:
+        raise ConfigError(key, f"{list(value)} has no effect with posthoc: true (nothing of this axis is trained); "
+                               f"leave {key} out")
+
+
 class MatryoshkaPlugin:
     """Base class of a Matryoshka axis.
 
@@ -85,8 +101,13 @@ class MatryoshkaPlugin:
     def full_settings(self) -> dict[str, object]:
         """``{tag: value}`` of the tags this axis adds whose value at some cell is the model not cut along it (a
         cell's name leaves such a tag out: one name per deployable model). Default: none, the tag is always named
-        (MLL and MRL's ``layer`` and ``dim`` always are; trained MEL replaces the embedding at every rank)."""
+        (MLL and MRL's ``layer`` and ``dim`` always are); a model-side axis derives it from :meth:`untouched`."""
         return {}
+
+    def posthoc_settings(self) -> list:
+        """The settings of this axis that are probed (and exported) but never trained: applied afterwards to a model
+        trained without them (``posthoc: true``, a zero probability or loss weight). Default: none."""
+        return []
 
     def step_rng(self, step: int) -> np.random.Generator:
         """A generator that depends only on (seed, plugin class, step): identical on every device and
@@ -102,21 +123,31 @@ class ModelSidePlugin(MatryoshkaPlugin):
     A subclass sets ``tag`` (the view tag and cell-name part, e.g. ``rank``), fills ``self.settings`` (the ladder,
     largest first) and ``self.probabilities`` in ``__init__``, and implements:
 
-        current(): the setting the model computes with now.
+        current(): the setting the model computes with now (a ``posthoc`` run in training: :meth:`untouched`, so
+            its views carry the axis's full setting, which their names leave out).
         set(setting): make the model compute with ``setting``: the only place that writes it.
         export(model, setting, mode): write ``setting`` into ``model``, a copy of the Hugging Face model cut for
             export, so that it computes the cell with plain transformers code; ``mode`` is ``compat`` (no custom
-            code) or ``factorized`` (an axis with a compact form may keep it). Returns the files to write beside
-            the model and the ``config.json`` entries to update (both may be empty).
+            code) or one of the axis's own ``export_modes`` (MEL: ``factorized``, which keeps its compact form).
+            Returns the files to write beside the model and the ``config.json`` entries to update (both may be
+            empty).
 
-    Training calls :meth:`before_forward`, which sets ``sample(step)`` (a pure function of (seed, step): every device
-    agrees, a resumed run repeats it) and leaves it in place through the backward pass (activation checkpointing
-    recomputes with it). Tools use :meth:`applied`, which restores the previous setting on exit.
+    Trained versus applied afterwards: training calls :meth:`before_forward`, which sets ``sample(step)`` (a pure
+    function of (seed, step): every device agrees, a resumed run repeats it) and leaves it in place through the
+    backward pass (activation checkpointing recomputes with it); with ``posthoc: true`` in the config
+    (:class:`PosthocConfig`) it sets :meth:`untouched`, the model as if the axis were absent. Tools use :meth:`applied`, which restores the previous setting on
+    exit; :meth:`posthoc_settings` names the settings never trained.
     """
 
     tag: ClassVar[str]
+    export_modes: ClassVar[tuple[str, ...]] = ()
     settings: list
     probabilities: list[float]
+
+    @property
+    def posthoc(self) -> bool:
+        """Training leaves this axis out; its settings are applied only afterwards (probe, export)."""
+        return bool(getattr(self.config, "posthoc", False))
 
     def current(self):
         raise NotImplementedError
@@ -131,6 +162,27 @@ class ModelSidePlugin(MatryoshkaPlugin):
         """The setting training uses at global step ``step``."""
         return self.settings[int(self.step_rng(step).choice(len(self.settings), p=self.probabilities))]
 
+    def untouched(self):
+        """The setting that computes what the model computes without this axis (FFN: the full width; posthoc MEL:
+        the full rank, the model's own embedding), or None when none does (trained MEL: the model's own embedding is
+        no rank of its factors). A ``posthoc`` run trains with it; cell names leave it out (:meth:`full_settings`)."""
+        return None
+
+    def full_settings(self) -> dict[str, object]:
+        """The untouched setting, when there is one: the model not cut along this axis, named without its tag."""
+        untouched = self.untouched()
+        return {} if untouched is None else {self.tag: untouched}
+
+    def posthoc_settings(self) -> list:
+        if self.posthoc:
+            return [setting for setting in self.settings if setting != self.untouched()]
+        return [setting for setting, probability in zip(self.settings, self.probabilities) if probability == 0]
+
+    def trained_settings(self) -> list:
+        """The settings training samples (the others are applied afterwards), largest first."""
+        posthoc = self.posthoc_settings()
+        return [setting for setting in self.settings if setting not in posthoc]
+
     @contextmanager
     def applied(self, setting) -> Iterator[None]:
         """The model computes with ``setting`` inside; the previous setting is back on exit."""
@@ -142,10 +194,11 @@ class ModelSidePlugin(MatryoshkaPlugin):
             self.set(previous)
 
     def before_forward(self, step: int) -> None:
-        self.set(self.sample(step))
+        self.set(self.untouched() if self.posthoc else self.sample(step))
 
     def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
-        return [view.derive(**{self.tag: self.current()}) for view in views]
+        setting = self.current()
+        return [view.derive(**{self.tag: setting}) for view in views]
 
     def step_metrics(self) -> dict[str, float]:
         return {f"{type(self).__name__.lower()}/{self.tag}": float(self.current())}

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contracts.config_error import ConfigError
-from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, checked_ladder, ladder_probabilities
+from lightning_modules.plugins.base import (ModelSidePlugin, PosthocConfig, check_posthoc, checked_ladder,
+                                           ladder_probabilities)
 
 if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import Backbone, BackboneInfo
@@ -69,7 +70,9 @@ def feed_forward_projections(model: nn.Module, intermediate_size: int) -> list[t
 
 
 @dataclass
-class FFNConfig(PluginConfig):
+class FFNConfig(PosthocConfig):
+    """``posthoc: true``: train the full width only and slice the narrower widths afterwards."""
+
     widths: list[int] | None = None
     """Nested feed-forward widths; default ``{I, I/2, I/4}`` of the backbone's intermediate size ``I``."""
     probabilities: list[float] | None = None
@@ -92,6 +95,9 @@ class FFN(ModelSidePlugin):
     References:
         Devvrit et al., "MatFormer: Nested Transformer for Elastic Inference", 2023.
 
+    With ``posthoc: true`` training computes the full width only (no sampling) and the narrower widths are the full
+    model's projections sliced afterwards, for the probe and export.
+
     Example:
         ``plugins: {ffn: {widths: [1536, 768, 384]}}`` trains e5-small's full FFN, half and quarter.
     """
@@ -105,6 +111,10 @@ class FFN(ModelSidePlugin):
         full = info.intermediate_size
         widths = checked_ladder("widths", default_widths(full) if config.widths is None else list(config.widths),
                                 full, "the backbone's intermediate_size", default_widths(full))
+        check_posthoc(config, "probabilities", config.probabilities)
+        if config.posthoc and full not in widths:
+            raise ConfigError("widths", f"{widths} must include the full width {full} with posthoc: true (the width "
+                                        f"training computes)")
         self.settings = sorted(widths, reverse=True)
         self.probabilities = ladder_probabilities("probabilities", config.probabilities, widths, self.settings)
         self.projections: list[NestedLinear] = []
@@ -133,9 +143,9 @@ class FFN(ModelSidePlugin):
         model.config.intermediate_size = width
         return {}, {}
 
-    def full_settings(self) -> dict[str, object]:
+    def untouched(self) -> int:
         """The backbone's own feed-forward width: a cell at it is not cut along this axis."""
-        return {self.tag: self.info.intermediate_size}
+        return self.info.intermediate_size
 
     def step_metrics(self) -> dict[str, float]:
         return {"ffn/width": float(self.current())}
@@ -143,4 +153,4 @@ class FFN(ModelSidePlugin):
     def card_lines(self, cell: Cell) -> list[str]:
         return ["", "## Feed-forward width (MatFormer)", "",
                 f"Every block keeps the first {cell.tags[self.tag]} of its {self.info.intermediate_size} feed-forward "
-                f"units (`intermediate_size` in config.json; trained widths {self.settings})."]
+                f"units (`intermediate_size` in config.json; trained widths {self.trained_settings()})."]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -10,17 +11,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contracts.config_error import ConfigError
-from lightning_modules.plugins.base import ModelSidePlugin, PluginConfig, checked_ladder, ladder_probabilities
+from lightning_modules.plugins.base import (ModelSidePlugin, PosthocConfig, check_posthoc, checked_ladder,
+                                           ladder_probabilities)
 
 if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import Backbone, BackboneInfo
     from contracts.cells import Cell
 
+FACTORIZED_MODE = "factorized"
 FACTORIZED_CODE_FILE = "modeling_factorized.py"
-
-# Written next to a factorized export; transformers imports it with trust_remote_code=True. It must not import
-# this project: the folder has to load anywhere transformers is installed.
-FACTORIZED_CODE = '''"""Token embedding kept as two factors, E[ids] = U[ids] @ V (matryoshka-lab, MODE=factorized).
+# The head of the modeling file written next to a factorized export; transformers imports the file with
+# trust_remote_code=True. It must not import this project (the folder has to load anywhere transformers is
+# installed), so the file carries the source of FactorizedEmbedding itself, then the two classes below.
+FACTORIZED_CODE_HEAD = '''"""Token embedding kept as two factors, E[ids] = U[ids] @ V (matryoshka-lab, MODE=factorized).
 
 Load with ``AutoModel.from_pretrained(path, trust_remote_code=True)`` or
 ``SentenceTransformer(path, trust_remote_code=True)``; ``config.matryoshka_rank`` is the rank r. The model type
@@ -28,27 +31,18 @@ Load with ``AutoModel.from_pretrained(path, trust_remote_code=True)`` or
 building a random full-size embedding.
 """
 
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from transformers import {config_base} as _BaseConfig
 from transformers import {base} as _Base
-
+'''
+FACTORIZED_CODE_TAIL = '''
 
 class {config_name}(_BaseConfig):
     model_type = "{model_type}"
-
-
-class FactorizedEmbedding(nn.Module):
-    """``left``: [vocab, r] (U·S), ``right``: [r, d] (V); rows are gathered before the product."""
-
-    def __init__(self, num_embeddings: int, rank: int, embedding_dim: int) -> None:
-        super().__init__()
-        self.left = nn.Parameter(torch.zeros(num_embeddings, rank))
-        self.right = nn.Parameter(torch.zeros(rank, embedding_dim))
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.left) @ self.right
 
 
 class {name}(_Base):
@@ -56,7 +50,8 @@ class {name}(_Base):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        self.set_input_embeddings(FactorizedEmbedding(config.vocab_size, config.matryoshka_rank, config.hidden_size))
+        rank, vocab, width = config.matryoshka_rank, config.vocab_size, config.hidden_size
+        self.set_input_embeddings(FactorizedEmbedding(torch.zeros(vocab, rank), torch.zeros(rank, width)))
 '''
 
 
@@ -113,16 +108,17 @@ class FactorizedEmbedding(nn.Module):
 
 
 @dataclass
-class MELConfig(PluginConfig):
+class MELConfig(PosthocConfig):
+    """``posthoc: true``: train the model's own embedding untouched and only probe/export the ranks: a setting r swaps
+    in the rank-r truncated SVD of the current embedding and restores it afterwards (the baseline "truncated
+    afterwards")."""
+
     rank: int | None = None
     """Largest rank R kept from the SVD; default ``hidden_size // 2`` (the paper: 512 of 1024)."""
     ranks: list[int] | None = None
     """Rank ladder sampled from; default ``{2^i : i = 6..14, 2^i <= R} ∪ {R}``."""
     probabilities: list[float] | None = None
     """Sampling weight per entry of ``ranks`` (normalised); default proportional to the rank."""
-    posthoc: bool = False
-    """Train the model's own embedding untouched and only probe/export the ranks: a setting r swaps in the rank-r
-    truncated SVD of the current embedding and restores it afterwards (the baseline "truncated afterwards")."""
 
 
 class MEL(ModelSidePlugin):
@@ -159,6 +155,7 @@ class MEL(ModelSidePlugin):
     Config = MELConfig
     stage = 30
     tag = "rank"
+    export_modes = (FACTORIZED_MODE,)
 
     def __init__(self, config: MELConfig, info: BackboneInfo, seed: int) -> None:
         super().__init__(config, info, seed)
@@ -169,66 +166,54 @@ class MEL(ModelSidePlugin):
                               f"(min of vocab {info.vocab_size} and hidden size {info.hidden_size})")
         ranks = checked_ladder("ranks", default_ranks(max_rank) if config.ranks is None else list(config.ranks),
                                max_rank, "plugins.mel.rank", default_ranks(max_rank))
+        check_posthoc(config, "probabilities", config.probabilities)
         self.max_rank = max_rank
         self.settings = sorted(ranks, reverse=True)
         self.probabilities = ladder_probabilities("probabilities", config.probabilities, ranks, self.settings)
-        # posthoc: the model's own embedding is a setting too, the untruncated one, at the matrix's full rank (its
-        # cells are named without a rank: the same deployable model as a run without MEL); never sampled.
+        # posthoc: the model's own embedding is a setting too, the untruncated one at the matrix's full rank
+        # (:meth:`untouched`: training computes with it and its cells are named without a rank, the same deployable
+        # model as a run without MEL); never sampled.
         self.full_rank = limit
-        if config.posthoc and limit not in self.settings:
+        if self.posthoc and limit not in self.settings:
             self.settings, self.probabilities = [limit, *self.settings], [0.0, *self.probabilities]
-        self.embedding: FactorizedEmbedding | None = None
-        self.posthoc = config.posthoc
-        self.backbone: Backbone | None = None  # posthoc: the model whose embedding a setting swaps
+        self.embedding: FactorizedEmbedding | None = None  # the factors: trained, or (posthoc) of the SVD
+        self.backbone: Backbone | None = None
         self.trained: nn.Module | None = None  # posthoc: the model's own embedding, restored after a setting
         self._svd_of: tuple | None = None  # posthoc: (weight storage, version) the cached factors were computed from
 
     def setup(self, backbone: Backbone) -> None:
-        if self.posthoc:
-            self.backbone, self.trained = backbone, backbone.input_embeddings()
+        self.backbone = backbone
+        if self.posthoc:  # training keeps (and trains) the model's own embedding
+            self.trained = backbone.input_embeddings()
             return
         self.embedding = FactorizedEmbedding.from_svd(backbone.input_embeddings().weight, self.max_rank)
         backbone.replace_input_embeddings(self.embedding)
 
+    def untouched(self) -> int | None:
+        """posthoc: the full rank, the model's own embedding untruncated; trained MEL: None (its embedding is
+        replaced by rank-R factors, so no cell is the model not cut along this axis and every name says its rank)."""
+        return self.full_rank if self.posthoc else None
+
     def current(self) -> int:
-        """The active rank; the full rank for a posthoc run computing with its own embedding (training)."""
-        if self.posthoc:
-            swapped = self.backbone is not None and self.backbone.input_embeddings() is self.embedding
-            return self.embedding.rank if swapped else self.full_rank
-        return self._factors().rank
+        """The active rank; the full rank while a posthoc run computes with its own embedding (training)."""
+        if self.backbone is None:
+            raise RuntimeError("MEL.setup(backbone) must run before the model is used")
+        return self.embedding.rank if self.backbone.input_embeddings() is self.embedding else self.full_rank
 
     def set(self, rank: int) -> None:
-        if not self.posthoc:
-            self._factors().rank = rank
-        elif rank == self.full_rank:
-            self.backbone.replace_input_embeddings(self.trained)
-        else:
-            factors = self._factors()
+        own = self.posthoc and rank == self.full_rank  # posthoc: the model's own embedding, untruncated
+        factors = self.trained if own else self._factors()
+        if not own:
             factors.rank = rank
+        if self.backbone.input_embeddings() is not factors:  # posthoc: swap the factors in, or the embedding back
             self.backbone.replace_input_embeddings(factors)
 
-    def before_forward(self, step: int) -> None:
-        if not self.posthoc:  # posthoc: training computes with the model's own embedding
-            super().before_forward(step)
-
-    def step_metrics(self) -> dict[str, float]:
-        return {} if self.posthoc else super().step_metrics()
-
-    def full_settings(self) -> dict[str, object]:
-        """posthoc: the full rank (the model's own embedding, untruncated); trained MEL has no untruncated setting
-        (the embedding is replaced by rank-R factors), so its cells always name their rank."""
-        return {self.tag: self.full_rank} if self.posthoc else {}
-
     def _factors(self) -> FactorizedEmbedding:
-        if self.posthoc and self.trained is not None:
-            return self._posthoc_factors()
-        if self.embedding is None:
-            raise RuntimeError("MEL.setup(backbone) must run before the model is used")
-        return self.embedding
-
-    def _posthoc_factors(self) -> FactorizedEmbedding:
-        """The rank-R truncated SVD of the trained embedding's current weights, recomputed only after they changed
-        (the optimizer's in-place updates bump the tensor's version)."""
+        """The factors a setting uses: the trained ones, or (posthoc) the rank-R truncated SVD of the trained
+        embedding's current weights, recomputed only after they changed (the optimizer's in-place updates bump the
+        tensor's version)."""
+        if self.trained is None:
+            return self.embedding
         weight = self.trained.weight
         state = (weight.untyped_storage().data_ptr(), weight._version)
         if self.embedding is None or self._svd_of != state:
@@ -241,7 +226,7 @@ class MEL(ModelSidePlugin):
             return {}, {}  # the model's own embedding, untruncated
         factors = self._factors()
         with torch.no_grad():
-            if mode == "compat":
+            if mode != FACTORIZED_MODE:
                 model.set_input_embeddings(nn.Embedding.from_pretrained(
                     factors.merged_weight(rank), freeze=False, padding_idx=getattr(model.config, "pad_token_id", None)))
                 return {}, {}
@@ -251,7 +236,9 @@ class MEL(ModelSidePlugin):
                  "model_type": f"{model.config.model_type}_factorized"}
         names |= {"name": f"Factorized{names['base']}", "config_name": f"Factorized{names['config_base']}"}
         code = FACTORIZED_CODE_FILE.removesuffix(".py")
-        return ({FACTORIZED_CODE_FILE: FACTORIZED_CODE.format(**names)},
+        source = (FACTORIZED_CODE_HEAD.format(**names) + "\n\n" + inspect.getsource(FactorizedEmbedding)
+                  + FACTORIZED_CODE_TAIL.format(**names))
+        return ({FACTORIZED_CODE_FILE: source},
                 {"model_type": names["model_type"], "architectures": [names["name"]], "matryoshka_rank": rank,
                  "auto_map": {"AutoConfig": f"{code}.{names['config_name']}", "AutoModel": f"{code}.{names['name']}"}})
 
@@ -259,8 +246,9 @@ class MEL(ModelSidePlugin):
         rank, info = cell.tags[self.tag], self.info
         if self.posthoc and rank == self.full_rank:
             return []  # the model's own embedding: nothing to say about a rank
+        trained = "none: truncated after training" if self.posthoc else self.trained_settings()
         return ["", "## Token embedding (MEL)", "",
-                f"Rank {rank} of the SVD factors (trained ranks {self.settings}): `vocab·r + r·d` = "
+                f"Rank {rank} of the SVD factors (trained ranks {trained}): `vocab·r + r·d` = "
                 f"{rank * (info.vocab_size + info.hidden_size):,} parameters factorized (`make export MODE=factorized`"
                 f", loads with `trust_remote_code=True`), {info.vocab_size * info.hidden_size:,} as the merged matrix "
                 f"`U[:, :r]·V[:r]` (`compat`)."]

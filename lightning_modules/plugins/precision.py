@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from contracts.config_error import ConfigError
-from lightning_modules.plugins.base import MatryoshkaPlugin, PluginConfig, checked_weights
 from contracts.cells import vector_bytes
+from contracts.config_error import ConfigError
+from lightning_modules.plugins.base import MatryoshkaPlugin, PosthocConfig, check_posthoc, checked_weights
 
 if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import BackboneInfo
@@ -59,7 +59,9 @@ BINARY_GRADIENTS = {"clipped": clipped_gradient, "identity": identity_gradient}
 
 
 @dataclass
-class PrecisionConfig(PluginConfig):
+class PrecisionConfig(PosthocConfig):
+    """``posthoc: true``: train the float view only and quantize afterwards (``weights`` 1 for fp32, 0 for the rest)."""
+
     levels: list[str] = field(default_factory=lambda: list(LEVELS))
     """Storage precisions to train, each of ``fp32``, ``int8``, ``binary``."""
     weights: list[float] | None = None
@@ -115,7 +117,12 @@ class Precision(MatryoshkaPlugin):
         if config.min_bytes < 0:
             raise ConfigError("min_bytes", f"{config.min_bytes} must be >= 0 (bytes per stored vector)")
         self.min_bytes = config.min_bytes
+        check_posthoc(config, "weights", config.weights)
+        if config.posthoc and "fp32" not in self.levels:
+            raise ConfigError("posthoc", f"needs fp32 among the levels {self.levels}: it is the view training computes")
         explicit = checked_weights("weights", config.weights, self.levels)
+        if config.posthoc:
+            explicit = {level: float(level == "fp32") for level in self.levels}
         self.weights = [1.0] * len(self.levels) if explicit is None else [explicit[level] for level in self.levels]
 
     def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
@@ -135,6 +142,9 @@ class Precision(MatryoshkaPlugin):
     def full_settings(self) -> dict[str, object]:
         """float32 storage is the embedding not quantized: ``layer_4/dim_64`` rather than ``.../precision_fp32``."""
         return {"precision": "fp32"}
+
+    def posthoc_settings(self) -> list[str]:
+        return [level for level, weight in zip(self.levels, self.weights) if weight == 0]
 
     def card_lines(self, cell: Cell) -> list[str]:
         rows = [f"| {level} | {weight:g} | {vector_bytes(cell.dim, LEVELS[level][1])} |"

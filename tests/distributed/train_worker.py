@@ -21,6 +21,7 @@ import torch
 from datamodules.pairs import TranslationPairsDataModule
 from experiments.config import compose
 from experiments.run import train
+from lightning_modules.distributed import activation_checkpointing_enabled
 from lightning_modules.module import MatryoshkaEmbedder
 
 GLOBAL_BATCH = 16
@@ -77,7 +78,7 @@ def main(out_dir: str, runs: list[list[str]]) -> None:
 
     def on_train_start(self):
         record["rank"] = self.global_rank
-        record["activation_checkpointing"] = self.backbone.model.is_gradient_checkpointing
+        record["activation_checkpointing"] = activation_checkpointing_enabled(self.backbone)
         record["start"] = snapshot(self)
         record["shards"] = {name: (tuple(local(p).shape), tuple(p.shape), type(p).__name__)
                             for name, p in self.named_parameters()}

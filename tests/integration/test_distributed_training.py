@@ -173,3 +173,31 @@ def test_ddp_logs_the_loss_of_the_global_batch(ddp, reference, mlflow_dir):
     _, ranks = ddp
     assert logged_losses(ranks, mlflow_dir) == pytest.approx({0: reference[1][0]}, abs=1e-5)
     assert abs(ranks[0]["losses"][0] - reference[1][0]) > 1e-3  # rank 0's own loss is another number
+
+
+@pytest.fixture(scope="module")
+def dropout_runs(common, fsdp2):
+    """Dropout on, FSDP2 on 2 ranks: 4 steps straight, and 2 steps then the same command resumed to 4, each in its
+    own run folder: ``(straight, [first, resumed])``. (After ``fsdp2``: its torchrun must have created the store.)"""
+    out, overrides = common
+    runs = {}
+    for name, phases in (("straight", [["trainer.max_steps=4"]]),
+                         ("resumed", [["trainer.max_steps=2"], ["trainer.max_steps=4"]])):
+        folder = out / f"dropout_{name}"
+        folder.mkdir()
+        dropout = [*overrides, "distributed.strategy=fsdp2", "model.tiny.dropout=0.1", "checkpoint_every=2"]
+        arguments = " -- ".join(" ".join([*dropout, *phase]) for phase in phases).split(" ")
+        run_worker("train_worker", folder, *arguments, torchrun=True, env={RUN_DIR_ENV: str(folder / "run")})
+        runs[name] = load_runs(folder, len(phases))
+    return runs["straight"][0], runs["resumed"]
+
+
+@pytest.mark.slow  # ~50 s beyond the fixtures above: two more torchrun launches
+def test_a_resume_with_dropout_continues_every_rank_like_the_straight_run(dropout_runs):
+    """Each rank gets its own generators back (before: both restarted from the seed and drew other masks)."""
+    straight, (first, resumed) = dropout_runs
+    for rank in range(WORLD_SIZE):
+        assert first[rank]["losses"] + resumed[rank]["losses"] == straight[rank]["losses"], rank
+    assert_same_weights(gathered(resumed), gathered(straight))
+    saved = torch.load(Path(first[0]["checkpoint"]) / "meta.pt", weights_only=True)["random_states"]
+    assert len(saved) == 2 and not torch.equal(saved[0]["torch"], saved[1]["torch"])  # the ranks' states differ

@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 from experiments.config import compose
 from experiments.export import main
-from experiments.loading import LoadedRun, RunLoadError, load_run
+from experiments.loading import LoadedRun, RunLoadError, load_run, run_cells
 from experiments.run import build, train
 from lightning_modules.embedding_model import CellError, EmbeddingModel
 from lightning_modules.cell_export import ExportError, export_cell, load_exported, model_card, probe_scores
@@ -138,6 +138,14 @@ def test_invalid_cells_are_rejected(runs, tags, message):
         runs["tiny_bert"].model.cell("layer_3/dim_32/rank_16")
 
 
+def test_a_part_of_a_cell_name_takes_the_other_tags_from_the_full_cell(runs):
+    model = runs["tiny_bert"].model
+    assert model.cell("layer_2").name == model.cell(layer=2).name == "layer_2/dim_32/rank_16"
+    assert model.cell("rank_8/layer_1").name == model.cell("layer_1", rank=8).name == "layer_1/dim_32/rank_8"
+    with pytest.raises(CellError, match="'layer2' is not a cell name"):
+        model.cell("layer2")
+
+
 def test_defaults_are_the_full_cell_and_the_largest_rank(runs):
     model = runs["tiny_bert"].model
     assert model.cell().name == model.full_cell().name == "layer_4/dim_32/rank_16"
@@ -216,7 +224,9 @@ def test_cli_exports_checks_and_reports_errors(runs, capsys):
     assert main([checkpoint, "--layers", "9"]) == 2
     assert "export error: layer 9 is not a value of this run; choose one of [1, 2, 4]" in capsys.readouterr().err
     assert main([checkpoint, "--cell", "layer_2/dim_16/rank_8", "--layers", "2"]) == 2
-    assert "names the whole cell" in capsys.readouterr().err
+    assert "CELL=layer_2/dim_16/rank_8 and the layer option name the same axis" in capsys.readouterr().err
+    assert main([checkpoint, "--cell", "layer_2/ffn_8"]) == 2
+    assert "export error: the run has no 'ffn' axis; its axes: layer, dim, rank" in capsys.readouterr().err
     assert main([checkpoint, "--cell", "layer_2/dim_16/rank_8", "--out", str(runs["tiny_bert"].run_dir / "by_name")]) == 0
     assert "exported cell layer_2/dim_16/rank_8 (compat)" in capsys.readouterr().out
     assert main([checkpoint, "--layers", "1", "--dim", "8", "--rank", "8", "--mode", "factorized"]) == 0
@@ -224,6 +234,34 @@ def test_cli_exports_checks_and_reports_errors(runs, capsys):
     expected_dir = runs["tiny_bert"].run_dir / "export" / "layer_1-dim_8-rank_8-factorized"
     assert f"to {expected_dir}" in out and (expected_dir / "modeling_factorized.py").is_file()
     assert float(out.split("max |export - training| over 3 texts = ")[1].split()[0]) <= 1e-5
+
+
+def test_cli_checks_the_cell_and_the_folder_before_loading_any_weights(runs, capsys, monkeypatch, tmp_path):
+    """Before: a bad CELL/LAYERS or an existing folder was reported after the run's weights had loaded (~28 s for
+    the quickstart); the folder error named only the CLI's flag, not make's ARGS=--overwrite."""
+    import experiments.loading
+    import experiments.run
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the arguments were checked")
+
+    monkeypatch.setattr(experiments.loading, "load_run", no_weights)
+    monkeypatch.setattr(experiments.run, "build", no_weights)
+    checkpoint = str(runs["tiny_bert"].checkpoint)
+    assert main([checkpoint, "--layers", "5"]) == 2
+    assert "export error: layer 5 is not a value of this run; choose one of [1, 2, 4]" in capsys.readouterr().err
+    assert main([checkpoint, "--cell", "layer_3/dim_32/rank_16"]) == 2
+    assert "CELL=layer_3/dim_32/rank_16 is not a cell of this run" in capsys.readouterr().err
+    (tmp_path / "taken" / "kept.txt").parent.mkdir()
+    (tmp_path / "taken" / "kept.txt").write_text("mine")
+    assert main([checkpoint, "--out", str(tmp_path / "taken")]) == 2
+    assert (f"OUT={tmp_path / 'taken'} exists and is not empty; choose a new folder or pass --overwrite (make export "
+            f"... ARGS=--overwrite)") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["tiny_bert", "tiny_qwen3"])
+def test_the_cells_from_a_run_config_are_the_trained_models_cells(runs, source):
+    assert run_cells(runs[source].config) == runs[source].model.cells()
 
 
 CLEAN_LOADER = textwrap.dedent("""

@@ -61,6 +61,7 @@ def test_a_width_equals_a_model_built_with_that_intermediate_size(model, tmp_pat
     reproduce the training model's cell, and differ from the full width."""
     cell = model.cell(layer=2, dim=16, rank=8, ffn=16)
     assert cell.name == "layer_2/dim_16/rank_8/ffn_16"
+    assert model.cell("layer_2/dim_16/ffn_16", rank=8) == cell  # CELL=layer_2/dim_16/ffn_16 RANK=8: the same cell
     result = export_cell(model, tmp_path / "export", cell, Origin("t", "tiny", None, 0, None))
     config = json.loads((result.path / "config.json").read_text())
     assert config["intermediate_size"] == 16 and config["num_hidden_layers"] == 2

@@ -23,9 +23,15 @@ def test_gpu_check_runs_every_setup_on_cpu_without_project_only_packages(tmp_pat
     rows = json.loads(out.read_text())
     assert list(rows) == ["plain contrastive", "MRL", "MLL", "MEL", "MLL+MRL+MEL", "MLL+MRL+MEL+precision",
                           "MLL+MRL+MEL, act. ckpt", "MLL+MRL+MEL, adamw8bit", "MLL+MRL+MEL, var. len.",
-                          "MLL+MRL+MEL, var. len., packed"]
+                          "MLL+MRL+MEL, var. len., packed", "MLL+MRL+MEL, 256 seqs, cached"]
     for name, row in rows.items():
         assert row["tokens_per_s"] > 0 and row["device"] == "cpu" and row["mfu"] is None, name
     assert "GPU check on 1 x cpu" in result.stdout and "MLL+MRL+MEL, adamw8bit" in result.stdout
+    # Its progress bar, the title, the table and what it could not measure; no library's notices (tips, device
+    # lines, deprecations, bitsandbytes' kernel note).
+    printed = [line for line in (result.stdout + result.stderr).replace("\r", "\n").splitlines()
+               if line.strip() and not line.startswith("gpu-check:")]
+    assert len(printed) == 1 + 1 + len(rows) + 1, printed
+    assert printed[-1].startswith("not measured: MFU and peak memory: no CUDA device"), printed
     variable, packed = rows["MLL+MRL+MEL, var. len."], rows["MLL+MRL+MEL, var. len., packed"]
     assert rows["MLL+MRL+MEL"]["padding_fraction"] == 0 and packed["padding_fraction"] < variable["padding_fraction"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from evaluation import latest_table
+from evaluation.query_scores import read_query_scores
 from experiments.config import compose
 from experiments.run import train
 from tests.conftest import run_overrides
@@ -59,8 +60,12 @@ def test_probe_tables_metrics_and_heatmaps(runs):
                                           ["scores"]["GettextBitextMining"]["main_score"])
     assert table["summary"]["full"]["cell"] == "layer_4/dim_32/rank_16"
     artifacts = {artifact.path for artifact in client.list_artifacts(result.run_id, "probe/step_4")}
-    suffixes = (".json", ".csv", "_rank_16.png", "_rank_8.png")
+    suffixes = (".json", ".queries.npz", ".csv", "_rank_16.png", "_rank_8.png")
     assert artifacts == {f"probe/step_4/probe_step_4{suffix}" for suffix in suffixes}
+    # only the final probe keeps per-query scores (the mid-training ones stay cheap)
+    assert not (result.run_dir / "probe" / "probe_step_2.queries.npz").exists()
+    assert set(read_query_scores(result.run_dir / "probe" / "probe_step_4.json")) == {"GettextBitextMining",
+                                                                                       "GettextRetrieval"}
     header = (result.run_dir / "probe" / "probe_step_4.csv").read_text().splitlines()[0].split(",")
     assert header[:7] == ["step", "layer", "dim", "rank", "bytes", "task", "main_score"]
     # the last table also at the run's root under stable names, for MLflow's compare view, with its summary

@@ -69,9 +69,9 @@ def finished(tmp_path_factory, corpus_dir, mlflow_dir):
     (["plugins.mel.rank=8"], "plugins.mel.rank: 16 -> 8"),  # before: a size-mismatch traceback
     (["seed=3", "data.locales=[de]"], "data.locales: ['de', 'fr'] -> ['de']; seed: 0 -> 3"),
 ])
-def test_a_resume_with_settings_that_cannot_change_stops_naming_them(finished, overrides, named):
+def test_a_strict_resume_with_settings_that_cannot_change_stops_naming_them(finished, overrides, named):
     make, first = finished
-    config = make(overrides)
+    config = make([*overrides, "resume=true"])
     with pytest.raises(ConfigError) as error:
         train(config)
     message = str(error.value)
@@ -82,7 +82,21 @@ def test_a_resume_with_settings_that_cannot_change_stops_naming_them(finished, o
     assert "resume.count" not in client.get_run(first.run_id).data.tags  # the MLflow run was not touched
 
 
+def test_other_settings_that_cannot_change_on_resume_start_a_new_run_saying_so(finished, capsys):
+    """Before: the README's second command stopped with a config error: changing what a run is asks for a new run."""
+    make, first = finished
+    config = make(["data.locales=[de]"])
+    other = train(config)
+    assert other.run_dir.parent == first.run_dir.parent and other.run_dir != first.run_dir
+    assert other.run_id != first.run_id
+    assert (f"new run {other.run_dir}: no run of tiny has these settings (newest, {first.run_dir.name}: "
+            f"data.locales: ['de', 'fr'] -> ['de']); resume=true continues the newest one\n") in capsys.readouterr().out
+    client = mlflow.MlflowClient(config.tracking.uri)
+    assert "resume.count" not in client.get_run(first.run_id).data.tags  # the first run was not touched
+
+
 def test_a_resume_applies_the_settings_that_can_change(finished):
+    """Also after the test above: the newest run with the same fixed settings is continued, not the newest run."""
     make, first = finished
     config = make(["trainer.max_steps=3", "trainer.log_every_n_steps=2", "probe.every_n_steps=7"])
     resumed = train(config)

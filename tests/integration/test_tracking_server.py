@@ -125,7 +125,7 @@ def test_the_ui_launcher_prints_its_url_starts_without_job_workers_and_stops_on_
     run_dir = tmp_path / "outputs" / "abl" / "20261201-000000"  # make ui RUN=...: the run's own store and experiment
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(f"tracking:\n  uri: {uri}\n  experiment: abl\n")
-    ui = subprocess.Popen([sys.executable, "-m", "experiments.runs_table", "ui", "--port", str(port), "--run", str(run_dir)],
+    ui = subprocess.Popen([sys.executable, "-m", "experiments.mlflow_ui", "--port", str(port), "--run", str(run_dir)],
                           cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     try:

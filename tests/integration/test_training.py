@@ -4,7 +4,9 @@ import mlflow
 import pytest
 import torch
 
-from experiments.run import train
+from experiments.run import train, train_and_report
+from experiments.tracking import RUN_ID_FILE
+from tests.conftest import run_overrides
 from lightning_modules.module import MatryoshkaEmbedder
 
 
@@ -65,7 +67,38 @@ def test_crashed_and_resumed_run_ends_where_a_straight_run_ends(tiny_config, tmp
     assert set(steps) == set(range(6))
 
 
+def test_a_resume_with_dropout_draws_the_straight_runs_masks(tiny_config, tmp_path, monkeypatch):
+    """Dropout on (real backbones train with 0.1): the checkpoint carries the generators, so the resumed steps equal
+    the straight run's. Before: equal through the checkpoint, then other masks (the generators started from the
+    seed again)."""
+    overrides = ["data.locales=[de,fr]", "model.tiny.dropout=0.1", "checkpoint_every=3", "trainer.max_steps=7"]
+    straight = train(tiny_config("tiny", [*overrides, f"output_dir={tmp_path}/straight"]))
+    train_until_crash(tiny_config("tiny", overrides), 5, monkeypatch)  # steps 0-4 logged, checkpoint after step 2
+    resumed = train(tiny_config("tiny", overrides))
+    config = tiny_config()
+    assert loss_history(config, resumed.run_id) == loss_history(config, straight.run_id)  # steps 5, 6: resumed only
+    reference = final_state(straight)["state_dict"]
+    for key, value in final_state(resumed)["state_dict"].items():
+        torch.testing.assert_close(value, reference[key], rtol=0, atol=0, msg=key)
+
+
 def test_resume_false_starts_a_new_run(tiny_config):
     first = train(tiny_config("tiny", ["trainer.max_steps=2"]))
     fresh = train(tiny_config("tiny", ["trainer.max_steps=2", "resume=false"]))
     assert fresh.run_dir != first.run_dir and fresh.run_id != first.run_id and first.checkpoint.is_file()
+
+
+def test_a_finished_run_run_again_reports_its_last_logged_loss(tmp_path, corpus_dir, mlflow_dir, capsys):
+    """Before: ``final train/loss = nan`` (no step ran in the second session)."""
+    overrides = [*run_overrides(tmp_path, corpus_dir, mlflow_dir), "trainer.max_steps=2"]
+
+    def reported_loss() -> str:
+        assert train_and_report("tiny", overrides) == 0
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if "final train/loss = " in line]
+        return line.split(" = ")[1]
+
+    first, again = reported_loss(), reported_loss()
+    (run_dir,) = (tmp_path / "outputs" / "tiny").iterdir()
+    run_id = (run_dir / RUN_ID_FILE).read_text().strip()
+    history = mlflow.MlflowClient(f"sqlite:///{mlflow_dir}/mlflow.db").get_metric_history(run_id, "train/loss")
+    assert first == again == f"{max(history, key=lambda metric: metric.step).value:.4f}"

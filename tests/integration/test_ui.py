@@ -4,8 +4,8 @@ store a run used."""
 import mlflow
 import pytest
 
-from experiments import runs_table as runs
-from experiments.runs_table import experiment_to_open, run_store, runs_page_url, ui_hint
+from experiments import mlflow_ui
+from experiments.mlflow_ui import experiment_to_open, run_store, runs_page_url, ui_hint
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_make_ui_saves_the_headline_view_that_its_url_opens(store):
     client.log_metric(run_ids["new"], "final/Retrieval/grid_mean", 0.25)
     client.log_metric(run_ids["new"], "Retrieval/layer_4/dim_64", 0.5)  # a cell: not a headline column
     client.log_metric(run_ids["new"], "train/loss", 2.0)
-    key = runs.save_headline_view(client, ids["new"])
+    key = mlflow_ui.save_headline_view(client, ids["new"])
     assert runs_page_url("http://127.0.0.1:5000", "7", key) == (
         "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
         "&viewStateShareKey=matryoshka-lab-headline")
@@ -66,7 +66,7 @@ def test_the_end_of_run_hint_names_the_exact_command_for_the_runs_store(store, m
     assert hint == (f"MLflow run {run_ids['old']} in experiment 'old' ({uri}); its runs table:\n"
                     f"  make ui URI={uri} EXP=old    (serves and opens "
                     f"http://127.0.0.1:5000/#/experiments/{ids['old']}/runs?workflowType=machine_learning)")
-    monkeypatch.setattr(runs, "default_tracking_uri", lambda: uri)  # the project's own store: no URI= needed
+    monkeypatch.setattr(mlflow_ui, "default_tracking_uri", lambda: uri)  # the project's own store: no URI= needed
     assert f"\n  make ui EXP=old    (serves" in ui_hint(uri, run_ids["old"], client)
     remote = ui_hint("http://10.0.0.5:5000", run_ids["new"], client)  # a server: its own URL, no local UI
     assert remote.endswith(f"\n  http://10.0.0.5:5000/#/experiments/{ids['new']}/runs?workflowType=machine_learning")

@@ -68,7 +68,7 @@ def ui(store):
     """``(runs page URL, base URL)`` of ``make ui``'s launcher serving the store."""
     uri, experiment = store
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "experiments.runs_table", "ui", "--port", str(port), "--uri", uri,
+    server = subprocess.Popen([sys.executable, "-m", "experiments.mlflow_ui", "--port", str(port), "--uri", uri,
                                "--experiment", experiment, "--no-browser"], cwd=PROJECT_ROOT,
                               env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)

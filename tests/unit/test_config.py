@@ -69,7 +69,7 @@ def test_unknown_experiment_lists_available_ones():
 def test_overrides_apply_last_and_tracking_defaults_to_name():
     config = compose("tiny", ["trainer.max_steps=3", "plugins.mel=null", "optim.betas=[0.8,0.9]"])
     assert config.trainer.max_steps == 3 and config.plugins.mel is None and list(config.optim.betas) == [0.8, 0.9]
-    assert config.tracking.experiment == "tiny" and config.name == "tiny" and config.resume is True
+    assert config.tracking.experiment == "tiny" and config.name == "tiny" and config.resume == "auto"
     info = describe_backbone(config)
     assert [type(p).__name__ for p in build_plugins(config, info)] == ["MLL", "MRL"]
 

@@ -185,3 +185,17 @@ def test_bench_data_counts_pairs_per_batch_and_padding(tmp_path, corpus_dir, mlf
     speed = loader_speed(config, batches=3)
     assert speed["pairs_per_s"] == pytest.approx(speed["batches_per_s"] * config.data.batch_size)
     assert 0.0 < speed["padding"] < 1.0  # padded batches of texts of different lengths
+
+
+@pytest.mark.parametrize("packing, shown", [("true", "on"), ("false", "off")])
+def test_bench_data_says_whether_batches_are_packed(tmp_path, corpus_dir, mlflow_dir, capsys, packing, shown):
+    """Before: the bucketing table did not say packing was on, where bucketing adds padding instead of removing it."""
+    from bench.data import main
+    from tests.conftest import run_overrides
+
+    main(["tiny", *run_overrides(tmp_path, corpus_dir, mlflow_dir), f"data.packing={packing}", "--steps", "0",
+          "--batches", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["packing", "bucketing", "batches/s", "pairs/s", "padding"]
+    assert [line.split()[:2] for line in lines[2:4]] == [[shown, "false"], [shown, "true"]]
+    assert any("data.packing=false" in line for line in lines[4:]) == (packing == "true")

@@ -10,7 +10,8 @@ from experiments.config import ConfigError
 from experiments.run import RUN_DIR_ENV, run_directory
 from lightning_modules.backbone_adapter import Backbone
 from lightning_modules.backbones.tiny import byte_tokenizer, tiny_bert, tiny_qwen3
-from lightning_modules.distributed import FSDP2Strategy, resolve_precision, trainer_settings, transformer_blocks
+from lightning_modules.distributed import (FSDP2Strategy, activation_checkpointing_enabled, resolve_precision,
+                                           trainer_settings, transformer_blocks)
 from lightning_modules.losses import ContrastiveLoss
 from lightning_modules.module import MatryoshkaEmbedder
 from lightning_modules.plugins import MLL, MRL
@@ -70,7 +71,7 @@ def loss_and_grads(activation_checkpointing: bool) -> tuple[torch.Tensor, dict]:
     module = MatryoshkaEmbedder(backbone, plugins, ContrastiveLoss(), optim=None,
                                 activation_checkpointing=activation_checkpointing)
     module.configure_model()  # no device mesh (no ModelParallelStrategy): only activation checkpointing
-    assert backbone.model.is_gradient_checkpointing == activation_checkpointing
+    assert activation_checkpointing_enabled(backbone) == activation_checkpointing
     batch = BatchTokenizer(byte_tokenizer(), "decoder", 32)(*global_texts(0))
     loss = sum(view.weight * sum(module.loss(view.embeddings, batch["num_queries"]).values())
                for view in module.views(batch, 0))

@@ -133,7 +133,7 @@ def test_posthoc_trains_the_models_own_embedding_under_names_without_a_rank(tmp_
     ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
     mel.before_forward(step=3)  # a non-posthoc run would sample a rank here
     views = module.forward_views(ids, mask)
-    assert {view.tags["rank"] for view in views} == {32} and mel.step_metrics() == {}  # the full rank: untruncated
+    assert {view.tags["rank"] for view in views} == {32} and mel.step_metrics() == {"mel/rank": 32.0}  # untruncated
     assert all("rank" not in view.name for view in views)  # ... which names leave out
     assert [cell.tags["rank"] for cell in module.cells()][::len(views)] == [32, 16]  # the probe still sees both ranks
     names = [cell.name for cell in module.cells()]
