@@ -33,13 +33,13 @@ class ProbeCallback(L.Callback):
     Probes run at the start, every ``every_n_steps`` optimizer steps and at the end (see
     :class:`~evaluation.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
     ``<task>/<cell>`` (e.g. ``GettextRetrieval/layer_4/dim_64/rank_128``, see :func:`~evaluation.report.metrics`)
-    and ``probe/seconds`` (the final evaluation: ``probe/final_seconds``) to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per
-    model-side setting to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``; at the end, the
-    last table also as ``probe_final.csv``, ``probe_final_table.json`` and ``probe_final_<task>_<setting>.png`` at the
-    MLflow run's root with its ``final/...`` headline metrics (see :func:`~evaluation.report.log_final`). A failing
-    task is logged with
-    its name and left out; training goes on. Weights, RNG streams and the data position are left untouched, so
-    a run's losses are the same with and without probes.
+    and ``probe/seconds`` (the final evaluation: ``probe/final_seconds``) to MLflow at the training step, and writes
+    the table (JSON, CSV) and one heatmap per model-side setting to ``<run_dir>/probe/`` and to the MLflow run's
+    artifacts ``probe/step_<n>/``; at the end, the last table also as ``probe_final.csv``, ``probe_final_table.json``
+    and ``probe_final_<task>_<setting>.png`` at the MLflow run's root with its ``final/...`` headline metrics (see
+    :func:`~evaluation.report.log_final`). A failing task is logged with its name and left out; training goes on.
+    Weights, RNG streams and the data position are left untouched, so a run's losses are the same with and without
+    probes.
 
     Args:
         runner: builds the tasks, scores the cells and writes the report files.
