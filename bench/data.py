@@ -5,7 +5,7 @@ and data-wait share.
    the padding fraction, with length bucketing off and on, over the experiment's data and tokenizer; the table
    says whether batches are packed (``data.packing``, on by default) or padded.
 2. A short training run of the experiment (``--steps``, fresh run in a temporary folder): the share of step
-   time the training loop spent waiting for data (``system/data/device/wait_fraction``, start-up batch excluded).
+   time the training loop spent waiting for data (``run/data/device/wait_fraction``, start-up batch excluded).
 
 Example:
     .venv/bin/python -m bench.data quickstart --steps 20 --batches 200
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                                          f"tracking.artifact_dir={scratch}/artifacts"])
             result = train(config)
         print(f"training, {args.name}, {args.steps} steps, data.num_workers={config.data.num_workers}: data wait "
-              f"{100 * result.metrics['system/data/device/wait_fraction']:.2f} % of step time (last step waited "
-              f"{1000 * result.metrics['system/data/device/wait_s']:.1f} ms)")
+              f"{100 * result.metrics['run/data/device/wait_fraction']:.2f} % of step time (last step waited "
+              f"{1000 * result.metrics['run/data/device/wait_s']:.1f} ms)")
 
 
 if __name__ == "__main__":

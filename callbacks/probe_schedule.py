@@ -32,13 +32,14 @@ class ProbeCallback(L.Callback):
 
     Probes run at the start, every ``every_n_steps`` optimizer steps and at the end (see
     :class:`~evaluation.config.ProbeConfig`); every device encodes a shard of the texts, global rank 0 logs
-    ``probe/<task>/<metric>/layer_<l>/dim_<d>/rank_<r>``, ``probe/mean_main_score/{full,cheapest}`` and
-    ``probe/seconds`` to MLflow at the training step, and writes the table (JSON, CSV) and one heatmap per rank
-    to ``<run_dir>/probe/`` and to the MLflow run's artifacts ``probe/step_<n>/``; at the end, the last table also as
-    ``probe_final.csv`` and ``probe_final_<group>.png`` at the MLflow run's root with its ``final/...`` summary
-    metrics (see :func:`~evaluation.report.log_final`). A failing task is logged with
-    its name and left out; training goes on. Weights, RNG streams and the data position are left untouched, so
-    a run's losses are the same with and without probes.
+    ``<task>/<cell>`` (e.g. ``GettextRetrieval/layer_4/dim_64/rank_128``, see :func:`~evaluation.report.metrics`)
+    and ``probe/seconds`` (the final evaluation: ``probe/final_seconds``) to MLflow at the training step, and writes
+    the table (JSON, CSV) and one heatmap per model-side setting to ``<run_dir>/probe/`` and to the MLflow run's
+    artifacts ``probe/step_<n>/``; at the end, the last table also as ``probe_final.csv``, ``probe_final_table.json``
+    and ``probe_final_<task>_<setting>.png`` at the MLflow run's root with its ``final/...`` headline metrics (see
+    :func:`~evaluation.report.log_final`). A failing task is logged with its name and left out; training goes on.
+    Weights, RNG streams and the data position are left untouched, so a run's losses are the same with and without
+    probes.
 
     Args:
         runner: builds the tasks, scores the cells and writes the report files.
@@ -80,11 +81,14 @@ class ProbeCallback(L.Callback):
             self._log_final(trainer)
         if trainer.is_global_zero and self.probed:
             wall = time.perf_counter() - self.started - self.final_seconds
+            mid_training = len(self.probed) - (self.final_seconds > 0)
             log.info("probe: %d mid-training probes took %.1f s, %.1f %% of %.1f s of training wall time; the final "
-                     "evaluation %.1f s", len(self.probed) - (self.final_seconds > 0), self.seconds,
-                     100 * self.seconds / wall, wall, self.final_seconds)
-            self._log(trainer, {"probe/seconds_total": self.seconds, "probe/wall_share": self.seconds / wall,
-                                "probe/final_seconds": self.final_seconds}, [])
+                     "evaluation %.1f s", mid_training, self.seconds, 100 * self.seconds / wall, wall,
+                     self.final_seconds)
+            totals = {"probe/wall_share": self.seconds / wall}
+            if mid_training > 1:  # one mid-training probe: its probe/seconds already says it
+                totals["probe/seconds_total"] = self.seconds
+            self._log(trainer, totals, [])
 
     def probe(self, trainer: L.Trainer, pl_module: L.LightningModule, final: bool = False) -> dict | None:
         """One probe at the current global step (once per step); returns its table. The ``final`` one (the
@@ -105,6 +109,8 @@ class ProbeCallback(L.Callback):
         self.last_table = table
         if trainer.is_global_zero:
             logged, files = self.runner.write(table, self._run_name(trainer))
+            if final:  # the final evaluation's time has its own name (not a mid-training probe's probe/seconds)
+                logged["probe/final_seconds"] = logged.pop("probe/seconds")
             self._log(trainer, logged, files)
             summary = table["summary"].get("full", {})
             log.info("probe at step %d: %.1f s, mean main score %.4f at %s", step, table["seconds"],

@@ -39,10 +39,10 @@ class RunStats(L.Callback):
 
     - ``train/elapsed_s``: seconds of training so far, summed over resumed sessions. Saved in checkpoints; the time a
       killed session spent after its last checkpoint is not counted (those steps are recomputed on resume).
-    - ``system/memory/device/peak_rss_mb`` (host process) and, on CUDA, ``system/memory/device/peak_cuda_mb``
+    - ``run/memory/device/peak_rss_mb`` (host process) and, on CUDA, ``run/memory/device/peak_cuda_mb``
       (allocated tensors): this device's peaks since this training session started (only global rank 0 logs).
 
-    and once per session ``system/model/trainable_parameters`` (what the optimizer updates; MEL's factors replace the
+    and once per session ``run/model/trainable_parameters`` (what the optimizer updates; MEL's factors replace the
     word embedding), so a run's cost sits beside its scores.
 
     Example:
@@ -58,7 +58,7 @@ class RunStats(L.Callback):
         reset_peak_memory(pl_module.device)
         if trainer.logger is not None:
             trainable = sum(parameter.numel() for parameter in pl_module.parameters() if parameter.requires_grad)
-            trainer.logger.log_metrics({"system/model/trainable_parameters": float(trainable)},
+            trainer.logger.log_metrics({"run/model/trainable_parameters": float(trainable)},
                                        step=trainer.global_step)
 
     def elapsed(self) -> float:
@@ -67,9 +67,9 @@ class RunStats(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        metrics = {"train/elapsed_s": self.elapsed(), "system/memory/device/peak_rss_mb": peak_rss_mb()}
+        metrics = {"train/elapsed_s": self.elapsed(), "run/memory/device/peak_rss_mb": peak_rss_mb()}
         if pl_module.device.type == "cuda":
-            metrics["system/memory/device/peak_cuda_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+            metrics["run/memory/device/peak_cuda_mb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
@@ -81,15 +81,15 @@ class RunStats(L.Callback):
 
 
 class ThroughputRates(ThroughputMonitor):
-    """Lightning's ThroughputMonitor, logging only its rates over the window: ``train/device/<x>_per_sec`` (this
-    device) and, on several devices, ``train/<x>_per_sec`` (all devices), for x in batches, samples, items (real
+    """Lightning's ThroughputMonitor, logging only its rates over the window: ``run/device/<x>_per_sec`` (this
+    device) and, on several devices, ``run/<x>_per_sec`` (all devices), for x in batches, samples, items (real
     tokens) and flops (the module's ``flops_per_batch``: model FLOPs, docs/training.md#mfu), and ``train/mfu``: this
     device's model FLOPs per second over its peak (``peak_flops(device)``; the trainer passes
     :func:`lightning_modules.flops.peak_flops`: a GPU's spec bf16 peak, a CPU's measured matmul rate), equal on every
-    device of a run.
+    device of a run. The rates are plumbing (``run/``); the MFU is training's own number (``train/``).
 
     The running counts it also logs would repeat other metrics or mislabel them: ``train/batches`` is the step,
-    ``train/samples`` one device's share of ``system/data/examples/<source>``, ``train/time`` about
+    ``train/samples`` one device's share of ``run/data/examples/<source>``, ``train/time`` about
     ``train/elapsed_s``, and ``train/lengths`` one device's tokens under a name without ``device``.
 
     Example:
@@ -111,8 +111,7 @@ class ThroughputRates(ThroughputMonitor):
         if not trainer._logger_connector.should_update_logs:
             return
         stage = trainer.state.stage
-        rates = {key.replace("device/mfu", "mfu"): value for key, value in self._throughputs[stage].compute().items()
-                 if key.endswith(("_per_sec", "mfu"))}
+        rates = {("train/mfu" if key.endswith("mfu") else f"run/{key}"): value
+                 for key, value in self._throughputs[stage].compute().items() if key.endswith(("_per_sec", "mfu"))}
         if rates:
-            trainer._logger_connector.log_metrics({f"{stage.value}/{key}": value for key, value in rates.items()},
-                                                  step=iter_num)
+            trainer._logger_connector.log_metrics(rates, step=iter_num)

@@ -4,16 +4,37 @@ trains and encodes them), the evaluation (which scores them) and the CLIs (which
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+ALWAYS_NAMED = ("layer", "dim")  # every cell has an exit and a width: they always open its name
 
 
 def view_name(tags: Mapping[str, object]) -> str:
-    """Metric-name fragment of a view, e.g. ``layer_4/dim_64/rank_128``.
+    """Metric-name fragment of tags as given, e.g. ``layer_4/dim_64/rank_128`` (``full`` for none); a cell's name is
+    :func:`cell_name`, which first leaves out the axes at their full setting.
 
     ``key_value`` rather than ``key=value``: MLflow rejects ``=`` in metric names (only alphanumerics,
     ``_ - . / : space``), and Lightning's MLflow logger would otherwise rewrite it silently.
     """
     return "/".join(f"{key}_{value}" for key, value in tags.items()) or "full"
+
+
+def cut_tags(tags: Mapping[str, object], full_settings: Mapping[str, object]) -> dict[str, object]:
+    """The tags of the axes a cell cuts: ``layer`` and ``dim`` always, any other axis only where its value differs
+    from the axis's full, untruncated setting (``full_settings``, declared by each plugin: precision ``fp32``, the
+    backbone's FFN width, the full rank of an embedding truncated only afterwards; an axis without an untruncated
+    setting, such as trained MEL, is not in it and is always named).
+
+    The one naming rule of the project: a cell's name names only what it cuts, so one name is one deployable model in
+    every run, whichever plugins trained it (``layer_4/dim_384`` of a baseline and of an MRL run; ``.../rank_64`` of a
+    MEL run and of a baseline truncated afterwards)."""
+    return {key: value for key, value in tags.items()
+            if key in ALWAYS_NAMED or key not in full_settings or full_settings[key] != value}
+
+
+def cell_name(tags: Mapping[str, object], full_settings: Mapping[str, object]) -> str:
+    """The name of a cell (see :func:`cut_tags`): ``layer_4/dim_64/rank_128``; ``layer_4/dim_64`` at full rank."""
+    return view_name(cut_tags(tags, full_settings))
 
 
 def parse_cell_name(name: str) -> dict[str, object]:
@@ -71,23 +92,28 @@ class Tags(dict):
 @dataclass(frozen=True)
 class Cell:
     """One deployable model of a run: its tags (``layer``, ``dim``, then every other axis in plugin order, e.g.
-    ``rank``, ``ffn``, ``precision``) and the bytes one stored vector costs. Hashable; its tags are read-only
-    (:class:`Tags`), so a cell can key a dict or sit in a set.
+    ``rank``, ``ffn``, ``precision``; each axis of the run, also at its full setting), the bytes one stored vector
+    costs and the full setting of each axis that has one (what :func:`cell_name` leaves out). Hashable; its tags are
+    read-only (:class:`Tags`), so a cell can key a dict or sit in a set.
 
     Example:
         >>> Cell({"layer": 2, "dim": 64, "rank": 64}, 256).name
         'layer_2/dim_64/rank_64'
+        >>> Cell({"layer": 2, "dim": 64, "precision": "fp32"}, 256, {"precision": "fp32"}).name
+        'layer_2/dim_64'
     """
 
     tags: Mapping[str, object]
     bytes: int
+    full_settings: Mapping[str, object] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tags", Tags(self.tags))
+        object.__setattr__(self, "full_settings", Tags(self.full_settings))
 
     @property
     def name(self) -> str:
-        return view_name(self.tags)
+        return cell_name(self.tags, self.full_settings)
 
     @property
     def layer(self) -> int:

@@ -115,11 +115,11 @@ class TranslationPairsDataModule(L.LightningDataModule):
     batches an uninterrupted run would have seen.
 
     Every training batch gets ``batch["stats"]``, per-step metrics the LightningModule logs, under ``system/`` (MLflow
-    shows them apart from the model's metrics): ``system/data/examples/<source>`` and
-    ``system/data/examples_language/<language>`` (examples seen, all devices), and this device's
-    ``system/data/device/padding_fraction``, ``system/data/device/wait_s`` (time the loop waited for this batch),
-    ``system/data/device/wait_fraction`` (waiting / elapsed since the first batch) and
-    ``system/data/device/skipped/<source>/<reason>`` (rows skipped).
+    shows them apart from the model's metrics): ``run/data/examples/<source>`` and
+    ``run/data/examples_language/<language>`` (examples seen, all devices), and this device's
+    ``run/data/device/padding_fraction``, ``run/data/device/wait_s`` (time the loop waited for this batch),
+    ``run/data/device/wait_fraction`` (waiting / elapsed since the first batch) and
+    ``run/data/device/skipped/<source>/<reason>`` (rows skipped).
 
     Args:
         config: the ``data`` section.
@@ -224,22 +224,22 @@ class TranslationPairsDataModule(L.LightningDataModule):
             self._waited += wait
             self._elapsed += now - self._last_arrival
         self._last_arrival = now
-        batch["stats"] = {"system/data/device/padding_fraction": batch["padding_fraction"],
-                          "system/data/device/wait_s": wait,
-                          "system/data/device/wait_fraction": self._waited / self._elapsed if self._elapsed else 0.0,
+        batch["stats"] = {"run/data/device/padding_fraction": batch["padding_fraction"],
+                          "run/data/device/wait_s": wait,
+                          "run/data/device/wait_fraction": self._waited / self._elapsed if self._elapsed else 0.0,
                           **self.counts()}
 
     def counts(self) -> dict[str, float]:
         """Running counts as metrics: examples per source (and per language), skipped rows per source and reason."""
-        counts = {f"system/data/examples/{metric_name(name)}": float(self.examples[name]) for name in self.sources}
+        counts = {f"run/data/examples/{metric_name(name)}": float(self.examples[name]) for name in self.sources}
         languages = {name: source.language for name, source in self.sources.items()}
         if any(language != name for name, language in languages.items()):
             per_language: Counter = Counter()
             for name, language in languages.items():
                 per_language[language] += self.examples[name]
-            counts.update({f"system/data/examples_language/{metric_name(language)}": float(count)
+            counts.update({f"run/data/examples_language/{metric_name(language)}": float(count)
                            for language, count in per_language.items()})
-        counts.update({f"system/data/device/skipped/{metric_name(name)}/{reason}": float(count)
+        counts.update({f"run/data/device/skipped/{metric_name(name)}/{reason}": float(count)
                        for name, reasons in self.skipped.items() for reason, count in reasons.items()})
         return counts
 

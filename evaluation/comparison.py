@@ -31,9 +31,9 @@ import numpy as np
 from evaluation.bootstrap import LEVEL, RESAMPLES, difference_intervals
 from evaluation.query_scores import read_query_scores
 from evaluation.scoring import summary
-from evaluation.report import (CHECKPOINT_DIR, FILE_PREFIX, PROBE_DIR, grid_figure, grid_panel, heatmap_groups,
-                                    latest_table_file, save_png)
-from contracts.cells import view_name
+from evaluation.report import (CHECKPOINT_DIR, FILE_PREFIX, LEGACY_FULL_SETTINGS, PROBE_DIR, grid_figure,
+                               grid_panel, heatmap_groups, latest_table_file, save_png)
+from contracts.cells import cell_name, view_name
 
 MEAN = "mean_main_score"
 CELL_KEYS = ("name", "tags", "bytes", "scores", MEAN)
@@ -71,7 +71,13 @@ def load_table(path: str | Path) -> tuple[dict, Path]:
         if missing:
             raise CompareError(f"{file}: cells[{index}] lacks {', '.join(missing)} (a probe table's cells have "
                                f"{', '.join(CELL_KEYS)})")
+    renamed = {}
+    if "full_settings" not in table:  # written before the naming rule: its names as today's (docs/tracking.md)
+        for cell in table["cells"]:
+            renamed[cell["name"]] = cell["name"] = cell_name(cell["tags"], LEGACY_FULL_SETTINGS)
     query_scores = read_query_scores(file)
+    for entry in query_scores.values():  # their cells keyed by the same names as the table's
+        entry["cells"] = {renamed.get(name, name): scores for name, scores in entry["cells"].items()}
     if query_scores:
         table["query_scores"] = query_scores
     return table, file

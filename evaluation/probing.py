@@ -118,7 +118,7 @@ class ProbeSession:
 
     def write_final(self, table: dict, run_name: str) -> None:
         """The last table as ``probe_final.*`` in the run folder (runs without MLflow)."""
-        report.write(table, self.probe_dir, run_name, report.FINAL_STEM, json_table=False)
+        report.write(table, self.probe_dir, run_name, report.FINAL_STEM, json_table=False, per_task=True)
 
     def log_to_mlflow(self, client, run_id: str, logged: dict[str, float], step: int, files: list[Path]) -> None:
         report.log_to_mlflow(client, run_id, logged, step, files)

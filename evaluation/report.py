@@ -1,16 +1,18 @@
-"""A probe table as MLflow metrics, files in the run folder (JSON, CSV, one heatmap per rank) and text.
+"""A probe table as MLflow metrics, files in the run folder (JSON, CSV, one heatmap per model-side setting) and text.
 
 Files of the probe at step n, in ``<run_dir>/probe/``: ``probe_step_<n>.json`` (the full table, see
 :meth:`~evaluation.scoring.Prober.run`, plus its flat ``rows``), ``probe_step_<n>.queries.npz`` (a final table's
 per-query scores, see :mod:`evaluation.query_scores`), ``probe_step_<n>.csv`` (those rows: one per
 cell and task, a column per score) and ``probe_step_<n>_<group>.png`` (layers × dims heatmaps of each task's main
-score, one file per rank).
+score, one file per model-side setting: ``full``, ``rank_64``, ... named by the cell naming rule).
 
-At the end of training (and on ``make probe``) the last table is also written as ``probe_final.csv`` and
-``probe_final_<group>.png`` and logged at the root of the MLflow run under those stable names: MLflow's compare view
-shows root-level artifacts that all compared runs share side by side. Its summary goes to the metrics
-``final/mean_main_score/{best,full,cheapest}`` and ``final/<task>/{best,full,cheapest}`` (one value, at the final step)
-and the tags ``final.<label>_cell`` naming those cells, for the compare table and the parallel-coordinates plot.
+At the end of training (and on ``make probe``) the last table is also written as ``probe_final.csv`` and one heatmap
+per task and setting, ``probe_final_<task>_<group>.png``, and logged at the root of the MLflow run under those stable
+names (two runs that share a setting share the name; MLflow's compare view shows root-level artifacts that all
+compared runs share side by side), with the wide table ``probe_final_table.json`` (:func:`wide_rows`: one row per
+cell, one column per task; ``mlflow.log_table``, which the UI renders). Its headline metrics (:func:`final_summary`)
+are ``final/<task>/{full,grid_mean}`` and ``final/mean_main_score/{full,grid_mean}`` (one value, at the final step)
+and the tag ``final.full_cell`` naming the full cell, for the runs table and the parallel-coordinates plot.
 """
 
 from __future__ import annotations
@@ -24,38 +26,48 @@ from collections.abc import Callable
 from pathlib import Path
 
 from contracts.atomic import replacing, write_atomic
-from contracts.cells import view_name
+from contracts.cells import ALWAYS_NAMED, cut_tags, view_name
 from evaluation.query_scores import query_file, write_query_scores
 
 PROBE_DIR = "probe"
 CHECKPOINT_DIR = "checkpoint"  # make probe's tables: <run_dir>/probe/checkpoint, beside those of training
 FILE_PREFIX = "probe_step_"
 FINAL_STEM = "probe_final"  # stable names of the final table and heatmaps at the MLflow run's root
+FINAL_TABLE = f"{FINAL_STEM}_table.json"  # the wide final table (mlflow.log_table)
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+# Tables written before the cell naming rule (no ``full_settings``) named every axis; their only full setting known
+# without the run is fp32 precision. docs/tracking.md has the whole name map.
+LEGACY_FULL_SETTINGS = {"precision": "fp32"}
 
 
 def metrics(table: dict, extra: list[str]) -> dict[str, float]:
-    """``probe/<task>/<metric>/<cell>`` for each task's main score and the ``extra`` scores it reports, the summaries
-    ``probe/mean_main_score/{full,cheapest}`` and ``probe/seconds``."""
+    """``<task>/<cell>`` (each task's main score: MLflow's chart view gives every task its own section, one chart
+    per cell), ``<task>/<metric>/<cell>`` for the ``extra`` scores the task reports, and ``probe/seconds``."""
     logged = {}
     for cell in table["cells"]:
         for task, scores in cell["scores"].items():
             main = table["tasks"][task]["main_score"]
-            for metric in dict.fromkeys([main, *extra]):
-                if isinstance(scores.get(metric), float):
-                    logged[f"probe/{task}/{metric}/{cell['name']}"] = scores[metric]
-    for label, entry in table["summary"].items():
-        logged[f"probe/mean_main_score/{label}"] = entry["mean_main_score"]
+            logged[f"{task}/{cell['name']}"] = scores["main_score"]
+            for metric in dict.fromkeys(extra):
+                if metric != main and isinstance(scores.get(metric), float):
+                    logged[f"{task}/{metric}/{cell['name']}"] = scores[metric]
     logged["probe/seconds"] = table["seconds"]
     return logged
 
 
+def setting_name(table: dict, tags: dict) -> str:
+    """The model-side (and other non-grid) part of a cell's name: its cut tags but layer and dim (``rank_64``,
+    ``ffn_768/precision_binary``), ``full`` when it cuts none. Tables written before the naming rule carry no
+    ``full_settings``: their fp32 precision is the one full setting they are known to name."""
+    full = table.get("full_settings", LEGACY_FULL_SETTINGS)
+    return view_name({key: value for key, value in cut_tags(tags, full).items() if key not in ALWAYS_NAMED})
+
+
 def heatmap_groups(table: dict) -> dict[str, list[dict]]:
-    """Cells grouped by every tag but layer and dim (one heatmap each: ``rank_128``, or ``squash_tanh/rank_128``)."""
+    """Cells grouped by their setting name (:func:`setting_name`: one heatmap each, ``full``, ``rank_128``, ...)."""
     groups: dict[str, list[dict]] = {}
     for cell in table["cells"]:
-        rest = {key: value for key, value in cell["tags"].items() if key not in ("layer", "dim")}
-        groups.setdefault(view_name(rest), []).append(cell)
+        groups.setdefault(setting_name(table, cell["tags"]), []).append(cell)
     return groups
 
 
@@ -159,10 +171,11 @@ def rows(table: dict) -> list[dict]:
 
 
 def write(table: dict, out: str | Path, run_name: str = "", stem: str | None = None,
-          json_table: bool = True) -> list[Path]:
+          json_table: bool = True, per_task: bool = False) -> list[Path]:
     """Writes the JSON table (with its flat ``rows``; unless ``json_table`` is false), the CSV and the heatmaps
     (titled with ``run_name``) into ``out`` (training: ``<run_dir>/probe``) as ``<stem>.json``, ``<stem>.csv``,
-    ``<stem>_<group>.png`` (default stem ``probe_step_<n>``); returns their paths."""
+    ``<stem>_<group>.png`` (default stem ``probe_step_<n>``), or with ``per_task`` one heatmap per task and group,
+    ``<stem>_<task>_<group>.png``; returns their paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stem = stem or f"{FILE_PREFIX}{table['step']}"
@@ -180,42 +193,65 @@ def write(table: dict, out: str | Path, run_name: str = "", stem: str | None = N
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
+    panels = ([(f"{task}_", {**table, "tasks": {task: table["tasks"][task]}}) for task in table["tasks"]] if per_task
+              else [("", table)] if table["tasks"] else [])
     for group, cells in heatmap_groups(table).items():
-        if table["tasks"]:
-            path = out / f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', group)}.png"
-            heatmap(table, group, cells, path, run_name)
+        for prefix, shown in panels:
+            path = out / f"{stem}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', prefix + group)}.png"
+            heatmap(shown, group, cells, path, run_name)
             paths.append(path)
     return paths
 
 
+def wide_rows(table: dict) -> list[dict]:
+    """One row per cell: ``cell`` (its name), ``bytes`` per vector, one column per task (its main score) and
+    ``mean_main_score``: the final table as MLflow's UI shows it (``mlflow.log_table``)."""
+    return [{"cell": cell["name"], "bytes": cell["bytes"],
+             **{task: cell["scores"][task]["main_score"] if task in cell["scores"] else None for task in table["tasks"]},
+             "mean_main_score": cell["mean_main_score"]} for cell in table["cells"]]
+
+
 def final_summary(table: dict) -> tuple[dict[str, float], dict[str, str]]:
-    """``(metrics, tags)`` of a final table: ``final/mean_main_score/<label>`` and ``final/<task>/<label>`` (the
-    task's main score) for ``best`` (the highest mean main score) and every label of the table's summary (``full``,
-    ``cheapest``, ``full/precision_binary``, ...); tags ``final.<label>_cell`` name the cells."""
-    by_name = {cell["name"]: cell for cell in table["cells"]}
-    chosen = {label: by_name[entry["cell"]] for label, entry in table["summary"].items()}
-    if table["cells"]:
-        chosen = {"best": max(table["cells"], key=lambda cell: cell["mean_main_score"]), **chosen}
-    logged, tags = {}, {}
-    for label, cell in chosen.items():
-        logged[f"final/mean_main_score/{label}"] = cell["mean_main_score"]
-        for task, scores in cell["scores"].items():
-            logged[f"final/{task}/{label}"] = scores["main_score"]
-        tags[f"final.{label.replace('/', '.')}_cell"] = cell["name"]
-    return logged, tags
+    """``(metrics, tags)`` of a final table, the headline metrics every probed run shares whatever its axes:
+
+    - ``final/<task>/full``: the task's main score at the run's full cell (deepest, widest, largest model-side
+      settings; its name is the tag ``final.full_cell``),
+    - ``final/<task>/grid_mean``: the mean of the task's main score over every cell of the run's grid,
+    - ``final/mean_main_score/{full,grid_mean}``: the same for the mean over tasks.
+    """
+    if not table["cells"]:
+        return {}, {}
+    full = next(cell for cell in table["cells"] if cell["name"] == table["summary"]["full"]["cell"])
+    logged = {"final/mean_main_score/full": full["mean_main_score"],
+              "final/mean_main_score/grid_mean": _mean([cell["mean_main_score"] for cell in table["cells"]])}
+    for task in table["tasks"]:
+        scores = [cell["scores"][task]["main_score"] for cell in table["cells"] if task in cell["scores"]]
+        if task in full["scores"]:
+            logged[f"final/{task}/full"] = full["scores"][task]["main_score"]
+        if scores:
+            logged[f"final/{task}/grid_mean"] = _mean(scores)
+    return logged, {"final.full_cell": full["name"]}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def log_final(client, run_id: str, table: dict, out: str | Path, run_name: str = "") -> list[Path]:
-    """Writes the final table's CSV and heatmaps as ``probe_final*`` into ``out``, logs them at the MLflow run's
-    root (stable names: a later final probe, e.g. ``make probe``, replaces them; every table also stays under
-    ``probe/step_<n>/``, JSON included) and its :func:`final_summary` at the table's step. Returns the files."""
-    files = write(table, out, run_name, FINAL_STEM, json_table=False)
+    """Writes the final table's CSV and per-task heatmaps as ``probe_final*`` into ``out``, logs them at the MLflow
+    run's root with the wide table :data:`FINAL_TABLE` (stable names: a later final probe, e.g. ``make probe``,
+    replaces them; every table also stays under ``probe/step_<n>/``, JSON included) and its :func:`final_summary`
+    at the table's step. Returns the files."""
+    files = write(table, out, run_name, FINAL_STEM, json_table=False, per_task=True)
     logged, tags = final_summary(table)
     log_to_mlflow(client, run_id, logged, table["step"], [], "")
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     for path in files:
         client.log_artifact(run_id, str(path))
+    wide = wide_rows(table)
+    if wide:
+        client.log_table(run_id, {column: [row[column] for row in wide] for column in wide[0]}, FINAL_TABLE)
     return files
 
 

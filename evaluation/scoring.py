@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from evaluation.encoding import GridEncoder, intra_op_threads, world
 from evaluation.shares import map_shares, usable_processes
-from contracts.cells import Cell, view_name
+from contracts.cells import Cell, cell_name, view_name
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ class Prober:
 
             mine: list[tuple[GridEncoder, int]] = []  # the cells this device scores after the warm-ups
             for setting in settings:
-                bar.set_postfix_str(f"encoding {view_name(setting)}")
+                bar.set_postfix_str(f"encoding {cell_name(setting, self.module.full_settings)}")
                 encoder = GridEncoder(self.module, self.tokenize, self.batch_size, self.device, forward_context)
                 with self.module.applied(setting):
                     encoder.encode_missing(self._announced_texts())
@@ -256,6 +256,7 @@ class Prober:
             "settings_encoded": len(settings),
             "texts_encoded_per_device": encoded,
             "axes": axes,
+            "full_settings": dict(self.module.full_settings),  # what cell names leave out
             "tasks": {task.metadata.name: {"type": task.metadata.type, "main_score": task.metadata.main_score,
                                            "subsets": list(task.hf_subsets),
                                            "revision": task.metadata.dataset.get("revision")}

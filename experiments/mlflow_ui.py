@@ -24,13 +24,47 @@ UI_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 
 
-def runs_page_url(base: str, experiment_id: str | None) -> str:
+# MLflow 3.17's UI restores a runs-table view (columns, sorting, charts) from the experiment tag
+# mlflow.sharedViewState.<key> (JSON) when the URL carries viewStateShareKey=<key>: what its "Share" button writes.
+VIEW_KEY = "matryoshka-lab-headline"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+GROUP_TAGS = ("experiment", "axes")  # run tags to group the runs table by (experiments.run_metadata.run_tags)
+SEARCH_PAGE = 1000  # runs read to find an experiment's metric keys
+
+
+def runs_page_url(base: str, experiment_id: str | None, view: str | None = None) -> str:
     """The URL of an experiment's runs table in the model-training view of the MLflow UI at ``base`` (MLflow 3.17
-    opens on its GenAI view otherwise); the experiments list when ``experiment_id`` is None."""
+    opens on its GenAI view otherwise), in the saved view ``view`` (see :func:`save_headline_view`); the experiments
+    list when ``experiment_id`` is None."""
     base = base.rstrip("/")
     if experiment_id is None:
         return f"{base}/#/experiments?workflowType=machine_learning"
-    return f"{base}/{RUNS_ROUTE.format(experiment_id)}"
+    return f"{base}/{RUNS_ROUTE.format(experiment_id)}" + (f"&viewStateShareKey={view}" if view else "")
+
+
+def headline_keys(metric_keys: set[str]) -> list[str]:
+    """The probe's headline metrics (``final/...``, see :func:`evaluation.report.final_summary`), mean over tasks
+    first."""
+    return sorted((key for key in metric_keys if key.startswith("final/")),
+                  key=lambda key: (not key.startswith("final/mean_main_score/"), key))
+
+
+def headline_view(metric_keys: set[str]) -> dict:
+    """The runs-table view ``make ui`` opens: the grouping tags, ``train/loss`` and the headline metrics
+    (:func:`headline_keys`) as columns, newest run first. Column ids are MLflow's ``<type>.`<key>```."""
+    columns = [f"tags.`{tag}`" for tag in GROUP_TAGS]
+    columns += [f"metrics.`{key}`" for key in ["train/loss", *headline_keys(metric_keys)] if key in metric_keys]
+    return {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False}
+
+
+def save_headline_view(client, experiment_id: str) -> str:
+    """Stores :func:`headline_view` of the experiment's metrics as its shared view state; returns the view key."""
+    import json
+
+    runs = client.search_runs([experiment_id], max_results=SEARCH_PAGE)
+    keys = set().union(*(run.data.metrics for run in runs)) if runs else set()
+    client.set_experiment_tag(experiment_id, VIEW_TAG, json.dumps(headline_view(keys)))
+    return VIEW_KEY
 
 
 def experiment_to_open(uri: str, experiment: str | None) -> str | None:
@@ -179,7 +213,13 @@ def ui_main(argv: list[str]) -> int:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     check_port_free(args.port)  # else mlflow would log the clash and exit 0
-    url = runs_page_url(f"http://{UI_HOST}:{args.port}", experiment_to_open(uri, experiment))
+    experiment_id = experiment_to_open(uri, experiment)
+    view = None
+    if experiment_id is not None:
+        from mlflow import MlflowClient
+
+        view = save_headline_view(MlflowClient(uri), experiment_id)
+    url = runs_page_url(f"http://{UI_HOST}:{args.port}", experiment_id, view)
     command, env = ui_command(uri, args.port)
     print(f"MLflow UI: {url}  (store {uri}; Ctrl-C stops it)", flush=True)
     if not args.no_browser and has_browser():

@@ -34,9 +34,9 @@ from omegaconf import DictConfig
 from evaluation.bootstrap import percentile_interval, resampled_means
 from evaluation.comparison import CompareError, cell_scores, compare, heatmaps, load_table, paired_arrays, table_file
 from evaluation.query_scores import query_file, write_query_scores
-from evaluation.report import FILE_PREFIX
+from evaluation.report import FILE_PREFIX, LEGACY_FULL_SETTINGS
 from contracts.atomic import write_atomic
-from contracts.cells import view_name
+from contracts.cells import cell_name
 
 ROLE_PREFIX = "paper_"
 FULL_SUITE = "paper"  # the only suite whose page, run without overrides, is the committed one
@@ -65,17 +65,30 @@ def role(experiment: str) -> str:
 
 
 def grid(tables: list[dict]) -> dict[str, list]:
-    """The values of each tag in the first table's cells, largest first (``{"layer": [4, 2, 1], "dim": [...]}``)."""
-    values: dict[str, set] = {}
-    for cell in tables[0]["cells"]:
-        for key, value in cell["tags"].items():
-            values.setdefault(key, set()).add(value)
-    return {key: sorted(found, reverse=True) for key, found in values.items()}
+    """The values of each tag that every table's cells have, largest first (``{"layer": [4, 2, 1], "dim": [...]}``):
+    the suite's common grid (a baseline truncated afterwards also has its untruncated setting, which the runs that
+    train MEL lack)."""
+    per_table = []
+    for table in tables:
+        values: dict[str, set] = {}
+        for cell in table["cells"]:
+            for key, value in cell["tags"].items():
+                values.setdefault(key, set()).add(value)
+        per_table.append(values)
+    return {key: sorted(set.intersection(*(values.get(key, set()) for values in per_table)), reverse=True)
+            for key in per_table[0]}
 
 
-def cell_name(axes: dict[str, list], **tags) -> str:
-    """The name of the cell with ``tags`` and the largest value of every other axis (``layer_4/dim_32/rank_192``)."""
-    return view_name({key: tags.get(key, values[0]) for key, values in axes.items()})
+def full_settings(tables: list[dict]) -> dict[str, object]:
+    """The full settings the tables' cell names leave out (``full_settings``; a table written before the naming rule:
+    :data:`~evaluation.report.LEGACY_FULL_SETTINGS`, as :func:`~evaluation.comparison.load_table` renamed its cells)."""
+    return {key: value for table in tables for key, value in table.get("full_settings", LEGACY_FULL_SETTINGS).items()}
+
+
+def grid_cell(axes: dict[str, list], full: dict[str, object], **tags) -> str:
+    """The name (by the cell naming rule, ``full``: the full settings) of the cell with ``tags`` and the largest value
+    of every other axis (``layer_4/dim_32/rank_192``)."""
+    return cell_name({key: tags.get(key, values[0]) for key, values in axes.items()}, full)
 
 
 def mean_scores(tables: list[dict], task: str) -> dict[str, float]:
@@ -173,8 +186,9 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     """
     missing = [name for name, tables in runs.items() if not tables or task not in tables[0].get("tasks", {})]
     present = {name: tables for name, tables in runs.items() if name not in missing}
-    axes = grid(next(iter(present.values()))) if present else {}
-    full = cell_name(axes) if present else ""
+    firsts = [tables[0] for tables in present.values()]
+    axes, settings = (grid(firsts), full_settings(firsts)) if present else ({}, {})
+    full = grid_cell(axes, settings) if present else ""
     rows = []
 
     def needs(*names: str) -> bool:
@@ -188,7 +202,7 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
         width = axes["dim"][0]
         dims = {fraction: max((d for d in axes["dim"] if d <= width / fraction), default=min(axes["dim"]))
                 for fraction in (8, 16)}
-        parts, clear = kept_shares(evidence, {f"d/{fraction} (dim {dim})": cell_name(axes, dim=dim)
+        parts, clear = kept_shares(evidence, {f"d/{fraction} (dim {dim})": grid_cell(axes, settings, dim=dim)
                                               for fraction, dim in dims.items()}, full)
         cost = evidence.difference(full)
         rows.append(Claim(1, "MRL", statement, "; ".join(parts) + f"; full {cost.text()}",
@@ -201,7 +215,7 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
     if needs("baseline", "mll"):
         evidence = Evidence(present["baseline"], present["mll"], task)
         exits = sorted(axes["layer"])[:2]
-        exit_deltas = [evidence.difference(cell_name(axes, layer=layer)) for layer in exits]
+        exit_deltas = [evidence.difference(grid_cell(axes, settings, layer=layer)) for layer in exits]
         cost = evidence.difference(full)
         ok = all(holds(delta, above=0) for delta in exit_deltas) and holds(cost, above=-FULL_COST)
         value = "; ".join(f"exit {layer}: {delta.text()}" for layer, delta in zip(exits, exit_deltas))
@@ -214,7 +228,7 @@ def claims(runs: dict[str, list[dict]], task: str) -> list[Claim]:
                  f"afterwards; at R within {FULL_COST:g} point")
     if needs("mel", "mel_fixed") and "rank" in axes:
         evidence = Evidence(present["mel_fixed"], present["mel"], task)
-        parts, clear = kept_shares(evidence, {f"rank {rank}": cell_name(axes, rank=rank)
+        parts, clear = kept_shares(evidence, {f"rank {rank}": grid_cell(axes, settings, rank=rank)
                                               for rank in axes["rank"][1:]}, full)
         at_rank = evidence.difference(full)
         rows.append(Claim(3, "MEL", statement, "; ".join(parts) + f"; at R {at_rank.text()}",
@@ -357,15 +371,20 @@ def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> li
         runs = found[found["run_id"].isin(ids)]
 
         def over_seeds(column: str, how: str = "mean") -> float:
-            """The seeds' ``how`` (a pandas aggregation) of ``column``; NaN when no seed logged it."""
-            return float(runs[column].agg(how)) if column in runs and runs[column].notna().any() else math.nan
+            """The seeds' ``how`` (a pandas aggregation) of ``column`` (or of its name before the ``run/`` prefix,
+            for runs logged earlier); NaN when no seed logged it."""
+            for name in (column, column.replace("metrics.run/device/", "metrics.train/device/").replace(
+                    "metrics.run/", "metrics.system/")):
+                if name in runs and runs[name].notna().any():
+                    return float(runs[name].agg(how))
+            return math.nan
 
-        memory = over_seeds("metrics.system/memory/device/peak_cuda_mb")  # device memory when on CUDA
+        memory = over_seeds("metrics.run/memory/device/peak_cuda_mb")  # device memory when on CUDA
         if math.isnan(memory):
-            memory = over_seeds("metrics.system/memory/device/peak_rss_mb")
+            memory = over_seeds("metrics.run/memory/device/peak_rss_mb")
         rows.append({"run": name, "seeds": len(runs), "peak_memory_mb": memory,
-                     "trainable_parameters": over_seeds("metrics.system/model/trainable_parameters"),
-                     "step_s": first.data.batch_size / over_seeds("metrics.train/device/samples_per_sec", "max")})
+                     "trainable_parameters": over_seeds("metrics.run/model/trainable_parameters"),
+                     "step_s": first.data.batch_size / over_seeds("metrics.run/device/samples_per_sec", "max")})
     return rows
 
 
@@ -374,9 +393,11 @@ MANIFEST = "manifest.json"
 
 
 def compact_table(table: dict) -> dict:
-    """What the page reads of a probe table: its step, tasks (with their corpus revisions), and per cell the name,
+    """What the page reads of a probe table: its step, tasks (with their corpus revisions), the full settings its cell
+    names leave out, and per cell the name,
     tags, bytes, each task's main score and their mean (the per-query scores go to the ``.queries.npz`` beside)."""
     return {"step": table["step"], "tasks": table["tasks"], "summary": table.get("summary", {}),
+            **({"full_settings": table["full_settings"]} if "full_settings" in table else {}),
             "cells": [{"name": cell["name"], "tags": cell["tags"], "bytes": cell["bytes"],
                        "scores": {task: {"main_score": scores["main_score"]} for task, scores in cell["scores"].items()},
                        "mean_main_score": cell["mean_main_score"]} for cell in table["cells"]]}

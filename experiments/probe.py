@@ -5,8 +5,9 @@ weights, scores every cell of the run on the final evaluation's tasks (``probe.f
 ``probe.final.enabled=false``: the mid-training settings), prints the table, writes ``<run_dir>/probe/checkpoint/probe_step_<n>.*``
 (beside the tables of training) and, when the run has an MLflow run id, logs the metrics to that MLflow run at the
 checkpoint's step and the files under its artifacts ``probe/checkpoint/step_<n>``; the table also becomes the run's
-root-level ``probe_final.csv`` / ``probe_final_<group>.png`` and ``final/...`` summary (see
-:func:`evaluation.report.log_final`).
+root-level ``probe_final.csv`` / ``probe_final_<task>_<setting>.png`` and ``final/...`` headline metrics (see
+:func:`evaluation.report.log_final`). A run logged before the cell naming rule (docs/tracking.md) gets its metrics
+under today's names this way.
 """
 
 from __future__ import annotations

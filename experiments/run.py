@@ -347,7 +347,7 @@ def _train_in(config: DictConfig, run_dir: Path, resume_from: Path | None, start
     checkpoint_dir = run_dir / "checkpoints"
     logger = make_logger(config, run_dir)
     callbacks = [
-        # Logs train/device/{samples,items,flops}_per_sec (items = real tokens) and train/mfu over a 10-step window.
+        # Logs run/device/{samples,items,flops}_per_sec (items = real tokens) and train/mfu over a 10-step window.
         ThroughputRates(peak_flops=peak_flops, batch_size_fn=lambda batch: batch["num_queries"],
                         length_fn=lambda batch: int(batch["attention_mask"].sum()), window_size=10),
         # before the checkpoint saves
@@ -355,7 +355,7 @@ def _train_in(config: DictConfig, run_dir: Path, resume_from: Path | None, start
         RunConfigInCheckpoint(OmegaConf.to_container(config, resolve=True)),  # what a resume checks against
         ModelCheckpoint(dirpath=checkpoint_dir, every_n_train_steps=config.checkpoint_every, save_top_k=0,
                         save_last=True),
-        RunStats(),  # train/elapsed_s, system/memory/device/peak_*_mb
+        RunStats(),  # train/elapsed_s, run/memory/device/peak_*_mb
         RandomStateCheckpoint(),  # every rank's generators: dropout after a resume draws the straight run's masks
     ]
     if config.trainer.get("enable_progress_bar", True):

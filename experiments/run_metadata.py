@@ -101,15 +101,26 @@ def device_description() -> str:
            f"{torch.get_num_threads()}"
 
 
+def axes_name(plugins) -> str:
+    """``mll+mrl+mel``: plugin names in the order plugins nest views (their ``stage``; plugins given by
+    ``_target_`` last), ``none`` for the baseline."""
+    from lightning_modules.plugins import BUILTIN_PLUGINS
+
+    order = {name: plugin.stage for name, plugin in BUILTIN_PLUGINS.items()}
+    return "+".join(sorted(plugins, key=lambda name: (order.get(name, float("inf")), name))) or "none"
+
+
 def run_tags(config: DictConfig) -> dict[str, str]:
-    """git commit and dirty flag, config hash, package versions, device."""
+    """What to group runs by in the runs table, ``experiment`` (the experiment file) and ``axes`` (its plugins, e.g.
+    ``mll+mrl+mel``); git commit and dirty flag, config hash, package versions, device."""
     versions = {"versions.python": platform.python_version()}
     for package in STACK:
         try:
             versions[f"versions.{package}"] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[f"versions.{package}"] = "not installed"
-    return {**git_state(), "config.hash": config_hash(config), **versions, "device": device_description()}
+    return {"experiment": config.name, "axes": axes_name(plugin_configs(config)), **git_state(),
+            "config.hash": config_hash(config), **versions, "device": device_description()}
 
 
 def run_params(config: DictConfig, sources: Mapping[str, int]) -> dict[str, str]:

@@ -4,8 +4,8 @@
 
 The table has one row per run (oldest first): its name and status, the steps it logged, the params that differ
 between the runs of the table (``axes`` summarises which Matryoshka plugins a run trains), and its key metrics:
-final losses (mean of the last 10 logged values), throughput, peak memory, training wall time, and any probe
-summary metrics (``probe/...`` names without a view coordinate).
+final losses (mean of the last 10 logged values), throughput, peak memory, training wall time, and the probe's
+headline metrics (``final/<task>/{full,grid_mean}``: the same keys in every probed run, whatever its axes).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TextIO
 
+from experiments.mlflow_ui import headline_keys
+
 # (column, metrics in order of preference, how): "tail" = mean of the last logged values (one step is noisy),
 # "last" = the latest value.
 METRIC_COLUMNS = (
@@ -29,28 +31,25 @@ METRIC_COLUMNS = (
     ("loss_in_batch", ("train/loss_in_batch",), "tail"),
     ("loss_hard", ("train/loss_hard",), "tail"),
     ("loss_distill", ("train/loss_distill",), "tail"),
-    ("samples/s", ("train/device/samples_per_sec",), "tail"),
-    ("tokens/s", ("train/device/items_per_sec",), "tail"),
+    ("samples/s", ("run/device/samples_per_sec",), "tail"),
+    ("tokens/s", ("run/device/items_per_sec",), "tail"),
     # device memory when on CUDA
-    ("peak_MB", ("system/memory/device/peak_cuda_mb", "system/memory/device/peak_rss_mb"), "last"),
+    ("peak_MB", ("run/memory/device/peak_cuda_mb", "run/memory/device/peak_rss_mb"), "last"),
     ("wall_s", ("train/elapsed_s",), "last"),
 )
 # Params that name or place a run rather than say what it trains; the run column already shows the name.
 HIDDEN_PARAMS = ("name", "tracking.run_name", "tracking.experiment", "output_dir")
 # The tag of a run ``make compare ... ARGS=--mlflow`` logged (B's probe tables): a comparison, not a training run.
 COMPARISON_TAG = "compare.b"
-CELL_PART = re.compile(r"layer_\d+")  # every probe cell metric names its exit layer
 MAX_CELL = 28
+SEARCH_PAGE = 1000  # runs read to find an experiment's metric keys
 
 
 def axes_of(params: dict[str, str]) -> str:
-    """``mll+mrl+mel`` from a run's ``plugins.<name>.*`` params, in the order plugins nest views (their ``stage``;
-    plugins given by ``_target_`` last), ``none`` for the baseline."""
-    from lightning_modules.plugins import BUILTIN_PLUGINS
+    """``mll+mrl+mel`` from a run's ``plugins.<name>.*`` params (see :func:`~experiments.run_metadata.axes_name`)."""
+    from experiments.run_metadata import axes_name
 
-    names = {key.split(".")[1] for key in params if key.startswith("plugins.") and key.count(".") >= 2}
-    order = {name: plugin.stage for name, plugin in BUILTIN_PLUGINS.items()}
-    return "+".join(sorted(names, key=lambda name: (order.get(name, float("inf")), name))) or "none"
+    return axes_name({key.split(".")[1] for key in params if key.startswith("plugins.") and key.count(".") >= 2})
 
 
 def differing_params(all_params: Sequence[dict[str, str]]) -> list[str]:
@@ -67,12 +66,6 @@ def differing_params(all_params: Sequence[dict[str, str]]) -> list[str]:
                 continue
         columns.append(key)
     return columns
-
-
-def probe_summary_keys(metric_keys: set[str]) -> list[str]:
-    """``probe/...`` metrics that are summaries, not one cell of the grid."""
-    return sorted(key for key in metric_keys
-                  if key.startswith("probe/") and not any(CELL_PART.fullmatch(part) for part in key.split("/")))
 
 
 def _cell(value) -> str:
@@ -93,7 +86,7 @@ def run_table(client, runs) -> tuple[list[str], list[list[str]]]:
     param_columns = differing_params(all_params)
     present = set().union(*(run.data.metrics for run in runs))
     metric_columns = [(column, keys, how) for column, keys, how in METRIC_COLUMNS if present & set(keys)]
-    metric_columns += [(key, (key,), "last") for key in probe_summary_keys(present)]
+    metric_columns += [(key, (key,), "last") for key in headline_keys(present)]
     header = ["run", "status", "steps", "axes", *param_columns, *[column for column, *_ in metric_columns]]
     rows = []
     for run in runs:

@@ -24,13 +24,20 @@ from contracts.cells import Cell
 from lightning_modules.views import EmbeddingBundle, View
 
 
+def plugin_full_settings(plugins: list[MatryoshkaPlugin]) -> dict[str, object]:
+    """Each axis's untruncated setting (``{tag: value}``), which cell names leave out (contracts.cells.cut_tags)."""
+    return {tag: value for plugin in plugins for tag, value in plugin.full_settings().items()}
+
+
 def plugin_cells(plugins: list[MatryoshkaPlugin], info: BackboneInfo) -> list[Cell]:
     """Every deployable cell of a run from its plugins and its backbone's shape alone, before (or without) any
     weights: the views of each model-side setting, in training's tag order.
 
     A model-side plugin's views carry the setting it computes at (``current()``, which :meth:`applied` sets), so
-    each setting is pinned as that value here instead of being applied to a network."""
+    each setting is pinned as that value here instead of being applied to a network. The cells carry the plugins'
+    full settings, so their names from the config alone equal the trained model's."""
     plugins = sorted(plugins, key=lambda plugin: plugin.stage)
+    full_settings = plugin_full_settings(plugins)
     model_side = [plugin for plugin in plugins if isinstance(plugin, ModelSidePlugin)]
     empty = torch.zeros(0, info.hidden_size)
     bundle = EmbeddingBundle((empty,) * (info.num_layers + 1), lambda hidden: hidden, None)
@@ -39,7 +46,7 @@ def plugin_cells(plugins: list[MatryoshkaPlugin], info: BackboneInfo) -> list[Ce
         try:
             for plugin, value in zip(model_side, values):
                 plugin.current = lambda value=value: value  # shadows the method on this instance only
-            views = [bundle.root_view()]
+            views = [bundle.root_view(full_settings)]
             for plugin in plugins:
                 views = plugin.expand(views, bundle)
             cells += [view.cell(info.num_layers) for view in views]
@@ -79,6 +86,7 @@ class MatryoshkaEmbedder(L.LightningModule):
         self.model_side = [plugin for plugin in self.plugins if isinstance(plugin, ModelSidePlugin)]
         for plugin in self.plugins:
             plugin.setup(backbone)
+        self.full_settings = plugin_full_settings(self.plugins)
         self.loss = loss
         self.optim = optim
         self.activation_checkpointing = activation_checkpointing
@@ -107,7 +115,7 @@ class MatryoshkaEmbedder(L.LightningModule):
 
     def expand(self, bundle: EmbeddingBundle) -> list[View]:
         """The plugins' nested, tagged views of one bundle."""
-        views = [bundle.root_view()]
+        views = [bundle.root_view(self.full_settings)]
         for plugin in self.plugins:
             views = plugin.expand(views, bundle)
         return views
@@ -209,8 +217,9 @@ class MatryoshkaEmbedder(L.LightningModule):
         ``stats``, which are already global or say ``device`` in their names.
 
         - ``train/loss``: the weighted sum over views that training minimises.
-        - ``train/loss/<view>`` (before its weight): only when there is more than one view.
-        - ``train/loss_<term>`` (weighted sum over views) and, with more than one view, ``train/loss_<term>/<view>``:
+        - ``train/loss/<cell>`` (before its weight; the view's cell name, as the probe's): only when there is more
+          than one view.
+        - ``train/loss_<term>`` (weighted sum over views) and, with more than one view, ``train/loss_<term>/<cell>``:
           only when there is more than one term (e.g. ``hard`` and ``in_batch``).
 
         A metric that would always equal another (the one view's loss, the one term's loss) is left out.
@@ -221,14 +230,16 @@ class MatryoshkaEmbedder(L.LightningModule):
         step, so a view of another MEL rank would repeat a stale value."""
         means = {"train/loss": total}
         per_view = len(views) > 1
+        num_layers = self.backbone.info.num_layers
         for view, terms in zip(views, view_terms):
+            cell = view.cell(num_layers).name
             if per_view:
-                means[f"train/loss/{view.name}"] = sum(terms.values()).detach()
+                means[f"train/loss/{cell}"] = sum(terms.values()).detach()
             if len(terms) > 1:
                 for term, value in terms.items():
                     means[f"train/loss_{term}"] = means.get(f"train/loss_{term}", 0.0) + view.weight * value.detach()
                     if per_view:
-                        means[f"train/loss_{term}/{view.name}"] = value.detach()
+                        means[f"train/loss_{term}/{cell}"] = value.detach()
         # Every device trains the same views and terms, so the keys agree; one collective for all values.
         values = self.trainer.strategy.reduce(torch.stack(list(means.values())).float(), reduce_op="mean").tolist()
         metrics = dict(zip(means, values))

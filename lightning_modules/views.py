@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from contracts.cells import Cell, vector_bytes, view_name
+from contracts.cells import Cell, cell_name, vector_bytes
 
 
 @dataclass(frozen=True)
@@ -22,16 +22,19 @@ class View:
             ``rank``, ...). They name metrics and probe cells.
         bits_per_value: storage of one coordinate at deployment (32: float32; the precision axis lowers it), so
             a vector of this view costs ``width · bits_per_value / 8`` bytes.
+        full_settings: the run's axes' full settings (``{tag: value}``, from the plugins), which names leave out.
     """
 
     embeddings: Tensor
     weight: float = 1.0
     tags: dict[str, object] = field(default_factory=dict)
     bits_per_value: int = 32
+    full_settings: dict[str, object] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
-        return view_name(self.tags)
+        """The plugins' tags under the cell naming rule (:func:`~contracts.cells.cell_name`)."""
+        return cell_name(self.tags, self.full_settings)
 
     @property
     def bytes_per_vector(self) -> int:
@@ -41,7 +44,8 @@ class View:
     def cell(self, num_layers: int) -> Cell:
         """The deployable cell this view trains: its tags after the full depth and width (the defaults of a run
         that does not nest them)."""
-        return Cell({"layer": num_layers, "dim": self.embeddings.shape[-1], **self.tags}, self.bytes_per_vector)
+        return Cell({"layer": num_layers, "dim": self.embeddings.shape[-1], **self.tags}, self.bytes_per_vector,
+                    self.full_settings)
 
     def derive(self, embeddings: Tensor | None = None, weight_factor: float = 1.0, bits_per_value: int | None = None,
                **tags: object) -> View:
@@ -51,6 +55,7 @@ class View:
             weight=self.weight * weight_factor,
             tags={**self.tags, **tags},
             bits_per_value=self.bits_per_value if bits_per_value is None else bits_per_value,
+            full_settings=self.full_settings,
         )
 
 
@@ -99,7 +104,8 @@ class EmbeddingBundle:
             self._cache[layer] = pooled
         return self._cache[layer]
 
-    def root_view(self) -> View:
-        """The un-nested view plugins start from: the full-depth, full-width embedding."""
-        return View(embeddings=self.layer(self.num_layers))
+    def root_view(self, full_settings: dict[str, object] | None = None) -> View:
+        """The un-nested view plugins start from: the full-depth, full-width embedding (``full_settings``: the run's
+        axes' full settings, carried to every view derived from it)."""
+        return View(embeddings=self.layer(self.num_layers), full_settings=dict(full_settings or {}))
 

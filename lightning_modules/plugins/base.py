@@ -66,7 +66,9 @@ class MatryoshkaPlugin:
             changed. A model-side axis states the parameters and FLOPs per token its setting keeps (MLL: blocks run;
             MEL: the token embedding at rank r in export ``mode``; FFN: the feed-forward part of each block), an
             output-side axis what a stored vector takes (MRL: its width; precision: bits per coordinate).
-    and optionally ``step_metrics()`` to log the step's choices (MEL: its rank).
+    and optionally ``step_metrics()`` to log the step's choices (MEL: its rank) and ``full_settings()`` to declare
+    the untruncated setting of its tag (precision: ``fp32``), which cell names leave out
+    (:func:`~contracts.cells.cut_tags`).
 
     An axis that changes the network itself (a setting per forward) subclasses :class:`ModelSidePlugin`.
     """
@@ -107,6 +109,12 @@ class MatryoshkaPlugin:
         :mod:`lightning_modules.costs`)."""
         return cost
 
+    def full_settings(self) -> dict[str, object]:
+        """``{tag: value}`` of the tags this axis adds whose value at some cell is the model not cut along it (a
+        cell's name leaves such a tag out: one name per deployable model). Default: none, the tag is always named
+        (MLL and MRL's ``layer`` and ``dim`` always are); a model-side axis derives it from :meth:`untouched`."""
+        return {}
+
     def posthoc_settings(self) -> list:
         """The settings of this axis that are probed (and exported) but never trained: applied afterwards to a model
         trained without them (``posthoc: true``, a zero probability or loss weight). Default: none."""
@@ -126,8 +134,8 @@ class ModelSidePlugin(MatryoshkaPlugin):
     A subclass sets ``tag`` (the view tag and cell-name part, e.g. ``rank``), fills ``self.settings`` (the ladder,
     largest first) and ``self.probabilities`` in ``__init__``, and implements:
 
-        current(): the setting the model computes with now; None while it computes without this axis (a
-            ``posthoc`` run in training: its views carry no tag of the axis).
+        current(): the setting the model computes with now (a ``posthoc`` run in training: :meth:`untouched`, so
+            its views carry the axis's full setting, which their names leave out).
         set(setting): make the model compute with ``setting``: the only place that writes it.
         export(model, setting, mode): write ``setting`` into ``model``, a copy of the Hugging Face model cut for
             export, so that it computes the cell with plain transformers code; ``mode`` is ``compat`` (no custom
@@ -166,9 +174,15 @@ class ModelSidePlugin(MatryoshkaPlugin):
         return self.settings[int(self.step_rng(step).choice(len(self.settings), p=self.probabilities))]
 
     def untouched(self):
-        """The setting that computes what the model computes without this axis (FFN: the full width), or None when
-        none does (MEL: the model's own embedding is no rank of its factors). A ``posthoc`` run trains with it."""
+        """The setting that computes what the model computes without this axis (FFN: the full width; posthoc MEL:
+        the full rank, the model's own embedding), or None when none does (trained MEL: the model's own embedding is
+        no rank of its factors). A ``posthoc`` run trains with it; cell names leave it out (:meth:`full_settings`)."""
         return None
+
+    def full_settings(self) -> dict[str, object]:
+        """The untouched setting, when there is one: the model not cut along this axis, named without its tag."""
+        untouched = self.untouched()
+        return {} if untouched is None else {self.tag: untouched}
 
     def posthoc_settings(self) -> list:
         if self.posthoc:
@@ -195,11 +209,10 @@ class ModelSidePlugin(MatryoshkaPlugin):
 
     def expand(self, views: list[View], bundle: EmbeddingBundle) -> list[View]:
         setting = self.current()
-        return views if setting is None else [view.derive(**{self.tag: setting}) for view in views]
+        return [view.derive(**{self.tag: setting}) for view in views]
 
     def step_metrics(self) -> dict[str, float]:
-        setting = self.current()
-        return {} if setting is None else {f"{type(self).__name__.lower()}/{self.tag}": float(setting)}
+        return {f"{type(self).__name__.lower()}/{self.tag}": float(self.current())}
 
 
 def ladder_probabilities(key: str, probabilities: list[float] | None, written: list[int], settings: list[int]

@@ -151,6 +151,7 @@ class FFN(ModelSidePlugin):
         return {}, {}
 
     def untouched(self) -> int:
+        """The backbone's own feed-forward width: a cell at it is not cut along this axis."""
         return self.info.intermediate_size
 
     def step_metrics(self) -> dict[str, float]:

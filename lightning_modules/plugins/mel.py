@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from lightning_modules.backbone_adapter import Backbone, BackboneInfo
     from contracts.cells import Cell
     from lightning_modules.costs import CellCost
-    from lightning_modules.views import EmbeddingBundle, View
 
 FACTORIZED_MODE = "factorized"
 FACTORIZED_CODE_FILE = "modeling_factorized.py"
@@ -144,13 +143,15 @@ class MEL(ModelSidePlugin):
     References:
         Zhang et al., "ML-Embed: Inclusive and Efficient Embeddings for a Multilingual World", ICML 2026, §3.
 
-    With ``posthoc: true`` nothing changes in training: the model keeps (and trains) its own embedding matrix and
-    views carry no rank tag. Only the tools' settings (probe, export) factorise: inside ``applied(r)`` the embedding
-    is replaced by the rank-r truncated SVD of its current weights, and the original module is back on exit.
+    With ``posthoc: true`` nothing changes in training: the model keeps (and trains) its own embedding matrix, the
+    untruncated setting (tagged with the full rank ``min(vocab, d)``, left out of cell names: ``layer_4/dim_384``).
+    Only the tools' other settings (probe, export) factorise: inside ``applied(r)`` the embedding is replaced by the
+    rank-r truncated SVD of its current weights, and the original module is back on exit. The probe scores the
+    untruncated setting as well as every rank.
 
     Example:
         ``plugins: {mel: {rank: 256}}`` trains ranks 256, 128, 64 with probabilities 4/7, 2/7, 1/7.
-        ``plugins: {mel: {rank: 256, posthoc: true}}`` trains the full embedding and probes ranks 256, 128, 64.
+        ``plugins: {mel: {rank: 256, posthoc: true}}`` trains the full embedding and probes it and ranks 256, 128, 64.
     """
 
     Config = MELConfig
@@ -171,6 +172,12 @@ class MEL(ModelSidePlugin):
         self.max_rank = max_rank
         self.settings = sorted(ranks, reverse=True)
         self.probabilities = ladder_probabilities("probabilities", config.probabilities, ranks, self.settings)
+        # posthoc: the model's own embedding is a setting too, the untruncated one at the matrix's full rank
+        # (:meth:`untouched`: training computes with it and its cells are named without a rank, the same deployable
+        # model as a run without MEL); never sampled.
+        self.full_rank = limit
+        if self.posthoc and limit not in self.settings:
+            self.settings, self.probabilities = [limit, *self.settings], [0.0, *self.probabilities]
         self.embedding: FactorizedEmbedding | None = None  # the factors: trained, or (posthoc) of the SVD
         self.backbone: Backbone | None = None
         self.trained: nn.Module | None = None  # posthoc: the model's own embedding, restored after a setting
@@ -184,15 +191,21 @@ class MEL(ModelSidePlugin):
         self.embedding = FactorizedEmbedding.from_svd(backbone.input_embeddings().weight, self.max_rank)
         backbone.replace_input_embeddings(self.embedding)
 
-    def current(self) -> int | None:
-        """The active rank; None while the model computes with its own embedding (posthoc training)."""
+    def untouched(self) -> int | None:
+        """posthoc: the full rank, the model's own embedding untruncated; trained MEL: None (its embedding is
+        replaced by rank-R factors, so no cell is the model not cut along this axis and every name says its rank)."""
+        return self.full_rank if self.posthoc else None
+
+    def current(self) -> int:
+        """The active rank; the full rank while a posthoc run computes with its own embedding (training)."""
         if self.backbone is None:
             raise RuntimeError("MEL.setup(backbone) must run before the model is used")
-        return self.embedding.rank if self.backbone.input_embeddings() is self.embedding else None
+        return self.embedding.rank if self.backbone.input_embeddings() is self.embedding else self.full_rank
 
-    def set(self, rank: int | None) -> None:
-        factors = self.trained if rank is None else self._factors()
-        if rank is not None:
+    def set(self, rank: int) -> None:
+        own = self.posthoc and rank == self.full_rank  # posthoc: the model's own embedding, untruncated
+        factors = self.trained if own else self._factors()
+        if not own:
             factors.rank = rank
         if self.backbone.input_embeddings() is not factors:  # posthoc: swap the factors in, or the embedding back
             self.backbone.replace_input_embeddings(factors)
@@ -211,6 +224,8 @@ class MEL(ModelSidePlugin):
         return self.embedding
 
     def export(self, model: nn.Module, rank: int, mode: str) -> tuple[dict[str, str], dict[str, object]]:
+        if self.posthoc and rank == self.full_rank:
+            return {}, {}  # the model's own embedding, untruncated
         factors = self._factors()
         with torch.no_grad():
             if mode != FACTORIZED_MODE:
@@ -240,7 +255,9 @@ class MEL(ModelSidePlugin):
 
     def card_lines(self, cell: Cell) -> list[str]:
         rank, info = cell.tags[self.tag], self.info
-        trained = self.trained_settings() or "none: truncated after training"
+        if self.posthoc and rank == self.full_rank:
+            return []  # the model's own embedding: nothing to say about a rank
+        trained = "none: truncated after training" if self.posthoc else self.trained_settings()
         return ["", "## Token embedding (MEL)", "",
                 f"Rank {rank} of the SVD factors (trained ranks {trained}): `vocab·r + r·d` = "
                 f"{rank * (info.vocab_size + info.hidden_size):,} parameters factorized (`make export MODE=factorized`"

@@ -144,6 +144,10 @@ class Precision(MatryoshkaPlugin):
         """A stored coordinate takes the level's bits (fp32 32, int8 8, binary 1)."""
         return cost.replace(bits_per_value=LEVELS[cell.tags.get("precision", "fp32")][1])  # untagged: float
 
+    def full_settings(self) -> dict[str, object]:
+        """float32 storage is the embedding not quantized: ``layer_4/dim_64`` rather than ``.../precision_fp32``."""
+        return {"precision": "fp32"}
+
     def posthoc_settings(self) -> list[str]:
         return [level for level, weight in zip(self.levels, self.weights) if weight == 0]
 

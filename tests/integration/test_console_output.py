@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+from experiments.console import MLFLOW_LEVEL_ENV
 from experiments.run_metadata import PROJECT_ROOT
 from tests.conftest import run_overrides
 
@@ -22,7 +23,9 @@ THIRD_PARTY = ("GPU available", "TPU available", "litlogger", " INFO mlflow", "L
 def run_cli(tmp_path, corpus_dir, mlflow_dir, *args: str) -> list[str]:
     """The non-empty lines of ``python -m experiments.run tiny ...`` (stdout and stderr, a bar's redraws split)."""
     overrides = [o for o in run_overrides(tmp_path, corpus_dir, mlflow_dir) if not o.startswith(("trainer.", "probe."))]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # without the MLflow level an in-process run of an earlier test set (quiet_libraries): a user's shell has none
+    environment = {key: value for key, value in os.environ.items() if key != MLFLOW_LEVEL_ENV}
+    environment["OMP_NUM_THREADS"] = "1"
     done = subprocess.run([sys.executable, "-m", "experiments.run", "tiny", *overrides, *TINY, *args],
                           cwd=PROJECT_ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=300)

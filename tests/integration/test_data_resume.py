@@ -89,9 +89,9 @@ def test_lightning_resume_sees_the_batches_of_a_straight_run(tiny_config, tmp_pa
     assert [step for step, *_ in seen] == list(range(6)) and seen == expected
     state = torch.load(resumed.checkpoint, weights_only=False)["TranslationPairsDataModule"]
     assert state["next_batch"] == 6 and sum(state["examples"].values()) == 6 * 8
-    assert {"system/data/device/padding_fraction", "system/data/device/wait_s", "system/data/device/wait_fraction",
-            "system/data/examples/de"} <= set(straight.metrics)
-    assert straight.metrics["system/data/examples/de"] + straight.metrics["system/data/examples/fr"] == 6 * 8
+    assert {"run/data/device/padding_fraction", "run/data/device/wait_s", "run/data/device/wait_fraction",
+            "run/data/examples/de"} <= set(straight.metrics)
+    assert straight.metrics["run/data/examples/de"] + straight.metrics["run/data/examples/fr"] == 6 * 8
 
 
 def test_counts_per_source_and_language_as_metric_names(tmp_path):
@@ -106,7 +106,7 @@ def test_counts_per_source_and_language_as_metric_names(tmp_path):
     batches = consume(datamodule, 25)
     per_source = {name: 2 * sum(source == name for _, source, *_ in batches) for name in datamodule.sources}
     counts = datamodule.counts()
-    examples, languages = "system/data/examples", "system/data/examples_language"
+    examples, languages = "run/data/examples", "run/data/examples_language"
     assert counts == {f"{examples}/wiki_de": per_source["wiki_de"], f"{examples}/news_de": per_source["news_de"],
                       f"{examples}/sr_latin": per_source["sr@latin"],  # MLflow forbids '@' in metric names
                       f"{examples}/__x": per_source["ü:x"], f"{languages}/x": per_source["ü:x"],

@@ -109,7 +109,7 @@ def test_packed_training_logs_the_padded_runs_losses(tiny_config, tmp_path, sour
     padded, packed = (_losses(config, runs[packing].run_id, "train/loss") for packing in (False, True))
     assert len(padded) == 4
     torch.testing.assert_close(torch.tensor(packed), torch.tensor(padded), atol=1e-5, rtol=1e-5)
-    padding = {packing: _losses(config, runs[packing].run_id, "system/data/device/padding_fraction") for packing in (False, True)}
+    padding = {packing: _losses(config, runs[packing].run_id, "run/data/device/padding_fraction") for packing in (False, True)}
     assert max(padding[True]) < min(padding[False])
 
 

@@ -1,6 +1,7 @@
 """The probe's root-level final artifacts and summary metrics, and the heatmaps' colour bar and run name."""
 
 import csv
+import json
 
 import mlflow
 import pytest
@@ -29,34 +30,46 @@ def table():
     return {"step": 7, "tasks": TASKS, "cells": cells, "summary": summary(cells), "errors": {}, "seconds": 1.0}
 
 
-def test_final_summary_names_the_best_full_and_cheapest_cells_and_their_scores():
+def test_final_summary_is_the_full_cell_and_the_grid_mean_per_task():
     logged, tags = report.final_summary(table())
-    # full = (2, 16, 32): bitext 0.2 + 0.16 + 0.032 = 0.392, mean with 0.5 = 0.446; cheapest = (1, 8, 16):
-    # 0.1 + 0.08 + 0.016 = 0.196, mean 0.348; best = (1, 16, 32): (0.9 + 0.6) / 2 = 0.75
-    assert tags == {"final.best_cell": "layer_1/dim_16/rank_32", "final.full_cell": "layer_2/dim_16/rank_32",
-                    "final.cheapest_cell": "layer_1/dim_8/rank_16"}
+    # full = (2, 16, 32): bitext 0.2 + 0.16 + 0.032 = 0.392, mean with 0.5 = 0.446. Grid mean of bitext: the 8 cells
+    # sum 1.2 (layers) + 0.96 (dims) + 0.192 (ranks) = 2.352, with (1, 16, 32)'s 0.292 replaced by 0.9: 2.96 / 8 = 0.37;
+    # of retrieval (7 × 0.5 + 0.6) / 8 = 0.5125; of the mean over tasks (0.37 + 0.5125) / 2 = 0.44125.
+    assert tags == {"final.full_cell": "layer_2/dim_16/rank_32"}
     assert logged == pytest.approx({
-        "final/mean_main_score/best": 0.75, "final/Bitext/best": 0.9, "final/Retrieval/best": 0.6,
         "final/mean_main_score/full": 0.446, "final/Bitext/full": 0.392, "final/Retrieval/full": 0.5,
-        "final/mean_main_score/cheapest": 0.348, "final/Bitext/cheapest": 0.196, "final/Retrieval/cheapest": 0.5})
+        "final/mean_main_score/grid_mean": 0.44125, "final/Bitext/grid_mean": 0.37,
+        "final/Retrieval/grid_mean": 0.5125})
 
 
-def test_log_final_puts_the_csv_and_one_heatmap_per_rank_at_the_runs_root(tmp_path):
+def test_log_final_puts_the_csv_one_heatmap_per_task_and_rank_and_the_wide_table_at_the_runs_root(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.create_experiment("report-tests", (tmp_path / "artifacts").as_uri())
     run_id = client.create_run(experiment, run_name="demo-run").info.run_id
     files = report.log_final(client, run_id, table(), tmp_path / "probe", "demo-run")
-    assert sorted(path.name for path in files) == ["probe_final.csv", "probe_final_rank_16.png",
-                                                   "probe_final_rank_32.png"]
+    heatmaps = [f"probe_final_{task}_rank_{rank}.png" for rank in (32, 16) for task in ("Bitext", "Retrieval")]
+    assert sorted(path.name for path in files) == sorted(["probe_final.csv", *heatmaps])
     root = {artifact.path for artifact in client.list_artifacts(run_id)}
-    assert root == {"probe_final.csv", "probe_final_rank_16.png", "probe_final_rank_32.png"}
+    assert root == {"probe_final.csv", report.FINAL_TABLE, *heatmaps}
     with open(client.download_artifacts(run_id, "probe_final.csv", str(tmp_path / "back"))) as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 16 and {row["step"] for row in rows} == {"7"}
+    with open(client.download_artifacts(run_id, report.FINAL_TABLE, str(tmp_path / "back"))) as handle:
+        wide = json.load(handle)  # mlflow.log_table's format: columns, then one row per cell
+    assert wide["columns"] == ["cell", "bytes", "Bitext", "Retrieval", "mean_main_score"] and len(wide["data"]) == 8
+    assert wide["data"][0] == ["layer_1/dim_16/rank_32", 64, 0.9, 0.6, 0.75]
     run = client.get_run(run_id)
-    assert run.data.metrics["final/mean_main_score/best"] == pytest.approx(0.75)
+    assert run.data.metrics["final/mean_main_score/full"] == pytest.approx(0.446)
     assert [m.step for m in client.get_metric_history(run_id, "final/Bitext/full")] == [7]
-    assert run.data.tags["final.best_cell"] == "layer_1/dim_16/rank_32"
+    assert run.data.tags["final.full_cell"] == "layer_2/dim_16/rank_32"
+
+
+def test_heatmap_groups_leave_out_axes_at_their_full_setting():
+    data = table()
+    data["full_settings"] = {"rank": 32}
+    assert sorted(report.heatmap_groups(data)) == ["full", "rank_16"]
+    del data["full_settings"]  # a table from before the naming rule: every rank named
+    assert sorted(report.heatmap_groups(data)) == ["rank_16", "rank_32"]
 
 
 def test_probe_heatmaps_name_the_run_and_have_a_colour_bar_per_task(tmp_path, monkeypatch):

@@ -47,16 +47,16 @@ def test_probes_leave_the_training_trajectory_unchanged(runs):
 def test_probe_tables_metrics_and_heatmaps(runs):
     config, result = runs["probed"]
     client = mlflow.MlflowClient(config.tracking.uri)
-    cell = "probe/GettextBitextMining/accuracy/layer_4/dim_32/rank_16"
+    cell = "GettextBitextMining/layer_4/dim_32/rank_16"  # its main score (accuracy): one chart section per task
     assert [metric.step for metric in client.get_metric_history(result.run_id, cell)] == [0, 2, 4]
     metrics = client.get_run(result.run_id).data.metrics
-    for name in ("probe/GettextRetrieval/ndcg_at_10/layer_2/dim_16/rank_8",
-                 "probe/GettextRetrieval/recall_at_1/layer_2/dim_16/rank_8", "probe/mean_main_score/full",
-                 "probe/mean_main_score/cheapest", "probe/seconds", "probe/wall_share"):
+    for name in ("GettextRetrieval/layer_2/dim_16/rank_8", "GettextRetrieval/recall_at_1/layer_2/dim_16/rank_8",
+                 "probe/seconds", "probe/wall_share"):
         assert name in metrics, name
+    assert not [key for key in metrics if "ndcg_at_10" in key]  # the main score is not logged twice
     table = latest_table(result.run_dir)
     assert table["step"] == 4 and len(table["cells"]) == 8 and table["errors"] == {}
-    assert metrics[cell] == pytest.approx(next(c for c in table["cells"] if c["name"] == cell.split("/", 3)[3])
+    assert metrics[cell] == pytest.approx(next(c for c in table["cells"] if c["name"] == cell.split("/", 1)[1])
                                           ["scores"]["GettextBitextMining"]["main_score"])
     assert table["summary"]["full"]["cell"] == "layer_4/dim_32/rank_16"
     artifacts = {artifact.path for artifact in client.list_artifacts(result.run_id, "probe/step_4")}
@@ -70,14 +70,16 @@ def test_probe_tables_metrics_and_heatmaps(runs):
     assert header[:7] == ["step", "layer", "dim", "rank", "bytes", "task", "main_score"]
     # the last table also at the run's root under stable names, for MLflow's compare view, with its summary
     root = {artifact.path for artifact in client.list_artifacts(result.run_id)}
-    assert {"probe_final.csv", "probe_final_rank_16.png", "probe_final_rank_8.png"} <= root
+    assert {"probe_final.csv", "probe_final_table.json", "probe_final_GettextRetrieval_rank_16.png",
+            "probe_final_GettextBitextMining_rank_8.png"} <= root
     assert (result.run_dir / "probe" / "probe_final.csv").read_text() == \
         (result.run_dir / "probe" / "probe_step_4.csv").read_text()
     full = next(c for c in table["cells"] if c["name"] == table["summary"]["full"]["cell"])
     assert metrics["final/mean_main_score/full"] == pytest.approx(full["mean_main_score"])
     assert metrics["final/GettextRetrieval/full"] == pytest.approx(full["scores"]["GettextRetrieval"]["main_score"])
-    assert metrics["final/mean_main_score/best"] == pytest.approx(max(c["mean_main_score"] for c in table["cells"]))
-    assert [m.step for m in client.get_metric_history(result.run_id, "final/mean_main_score/best")] == [4]
+    grid_mean = sum(c["scores"]["GettextRetrieval"]["main_score"] for c in table["cells"]) / len(table["cells"])
+    assert metrics["final/GettextRetrieval/grid_mean"] == pytest.approx(grid_mean)
+    assert [m.step for m in client.get_metric_history(result.run_id, "final/mean_main_score/grid_mean")] == [4]
     assert client.get_run(result.run_id).data.tags["final.full_cell"] == "layer_4/dim_32/rank_16"
 
 
@@ -115,5 +117,5 @@ def test_make_probe_logs_its_table_as_the_runs_final_root_artifacts(runs, capsys
     assert {"probe/checkpoint/step_4/probe_step_4.csv", "probe/checkpoint/step_4/probe_step_4_rank_16.png"} <= \
         {artifact.path for artifact in client.list_artifacts(result.run_id, "probe/checkpoint/step_4")}
     root = {artifact.path for artifact in client.list_artifacts(result.run_id)}
-    assert {"probe_final.csv", "probe_final_rank_16.png", "probe_final_rank_8.png"} <= root
+    assert {"probe_final.csv", "probe_final_GettextRetrieval_rank_16.png", "probe_final_GettextRetrieval_rank_8.png"} <= root
     assert "probe_final.json" not in root  # the JSON table stays under probe/.../step_<n>/

@@ -13,22 +13,22 @@ RUNS = [
     ("suite-pair", "baseline", "FINISHED",
      {"name": "baseline", "plugins": "{}", "loss.gather": "full", "optim.lr": "0.001"},
      {"train/loss": [(step, 3.0 - 0.125 * step) for step in range(12)],  # last 10: steps 2..11, mean 2.1875
-      "train/device/samples_per_sec": [(step, 100.0 + step) for step in range(12)],  # last 10: mean 106.5
-      "system/memory/device/peak_rss_mb": [(11, 512.0)], "train/elapsed_s": [(11, 42.5)]}),
+      "run/device/samples_per_sec": [(step, 100.0 + step) for step in range(12)],  # last 10: mean 106.5
+      "run/memory/device/peak_rss_mb": [(11, 512.0)], "train/elapsed_s": [(11, 42.5)]}),
     ("suite-pair", "3dml", "RUNNING",
      {"name": "3dml", "plugins.mrl.dims": "None", "plugins.mll.layers": "None", "loss.gather": "none",
       "optim.lr": "0.001"},
      {"train/loss": [(4, 2.5), (0, 3.5), (2, 3.0)],  # logged every 2 steps, out of order: 5 steps, mean 3.0
       "train/loss_hard": [(0, 1.25), (2, 1.0), (4, 0.75)],
-      "probe/mean/full": [(4, 0.875)], "probe/bitext/recall_at_1/layer_4/dim_64": [(4, 0.5)]}),
+      "final/mean_main_score/full": [(4, 0.875)], "bitext/recall_at_1/layer_4/dim_64": [(4, 0.5)]}),
     ("other", "lone", "FAILED", {"name": "lone", "optim.lr": "0.01"}, {"train/elapsed_s": [(0, 3.0)]}),
 ]
 TABLE = """
 MLflow experiment 'suite-pair' ({uri}): 2 runs
-run        status     steps   axes      loss.gather    loss   loss_hard   samples/s   peak_MB   wall_s   probe/mean/full
-────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
-baseline   FINISHED      12   none      full          2.188           -       106.5       512     42.5                 -
-3dml       RUNNING        5   mll+mrl   none              3           1           -         -        -             0.875
+run        status     steps   axes      loss.gather    loss   loss_hard   samples/s   peak_MB   wall_s   final/mean_main_score/full
+───────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────
+baseline   FINISHED      12   none      full          2.188           -       106.5       512     42.5                            -
+3dml       RUNNING        5   mll+mrl   none              3           1           -         -        -                        0.875
 """
 EMPTY = """
 MLflow experiment 'empty' ({uri}): 0 runs

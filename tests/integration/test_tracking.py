@@ -46,9 +46,9 @@ def test_a_metric_name_mlflow_or_lightning_would_change_raises(logger_for, name)
 
 def test_valid_metric_names_are_stored_exactly(logger_for):
     logger = logger_for()
-    logger.log_metrics({"train/loss/layer_4/dim_64/rank_128": 0.5, "train/device/samples-per sec.x": 2.0}, step=3)
+    logger.log_metrics({"train/loss/layer_4/dim_64/rank_128": 0.5, "run/device/samples-per sec.x": 2.0}, step=3)
     assert set(logger.experiment.get_run(logger.run_id).data.metrics) == {
-        "train/loss/layer_4/dim_64/rank_128", "train/device/samples-per sec.x"}
+        "train/loss/layer_4/dim_64/rank_128", "run/device/samples-per sec.x"}
 
 
 def test_a_resumed_logger_logs_each_step_once_and_keeps_the_first_values(logger_for):
@@ -102,6 +102,8 @@ def test_run_tags_record_commit_dirty_flag_versions_and_device(tiny_config):
     assert tags["versions.torch"] == torch.__version__ and tags["versions.mlflow"] == mlflow.__version__
     assert tags["device"].startswith("cuda: " if torch.cuda.is_available() else "cpu: ")
     assert re.fullmatch(r"[0-9a-f]{12}", tags["config.hash"])
+    assert (tags["experiment"], tags["axes"]) == ("tiny", "mll+mrl+mel")  # what the runs table groups by
+    assert run_tags(tiny_config("tiny", ["plugins.mel=null", "plugins.mll=null", "plugins.mrl=null"]))["axes"] == "none"
 
 
 def free_port() -> int:
@@ -189,9 +191,9 @@ def test_a_tiny_run_lands_in_mlflow_and_a_resume_continues_the_same_run(tiny_con
     assert params["plugins.mrl.dims"] == "None" and params["optim.lr"] == "0.001" and params["name"] == "tiny"
     assert params["corpus.train_pairs.de"].isdigit()
     assert run.data.tags["config.hash"] == config_hash(config) and run.data.tags["git.commit"]
-    assert {"train/elapsed_s", "system/memory/device/peak_rss_mb", "train/device/samples_per_sec",
-            "train/device/items_per_sec", "train/lr", "train/mel/rank"} <= set(run.data.metrics)
-    assert run.data.metrics["system/memory/device/peak_rss_mb"] > 0
+    assert {"train/elapsed_s", "run/memory/device/peak_rss_mb", "run/device/samples_per_sec",
+            "run/device/items_per_sec", "train/lr", "train/mel/rank"} <= set(run.data.metrics)
+    assert run.data.metrics["run/memory/device/peak_rss_mb"] > 0
     stored = OmegaConf.load(client.download_artifacts(first.run_id, "config.yaml", str(tmp_path)))
     assert OmegaConf.to_container(stored) == OmegaConf.to_container(config, resolve=True)
     plots = {artifact.path for artifact in client.list_artifacts(first.run_id, "plots")}

@@ -27,6 +27,23 @@ def test_the_runs_page_url_selects_the_model_training_view():
         "https://mlflow.example/#/experiments?workflowType=machine_learning"
 
 
+def test_make_ui_saves_the_headline_view_that_its_url_opens(store):
+    import json
+
+    uri, client, ids, run_ids = store
+    client.log_metric(run_ids["new"], "final/mean_main_score/full", 0.5)
+    client.log_metric(run_ids["new"], "final/Retrieval/grid_mean", 0.25)
+    client.log_metric(run_ids["new"], "Retrieval/layer_4/dim_64", 0.5)  # a cell: not a headline column
+    client.log_metric(run_ids["new"], "train/loss", 2.0)
+    key = mlflow_ui.save_headline_view(client, ids["new"])
+    assert runs_page_url("http://127.0.0.1:5000", "7", key) == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+        "&viewStateShareKey=matryoshka-lab-headline")
+    view = json.loads(client.get_experiment(ids["new"]).tags[f"mlflow.sharedViewState.{key}"])
+    assert view["selectedColumns"] == ["tags.`experiment`", "tags.`axes`", "metrics.`train/loss`",
+                                       "metrics.`final/mean_main_score/full`", "metrics.`final/Retrieval/grid_mean`"]
+
+
 def test_make_ui_opens_the_named_experiment_else_the_one_with_the_newest_run(store, tmp_path):
     uri, _, ids, _ = store
     assert experiment_to_open(uri, "old") == ids["old"]

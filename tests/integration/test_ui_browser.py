@@ -1,9 +1,12 @@
-"""``make test-ui``: the MLflow UI in headless Chromium, as a user meets it after two runs of one experiment.
+"""``make test-ui``: the MLflow UI in headless Chromium, comparing two runs of different configurations.
 
-Starts ``make ui``'s launcher on a loopback port against a store with two tiny probed runs, opens the URL it prints
-(the runs table), one run's page and the compare page of both, and asserts from the rendered DOM that both runs, the
-headline metrics and the root-level probe heatmap are there, with both runs' heatmaps side by side. Screenshots go
-to the test's output folder (``runs.png``, ``run.png``, ``compare.png``, ``compare_heatmaps.png``).
+Starts ``make ui``'s launcher on a loopback port against a store with two tiny probed runs, a MEL one (MLL × MRL ×
+MEL ranks 16, 8) and a baseline that trains only the full cell and truncates afterwards (the paper suite's baseline:
+MLL and MRL weight 0, MEL posthoc), opens the URL it prints (the runs table in the saved headline view), one run's
+page, the compare page of both and one per-cell chart, and asserts from the rendered DOM that the runs table shows
+the headline columns without a click, the compare page shows a cell metric with both runs' values and the same-named
+final heatmap of both side by side, and the cell's chart plots both runs. Screenshots go to the test's output folder
+(``runs.png``, ``run.png``, ``compare.png``, ``compare_heatmaps.png``, ``cell_chart.png``).
 
 Needs Chromium and its driver (``apt-get install chromium chromium-driver``) and ``selenium`` (``.[browser]``).
 To shoot another store, e.g. the docs' quickstart runs: ``UI_STORE=sqlite:////tmp/ui/mlflow.db
@@ -37,20 +40,26 @@ EXPERIMENT = "ui-browser"
 TINY = ["trainer.max_steps=2", "data.locales=[de]", "plugins.mll.layers=[2,4]", "plugins.mrl.dims=[32,16]",
         "probe.enabled=true", "probe.at_start=false", "probe.every_n_steps=0", "probe.locales=[de,kk]",
         "probe.max_pairs_per_locale=8", "probe.batch_size=16", f"tracking.experiment={EXPERIMENT}"]
-HEADLINE = ("train/loss", "final/mean_main_score/full", "final/mean_main_score/cheapest", "final/mean_main_score/best")
+# Two configurations: MEL trained (every cell names its rank), and the baseline truncated afterwards (its full cells
+# named without a rank, its rank cells as MEL's).
+SETUPS = {"mel": [], "baseline": ["plugins.mll.weights=[0.0,1.0]", "plugins.mrl.weights=[1.0,0.0]",
+                                  "plugins.mel.posthoc=true"]}
+HEADLINE = ("final/mean_main_score/full", "final/GettextRetrieval/full")  # columns the 1600-px table renders
+CELL_METRIC = re.compile(r"Gettext\w+/layer_\d+/dim_\d+/rank_\d+")  # a task's main score at a cut-rank cell
 WAIT_S = 90
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, corpus_dir):
-    """``(uri, experiment)``: two tiny probed runs in a fresh store, or the store named by ``$UI_STORE``."""
+    """``(uri, experiment)``: the two tiny probed runs in a fresh store, or the store named by ``$UI_STORE``."""
     if os.environ.get("UI_STORE"):
         return os.environ["UI_STORE"], os.environ.get("UI_EXPERIMENT", EXPERIMENT)
     root = tmp_path_factory.mktemp("ui-store")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # a tiny run is over before the default 10 s
-        for seed in (0, 1):
-            train(compose("tiny", [*run_overrides(root / f"run{seed}", corpus_dir, root), *TINY, f"seed={seed}"]))
+        for name, overrides in SETUPS.items():
+            train(compose("tiny", [*run_overrides(root / name, corpus_dir, root), *TINY, *overrides,
+                                   f"tracking.run_name={name}"]))
     return f"sqlite:///{root}/mlflow.db", EXPERIMENT
 
 
@@ -127,45 +136,37 @@ def runs_of(uri: str, experiment: str):
     return client, found.experiment_id, [run for run in runs if not run.info.run_name.startswith("compare ")][-2:]
 
 
-def test_runs_table_run_page_and_compare_page_show_runs_headline_metrics_and_heatmaps(store, ui, browser, shots):
-    from selenium.webdriver.common.keys import Keys
-
+def test_runs_table_compare_page_and_cell_chart_compare_two_configurations(store, ui, browser, shots):
     runs_url, base = ui
     client, experiment_id, (first, second) = runs_of(*store)
     names = [first.info.run_name, second.info.run_name]
-    assert runs_url == f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    assert runs_url.startswith(f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+    assert "viewStateShareKey=" in runs_url  # the saved headline view
 
-    browser.get(runs_url)  # what make ui opens: the runs table of the model-training view
-    text = wait_for(browser, names)
+    browser.get(runs_url)  # what make ui opens: the runs table of the model-training view, headline columns shown
+    wait_for(browser, [*names, *HEADLINE])
     close_assistant(browser)
-    assert "Run Name" in text and "workflowType=machine_learning" in browser.current_url
     browser.save_screenshot(str(shots / "runs.png"))
 
     run_url = f"{base}/#/experiments/{experiment_id}/runs/{second.info.run_id}?workflowType=machine_learning"
     browser.get(run_url)
     description = second.data.tags.get("mlflow.note.content", "").splitlines()[0]
-    wait_for(browser, [names[1], description, "System metrics"])
-    close_assistant(browser)
-    # The run's plumbing (system/...) charts on the System metrics tab, apart from the model metrics
-    browser.find_elements("xpath", "//*[normalize-space()='System metrics']")[0].click()
-    wait_for(browser, ["system/data/device", "padding_fraction"])
-    browser.get(run_url)
     wait_for(browser, [names[1], description])
+    close_assistant(browser)
     browser.save_screenshot(str(shots / "run.png"))
-    (search,) = browser.find_elements("css selector", "input[placeholder='Search metrics']")
-    for metric in HEADLINE:  # the run page's metric table renders only what is scrolled to: search each one
-        search.send_keys(Keys.CONTROL, "a", Keys.DELETE)
-        search.send_keys(metric)
-        shown = re.search(rf"^{re.escape(metric)}\n(\S+)$", wait_for(browser, [f"{metric}\n"]), re.MULTILINE)
-        assert shown and float(shown.group(1)) == pytest.approx(second.data.metrics[metric], rel=1e-3), metric
-    search.send_keys(Keys.CONTROL, "a", Keys.DELETE)
 
     query = urllib.parse.urlencode({"runs": json.dumps([first.info.run_id, second.info.run_id]),
                                     "experiments": json.dumps([experiment_id])})
     browser.get(f"{base}/#/compare-runs?{query}&workflowType=machine_learning")
-    heatmap = sorted(artifact.path for artifact in client.list_artifacts(second.info.run_id)
-                     if re.fullmatch(r"probe_final_.+\.png", artifact.path))[0]
-    wait_for(browser, [*names, "Parallel Coordinates Plot", "probe_final.csv", heatmap])
+    heatmaps = [{artifact.path for artifact in client.list_artifacts(run.info.run_id)
+                 if re.fullmatch(r"probe_final_.+\.png", artifact.path)} for run in (first, second)]
+    shared = sorted(heatmaps[0] & heatmaps[1])
+    assert "probe_final_GettextRetrieval_rank_16.png" in shared  # one name per model-side setting, in both runs
+    heatmap = shared[0]
+    # the compare table lists metrics alphabetically and renders the first rows: the first cell both runs probed
+    shared_cell = sorted(key for key in first.data.metrics
+                         if CELL_METRIC.fullmatch(key) and key in second.data.metrics)[0]
+    wait_for(browser, [*names, "Parallel Coordinates Plot", "probe_final.csv", heatmap, shared_cell])
     close_assistant(browser)
     browser.save_screenshot(str(shots / "compare.png"))
     entry = browser.find_elements("xpath", f"//div[normalize-space()='{heatmap}']")[0]  # the file list
@@ -181,8 +182,20 @@ def test_runs_table_run_page_and_compare_page_show_runs_headline_metrics_and_hea
     time.sleep(1)
     browser.save_screenshot(str(shots / "compare_heatmaps.png"))
     browser.set_window_size(1600, 1000)
+
+    # the cell's chart (the compare table's link to a metric): both runs under one name, with their values
+    chart = urllib.parse.urlencode({"runs": json.dumps([first.info.run_id, second.info.run_id]),
+                                    "metric": json.dumps(shared_cell), "experiments": json.dumps([experiment_id]),
+                                    "plot_metric_keys": json.dumps([shared_cell])})
+    browser.get(f"{base}/#/metric?{chart}&workflowType=machine_learning")
+    text = wait_for(browser, [shared_cell, *[f"{name} " for name in names], "(step="])
+    for run in (first, second):
+        shown = re.search(rf"^{re.escape(run.info.run_name)} (\S+) \(step=", text, re.MULTILINE)
+        assert shown and float(shown.group(1)) == pytest.approx(run.data.metrics[shared_cell], abs=1e-3), text
+    assert browser.find_elements("css selector", ".js-plotly-plot")
+    browser.save_screenshot(str(shots / "cell_chart.png"))
     assert all((shots / name).stat().st_size > 10_000 for name in ("runs.png", "run.png", "compare.png",
-                                                                  "compare_heatmaps.png"))
+                                                                  "compare_heatmaps.png", "cell_chart.png"))
 
 
 MODEL_NAME = "ui-browser-cell"
@@ -198,7 +211,7 @@ def test_models_page_lists_the_registered_versions(store, ui, browser, shots):
         from experiments.loading import load_run
         from lightning_modules.cell_export import export_cell
 
-        (checkpoint,) = Path(uri.removeprefix("sqlite:///")).parent.glob("run1/outputs/*/*/checkpoints/last.ckpt")
+        (checkpoint,) = Path(uri.removeprefix("sqlite:///")).parent.glob("mel/outputs/*/*/checkpoints/last.ckpt")
         run = load_run(checkpoint)
         for layer, dim in ((2, 16), (4, 32)):
             result = export_cell(run.model, checkpoint.parent.parent / "export" / f"l{layer}-d{dim}",

@@ -125,7 +125,7 @@ def posthoc_module(tmp_path):
     return module, module.model_side[0]
 
 
-def test_posthoc_trains_the_models_own_embedding_with_untagged_views(tmp_path):
+def test_posthoc_trains_the_models_own_embedding_under_names_without_a_rank(tmp_path):
     module, mel = posthoc_module(tmp_path)
     info = module.backbone.info
     embedding = module.backbone.input_embeddings()
@@ -133,28 +133,46 @@ def test_posthoc_trains_the_models_own_embedding_with_untagged_views(tmp_path):
     ids, mask = torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long)
     mel.before_forward(step=3)  # a non-posthoc run would sample a rank here
     views = module.forward_views(ids, mask)
-    assert all("rank" not in view.tags for view in views) and mel.step_metrics() == {}
+    assert {view.tags["rank"] for view in views} == {32} and mel.step_metrics() == {"mel/rank": 32.0}  # untruncated
+    assert all("rank" not in view.name for view in views)  # ... which names leave out
     assert [cell.tags["rank"] for cell in module.cells()][::len(views)] == [32, 16]  # the probe still sees both ranks
+    names = [cell.name for cell in module.cells()]
+    assert "layer_4/dim_32" in names and "layer_4/dim_32/rank_16" in names and len(set(names)) == len(names)
 
 
-def test_posthoc_full_rank_reproduces_the_embedding_and_the_original_module_is_restored(tmp_path):
+def test_posthoc_adds_the_untruncated_setting_to_a_ladder_below_full_rank(tmp_path):
+    from experiments.run import build
+
+    module, _ = build(compose("tiny", [f"output_dir={tmp_path}", "plugins.mel.rank=16", "plugins.mel.ranks=[16,8]",
+                                       "plugins.mel.posthoc=true"]))
+    assert module.settings() == [{"rank": 32}, {"rank": 16}, {"rank": 8}]  # 32 = min(vocab, d): the own embedding
+    full = module.full_settings
+    assert full == {"rank": 32}
+    # the untruncated cells share the names of a run without MEL; the truncated ones those of a MEL run
+    plain, _ = build(compose("tiny", [f"output_dir={tmp_path}/plain", "plugins.mel=null"]))
+    trained, _ = build(compose("tiny", [f"output_dir={tmp_path}/mel"]))
+    names = {cell.name for cell in module.cells()}
+    assert {cell.name for cell in plain.cells()} < names and {cell.name for cell in trained.cells()} < names
+
+
+def test_posthoc_full_rank_is_the_own_embedding_and_the_original_module_is_restored(tmp_path):
     module, mel = posthoc_module(tmp_path)
     original = module.backbone.input_embeddings()
     before = original.weight.detach().clone()
     ids, mask = torch.tensor([[5, 6, 7, 9]]), torch.ones(1, 4, dtype=torch.long)
     with torch.no_grad():
         reference = {view.name: view.embeddings for view in module.forward_views(ids, mask)}
-        with module.applied({"rank": 32}):  # rank = hidden size 32: the SVD is exact
-            factors = module.backbone.input_embeddings()
-            assert factors is not original and mel.current() == 32
-            torch.testing.assert_close(factors.merged_weight(), before, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mel._factors().merged_weight(32), before, atol=1e-5, rtol=1e-5)  # SVD exact at d
+        with module.applied({"rank": 16}):
+            assert module.backbone.input_embeddings() is not original and mel.current() == 16
+        with module.applied({"rank": 32}):
+            assert module.backbone.input_embeddings() is original and mel.current() == 32
         encoded = module.encode(ids, mask, [cell for cell in module.cells() if cell.tags["rank"] == 32])
-    assert module.backbone.input_embeddings() is original and mel.current() is None
+    assert module.backbone.input_embeddings() is original and mel.current() == 32
     assert torch.equal(original.weight, before)
-    for cell_name, embeddings in encoded.items():
-        name = cell_name.removesuffix("/rank_32")
-        torch.testing.assert_close(embeddings, torch.nn.functional.normalize(reference[name], dim=-1), atol=1e-5,
-                                   rtol=1e-4)
+    assert set(encoded) == set(reference)
+    for name, embeddings in encoded.items():
+        torch.testing.assert_close(embeddings, torch.nn.functional.normalize(reference[name], dim=-1))
 
 
 def test_posthoc_truncation_is_the_svd_of_the_current_weights(tmp_path):
@@ -166,5 +184,5 @@ def test_posthoc_truncation_is_the_svd_of_the_current_weights(tmp_path):
     assert error == pytest.approx(torch.linalg.svdvals(weight.detach())[16:].norm().item(), rel=1e-4)
     with torch.no_grad():
         weight.mul_(2.0)  # an optimizer step changes the weights in place: the next setting sees them
-    with torch.no_grad(), module.applied({"rank": 32}):
-        torch.testing.assert_close(module.backbone.input_embeddings().merged_weight(), weight, atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(mel._factors().merged_weight(32), weight, atol=2e-5, rtol=1e-5)

@@ -35,7 +35,9 @@ def test_posthoc_names_every_setting_of_each_axis_and_trains_none_of_the_model_s
     mel = MEL(MELConfig(rank=16, ranks=[16, 8], posthoc=True), INFO, 0)
     ffn = FFN(FFNConfig(posthoc=True), INFO, 0)
     precision = Precision(PrecisionConfig(posthoc=True), INFO, 0)
-    assert (mel.posthoc_settings(), mel.trained_settings()) == ([16, 8], [])
+    # the full rank (min(vocab, hidden) = 32) is the model's own embedding, as the full width is the FFN's own: both
+    # are what a posthoc run trains (untouched()), named without their tag, so neither is a posthoc setting
+    assert (mel.posthoc_settings(), mel.trained_settings()) == ([16, 8], [32])
     assert (ffn.posthoc_settings(), ffn.trained_settings()) == ([32, 16], [64])  # the full width is the model itself
     assert (precision.posthoc_settings(), precision.weights) == (["int8", "binary"], [1.0, 0.0, 0.0])
 
@@ -70,14 +72,15 @@ def test_posthoc_ffn_trains_exactly_what_probabilities_one_zero_zero_train():
     assert views["posthoc"] == views["full_only"] == {"ffn": 64}
 
 
-def test_posthoc_mel_leaves_training_untagged_and_a_tool_applies_a_rank_afterwards():
+def test_posthoc_mel_trains_its_own_embedding_at_the_full_rank_named_without_it_and_a_tool_applies_a_rank():
     mel, backbone = MEL(MELConfig(rank=16, ranks=[16, 8], posthoc=True), INFO, 0), TinyBackbone()
     own = backbone.embedding
     mel.setup(backbone)
     mel.before_forward(step=3)
-    assert mel.current() is None and backbone.embedding is own and mel.step_metrics() == {}
-    assert mel.expand([View(torch.zeros(2, 32))], bundle=None)[0].tags == {}
+    assert mel.current() == 32 and backbone.embedding is own and mel.step_metrics() == {"mel/rank": 32.0}
+    training = mel.expand([View(torch.zeros(2, 32), full_settings=mel.full_settings())], bundle=None)[0]
+    assert (training.tags, training.name) == ({"rank": 32}, "full")  # the untruncated model: no rank in its name
     with mel.applied(8):
         assert mel.current() == 8 and backbone.embedding is not own
         assert mel.expand([View(torch.zeros(2, 32))], bundle=None)[0].tags == {"rank": 8}
-    assert mel.current() is None and backbone.embedding is own
+    assert mel.current() == 32 and backbone.embedding is own
