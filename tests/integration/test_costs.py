@@ -62,16 +62,16 @@ def test_ffn_width_costs_its_projections_in_every_block(three_d):
     # Width 16 keeps up 32·16 + 16 and down 16·32 + 32 of each block's 32·64 + 64 and 64·32 + 32.
     block_16 = BLOCK - (D * I + I + I * D + D) + (D * 16 + 16 + 16 * D + D)
     flops_16 = BLOCK_FLOPS - 2 * (2 * D * I) + 2 * (2 * D * 16)
-    _, cost = cost_of(module, "layer_2/dim_32/ffn_16/precision_fp32")
+    _, cost = cost_of(module, "layer_2/dim_32/ffn_16")
     assert (cost.parameters, cost.flops_per_token) == (V * D + EMBEDDINGS_REST + 2 * block_16, 2 * flops_16)
-    _, full = cost_of(module, "layer_2/dim_32/ffn_64/precision_fp32")
+    _, full = cost_of(module, "layer_2/dim_32")
     assert (full.parameters, full.flops_per_token) == (V * D + EMBEDDINGS_REST + 2 * BLOCK, 2 * BLOCK_FLOPS)
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("layer_4/dim_32/ffn_64/precision_fp32", 32 * 4),  # MRL width · 4 bytes
-    ("layer_4/dim_8/ffn_64/precision_fp32", 8 * 4),
-    ("layer_4/dim_32/ffn_64/precision_binary", 32 // 8),  # precision: 1 bit per coordinate
+    ("layer_4/dim_32", 32 * 4),  # MRL width · 4 bytes
+    ("layer_4/dim_8", 8 * 4),
+    ("layer_4/dim_32/precision_binary", 32 // 8),  # precision: 1 bit per coordinate
     ("layer_1/dim_8/ffn_16/precision_binary", 1),
 ])
 def test_bytes_per_vector_from_dim_and_precision(three_d, name, expected):
