@@ -339,7 +339,7 @@ def final_table(config: DictConfig) -> tuple[Path, Path] | None:
     """The run folder and its probe table at the last step; a finished run without one (its end-of-training probe
     was interrupted) is probed from its checkpoint first (``make probe``). None if the run has no checkpoint."""
     from experiments import probe
-    from experiments.run import run_directory
+    from experiments.run_folders import run_directory
 
     run_dir, checkpoint = run_directory(config)
     if checkpoint is None:

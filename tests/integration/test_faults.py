@@ -355,13 +355,14 @@ FROZEN_CLOCK = textwrap.dedent("""
     # Runs experiments.run with the clock stopped at one second: both runs pick the same time-stamped folder name.
     import sys
     import experiments.run as run
+    import experiments.run_folders as run_folders
 
-    class Frozen(run.datetime):
+    class Frozen(run_folders.datetime):
         @classmethod
         def now(cls, tz=None):
-            return run.datetime(2026, 12, 1, 10, 15, 0)
+            return run_folders.datetime(2026, 12, 1, 10, 15, 0)
 
-    run.datetime = Frozen
+    run_folders.datetime = Frozen
     sys.exit(run.main(sys.argv[1:]))
 """)
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from datamodules.tokenization import BatchTokenizer
 from experiments.config import ConfigError
-from experiments.run import RUN_DIR_ENV, run_directory
+from experiments.run_folders import RUN_DIR_ENV, run_directory
 from lightning_modules.backbone_adapter import Backbone
 from lightning_modules.backbones.tiny import byte_tokenizer, tiny_bert, tiny_qwen3
 from lightning_modules.distributed import (FSDP2Strategy, activation_checkpointing_enabled, resolve_precision,

@@ -6,7 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from experiments.config import compose
-from experiments.run import fixed_changes, new_run_note, run_directory, trained_config
+from experiments.run_folders import fixed_changes, new_run_note, run_directory, trained_config
 
 
 def command(tmp_path: Path, *overrides: str):
