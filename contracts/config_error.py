@@ -22,6 +22,12 @@ class ConfigError(ValueError):
         return ConfigError(f"{section}.{self.key}", self.message)
 
 
+def error_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``error``'s message (its type's name when the message is empty), at most ``limit``
+    characters: what a one-line report says of an exception that came from a library."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 def check_at_least(key: str, value: float, low: float, *, exclusive: bool = False, note: str = "") -> None:
     """Raises ConfigError(key) unless ``value >= low`` (``value > low`` when ``exclusive``); ``note`` says why."""
     if value < low or (exclusive and value == low):

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from contracts.config_error import error_line
 from experiments.config import Config
 from lightning_modules.embedding_model import EmbeddingModel
 from lightning_modules.cell_export import Origin
@@ -122,8 +123,8 @@ def load_run(checkpoint: str | Path) -> LoadedRun:
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - unpickling refuses anything but tensors and plain containers
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RunLoadError(f"{checkpoint} cannot be read as a checkpoint of tensors ({first_line[:300]}); "
+        first_line = error_line(error, 300)
+        raise RunLoadError(f"{checkpoint} cannot be read as a checkpoint of tensors ({first_line}); "
                            f"nothing in it was executed") from None
     config_file = run_dir / "config.yaml"
     if CONFIG_KEY in state:
@@ -137,9 +138,9 @@ def load_run(checkpoint: str | Path) -> LoadedRun:
     try:
         module.load_state_dict(state["state_dict"])
     except (RuntimeError, KeyError) as error:  # size mismatch, missing or unexpected keys
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        first_line = error_line(error, 300)
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
         raise RunLoadError(f"{checkpoint} does not fit the model of {origin}: it was trained with another config "
-                           f"({(detail or first_line)[:300]}); pass the checkpoint of that run") from None
+                           f"({(detail[:300] or first_line)}); pass the checkpoint of that run") from None
     return LoadedRun(EmbeddingModel(module.eval(), datamodule.tokenize), config, run_dir, checkpoint,
                      int(state.get("global_step", 0)))

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from contracts.atomic import write_atomic
+from contracts.config_error import error_line
 from datamodules.sources import DataError
 from experiments.config import ConfigError, available_experiments, compose, plugin_configs, run_command
 from experiments.run_folders import (CHECKPOINT_NAME, RUN_DIR_ENV, check_resume, claim_new_run_folder, new_run_note,
@@ -125,7 +126,7 @@ def make_trainer(config: DictConfig, run_dir: Path, logger, callbacks: list):
     try:
         return L.Trainer(logger=logger, default_root_dir=str(run_dir), callbacks=callbacks, **trainer_args)
     except (MisconfigurationException, RuntimeError, ValueError) as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        reason = error_line(error, 300)
         hardware = [key for key in ("accelerator", "devices", "num_nodes") if key in config.trainer]
         key = next((key for key in hardware if key in reason.lower()), hardware[0] if hardware else None)
         if key is None:
@@ -247,7 +248,7 @@ def train_and_report(name: str, overrides: list[str]) -> int:
     try:
         print(ui_hint(config.tracking.uri, result.run_id))
     except Exception as error:  # the training is done and saved: a failing store only costs the hint
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = error_line(error)
         print(f"the MLflow store {config.tracking.uri} did not answer for the runs-table hint ({reason})",
               file=sys.stderr)
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from contracts.config_error import error_line
 from experiments.config import Config, ConfigError
 from experiments.run_metadata import BOOKKEEPING_KEYS
 
@@ -168,7 +169,7 @@ def check_resume(config: DictConfig, run_dir: Path, checkpoint: Path) -> None:
         else:
             state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # any reason: the file is unusable; say which and leave it (and the run) alone
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = error_line(error)
         raise ConfigError("resume", f"cannot read checkpoint {checkpoint} ({reason}); nothing was changed; "
                                     f"resume=false starts a new run") from None
     bad = [key for key, value in (state or {}).get("state_dict", {}).items()

@@ -40,6 +40,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from contracts.atomic import write_atomic
+from contracts.config_error import error_line
 from experiments.config import EXPERIMENTS_DIR, ConfigError
 from experiments.run_metadata import check_name, flatten, log_params, run_params, run_tags
 from experiments.store import HalfMigratedStoreError, open_store
@@ -239,7 +240,7 @@ class StrictMLFlowLogger(MLFlowLogger):
 
     def _offline(self, error: Exception) -> None:
         if self._retry_at is None:
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            reason = error_line(error)
             print(f"warning: the MLflow store {self._tracking_uri} (tracking.uri) does not answer ({reason}); training "
                   f"goes on, metrics wait in {self.unlogged_file} and are sent when it answers (or on resume)",
                   file=sys.stderr)
@@ -412,7 +413,7 @@ def finish_tracking(logger: StrictMLFlowLogger) -> None:
             if logger.replay_unlogged():
                 log_run_summary(logger)  # per-view loss heatmaps
     except Exception as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = error_line(error)
         print(f"warning: the MLflow store {logger._tracking_uri} failed at the end of the run ({reason}); the "
               f"checkpoint is saved; the loss heatmaps were not logged", file=sys.stderr)
 

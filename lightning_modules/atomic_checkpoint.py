@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from contracts.config_error import error_line
+
 RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically
 AT_FDCWD = -100
 
@@ -27,7 +29,7 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written; ``str()`` is one line naming the file, the reason, and what it still holds."""
 
     def __init__(self, path: Path, step: int | None, error: BaseException) -> None:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = error_line(error)
         super().__init__(f"cannot write checkpoint {path} at step {step} ({type(error).__name__}: {reason}); the run "
                          f"stopped; {path} still holds {describe_previous(path)}; make it writable (disk space, "
                          f"permissions), then the same command resumes from it")
