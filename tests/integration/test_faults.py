@@ -15,6 +15,8 @@ import textwrap
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -66,6 +68,20 @@ def python(args: list[str], env: dict | None = None, **kwargs) -> subprocess.Pop
     environment.pop(RUN_DIR_ENV, None)
     return subprocess.Popen([sys.executable, *args], cwd=PROJECT_ROOT, env=environment, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@contextmanager
+def killed_at_the_end(process: subprocess.Popen) -> Iterator[None]:
+    """Runs the block while ``process`` lives, then kills it with SIGKILL (a crash, not a stop) and reaps it; a block
+    that fails leaves no process behind either."""
+    try:
+        yield
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
 
 
 def wait_for(condition, process: subprocess.Popen | None = None, timeout: float = 300, what: str = ""):
@@ -185,17 +201,13 @@ def test_a_kill_during_a_save_with_tmpdir_elsewhere_leaves_the_previous_checkpoi
     overrides = [*store_overrides(tmp_path, corpus_dir), "trainer.max_steps=30", "checkpoint_every=2"]
     process = python([str(driver), str(arm), str(paused), "tiny", *overrides], env={"TMPDIR": str(elsewhere)})
     try:
-        checkpoint = wait_for(lambda: next(iter((tmp_path / "outputs").glob("tiny/*/checkpoints/last.ckpt")), None),
-                              process, what="the first checkpoint")
-        first = wait_for(lambda: checkpoint_step(checkpoint), process, what="a readable first checkpoint")
-        arm.touch()  # the next save pauses while it writes
-        wait_for(paused.exists, process, what="the next save")
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
+        with killed_at_the_end(process):
+            checkpoint = wait_for(lambda: next(iter((tmp_path / "outputs").glob("tiny/*/checkpoints/last.ckpt")),
+                                               None), process, what="the first checkpoint")
+            first = wait_for(lambda: checkpoint_step(checkpoint), process, what="a readable first checkpoint")
+            arm.touch()  # the next save pauses while it writes
+            wait_for(paused.exists, process, what="the next save")
     finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
         shutil.rmtree(elsewhere, ignore_errors=True)
     assert checkpoint_step(checkpoint) == first  # before: a 0-byte last.ckpt; the next run refused to resume
     resumed = train(compose("tiny", overrides))
@@ -525,19 +537,13 @@ def test_an_export_of_a_checkpoint_from_another_config_uses_its_own_or_is_one_li
 def test_a_run_killed_before_its_first_checkpoint_is_marked_killed_by_the_next_run(tmp_path, corpus_dir):
     overrides = [*store_overrides(tmp_path, corpus_dir), "trainer.max_steps=2000", "checkpoint_every=1000"]
     process = python(["-m", "experiments.run", "tiny", *overrides])
-    try:
+    with killed_at_the_end(process):
         run_id_file = wait_for(lambda: next(iter((tmp_path / "outputs").glob(f"tiny/*/{RUN_ID_FILE}")), None),
                                process, what="the MLflow run")
         run_id = run_id_file.read_text().strip()
         client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/store/mlflow.db")
         wait_for(lambda: client.get_run(run_id).data.metrics.get("train/loss") is not None, process,
                  what="a logged step")
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.communicate()
     assert client.get_run(run_id).info.status == "RUNNING"  # what the kill leaves
     train(compose("tiny", [*overrides[:-2], "trainer.max_steps=1"]))  # the next run of the experiment
     assert client.get_run(run_id).info.status == "KILLED"  # before: RUNNING forever
