@@ -25,8 +25,11 @@ MODEL  ?=
 BUDGET ?=
 TASK   ?=
 REGISTER ?=
-# Debian's translated manual pages for the ManpageRetrieval probe (all in Debian 12; add any manpages-<lang>).
-MANPAGE_PACKAGES ?= manpages-de manpages-fr manpages-es manpages-ru manpages-pl
+# Every language Debian 12 ships translated manual pages for (`apt-cache search manpages-`): the final evaluation
+# queries each one that is installed (probe.final.every_manpage_language).
+MANPAGE_PACKAGES ?= manpages-cs manpages-da manpages-de manpages-el manpages-es manpages-fi manpages-fr manpages-hu \
+	manpages-id manpages-it manpages-ja manpages-mk manpages-nb manpages-nl manpages-pl manpages-pt manpages-pt-br \
+	manpages-ro manpages-ru manpages-sr manpages-sv manpages-tr manpages-uk manpages-vi manpages-zh
 
 # A variable as one shell word, whatever it holds (make exp NAME='tiny;touch X' runs no command). ARGS, A and B are
 # lists of words by design: they are written like a command line's arguments.

@@ -30,7 +30,7 @@ import re
 import shutil
 import unicodedata
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -469,8 +469,8 @@ def _stable_order(page: TranslatedPage | EnglishPage) -> str:
 
 
 def retrieval_sample(corpus_dir: str | Path, languages: Sequence[str], max_queries: int,
-                     documents_per_query: int = 4) -> tuple[dict[str, list[TranslatedPage]],
-                                                            dict[str, list[EnglishPage]]]:
+                     documents_per_query: int = 4, leaked: Callable[[TranslatedPage], bool] | None = None
+                     ) -> tuple[dict[str, list[TranslatedPage]], dict[str, list[EnglishPage]]]:
     """A deterministic retrieval sample: translated summaries (queries) and English pages (documents).
 
     Up to ``max_queries`` translated pages per language, one per page and per summary text, taken in the order
@@ -478,7 +478,8 @@ def retrieval_sample(corpus_dir: str | Path, languages: Sequence[str], max_queri
     documents of a section are the English pages of those queries plus other English pages of the same
     section (distractors, in hash order) up to ``documents_per_query`` times the section's distinct relevant
     pages, so the cost grows with the queries, not with the size of the section (man1 has thousands of pages).
-    A section with a single English page (nothing to choose from) is left out.
+    A section with a single English page (nothing to choose from) is left out. A page for which ``leaked`` is true
+    (e.g. its summary is a training text) is never a query.
 
     Returns:
         ``({language: queries}, {section: documents})``; languages without pages are absent.
@@ -489,7 +490,7 @@ def retrieval_sample(corpus_dir: str | Path, languages: Sequence[str], max_queri
     for language in languages:
         chosen, summaries = [], set()
         for page in sorted(load_translated(corpus_dir, language), key=_stable_order):
-            if page.summary not in summaries:
+            if page.summary not in summaries and not (leaked and leaked(page)):
                 summaries.add(page.summary)
                 chosen.append(page)
         if chosen:

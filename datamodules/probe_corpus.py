@@ -106,22 +106,35 @@ def english_pool(corpus_dir: str | Path, locales: list[str], exclude: set[str] =
                    if not exclude or normalised(pair.en) not in exclude})
 
 
-def manpage_sample(locales: list[str], max_queries: int, corpus_dir: str | Path | None = None,
-                   man_dir: str | Path | None = None) -> tuple[dict[str, list[TranslatedPage]],
-                                                                  dict[str, list[EnglishPage]], dict]:
-    """``(queries, documents, manifest)`` of the manual-page corpus ``corpus_dir`` (default
+def manpage_sample(locales: list[str] | None, max_queries: int, corpus_dir: str | Path | None = None,
+                   man_dir: str | Path | None = None, exclude: set[str] = frozenset()
+                   ) -> tuple[dict[str, list[TranslatedPage]], dict[str, list[EnglishPage]], dict, int]:
+    """``(queries, documents, manifest, dropped)`` of the manual-page corpus ``corpus_dir`` (default
     ``manpages_corpus.CORPUS_DIR``), built from the man tree ``man_dir`` (default ``manpages_corpus.MAN_DIR``) if
-    needed: up to ``max_queries`` translated pages per locale and the English pages of their sections (see
-    :func:`datamodules.manpages_corpus.retrieval_sample`).
+    needed: up to ``max_queries`` translated pages per locale (None: every language with translated pages) and the
+    English pages of their sections (see :func:`datamodules.manpages_corpus.retrieval_sample`). A page whose
+    :func:`normalised` summary is in ``exclude`` (e.g. :func:`training_texts`) is not a query; ``dropped`` counts
+    those pages.
 
     Raises:
         ValueError: naming both folders when the corpus cannot be built or read.
     """
     corpus_dir = corpus_dir or manpages_corpus.CORPUS_DIR
     man_dir = man_dir or manpages_corpus.MAN_DIR
+    leaked: set[tuple[str, str, str]] = set()
+
+    def is_leaked(page: TranslatedPage) -> bool:
+        if normalised(page.summary) in exclude:
+            leaked.add((page.language, page.section, page.page))
+            return True
+        return False
+
     try:
         manifest = manpages_corpus.build_manpage_corpus(corpus_dir, man_dir)
-        queries, documents = manpages_corpus.retrieval_sample(corpus_dir, locales, max_queries)
+        if locales is None:
+            locales = [language for language, counts in manifest["languages"].items() if counts["pairs"]]
+        queries, documents = manpages_corpus.retrieval_sample(corpus_dir, locales, max_queries,
+                                                              leaked=is_leaked if exclude else None)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot build the manual-page corpus {corpus_dir} from {man_dir} ({error})") from None
-    return queries, documents, manifest
+    return queries, documents, manifest, len(leaked)

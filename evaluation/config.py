@@ -17,6 +17,11 @@ class FinalEvalConfig:
     locales: list[str] = field(default_factory=lambda: ["de", "fr", "ru", "es", "pt", "ja", "uk", "pl", "it", "gl"])
     """Locales of the built-in tasks (the default ten have ≥ 200 held-out pairs each in the system catalogs)."""
     max_pairs_per_locale: int = 200
+    every_manpage_language: bool = True
+    """ManpageRetrieval queries every language with translated manual pages on this machine (``make manpages``
+    installs Debian's), not only ``locales``."""
+    max_pages_per_language: int = 100
+    """ManpageRetrieval's queries per language (Debian's 29 languages here: about 2,300 queries in all)."""
     whole_pool: bool = True
     """GettextRetrieval searches every held-out English sentence of the locales, not only the sampled pairs'."""
     drop_training_overlap: bool = True
@@ -25,6 +30,7 @@ class FinalEvalConfig:
 
     def __post_init__(self) -> None:
         check_at_least("final.max_pairs_per_locale", self.max_pairs_per_locale, 0, exclusive=True)
+        check_at_least("final.max_pages_per_language", self.max_pages_per_language, 0, exclusive=True)
 
 
 @dataclass

@@ -48,7 +48,8 @@ def final_tasks(config: ProbeConfig, corpus_dir: str, training_locales: list[str
     if not final.enabled:
         return build_tasks(list(config.tasks), corpus_dir, list(config.locales), config.max_pairs_per_locale)
     return build_tasks(list(config.tasks), corpus_dir, list(final.locales), final.max_pairs_per_locale,
-                       final.whole_pool, list(training_locales) if final.drop_training_overlap else None)
+                       final.whole_pool, list(training_locales) if final.drop_training_overlap else None,
+                       final.every_manpage_language, final.max_pages_per_language)
 
 
 class ProbeSession:

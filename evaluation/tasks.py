@@ -179,13 +179,14 @@ class ManpageRetrieval(AbsTaskRetrieval):
         self.load_data()
 
     @classmethod
-    def from_corpus(cls, locales: list[str], max_queries: int, corpus_dir: str | Path | None = None,
-                    man_dir: str | Path | None = None) -> ManpageRetrieval | None:
-        """The task on up to ``max_queries`` pages per locale, building the corpus from the man tree if needed
-        (:func:`datamodules.probe_corpus.manpage_sample`, which has the default folders); None, with one log line,
-        when no locale has translated pages."""
+    def from_corpus(cls, locales: list[str] | None, max_queries: int, corpus_dir: str | Path | None = None,
+                    man_dir: str | Path | None = None, exclude: set[str] = frozenset()) -> ManpageRetrieval | None:
+        """The task on up to ``max_queries`` pages per locale (None: every language with translated pages), building
+        the corpus from the man tree if needed (:func:`datamodules.probe_corpus.manpage_sample`, which has the
+        default folders), without the pages whose summary is in ``exclude`` (counted as ``overlap_dropped``); None,
+        with one log line, when no locale has translated pages."""
         try:
-            queries, documents, manifest = manpage_sample(locales, max_queries, corpus_dir, man_dir)
+            queries, documents, manifest, dropped = manpage_sample(locales, max_queries, corpus_dir, man_dir, exclude)
         except ValueError as error:
             log.warning("probe: skipping ManpageRetrieval: %s", error)
             return None
@@ -195,7 +196,11 @@ class ManpageRetrieval(AbsTaskRetrieval):
                         "%s (languages with pages: %s; `make manpages` installs some)", locales, manifest["man_dir"],
                         ", ".join(present) or "none")
             return None
-        return cls(queries, documents, manifest["content_hash"])
+        task = cls(queries, documents, manifest["content_hash"])
+        if exclude:
+            task.overlap_dropped = {"pages": dropped}
+            log.info("probe: left out %d manual pages whose normalised summary occurs in the training split", dropped)
+        return task
 
     def load_data(self, num_proc: int | None = None, **kwargs) -> None:
         def document_id(page: TranslatedPage | EnglishPage) -> str:
@@ -237,7 +242,8 @@ def check_task_names(names: list[str]) -> str | None:
 
 
 def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], max_pairs: int,
-                whole_pool: bool = False, training_locales: list[str] | None = None) -> list[AbsTask]:
+                whole_pool: bool = False, training_locales: list[str] | None = None,
+                every_manpage_language: bool = False, max_pages: int | None = None) -> list[AbsTask]:
     """The configured tasks with their data loaded. A registry task whose data is not available locally (no
     hub access, not in the cache) is left out with one log line, and so is ManpageRetrieval when no locale has
     translated manual pages.
@@ -246,7 +252,10 @@ def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], ma
     the locales; with ``training_locales`` a gettext probe pair whose English or translation equals a text of those
     locales' training split (:func:`~datamodules.probe_corpus.normalised`: case, punctuation, whitespace) is left
     out, and so is such a pool sentence; the counts are logged and kept as each gettext task's
-    ``overlap_dropped`` (``{locale: pairs}``, plus ``pool`` for the pool's sentences).
+    ``overlap_dropped`` (``{locale: pairs}``, plus ``pool`` for the pool's sentences); ManpageRetrieval leaves out
+    the pages whose summary is such a text (``{"pages": count}``). ``every_manpage_language``: ManpageRetrieval
+    queries every language with translated manual pages here, not only ``locales``, up to ``max_pages`` each
+    (default ``max_pairs``).
     """
     exclude = training_texts(corpus_dir, training_locales) if training_locales else set()
     pairs, dropped = ({}, {}) if not set(names) & set(GETTEXT_TASKS) else probe_sample(corpus_dir, locales, max_pairs,
@@ -263,7 +272,8 @@ def build_tasks(names: list[str], corpus_dir: str | Path, locales: list[str], ma
     tasks = []
     for name in names:
         if name == "ManpageRetrieval":
-            task = ManpageRetrieval.from_corpus(locales, max_pairs)
+            task = ManpageRetrieval.from_corpus(None if every_manpage_language else locales, max_pages or max_pairs,
+                                                exclude=exclude)
             if task is None:
                 continue
         elif name == "GettextRetrieval":
