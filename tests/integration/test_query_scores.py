@@ -52,6 +52,22 @@ def test_retrieval_query_scores_of_known_ranks_among_candidates():
     assert values.tolist() == pytest.approx([1.0, 1 / math.log2(3), 0.0, 1 / math.log2(3)])
 
 
+def test_retrieval_query_scores_equal_torchmetrics_per_query():
+    from torchmetrics.functional.retrieval import retrieval_normalized_dcg
+
+    generator = torch.Generator().manual_seed(0)
+    similarities = torch.rand(300, 40, generator=generator)
+    relevance = (torch.rand(300, 40, generator=generator) < 0.05).long() * torch.randint(1, 3, (300, 40),
+                                                                                        generator=generator)
+    candidates = [torch.randperm(40, generator=generator)[: 3 + row % 30].tolist() for row in range(300)]
+    for columns in (None, candidates):
+        values = retrieval_query_scores(similarities, relevance, 10, columns)
+        expected = [float(retrieval_normalized_dcg(similarities[row, cols], relevance[row, cols], top_k=10))
+                    for row, cols in enumerate(columns or [list(range(40))] * 300)]
+        assert values.tolist() == pytest.approx(expected, abs=1e-6)
+        assert 0 < values.mean() < 1 and (values == 0).any()  # queries without a relevant candidate score 0
+
+
 def test_bitext_query_scores_weight_each_subset_to_its_mean():
     de = torch.tensor([[1.0, 0.0], [0.9, 0.1]])  # the second translation finds the first source: 1 of 2
     kk = torch.eye(4)  # 4 of 4
