@@ -88,7 +88,7 @@ compare: $(STAMP) ## Probe tables cell by cell, B − A heatmaps: make compare A
 	@test -n $(call quote,$(A)) -a -n $(call quote,$(B)) || { echo "usage: make compare A=\"<run_dir|probe_step_<n>.json> ...\" B=\"<run_dir|probe_step_<n>.json> ...\" [ARGS=\"--task NAME --out DIR --mlflow\"] (several runs per side: their mean per cell)"; exit 2; }
 	$(BIN)/python -m experiments.compare $(A) --vs $(B) $(ARGS)
 
-paper: $(STAMP) ## The paper's claims: run/resume suites/paper.yaml, probe, write docs/results.md (other suites: outputs/suite-<SUITE>/results.md): make paper [ARGS="--suite paper_smoke"]
+paper: $(STAMP) ## The paper's claims: run/resume suites paper + paper_long, final-evaluate, write docs/results.md from docs/results/tables (other suites: outputs/suite-<SUITE>/results.md): make paper [ARGS="--suite paper_long" | ARGS=--from-tables]
 	$(BIN)/python -m experiments.paper $(ARGS)
 
 mine: $(STAMP) ## Mine hard negatives into data/mined/<SOURCE>: make mine SOURCE=quickstart [MODEL=backbone|path.ckpt] [ARGS="mine.max_queries=1000 mine.max_score=0.9"]

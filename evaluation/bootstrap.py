@@ -35,8 +35,8 @@ def resampled_means(tasks: list[tuple[np.ndarray, np.ndarray]], resamples: int =
 
     Args:
         tasks: per task ``(a, b)``, each ``[seeds, cells, queries]`` (the same queries in the same order on both
-            sides; a side's seed count is the same in every task). A side's score of a cell is the mean over tasks
-            of the mean over its seeds of the mean over queries.
+            sides; a side's seed and cell counts are the same in every task, the sides' cells may differ). A side's
+            score of a cell is the mean over tasks of the mean over its seeds of the mean over queries.
         resamples: bootstrap resamples.
         seed: the generator's seed (the same inputs give the same intervals).
     """
@@ -44,8 +44,7 @@ def resampled_means(tasks: list[tuple[np.ndarray, np.ndarray]], resamples: int =
     seeds = [tasks[0][side].shape[0] for side in (0, 1)]
     # Seed weights per side: multiplicity of each seed in the resample over the seed count (all 1 with one seed).
     weights = [_counts(generator, resamples, count) / count for count in seeds]
-    cells = tasks[0][0].shape[1]
-    means = [np.zeros((resamples, cells)) for _ in seeds]
+    means = [np.zeros((resamples, tasks[0][side].shape[1])) for side in (0, 1)]
     for a, b in tasks:
         queries = a.shape[2]
         for start in range(0, resamples, CHUNK):
@@ -53,7 +52,7 @@ def resampled_means(tasks: list[tuple[np.ndarray, np.ndarray]], resamples: int =
             counts = _counts(generator, stop - start, queries) / queries
             for side, values in enumerate((a, b)):
                 per_seed = (counts @ values.reshape(-1, queries).astype(np.float64).T).reshape(
-                    stop - start, values.shape[0], cells)
+                    stop - start, values.shape[0], values.shape[1])
                 means[side][start:stop] += np.einsum("rs,rsc->rc", weights[side][start:stop], per_seed) / len(tasks)
     return means[0], means[1]
 

@@ -128,13 +128,14 @@ def query_arrays(tables: list[dict], task: str, cells: list[str], file_names: li
 
 
 def paired_arrays(a: list[dict], b: list[dict], tasks: list[str], cells: list[str],
-                  files: tuple[list[Path], list[Path]]) -> list[tuple[np.ndarray, np.ndarray]]:
+                  files: tuple[list[Path], list[Path]], cells_b: list[str] | None = None
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per task ``(A, B)`` per-query scores, each ``[tables, cells, queries]``, for
-    :func:`evaluation.bootstrap.resampled_means`. Raises CompareError when a table lacks them or the sides were
-    scored on different queries."""
+    :func:`evaluation.bootstrap.resampled_means` (B's cells: ``cells_b``, default ``cells``). Raises CompareError when
+    a table lacks them or the sides were scored on different queries."""
     paired = []
     for name in tasks:
-        sides = (query_arrays(a, name, cells, files[0]), query_arrays(b, name, cells, files[1]))
+        sides = (query_arrays(a, name, cells, files[0]), query_arrays(b, name, cells_b or cells, files[1]))
         ids = [table["query_scores"][name]["ids"] for table in a + b]
         if any(other != ids[0] for other in ids[1:]):
             raise CompareError(f"{name}: the tables were scored on different queries (another probe set), so their "

@@ -24,6 +24,9 @@ class FinalEvalConfig:
     """ManpageRetrieval's queries per language (Debian's 29 languages here: about 2,300 queries in all)."""
     whole_pool: bool = True
     """GettextRetrieval searches every held-out English sentence of the locales, not only the sampled pairs'."""
+    every_probe: bool = False
+    """Every probe, not only the last, is the final evaluation: learning curves of the scores the verdicts use (each
+    probe then costs a final evaluation; ``make paper``'s long MEL pair)."""
     drop_training_overlap: bool = True
     """Leave out probe pairs and pool sentences whose text (case, punctuation and whitespace normalised) occurs in
     the training split of the run's ``data.locales``; the counts are logged and kept in the table."""

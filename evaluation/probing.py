@@ -102,8 +102,9 @@ class ProbeSession:
 
     def run(self, step: int, predict_context, final: bool = False, progress: bool = False) -> dict:
         """Scores every cell at ``step`` (all ranks take part); the table of :meth:`Prober.run`. The ``final`` one
-        is the final evaluation: its tasks, with per-query scores. ``progress``: show the probe's bar."""
-        if not final:
+        (every one with ``probe.final.every_probe``) is the final evaluation: its tasks, with per-query scores.
+        ``progress``: show the probe's bar."""
+        if not (final or self.config.final.every_probe):
             return self.prober.run(step, predict_context, progress=progress)
         if self.final_prober is None:
             with preserved_rng():
