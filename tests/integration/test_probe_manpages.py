@@ -102,3 +102,16 @@ def test_a_man_tree_without_translations_skips_the_task_with_one_line(tmp_path, 
     assert [record.getMessage() for record in caplog.records] == [
         f"probe: skipping ManpageRetrieval: no translated manual pages for probe.locales ['de', 'fr'] under "
         f"{english_only} (languages with pages: none; `make manpages` installs some)"]
+
+
+def test_the_final_evaluation_queries_every_language_and_leaves_out_training_texts(man_dir, tmp_path):
+    # Every language with pages (de, fr); a summary whose normalised text (case, punctuation, whitespace) is a
+    # training text is not a query, and is counted.
+    every = ManpageRetrieval.from_corpus(None, 10, tmp_path / "corpus", man_dir)
+    assert sorted(every.queries) == ["de", "fr"] and not hasattr(every, "overlap_dropped")
+    task = ManpageRetrieval.from_corpus(None, 10, tmp_path / "corpus", man_dir,
+                                        exclude={"verzeichnisinhalte auflisten"})
+    assert sorted(page.page for page in task.queries["de"]) == ["fstab.5", "sort.1"]
+    assert [page.page for page in task.queries["fr"]] == ["ls.1"] and task.overlap_dropped == {"pages": 1}
+    # Only the queries change: the English pages of their sections stay the candidates.
+    assert {section: len(pages) for section, pages in task.documents.items()} == {"man1": 4, "man5": 2}
