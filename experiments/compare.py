@@ -20,9 +20,10 @@ from pathlib import Path
 from evaluation.comparison import (CompareError, compare, format_comparison, heatmaps, load_table, run_dir_of,
                                      run_label)
 from contracts.atomic import write_atomic
+from experiments.mlflow_logger import RUN_ID_FILE
 from experiments.mlflow_ui import run_store
 from experiments.runs_table import COMPARISON_TAG
-from experiments.tracking import DESCRIPTION_TAG, RUN_ID_FILE
+from experiments.tracking import DESCRIPTION_TAG
 
 
 COMPARE_EXPERIMENT_SUFFIX = "/compare"

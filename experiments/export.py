@@ -84,7 +84,7 @@ def register_export(run, result, name: str, scores: dict | None = None, costs: d
     :mod:`experiments.registry`), tagged with its scores (default: the run's latest probe table) and costs (default:
     the analytic ones); prints and returns the version."""
     from experiments.registry import RegistryError, register, version_tags
-    from experiments.tracking import RUN_ID_FILE
+    from experiments.mlflow_logger import RUN_ID_FILE
     from lightning_modules.costs import cell_cost
 
     run_id_file = run.run_dir / RUN_ID_FILE

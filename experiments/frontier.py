@@ -166,7 +166,7 @@ def log_to_mlflow(frontier: RunFrontier, written: dict) -> str | None:
     none)."""
     from mlflow import MlflowClient
 
-    from experiments.tracking import RUN_ID_FILE
+    from experiments.mlflow_logger import RUN_ID_FILE
 
     run_id_file = frontier.run.run_dir / RUN_ID_FILE
     if not run_id_file.is_file():

@@ -100,7 +100,7 @@ def ui_hint(uri: str, run_id: str, client=None) -> str:
     (for a remote store: the URL on that server). ``client``: an MlflowClient of ``uri`` (default: a new one)."""
     from mlflow import MlflowClient
 
-    from experiments.tracking import is_remote
+    from experiments.store import is_remote
 
     client = client or MlflowClient(uri)
     experiment_id = client.get_run(run_id).info.experiment_id
@@ -205,7 +205,7 @@ def ui_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     uri, experiment = (run_store(args.run) if args.run else (args.uri or default_tracking_uri(), None))
     experiment = args.experiment or experiment
-    from experiments.tracking import is_remote
+    from experiments.store import is_remote
 
     if is_remote(uri):
         url = runs_page_url(uri, experiment_to_open(uri, experiment))

@@ -66,7 +66,7 @@ def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> li
     seeds, and its step time in the fastest seed."""
     import mlflow
 
-    from experiments.tracking import RUN_ID_FILE
+    from experiments.mlflow_logger import RUN_ID_FILE
 
     first = configs[0]
     mlflow.set_tracking_uri(first.tracking.uri)

@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     from evaluation.scoring import Prober
     from experiments.config import ConfigError, validate
     from experiments.loading import RunLoadError, load_run
-    from experiments.tracking import RUN_ID_FILE
+    from experiments.mlflow_logger import RUN_ID_FILE
 
     checkpoint, options = argv[0], argv[1:]
     use_mlflow = "--no-mlflow" not in options

@@ -18,9 +18,10 @@ from experiments.config import ConfigError, available_experiments, compose, plug
 from experiments.run_folders import (CHECKPOINT_NAME, RUN_DIR_ENV, check_resume, claim_new_run_folder, new_run_note,
                                      release_new_run_folder, run_directory)
 from experiments.run_lock import hold_run_lock
+from experiments.mlflow_logger import make_logger
 from experiments.mlflow_ui import ui_hint
-from experiments.tracking import (check_tracking, fail_fast_http, finish_tracking, log_run_inputs, make_logger,
-                                  mark_killed_runs, system_metrics)
+from experiments.store import check_tracking, fail_fast_http
+from experiments.tracking import finish_tracking, log_run_inputs, mark_killed_runs, system_metrics
 from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.plugins import MatryoshkaPlugin
 

@@ -1,8 +1,10 @@
-"""A local SQLite MLflow store that concurrent runs cannot break: created and migrated under a file lock, a
-half-migrated one named as such, and the one command that repairs it.
+"""The MLflow store of a run: usable (the check before training) and safe (lock, migration, repair).
 
-MLflow creates and migrates a SQLite store the first time a client opens it; two processes doing that at once (two
-runs started together, or the ranks of one job) interleave their migrations and leave tables such as
+Usable: :func:`check_tracking` stops a run before any weights load when the store cannot be reached or written, or
+when an existing experiment keeps its artifacts somewhere else than ``tracking.artifact_dir``.
+
+Safe: MLflow creates and migrates a SQLite store the first time a client opens it; two processes doing that at once
+(two runs started together, or the ranks of one job) interleave their migrations and leave tables such as
 ``_alembic_tmp_latest_metrics`` behind, which breaks every later run. Here one process at a time opens the store,
 under ``<store>.lock`` (a ``filelock``, dropped by the kernel when its holder dies), and in a job only global rank 0
 opens it first: the other ranks wait for it (:func:`wait_for_store`).
@@ -14,18 +16,27 @@ its name back), then runs ``mlflow db upgrade`` (which alone stops at the leftov
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from datetime import datetime
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 from filelock import FileLock
+from omegaconf import DictConfig
+
+from contracts.config_error import ConfigError
 
 LEFTOVER_PREFIX = "_alembic_tmp_"  # alembic's SQLite batch migrations: copy into it, drop the table, rename it back
 WAIT_SECONDS = 600  # how long a non-zero rank waits for rank 0 to create the store
+REMOTE_SCHEMES = ("http", "https", "databricks")
+# MLflow 3's UI opens an experiment on its GenAI (traces) view unless this experiment tag says model training.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -105,6 +116,125 @@ def wait_for_store(uri: str, timeout_s: float = WAIT_SECONDS) -> None:
         time.sleep(0.2)
     with FileLock(f"{path}.lock", timeout=max(1.0, deadline - time.monotonic())):
         pass  # rank 0 holds it while it migrates
+
+
+class TrackingError(ConfigError):
+    """The MLflow store cannot be used; raised before any training. ``str()`` names the URI."""
+
+    def __init__(self, uri: str, reason: str) -> None:
+        super().__init__("tracking.uri", f"cannot use the MLflow store {uri} (unreachable or not writable), "
+                                         f"nothing was trained: {reason}")
+        self.uri = uri
+
+
+def is_remote(uri: str) -> bool:
+    return uri.split(":", 1)[0] in REMOTE_SCHEMES
+
+
+def artifact_location(config: DictConfig) -> str | None:
+    """Where a new MLflow experiment keeps artifacts: ``tracking.artifact_dir`` for a local store; a remote server
+    chooses its own (a client-side path would be meaningless to it)."""
+    if is_remote(config.tracking.uri):
+        return None
+    return Path(config.tracking.artifact_dir).resolve().as_uri()
+
+
+def prepare_local_store(config: DictConfig) -> None:
+    """Creates the folder of a SQLite store (else TrackingError) and the ``tracking.artifact_dir`` of a local store,
+    checked writable by writing and removing a file (else ConfigError naming ``tracking.artifact_dir``)."""
+    uri = config.tracking.uri
+    database = sqlite_path(uri)
+    if database is not None:
+        try:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise TrackingError(uri, f"{type(error).__name__}: {error}") from None
+    if not is_remote(uri):
+        artifact_dir = Path(config.tracking.artifact_dir)
+        try:
+            artifact_dir.mkdir(parents=True, exist_ok=True)
+            probe = artifact_dir / f".write-check-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as error:
+            raise ConfigError("tracking.artifact_dir", f"{artifact_dir} is not a writable folder "
+                                                       f"({type(error).__name__}: {error.strerror or error})") from None
+
+
+@contextmanager
+def fail_fast_http() -> Iterator[None]:
+    """MLflow retries an unreachable server 7 times with back-off (minutes); the store check wants one answer, and
+    training must not stall on a dead server (:class:`experiments.mlflow_logger.StrictMLFlowLogger` keeps what it
+    could not send)."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _local_path(location: str) -> str:
+    """An artifact location as a comparable string: the resolved path of a ``file:`` URI or plain path, else the
+    URI itself (``s3://...``)."""
+    parsed = urlparse(location)
+    if parsed.scheme in ("", "file"):
+        return str(Path(unquote(parsed.path)).resolve())
+    return location
+
+
+def check_artifact_location(config: DictConfig, experiment) -> None:
+    """MLflow fixes an experiment's artifact location when the experiment is created and ignores any other one
+    later: a ``tracking.artifact_dir`` that disagrees would silently put this run's artifacts elsewhere.
+
+    Raises:
+        ConfigError: naming ``tracking.artifact_dir``, both locations and the experiment.
+    """
+    wanted = artifact_location(config)
+    if wanted is None or _local_path(wanted) == _local_path(experiment.artifact_location):
+        return
+    raise ConfigError("tracking.artifact_dir", f"{_local_path(wanted)} disagrees with "
+                      f"{_local_path(experiment.artifact_location)}, where the existing MLflow experiment "
+                      f"{experiment.name!r} in {config.tracking.uri} keeps its artifacts (fixed when it was created); "
+                      f"set tracking.artifact_dir to that folder, or use another tracking.experiment or tracking.uri")
+
+
+def check_tracking(config: DictConfig) -> None:
+    """Stops the run before any training when the store cannot be reached or written, or when an existing
+    experiment keeps its artifacts somewhere else than ``tracking.artifact_dir``.
+
+    Creates the experiment if needed (tagged as a model-training experiment, so the UI opens on its runs) and writes
+    one experiment tag (a real write, cheap); for a local store also writes and removes a file in
+    ``tracking.artifact_dir``.
+
+    Raises:
+        TrackingError: naming ``tracking.uri`` and the store's answer.
+        ConfigError: naming ``tracking.artifact_dir`` (see :func:`check_artifact_location`).
+    """
+    uri = config.tracking.uri
+    prepare_local_store(config)  # a bad tracking.artifact_dir is named as such
+    try:
+        with fail_fast_http():
+            client = open_store(uri)  # created or migrated by one process at a time
+            experiment = client.get_experiment_by_name(config.tracking.experiment)
+            if experiment is None:
+                experiment_id = client.create_experiment(config.tracking.experiment, artifact_location(config),
+                                                         tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
+            else:
+                experiment_id = experiment.experiment_id
+            client.set_experiment_tag(experiment_id, "matryoshka_lab.last_write_check", datetime.now().isoformat())
+    except HalfMigratedStoreError as error:  # not a reachability problem: say what it is and how to repair it
+        raise ConfigError("tracking.uri", str(error)) from None
+    except Exception as error:  # any failure here means the store is not usable; say which and why
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TrackingError(uri, f"{type(error).__name__}: {reason}"[:500]) from None
+    if experiment is not None:
+        check_artifact_location(config, experiment)
 
 
 @contextmanager

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from experiments.config import ConfigError, compose
+from experiments.mlflow_logger import StrictMLFlowLogger
 from experiments.run import build_plugins, describe_backbone, train
-from experiments.tracking import StrictMLFlowLogger
 from lightning_modules import backbones
 from lightning_modules.backbone_adapter import BackboneInfo
 from lightning_modules.module import MatryoshkaEmbedder

@@ -24,9 +24,9 @@ import pytest
 import torch
 
 from experiments.config import ConfigError, compose
+from experiments.mlflow_logger import RUN_ID_FILE, UNLOGGED_FILE
 from experiments.run import RUN_DIR_ENV, train
 from experiments.run_metadata import PROJECT_ROOT
-from experiments.tracking import RUN_ID_FILE, UNLOGGED_FILE
 from tests.conftest import run_overrides
 
 CHATTR = shutil.which("chattr")
@@ -235,7 +235,8 @@ RACER = textwrap.dedent("""
     import sys
     from pathlib import Path
     from experiments.config import compose
-    from experiments.tracking import check_tracking, make_logger
+    from experiments.mlflow_logger import make_logger
+    from experiments.store import check_tracking
 
     config = compose("tiny", sys.argv[2:])
     if sys.argv[1] == "rank0":
@@ -265,7 +266,7 @@ def test_a_half_migrated_store_is_named_with_the_command_that_repairs_it(tmp_pat
     store = tmp_path / "store" / "mlflow.db"
     overrides = store_overrides(tmp_path, corpus_dir)
     config = compose("tiny", overrides)
-    from experiments.tracking import check_tracking
+    from experiments.store import check_tracking
 
     check_tracking(config)
     import sqlite3

@@ -12,8 +12,8 @@ import mlflow
 import pytest
 import torch
 
+from experiments.mlflow_logger import RUN_ID_FILE
 from experiments.run_metadata import PROJECT_ROOT
-from experiments.tracking import RUN_ID_FILE
 
 STEPS, EVERY = 40, 4
 

@@ -13,8 +13,8 @@ from evaluation.pareto import frontier_rows, pareto
 from experiments import frontier as frontier_cli
 from experiments import pick
 from experiments.config import compose
+from experiments.mlflow_logger import RUN_ID_FILE
 from experiments.run import train
-from experiments.tracking import RUN_ID_FILE
 from lightning_modules.cell_export import load_exported
 from tests.conftest import run_overrides
 

@@ -9,8 +9,8 @@ import torch
 
 from evaluation.scoring import Prober, preserved_rng
 from experiments.config import compose
+from experiments.mlflow_logger import RUN_ID_FILE
 from experiments.run import RUN_DIR_ENV, build
-from experiments.tracking import RUN_ID_FILE
 from tests.conftest import run_overrides
 from tests.distributed import run_worker
 

@@ -16,10 +16,10 @@ import torch
 
 from callbacks.nonfinite import NonFiniteLossError
 from experiments.config import ConfigError, compose
+from experiments.mlflow_logger import RUN_ID_FILE
 from experiments.run import train
 from experiments.run_lock import RunLockedError, hold_run_lock
 from experiments.run_metadata import PROJECT_ROOT
-from experiments.tracking import RUN_ID_FILE
 from tests.conftest import run_overrides
 
 

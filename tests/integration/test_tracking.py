@@ -16,10 +16,11 @@ from experiments import run as run_module
 from experiments.config import ConfigError
 from experiments.run import main, train
 from experiments.config import ConfigError
+from experiments.mlflow_logger import StrictMLFlowLogger
 from experiments.run_metadata import PROJECT_ROOT, config_hash, log_params, run_tags
 from experiments.run_summary import final_view_losses, heatmap_figure, log_run_summary, view_grids
-from experiments.tracking import (EXPERIMENT_KIND_TAG, StrictMLFlowLogger, TrackingError, check_tracking,
-                                  experiment_description, system_metrics)
+from experiments.store import EXPERIMENT_KIND_TAG, TrackingError, check_tracking
+from experiments.tracking import experiment_description, system_metrics
 
 
 @pytest.fixture

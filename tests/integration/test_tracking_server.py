@@ -156,7 +156,7 @@ def test_a_server_killed_mid_run_neither_stops_nor_stalls_training_and_gets_the_
 
     import torch
 
-    from experiments.tracking import UNLOGGED_FILE
+    from experiments.mlflow_logger import UNLOGGED_FILE
 
     port, steps = free_port(), 12
     server = start_server(port, tmp_path)

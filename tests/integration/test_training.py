@@ -4,8 +4,8 @@ import mlflow
 import pytest
 import torch
 
+from experiments.mlflow_logger import RUN_ID_FILE
 from experiments.run import train, train_and_report
-from experiments.tracking import RUN_ID_FILE
 from tests.conftest import run_overrides
 from lightning_modules.module import MatryoshkaEmbedder
 
