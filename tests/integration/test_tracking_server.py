@@ -131,7 +131,8 @@ def test_the_ui_launcher_prints_its_url_starts_without_job_workers_and_stops_on_
     try:
         first = ui.stdout.readline()
         assert first.startswith(f"MLflow UI: http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?"
-                                f"workflowType=machine_learning  (store {uri}; ")
+                                f"workflowType=machine_learning&viewStateShareKey=matryoshka-lab-headline  "
+                                f"(store {uri}; ")
         wait_until_up(port, ui)
         assert len(descendants(ui.pid)) == 1  # one web server; by default 4 web workers and 7 job workers
     finally:
