@@ -30,13 +30,16 @@ def probe_corpus_dir(config: DictConfig) -> str:
 
 
 def check_tasks(config: ProbeConfig) -> None:
-    """Raises ConfigError naming ``probe.tasks`` for a name that is neither built-in nor in mteb's registry."""
+    """Raises ConfigError naming ``probe.tasks`` (or ``probe.final.tasks``) for a name that is neither built-in nor
+    in mteb's registry."""
     with preserved_rng():  # importing mteb and creating tasks reseed the global generators
         from evaluation.tasks import check_task_names
 
-        problem = check_task_names(list(config.tasks))
-    if problem:
-        raise ConfigError("probe.tasks", problem)
+        problems = {key: check_task_names(list(names)) for key, names in (("probe.tasks", config.tasks),
+                                                                          ("probe.final.tasks", config.final.tasks))}
+    for key, problem in problems.items():
+        if problem:
+            raise ConfigError(key, problem)
 
 
 def final_tasks(config: ProbeConfig, corpus_dir: str, training_locales: list[str]) -> list:
@@ -47,7 +50,7 @@ def final_tasks(config: ProbeConfig, corpus_dir: str, training_locales: list[str
     final = config.final
     if not final.enabled:
         return build_tasks(list(config.tasks), corpus_dir, list(config.locales), config.max_pairs_per_locale)
-    return build_tasks(list(config.tasks), corpus_dir, list(final.locales), final.max_pairs_per_locale,
+    return build_tasks(list(final.tasks), corpus_dir, list(final.locales), final.max_pairs_per_locale,
                        final.whole_pool, list(training_locales) if final.drop_training_overlap else None,
                        final.every_manpage_language, final.max_pages_per_language)
 

@@ -190,6 +190,10 @@ class ManpageRetrieval(AbsTaskRetrieval):
         except ValueError as error:
             log.warning("probe: skipping ManpageRetrieval: %s", error)
             return None
+        if not queries and locales is None:
+            log.warning("probe: skipping ManpageRetrieval: no translated manual pages under %s (`make manpages` "
+                        "installs Debian's)", manifest["man_dir"])
+            return None
         if not queries:
             present = [language for language, counts in manifest["languages"].items() if counts["pairs"]]
             log.warning("probe: skipping ManpageRetrieval: no translated manual pages for probe.locales %s under "

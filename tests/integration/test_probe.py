@@ -323,6 +323,8 @@ def test_probe_config_errors_name_the_key(tiny_config):
 
     with pytest.raises(ConfigError, match="probe.tasks.*'NoSuchTask'"):
         check_tasks(tiny_config("tiny", ["probe.tasks=[GettextRetrieval,NoSuchTask]"]).probe)
+    with pytest.raises(ConfigError, match="probe.final.tasks.*'NoFinalTask'"):
+        check_tasks(tiny_config("tiny", ["probe.final.tasks=[ManpageRetrieval,NoFinalTask]"]).probe)
     with pytest.raises(ConfigError, match="probe.every_n_steps"):
         tiny_config("tiny", ["probe.every_n_steps=-1"])
     with pytest.raises(ConfigError, match="probe.batch_size"):
