@@ -32,7 +32,7 @@ from experiments.run_metadata import PROJECT_ROOT
 
 ROOT = Path(PROJECT_ROOT)
 TINY_MODEL = "model.source=tiny_bert model.tiny.hidden_size=384 model.tiny.num_heads=4 model.max_length=48"
-SMALL_PROBE = "probe.locales=[de] probe.max_pairs_per_locale=8"
+SMALL_PROBE = "probe.locales=[de] probe.max_pairs_per_locale=8 probe.final.enabled=false"  # final: the same small sets
 TRAIN = f"{TINY_MODEL} trainer.max_steps=2 probe.at_start=false {SMALL_PROBE}"  # one probe, at the end
 SHRINK = {
     "exp": TRAIN,
