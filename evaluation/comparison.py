@@ -231,10 +231,10 @@ def format_comparison(result: dict) -> str:
     return "\n".join(lines)
 
 
-def heatmaps(a: dict, result: dict, path: Path) -> None:
+def heatmaps(a: dict, result: dict, path: Path, names: tuple[str, str] | None = None) -> None:
     """One panel per group of the probe heatmaps (e.g. ``rank_64/precision_binary``): layers × dims of B − A in
     points, red where B is lower and blue where higher, on one colour scale for all panels; a black frame marks a
-    cell whose 95 % interval excludes 0."""
+    cell whose 95 % interval excludes 0. ``names``: how the title calls A and B (default: their run folders)."""
     deltas = result["deltas"]
     significant = {name for name, interval in result["intervals"].items() if significance(tuple(interval))}
     groups = {label: [cell for cell in cells if cell["name"] in deltas] for label, cells in heatmap_groups(a).items()}
@@ -257,7 +257,7 @@ def heatmaps(a: dict, result: dict, path: Path) -> None:
             counts = f"B higher in {sum(value > 0 for value in values)}/{len(values)} (no intervals)"
         axes.set_title(f"{label}\n{counts}, mean {sum(values) / len(values):+.2f}", fontsize=8)
     figure.colorbar(image, ax=figure.axes, label="B − A (points)", shrink=0.8)
-    names = [", ".join(run_label(Path(file)) for file in result[side]) for side in ("a", "b")]
+    names = names or [", ".join(run_label(Path(file)) for file in result[side]) for side in ("a", "b")]
     figure.suptitle(f"B − A, {result['score']}\nA: {names[0]}\nB: {names[1]}", fontsize=8)
     save_png(figure, path)
 

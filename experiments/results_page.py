@@ -120,12 +120,13 @@ def claims_rows(suites: list[SavedSuite], task: str) -> list[tuple[str, Claim, s
 
 
 def overlap_text(suites: list[SavedSuite]) -> str:
-    """What the final evaluation left out as training overlap, from the first table of each task."""
+    """What the final evaluation left out as training overlap in the claims' tasks, from the first table of each."""
     found = {}
     for suite in suites:
         for tables in suite.runs.values():
             for task, counts in tables[0].get("overlap_dropped", {}).items():
-                found.setdefault(task, counts)
+                if task in DOMAINS:
+                    found.setdefault(task, counts)
     texts = []
     for task, counts in found.items():
         pairs = sum(count for key, count in counts.items() if key not in ("pool", "pages"))
@@ -257,7 +258,10 @@ def write_page(folder: Path, out: Path) -> Path:
             path = figures_dir / f"3dml_vs_baseline_{task}.png"
             result = compare(first.runs["baseline"], first.runs["3dml"], task,
                              (first.files["baseline"], first.files["3dml"]))
-            heatmaps(first.runs["baseline"][0], result, path)
+            seeds = {role: ", ".join(str(seed) for seed, roles in sorted(first.by_seed.items()) if role in roles)
+                     for role in ("baseline", "3dml")}
+            heatmaps(first.runs["baseline"][0], result, path,
+                     (f"baseline (seeds {seeds['baseline']})", f"3dml (seeds {seeds['3dml']})"))
             figures[task] = f"{figures_dir.name}/{path.name}"
     for suite in suites:
         if suite.curves:
