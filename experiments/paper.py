@@ -138,16 +138,22 @@ def run_and_save(suite_name: str, args: list[str], out: Path | None, smoke: bool
     folder = out.parent / out.stem / TABLES_DIR
     make_args = " ".join(["--suite", suite_name, *args, *(["--out", str(out)] if out != COMMITTED_PAGE else [])])
     commands = [f'make paper ARGS="{make_args}"   # runs/resumes suite {suite_name}, probes, rebuilds the page']
-    if "baseline" in run_dirs and "3dml" in run_dirs:
-        commands += [f"make compare A=\"{' '.join(map(str, run_dirs['baseline']))}\" "
-                     f"B=\"{' '.join(map(str, run_dirs['3dml']))}\" ARGS=\"--task {task}\""
+    if "baseline" in run_dirs and "3dml" in run_dirs:  # on the saved tables: they are in a clone, the runs are not
+
+        def saved(name: str) -> str:
+            return " ".join(str(folder / suite_name / f"{name}_seed{seed}.json")
+                            for role_, seed, _, _ in found_tables if role_ == name)
+
+        commands += [f'make compare A="{saved("baseline")}" B="{saved("3dml")}" ARGS="--task {task}"'
                      for task in ("GettextRetrieval", "ManpageRetrieval")
                      if any(task in table["tasks"] for _, _, table, _ in found_tables)]
     setup = {"suite": suite_name, "steps": first.trainer.max_steps,
              "backbone": f"{first.model.source} ({first.model.num_layers or 'all'} blocks), locales "
                          f"{list(first.data.locales)}, batch {first.data.batch_size}"}
-    save_tables(folder / suite_name, found_tables, {"setup": setup, "smoke": smoke, "commands": commands,
-                                                    "efficiency": efficiency(configs, run_dirs)}, curves)
+    manifest = {"setup": setup, "smoke": smoke, "commands": commands, "efficiency": efficiency(configs, run_dirs)}
+    if not smoke:  # the page says which of its suites are not saved yet
+        manifest["page_suites"] = list(PAGE_SUITES)
+    save_tables(folder / suite_name, found_tables, manifest, curves)
     return out
 
 

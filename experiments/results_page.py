@@ -152,6 +152,11 @@ def render(suites: list[SavedSuite], figures: dict[str, str], curve_figures: dic
         setup = suite.setup
         lines.append(f"Suite `{setup['suite']}`: {setup['backbone']}, {setup['steps']:,} steps per run, seeds "
                      f"{sorted(suite.by_seed)}, runs {', '.join(f'`{role}`' for role in suite.runs)}.")
+    saved = {suite.setup["suite"] for suite in suites}
+    for name in dict.fromkeys(name for suite in suites for name in suite.manifest.get("page_suites", [])):
+        if name not in saved:
+            lines.append(f"Suite `{name}`: **not run yet**; its rows and figures appear when `make paper ARGS=\"--suite "
+                         f"{name}\"` has saved its tables.")
     lines += ["", "Every run is scored by the final evaluation at the end on the same grid of cells (cells a run did not "
               "train are sliced afterwards: dims cut, layers cut, rank of U·V or of the embedding's SVD truncated). "
               "Scores are each task's main score (nDCG@10) in points, each run the mean over its seeds. \"Seeds\" "

@@ -32,7 +32,7 @@ def save_suites(folder: Path, queries: bool = True) -> Path:
         saved["overlap_dropped"] = {TASK: {"de": 3, "fr": 1, "pool": 2}}
     save_tables(folder / "tiny", tables, {"setup": {"suite": "tiny", "steps": 12, "backbone": "tiny_bert"},
                                           "smoke": True, "commands": ["make paper ARGS=--suite tiny"],
-                                          "efficiency": EFFICIENCY})
+                                          "efficiency": EFFICIENCY, "page_suites": ["tiny", "tiny_long", "tiny_xl"]})
     long_tables, curves = [], {}
     for seed in (0, 1):
         for name, nested in (("mel", True), ("mel_fixed", False)):
@@ -51,6 +51,7 @@ def test_the_results_page_shows_claims_intervals_full_cells_curves_and_costs(tmp
     folder = save_suites(tmp_path / "results" / TABLES_DIR)
     page = write_page(folder, tmp_path / "results.md").read_text()
     assert "SMOKE RUN" in page and "## Claims on GettextRetrieval" in page
+    assert "Suite `tiny_xl`: **not run yet**" in page and "Suite `tiny_long`: **not" not in page
     rows = [line for line in page.splitlines() if line.startswith("| ") and " | MEL" in line]
     assert [row.split(" | ")[1] for row in rows] == ["MEL", "MEL, 1,500 steps"]  # the long pair adds its row
     assert "| 2 | MLL |" in page and "| **fail** | 0/2 |" in page and " pt [" in page
