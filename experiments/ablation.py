@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import gc
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,12 +142,28 @@ def _show(value) -> str:
     return str(OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value)
 
 
+def with_seeds(suite: Suite, seeds: list[int] | None) -> Suite:
+    """The suite with only ``seeds`` of its seeds (all of them for None), for a suite run one part at a time.
+
+    Raises:
+        ConfigError: naming ``--seeds`` when one is not a seed of the suite.
+    """
+    if not seeds:
+        return suite
+    unknown = [seed for seed in seeds if seed not in suite.seeds]
+    if unknown:
+        raise ConfigError("--seeds", f"{unknown} not among the seeds of suite {suite.name}: {suite.seeds}")
+    return replace(suite, seeds=[seed for seed in suite.seeds if seed in seeds])
+
+
 def run_suite(name: str, args: list[str] | None = None, suites_dir: Path = SUITES_DIR,
-              experiments_dir: Path = EXPERIMENTS_DIR) -> list[tuple[DictConfig, TrainResult]]:
-    """Trains every experiment of the suite in order; returns each run's config and result."""
+              experiments_dir: Path = EXPERIMENTS_DIR, seeds: list[int] | None = None
+              ) -> list[tuple[DictConfig, TrainResult]]:
+    """Trains every experiment of the suite in order (of ``seeds`` only, when given: :func:`with_seeds`); returns
+    each run's config and result."""
     from experiments.run import train
 
-    suite = load_suite(name, suites_dir)
+    suite = with_seeds(load_suite(name, suites_dir), seeds)
     configs = suite_configs(suite, args, experiments_dir)
     runs = []
     for index, config in enumerate(configs, 1):

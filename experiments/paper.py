@@ -61,9 +61,9 @@ def final_table(config: DictConfig) -> tuple[Path, Path] | None:
     return run_dir, file
 
 
-def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> list[dict]:
-    """Trainable parameters and peak memory of each run from MLflow (``mlflow.search_runs``), the mean over its
-    seeds, and its step time in the fastest seed."""
+def efficiency(configs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
+    """Per run (in the order of ``configs``): its trainable parameters, peak memory and step time from MLflow
+    (``mlflow.search_runs``); NaN for what it did not log."""
     import mlflow
 
     from experiments.mlflow_logger import RUN_ID_FILE
@@ -72,25 +72,24 @@ def efficiency(configs: list[DictConfig], run_dirs: dict[str, list[Path]]) -> li
     mlflow.set_tracking_uri(first.tracking.uri)
     found = mlflow.search_runs(experiment_names=[first.tracking.experiment])
     rows = []
-    for name, dirs in run_dirs.items():
-        ids = {(run_dir / RUN_ID_FILE).read_text().strip() for run_dir in dirs if (run_dir / RUN_ID_FILE).is_file()}
-        runs = found[found["run_id"].isin(ids)]
+    for config, run_dir in zip(configs, run_dirs):
+        run_id = (run_dir / RUN_ID_FILE).read_text().strip() if (run_dir / RUN_ID_FILE).is_file() else None
+        logged = found[found["run_id"] == run_id]
 
-        def over_seeds(column: str, how: str = "mean") -> float:
-            """The seeds' ``how`` (a pandas aggregation) of ``column`` (or of its name before the ``run/`` prefix,
-            for runs logged earlier); NaN when no seed logged it."""
+        def metric(column: str) -> float:
+            """``column`` (or its name before the ``run/`` prefix, for runs logged earlier); NaN when not logged."""
             for name in (column, column.replace("metrics.run/device/", "metrics.train/device/").replace(
                     "metrics.run/", "metrics.system/")):
-                if name in runs and runs[name].notna().any():
-                    return float(runs[name].agg(how))
+                if name in logged and logged[name].notna().any():
+                    return float(logged[name].iloc[0])
             return math.nan
 
-        memory = over_seeds("metrics.run/memory/device/peak_cuda_mb")  # device memory when on CUDA
+        memory = metric("metrics.run/memory/device/peak_cuda_mb")  # device memory when on CUDA
         if math.isnan(memory):
-            memory = over_seeds("metrics.run/memory/device/peak_rss_mb")
-        rows.append({"run": name, "seeds": len(runs), "peak_memory_mb": memory,
-                     "trainable_parameters": over_seeds("metrics.run/model/trainable_parameters"),
-                     "step_s": first.data.batch_size / over_seeds("metrics.run/device/samples_per_sec", "max")})
+            memory = metric("metrics.run/memory/device/peak_rss_mb")
+        rows.append({"trainable_parameters": metric("metrics.run/model/trainable_parameters"),
+                     "peak_memory_mb": memory,
+                     "step_s": config.data.batch_size / metric("metrics.run/device/samples_per_sec")})
     return rows
 
 
@@ -111,18 +110,18 @@ def learning_curve(config: DictConfig, run_dir: Path) -> dict | None:
 
 
 def run_and_save(suite_name: str, args: list[str], out: Path | None, smoke: bool, suites_dir: Path | None = None,
-                 experiments_dir: Path | None = None) -> Path:
-    """Runs (or resumes) the suite, probes what is missing and saves the runs' compact tables under
-    ``<out stem>/tables/<suite>/`` (None: the suite's page beside its runs, ``<output_dir>/suite-<suite>/results.md``).
-    Returns the page's path."""
+                 experiments_dir: Path | None = None, seeds: list[int] | None = None) -> Path:
+    """Runs (or resumes) the suite (only ``seeds`` of its seeds, when given), probes what is missing and saves the
+    runs' compact tables under ``<out stem>/tables/<suite>/`` (None: the suite's page beside its runs,
+    ``<output_dir>/suite-<suite>/results.md``), beside the saved tables of its other seeds. Returns the page's path."""
     from experiments.ablation import SUITES_DIR, run_suite
     from experiments.config import EXPERIMENTS_DIR
 
     configs = [config for config, _ in run_suite(suite_name, args, suites_dir or SUITES_DIR,
-                                                 experiments_dir or EXPERIMENTS_DIR)]
+                                                 experiments_dir or EXPERIMENTS_DIR, seeds)]
     out = out or suite_folder(configs[0], suite_name) / "results.md"
     found_tables: list[tuple[str, int, dict, Path]] = []
-    run_dirs: dict[str, list[Path]] = {}
+    probed: list[DictConfig] = []
     curves = {}
     for config in configs:
         found = final_table(config)
@@ -130,7 +129,7 @@ def run_and_save(suite_name: str, args: list[str], out: Path | None, smoke: bool
             print(f"{config.name} (seed {config.seed}): no checkpoint, left out", file=sys.stderr)
             continue
         found_tables.append((role(config.name), config.seed, load_table(found[1])[0], found[0]))
-        run_dirs.setdefault(role(config.name), []).append(found[0])
+        probed.append(config)
         found_curve = learning_curve(config, found[0])
         if found_curve is not None:
             curves[role(config.name), config.seed] = found_curve
@@ -138,32 +137,30 @@ def run_and_save(suite_name: str, args: list[str], out: Path | None, smoke: bool
     folder = out.parent / out.stem / TABLES_DIR
     make_args = " ".join(["--suite", suite_name, *args, *(["--out", str(out)] if out != COMMITTED_PAGE else [])])
     commands = [f'make paper ARGS="{make_args}"   # runs/resumes suite {suite_name}, probes, rebuilds the page']
-    if "baseline" in run_dirs and "3dml" in run_dirs:  # on the saved tables: they are in a clone, the runs are not
-
-        def saved(name: str) -> str:
-            return " ".join(str(folder / suite_name / f"{name}_seed{seed}.json")
-                            for role_, seed, _, _ in found_tables if role_ == name)
-
-        commands += [f'make compare A="{saved("baseline")}" B="{saved("3dml")}" ARGS="--task {task}"'
+    if {"baseline", "3dml"} <= {name for name, _, _, _ in found_tables}:  # the saved tables: a clone has them
+        saved = folder / suite_name
+        commands += [f'make compare A="{saved}/baseline_seed*.json" B="{saved}/3dml_seed*.json" ARGS="--task {task}"'
                      for task in ("GettextRetrieval", "ManpageRetrieval")
                      if any(task in table["tasks"] for _, _, table, _ in found_tables)]
     setup = {"suite": suite_name, "steps": first.trainer.max_steps,
              "backbone": f"{first.model.source} ({first.model.num_layers or 'all'} blocks), locales "
                          f"{list(first.data.locales)}, batch {first.data.batch_size}"}
-    manifest = {"setup": setup, "smoke": smoke, "commands": commands, "efficiency": efficiency(configs, run_dirs)}
+    manifest = {"setup": setup, "smoke": smoke, "commands": commands}
     if not smoke:  # the page says which of its suites are not saved yet
         manifest["page_suites"] = list(PAGE_SUITES)
-    save_tables(folder / suite_name, found_tables, manifest, curves)
+    save_tables(folder / suite_name, found_tables, manifest, curves,
+                efficiency(probed, [run_dir for _, _, _, run_dir in found_tables]))
     return out
 
 
 def write_results(suites: list[str], args: list[str], out: Path | None, smoke: bool, suites_dir: Path | None = None,
-                  experiments_dir: Path | None = None) -> Path:
-    """Runs and saves each suite (:func:`run_and_save`), then writes the results page ``out`` from every suite saved
-    beside it (:func:`~experiments.results_page.write_page`). Returns the page's path."""
+                  experiments_dir: Path | None = None, seeds: list[int] | None = None) -> Path:
+    """Runs and saves each suite (:func:`run_and_save`; only ``seeds``, when given), then writes the results page
+    ``out`` from every suite saved beside it (:func:`~experiments.results_page.write_page`). Returns the page's
+    path."""
     before = out.read_text() if out is not None and out.is_file() and not smoke else None
     for suite in suites:
-        page = run_and_save(suite, args, out, smoke, suites_dir, experiments_dir)
+        page = run_and_save(suite, args, out, smoke, suites_dir, experiments_dir, seeds)
     if before is not None:
         print(f"replaced {page} and its figures in {page.parent / page.stem}/ (before: {setup_line(before)}); "
               f"git diff {page} shows what changed")
@@ -206,6 +203,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--from-tables", nargs="?", const="", metavar="DIR",
                         help="rebuild the page from saved tables without running anything (default DIR: "
                              "<out stem>/tables, e.g. docs/results/tables)")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED",
+                        help="run only these of the suite's seeds; the saved tables of its other seeds are kept (a "
+                             "suite too long for one sitting, one part at a time)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (after the suite's overrides)")
     options = parser.parse_args(argv)
     suites = [options.suite] if options.suite else list(PAGE_SUITES)
@@ -226,7 +226,8 @@ def main(argv: list[str]) -> int:
         print(f"results: {write_page(folder, out)}")
         return 0
     try:
-        out = write_results(suites, options.overrides, page_for(suites, options.overrides, options.out), smoke)
+        out = write_results(suites, options.overrides, page_for(suites, options.overrides, options.out), smoke,
+                            seeds=options.seeds)
     except ConfigError as error:
         print(error, file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@ it byte-identical without training (``test_the_page_rebuilds_byte_identical_from
 
 Layout of the tables folder (``docs/results/tables/``), one sub-folder per suite of the page::
 
-    <suite>/manifest.json             # setup, smoke, commands, efficiency, and the list of runs
+    <suite>/manifest.json             # setup, smoke, commands, and the runs (with each one's efficiency)
     <suite>/<role>_seed<s>.json       # the run's final table: main scores per cell (compact_table)
     <suite>/<role>_seed<s>.queries.npz   # its per-query scores (the intervals)
     <suite>/<role>_seed<s>.curve.json    # a suite probed with the final evaluation at every probe: main score
@@ -16,6 +16,8 @@ suite adds the rows of the claims it can decide (the long MEL pair: claim 3 at i
 from __future__ import annotations
 
 import json
+import math
+import statistics
 from pathlib import Path
 
 from contracts.atomic import write_atomic
@@ -45,14 +47,27 @@ def compact_table(table: dict) -> dict:
 
 
 def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifest: dict,
-                curves: dict[tuple[str, int], dict] | None = None) -> Path:
+                curves: dict[tuple[str, int], dict] | None = None, efficiency: list[dict] | None = None) -> Path:
     """Writes each run's compact table (``<role>_seed<seed>.json``), its per-query scores (``.queries.npz``, when it
     has them) and its learning curve (``.curve.json``, when in ``curves``, keyed by ``(role, seed)``) into ``folder``,
-    with ``manifest.json``: ``manifest`` (``setup``, ``smoke``, ``commands``, ``efficiency``) plus the list of runs.
-    ``tables``: ``(role, seed, table, run folder)``. Returns the folder."""
+    with ``manifest.json``: ``manifest`` (``setup``, ``smoke``, ``commands``) plus the list of runs, each with its
+    ``efficiency`` row (``trainable_parameters``, ``peak_memory_mb``, ``step_s``; in the order of ``tables``).
+    ``tables``: ``(role, seed, table, run folder)``. The runs of other seeds already saved in ``folder`` with the same
+    ``setup`` stay (a suite saved one seed at a time); with another setup they are replaced. Returns the folder."""
     folder.mkdir(parents=True, exist_ok=True)
+    new = {(name, seed) for name, seed, _, _ in tables}
+    kept = []
+    if (folder / MANIFEST).is_file():
+        before = json.loads((folder / MANIFEST).read_text())
+        if before.get("setup") == manifest["setup"]:
+            kept = [entry for entry in before["runs"] if (entry["role"], entry["seed"]) not in new
+                    and (folder / entry["table"]).is_file()]
+        else:
+            print(f"{folder}: replacing the saved runs of another setup ({before.get('setup')})")
+            for file in folder.iterdir():
+                file.unlink()
     runs = []
-    for name, seed, table, run_dir in tables:
+    for index, (name, seed, table, run_dir) in enumerate(tables):
         file = folder / f"{name}_seed{seed}.json"
         write_atomic(file, json.dumps(compact_table(table), indent=1) + "\n")
         query_file(file).unlink(missing_ok=True)
@@ -60,7 +75,10 @@ def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifes
             write_query_scores(query_file(file), table["query_scores"])
         if curves and (name, seed) in curves:
             write_atomic(file.with_suffix(CURVE_SUFFIX), json.dumps(curves[name, seed]) + "\n")
-        runs.append({"role": name, "seed": seed, "table": file.name, "run_dir": str(run_dir)})
+        runs.append({"role": name, "seed": seed, "table": file.name, "run_dir": str(run_dir),
+                     "efficiency": efficiency[index] if efficiency else {}})
+    order = {name: index for index, (name, _, _, _) in reversed(list(enumerate(tables)))}
+    runs = sorted(kept + runs, key=lambda entry: (entry["seed"], order.get(entry["role"], len(order))))
     write_atomic(folder / MANIFEST, json.dumps({**manifest, "runs": runs}, indent=1) + "\n")
     return folder
 
@@ -235,12 +253,19 @@ def _efficiency_lines(suites: list[SavedSuite]) -> list[str]:
              "| run | seeds | trainable parameters | peak memory (MiB) | step time (s, fastest seed) | final evaluation "
              "(s, mean) |", "|---|---|---:|---:|---:|---:|"]
     for index, suite in enumerate(suites):
-        for row in suite.manifest["efficiency"]:
-            seconds = [table["seconds"] for table in suite.runs.get(row["run"], []) if table.get("seconds")]
-            name = row["run"] if index == 0 else f"{row['run']} ({suite.setup['suite']})"
+        for role, tables in suite.runs.items():
+            rows = [entry.get("efficiency", {}) for entry in suite.manifest["runs"] if entry["role"] == role]
+
+            def over_seeds(key: str, how) -> float:
+                values = [row[key] for row in rows if row.get(key) is not None and not math.isnan(row[key])]
+                return how(values) if values else math.nan
+
+            seconds = [table["seconds"] for table in tables if table.get("seconds")]
+            name = role if index == 0 else f"{role} ({suite.setup['suite']})"
             cost = f"{sum(seconds) / len(seconds):,.0f}" if seconds else "–"
-            lines.append(f"| {name} | {row['seeds']} | {row['trainable_parameters']:,.0f} | "
-                         f"{row['peak_memory_mb']:,.0f} | {row['step_s']:.2f} | {cost} |")
+            lines.append(f"| {name} | {len(tables)} | {over_seeds('trainable_parameters', statistics.mean):,.0f} | "
+                         f"{over_seeds('peak_memory_mb', statistics.mean):,.0f} | {over_seeds('step_s', min):.2f} | "
+                         f"{cost} |")
     return lines + ["", "Trainable parameters as the optimizer sees them (MEL's factors replace the word embedding); "
                     "peak memory is the process's peak resident memory (CUDA: allocated) during training, the mean over "
                     "seeds; step time is the batch size over the last 10-step throughput window, of the fastest seed "

@@ -7,7 +7,7 @@ import mlflow
 import pytest
 import torch
 
-from experiments.ablation import available_suites, load_suite, run_suite, suite_configs
+from experiments.ablation import available_suites, load_suite, run_suite, suite_configs, with_seeds
 from experiments.config import EXPERIMENTS_DIR, ConfigError, available_experiments, compose, plugin_configs
 from experiments.run import build, build_plugins, describe_backbone
 from experiments.runs_table import axes_of, differing_params, format_table, print_runs, headline_keys
@@ -74,6 +74,15 @@ def test_a_suite_with_seeds_runs_every_experiment_once_per_seed_into_its_own_fol
     assert {config.output_dir for config in configs} == {f"out/suite-paper/seed_{seed}" for seed in (0, 1, 2)}
     assert configs[7].tracking.run_name == "paper_mrl-seed_1"
     assert {config.trainer.max_steps for config in configs} == {240}
+
+
+def test_a_suite_runs_some_of_its_seeds_when_asked():
+    configs = suite_configs(with_seeds(load_suite("paper_long"), [2]), ["output_dir=out"])
+    assert [(config.seed, config.name) for config in configs] == [(2, "paper_mel"), (2, "paper_mel_fixed")]
+    assert {config.trainer.max_steps for config in configs} == {1500} and configs[0].probe.final.every_probe
+    assert with_seeds(load_suite("paper_long"), None).seeds == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"--seeds`: \[7\] not among the seeds of suite paper_long: \[0, 1, 2\]"):
+        with_seeds(load_suite("paper_long"), [2, 7])
 
 
 def test_paper_runs_train_their_axes_and_share_one_grid_of_probe_cells():

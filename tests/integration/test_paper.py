@@ -12,8 +12,10 @@ from evaluation.learning_curves import curve
 from experiments.results_page import TABLES_DIR, save_tables, write_page
 from tests.unit.test_claims import TASK, runs, table, with_queries
 
-EFFICIENCY = [{"run": "baseline", "seeds": 2, "trainable_parameters": 1234567.0, "peak_memory_mb": 2048.4,
-               "step_s": 0.456}]
+
+
+def efficiency(seed: int) -> dict:
+    return {"trainable_parameters": 1234567.0, "peak_memory_mb": 2048.4 + seed, "step_s": 0.456 + seed}
 
 
 def save_suites(folder: Path, queries: bool = True) -> Path:
@@ -32,7 +34,8 @@ def save_suites(folder: Path, queries: bool = True) -> Path:
         saved["overlap_dropped"] = {TASK: {"de": 3, "fr": 1, "pool": 2}}
     save_tables(folder / "tiny", tables, {"setup": {"suite": "tiny", "steps": 12, "backbone": "tiny_bert"},
                                           "smoke": True, "commands": ["make paper ARGS=--suite tiny"],
-                                          "efficiency": EFFICIENCY, "page_suites": ["tiny", "tiny_long", "tiny_xl"]})
+                                          "page_suites": ["tiny", "tiny_long", "tiny_xl"]},
+                efficiency=[efficiency(seed) for _, seed, _, _ in tables])
     long_tables, curves = [], {}
     for seed in (0, 1):
         for name, nested in (("mel", True), ("mel_fixed", False)):
@@ -42,8 +45,7 @@ def save_suites(folder: Path, queries: bool = True) -> Path:
             curves[name, seed] = curve(steps)
     save_tables(folder / "tiny_long", long_tables, {"setup": {"suite": "tiny_long", "steps": 1500,
                                                               "backbone": "tiny_bert"}, "smoke": True,
-                                                    "commands": ["make paper ARGS=--suite tiny_long"],
-                                                    "efficiency": []}, curves)
+                                                    "commands": ["make paper ARGS=--suite tiny_long"]}, curves)
     return folder
 
 
@@ -63,12 +65,30 @@ def test_the_results_page_shows_claims_intervals_full_cells_curves_and_costs(tmp
     assert "Final evaluation: GettextRetrieval 200 queries." in page and "GettextRetrieval `abc123`" in page
     assert "training split (text equal after case, punctuation and whitespace are normalised): GettextRetrieval 4 " \
            "pairs, 2 pool sentences." in page
-    assert "| baseline | 2 | 1,234,567 | 2,048 | 0.46 | 12 |" in page  # the final evaluation's mean seconds
+    # Per role: seeds, mean parameters and memory, the fastest seed's step time, the final evaluation's mean seconds.
+    assert "| baseline | 2 | 1,234,567 | 2,049 | 0.46 | 12 |" in page and "| mel (tiny_long) | 2 | nan |" in page
     assert "![3dml − baseline, GettextRetrieval](results/3dml_vs_baseline_GettextRetrieval.png)" in page
     assert "![learning curves, tiny_long](results/learning_curves_tiny_long.png)" in page
     assert (tmp_path / "results" / "learning_curves_tiny_long.png").stat().st_size > 10_000
     assert "Failed claims: " in page and "; 2 (MLL) on GettextRetrieval;" in page
     assert "make paper ARGS=--suite tiny\nmake paper ARGS=--suite tiny_long" in page
+
+
+def test_a_suite_saved_one_seed_at_a_time_keeps_its_other_seeds(tmp_path, capsys):
+    setup = {"suite": "tiny", "steps": 12, "backbone": "tiny_bert"}
+    manifest = {"setup": setup, "smoke": True, "commands": []}
+    for seed in (1, 0):  # --seeds 1, then --seeds 0: both kept, in seed order
+        save_tables(tmp_path, [(name, seed, table(0.6), Path(f"/runs/{name}/{seed}")) for name in ("baseline", "mrl")],
+                    manifest, efficiency=[efficiency(seed)] * 2)
+    runs = json.loads((tmp_path / "manifest.json").read_text())["runs"]
+    assert [(entry["role"], entry["seed"]) for entry in runs] == [("baseline", 0), ("mrl", 0), ("baseline", 1),
+                                                                  ("mrl", 1)]
+    assert runs[2]["efficiency"] == efficiency(1)
+    # Another setup (a longer budget) replaces the saved runs instead of mixing them, and says so.
+    save_tables(tmp_path, [("baseline", 2, table(0.6), Path("/runs/b/2"))], {**manifest, "setup": {**setup, "steps": 24}})
+    assert [entry["seed"] for entry in json.loads((tmp_path / "manifest.json").read_text())["runs"]] == [2]
+    assert sorted(file.name for file in tmp_path.iterdir()) == ["baseline_seed2.json", "manifest.json"]
+    assert "replacing the saved runs of another setup" in capsys.readouterr().out
 
 
 def test_the_page_rebuilds_byte_identical_from_its_tables(tmp_path, capsys):
@@ -94,7 +114,8 @@ def test_the_page_rebuilds_byte_identical_from_its_tables(tmp_path, capsys):
     assert main(["--from-tables", str(folder)]) == 2  # smoke tables never become the committed page
     assert "holds a smoke or partial run's tables" in capsys.readouterr().err
     assert json.loads((folder / "tiny" / "manifest.json").read_text())["runs"][0] == {
-        "role": "baseline", "seed": 0, "table": "baseline_seed0.json", "run_dir": "/runs/baseline/0"}
+        "role": "baseline", "seed": 0, "table": "baseline_seed0.json", "run_dir": "/runs/baseline/0",
+        "efficiency": efficiency(0)}
 
 
 def test_the_committed_page_rebuilds_byte_identical_from_the_committed_tables(tmp_path):
@@ -113,7 +134,8 @@ def test_only_the_page_s_suites_write_the_committed_page(monkeypatch, capsys):
     import experiments.paper as paper
 
     pages = []
-    monkeypatch.setattr(paper, "write_results", lambda suites, args, out, smoke: pages.append((suites, out, smoke)) or out)
+    monkeypatch.setattr(paper, "write_results",
+                        lambda suites, args, out, smoke, seeds: pages.append((suites, out, smoke, seeds)) or out)
     assert paper.main(["--suite", "paper_smoke", "--out", "docs/results.md"]) == 2 and pages == []
     assert "config error at `--out`: docs/results.md holds the committed results of the suites paper, paper_long" in \
            capsys.readouterr().err
@@ -121,8 +143,10 @@ def test_only_the_page_s_suites_write_the_committed_page(monkeypatch, capsys):
     assert paper.main(["--suite", "paper", "trainer.max_steps=5"]) == 0  # partial: also there
     assert paper.main(["--suite", "paper_long"]) == 0  # one of the page's suites: the page is rebuilt from all
     assert paper.main([]) == 0
-    assert pages == [(["paper_smoke"], None, True), (["paper"], None, True),
-                     (["paper_long"], COMMITTED_PAGE, False), (["paper", "paper_long"], COMMITTED_PAGE, False)]
+    assert paper.main(["--suite", "paper_long", "--seeds", "0", "1"]) == 0  # a part of a suite, for the same page
+    assert pages == [(["paper_smoke"], None, True, None), (["paper"], None, True, None),
+                     (["paper_long"], COMMITTED_PAGE, False, None), (["paper", "paper_long"], COMMITTED_PAGE, False, None),
+                     (["paper_long"], COMMITTED_PAGE, False, [0, 1])]
 
 
 TINY_GRID = {
