@@ -11,7 +11,7 @@ compact table (main scores, per-query scores, learning curve, corpus content has
 efficiency from MLflow, commands) under ``<out stem>/tables/<suite>/`` (``docs/results/tables/paper/``), then writes
 the results page FROM THOSE TABLES (:mod:`experiments.results_page`; the claims and their one rule:
 :mod:`evaluation.claims`). ``--from-tables`` writes the page from saved tables without running anything: the same
-bytes (``test_the_committed_page_rebuilds_byte_identical``).
+bytes (``test_the_committed_page_rebuilds_byte_identical_from_the_committed_tables``).
 
 Runs are matched to the claims by experiment name without the ``paper_`` prefix (``paper_mel_fixed`` -> ``mel_fixed``);
 a claim whose runs are not in the suite is reported as not run.
