@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -194,7 +195,12 @@ def page_for(suites: list[str], overrides: list[str], out: str | None) -> Path |
 
 def main(argv: list[str]) -> int:
     from experiments.config import ConfigError
+    from experiments.console import VERBOSE_FLAG, quiet_libraries, take_verbose
 
+    argv, verbose = take_verbose(argv)
+    if not verbose:  # training the suites: the runs' bars and summaries, not the libraries' notices (make exp's rule)
+        quiet_libraries()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__.split("\n\n")[0])
     parser.add_argument("--suite", help=f"one suite file under experiments/suites (default: {', '.join(PAGE_SUITES)} "
                                         f"in turn)")
@@ -207,6 +213,7 @@ def main(argv: list[str]) -> int:
                         help="run only these of the suite's seeds; the saved tables of its other seeds are kept (a "
                              "suite too long for one sitting, one part at a time)")
     parser.add_argument("overrides", nargs="*", help="key=value for every run (after the suite's overrides)")
+    parser.add_argument(VERBOSE_FLAG, action="store_true", help="also what the libraries print about themselves")
     options = parser.parse_args(argv)
     suites = [options.suite] if options.suite else list(PAGE_SUITES)
     smoke = not set(suites) <= set(PAGE_SUITES) or bool(options.overrides)

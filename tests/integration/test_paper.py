@@ -211,3 +211,14 @@ def test_a_tiny_two_run_suite_end_to_end(tmp_path, corpus_dir, mlflow_dir, capsy
     write_results(["tiny_paper"], args, out, smoke=False, suites_dir=suites, experiments_dir=experiments)
     assert f"replaced {out} and its figures in {out.parent / 'results'}/ (before: Suite `tiny_paper`: tiny_bert" \
            in capsys.readouterr().out  # a full run says which page it replaced
+
+
+def test_make_paper_keeps_the_libraries_quiet_unless_verbose(monkeypatch, tmp_path, capsys):
+    """Before: make paper's training printed Lightning's device lines and MLflow's INFO lines (make exp did not)."""
+    import experiments.console as console
+
+    calls = []
+    monkeypatch.setattr(console, "quiet_libraries", lambda: calls.append("quiet"))
+    assert main(["--from-tables", str(tmp_path), "--out", str(tmp_path / "page.md")]) == 2
+    assert main(["--verbose", "--from-tables", str(tmp_path), "--out", str(tmp_path / "page.md")]) == 2
+    assert calls == ["quiet"]
