@@ -24,7 +24,7 @@ class FinalEvalConfig:
     """ManpageRetrieval queries every language with translated manual pages on this machine (``make manpages``
     installs Debian's), not only ``locales``."""
     max_pages_per_language: int = 100
-    """ManpageRetrieval's queries per language (Debian's 29 languages here: about 2,300 queries in all)."""
+    """ManpageRetrieval's queries per language (the 29 languages here: 1,965 queries in all)."""
     whole_pool: bool = True
     """GettextRetrieval searches every held-out English sentence of the locales, not only the sampled pairs'."""
     every_probe: bool = False
