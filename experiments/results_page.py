@@ -6,11 +6,10 @@ Layout of the tables folder (``docs/results/tables/``), one sub-folder per suite
     <suite>/manifest.json             # setup, smoke, commands, and the runs (with each one's efficiency)
     <suite>/<role>_seed<s>.json       # the run's final table: main scores per cell (compact_table)
     <suite>/<role>_seed<s>.queries.npz   # its per-query scores (the intervals)
-    <suite>/<role>_seed<s>.curve.json    # a suite probed with the final evaluation at every probe: main score
-                                         # per probe step and cell (the learning curves)
+    <suite>/<role>_seed<s>.curve.json    # learning curve: main score per probe step and key cell (every_probe)
 
-The first suite (the one with a baseline) gives the claims table's rows, the heatmaps and the efficiency; any other
-suite adds the rows of the claims it can decide (the long MEL pair: claim 3 at its budget) and its learning curves.
+The first suite (the one with a baseline) gives every claim's row, the heatmaps and the efficiency; any other suite
+adds the rows of the claims it can decide (the long MEL pair: claim 3 at its budget) and its learning curves.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from evaluation.query_scores import query_file, write_query_scores
 TABLES_DIR = "tables"  # beside the page's figures: docs/results/tables/
 MANIFEST = "manifest.json"
 CURVE_SUFFIX = ".curve.json"
+VERDICTS = {True: "pass", False: "**fail**", None: "–"}  # a claim's passed: True, False or None (not run)
 # The probe's retrieval task of each domain: the claims are checked on its main score (nDCG@10).
 DOMAINS = {"GettextRetrieval": "gettext UI strings (training's domain)",
            "ManpageRetrieval": "Debian manual pages (out of domain)"}
@@ -118,10 +118,6 @@ def saved_suites(folder: Path) -> list[SavedSuite]:
     return sorted(suites, key=lambda suite: "baseline" not in suite.runs)
 
 
-def verdict(passed: bool | None) -> str:
-    return {True: "pass", False: "**fail**", None: "–"}[passed]
-
-
 def claims_rows(suites: list[SavedSuite], task: str) -> list[tuple[str, Claim, str]]:
     """``(label, claim, seeds)`` rows of the claims table on ``task``: every claim of the first suite ("not run" where
     its runs are missing), then the claims each other suite decides, labelled with its budget."""
@@ -190,7 +186,7 @@ def render(suites: list[SavedSuite], figures: dict[str, str], curve_figures: dic
     for task in tasks:
         lines += [f"## Claims on {task}: {DOMAINS[task]}", "",
                   "| # | axis | claim | measured | result | seeds |", "|---|---|---|---|---|---|"]
-        lines += [f"| {claim.number} | {label} | {claim.statement} | {claim.value} | {verdict(claim.passed)} | "
+        lines += [f"| {claim.number} | {label} | {claim.statement} | {claim.value} | {VERDICTS[claim.passed]} | "
                   f"{seeds} |" for label, claim, seeds in rows[task]]
         lines.append("")
         if task in figures:
