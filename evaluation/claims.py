@@ -15,7 +15,7 @@ from pathlib import Path
 from contracts.cells import ALWAYS_NAMED, cell_name, cut_tags
 from evaluation.bootstrap import percentile_interval, resampled_means
 from evaluation.comparison import CompareError, cell_scores, compare, paired_arrays
-from evaluation.report import LEGACY_FULL_SETTINGS
+from evaluation.report import table_full_settings
 
 CLEAR_SHARE = 0.05  # "clearly" / "markedly" more: at least 5 points more of the run's own full-cell score kept
 FULL_COST = 1.0  # points an axis may cost at the full cell (claims 1-3)
@@ -77,22 +77,17 @@ def common_axes(tables: list[dict]) -> dict[str, list]:
             for key in per_table[0]}
 
 
-def full_settings(table: dict) -> dict[str, object]:
-    """The full settings the table's cell names leave out (a table written before the naming rule:
-    :data:`~evaluation.report.LEGACY_FULL_SETTINGS`, as :func:`~evaluation.comparison.load_table` renamed its cells)."""
-    return table.get("full_settings", LEGACY_FULL_SETTINGS)
-
-
 def top_cell(table: dict, **tags) -> str:
     """The name of ``table``'s cell with ``tags`` and the largest value of every other axis: with no ``tags`` the
     run's real full cell (``layer_4/dim_384`` for a baseline, ``layer_4/dim_384/rank_192`` for a MEL run)."""
-    return cell_name({key: tags.get(key, values[0]) for key, values in axes(table).items()}, full_settings(table))
+    top = {key: tags.get(key, values[0]) for key, values in axes(table).items()}
+    return cell_name(top, table_full_settings(table))
 
 
 def uncompressed(table: dict) -> bool:
     """Whether the run's real full cell cuts nothing beyond layer and width (False: MEL trained, top rank below d)."""
     top = {key: values[0] for key, values in axes(table).items()}
-    return set(cut_tags(top, full_settings(table))) <= set(ALWAYS_NAMED)
+    return set(cut_tags(top, table_full_settings(table))) <= set(ALWAYS_NAMED)
 
 
 def mean_scores(tables: list[dict], task: str) -> dict[str, float]:

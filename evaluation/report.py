@@ -55,12 +55,17 @@ def metrics(table: dict, extra: list[str]) -> dict[str, float]:
     return logged
 
 
+def table_full_settings(table: dict) -> dict:
+    """The full settings a probe table's cell names leave out. Tables written before the naming rule carry no
+    ``full_settings``: their fp32 precision is the one full setting they are known to name."""
+    return table.get("full_settings", LEGACY_FULL_SETTINGS)
+
+
 def setting_name(table: dict, tags: dict) -> str:
     """The model-side (and other non-grid) part of a cell's name: its cut tags but layer and dim (``rank_64``,
-    ``ffn_768/precision_binary``), ``full`` when it cuts none. Tables written before the naming rule carry no
-    ``full_settings``: their fp32 precision is the one full setting they are known to name."""
-    full = table.get("full_settings", LEGACY_FULL_SETTINGS)
-    return view_name({key: value for key, value in cut_tags(tags, full).items() if key not in ALWAYS_NAMED})
+    ``ffn_768/precision_binary``), ``full`` when it cuts none."""
+    return view_name({key: value for key, value in cut_tags(tags, table_full_settings(table)).items()
+                      if key not in ALWAYS_NAMED})
 
 
 def heatmap_groups(table: dict) -> dict[str, list[dict]]:
