@@ -64,7 +64,8 @@ def final_table(config: DictConfig) -> tuple[Path, Path] | None:
 
 def efficiency(configs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
     """Per run (in the order of ``configs``): its trainable parameters, peak memory and step time from MLflow
-    (``mlflow.search_runs``); NaN for what it did not log."""
+    (``mlflow.search_runs``), NaN for what it did not log, and the device it ran on (its ``device`` tag, with the
+    torch threads: step times measured on different devices or thread counts do not compare)."""
     import mlflow
 
     from experiments.mlflow_logger import RUN_ID_FILE
@@ -90,7 +91,8 @@ def efficiency(configs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
             memory = metric("metrics.run/memory/device/peak_rss_mb")
         rows.append({"trainable_parameters": metric("metrics.run/model/trainable_parameters"),
                      "peak_memory_mb": memory,
-                     "step_s": config.data.batch_size / metric("metrics.run/device/samples_per_sec")})
+                     "step_s": config.data.batch_size / metric("metrics.run/device/samples_per_sec"),
+                     "device": logged["tags.device"].iloc[0] if "tags.device" in logged and len(logged) else None})
     return rows
 
 

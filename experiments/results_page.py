@@ -267,7 +267,16 @@ def _efficiency_lines(suites: list[SavedSuite]) -> list[str]:
                     "seeds; step time is the batch size over the last 10-step throughput window, of the fastest seed "
                     "(other work on the machine only slows a run down, so the fastest is the least disturbed); the "
                     "final evaluation's seconds are its wall time at the run's last step, every cell of the grid, "
-                    "on this machine's CPU cores.", ""]
+                    "on this machine's CPU cores.", *_device_lines(suites), ""]
+
+
+def _device_lines(suites: list[SavedSuite]) -> list[str]:
+    """Where each suite's runs measured their step times (the MLflow ``device`` tag: step times on different devices
+    or torch thread counts do not compare); nothing for suites saved before the tag was kept."""
+    devices = {suite.setup["suite"]: sorted({entry["efficiency"]["device"] for entry in suite.manifest["runs"]
+                                              if entry.get("efficiency", {}).get("device")}) for suite in suites}
+    measured = [f"`{name}`: {', '.join(found)}" for name, found in devices.items() if found]
+    return ["", f"Measured on: {'; '.join(measured)}."] if measured else []
 
 
 def write_page(folder: Path, out: Path) -> Path:

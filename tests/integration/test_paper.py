@@ -15,7 +15,8 @@ from tests.unit.test_claims import TASK, runs, table, with_queries
 
 
 def efficiency(seed: int) -> dict:
-    return {"trainable_parameters": 1234567.0, "peak_memory_mb": 2048.4 + seed, "step_s": 0.456 + seed}
+    return {"trainable_parameters": 1234567.0, "peak_memory_mb": 2048.4 + seed, "step_s": 0.456 + seed,
+            "device": f"cpu: 2 cores, torch threads {seed + 1}"}
 
 
 def save_suites(folder: Path, queries: bool = True) -> Path:
@@ -67,6 +68,8 @@ def test_the_results_page_shows_claims_intervals_full_cells_curves_and_costs(tmp
            "pairs, 2 pool sentences." in page
     # Per role: seeds, mean parameters and memory, the fastest seed's step time, the final evaluation's mean seconds.
     assert "| baseline | 2 | 1,234,567 | 2,049 | 0.46 | 12 |" in page and "| mel (tiny_long) | 2 | nan |" in page
+    # Where the step times were measured, per suite (tiny_long logged no device).
+    assert "\nMeasured on: `tiny`: cpu: 2 cores, torch threads 1, cpu: 2 cores, torch threads 2.\n" in page
     assert "![3dml − baseline, GettextRetrieval](results/3dml_vs_baseline_GettextRetrieval.png)" in page
     assert "![learning curves, tiny_long](results/learning_curves_tiny_long.png)" in page
     assert (tmp_path / "results" / "learning_curves_tiny_long.png").stat().st_size > 10_000
