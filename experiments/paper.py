@@ -31,7 +31,8 @@ from omegaconf import DictConfig
 from evaluation.comparison import CompareError, load_table, table_file
 from evaluation.report import FILE_PREFIX, PROBE_DIR
 from evaluation.learning_curves import curve
-from experiments.results_page import MANIFEST, TABLES_DIR, save_tables, write_page
+from experiments.results_page import write_page
+from experiments.saved_tables import MANIFEST, TABLES_DIR, save_tables
 
 ROLE_PREFIX = "paper_"
 PAGE_SUITES = ("paper", "paper_long")  # the suites of the committed page, in the order make paper runs them

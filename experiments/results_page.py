@@ -1,12 +1,6 @@
-"""The results page of ``make paper``, written from saved tables only, so ``make paper ARGS=--from-tables`` rebuilds
-it byte-identical without training (``test_the_page_rebuilds_byte_identical_from_its_tables``).
-
-Layout of the tables folder (``docs/results/tables/``), one sub-folder per suite of the page::
-
-    <suite>/manifest.json             # setup, smoke, commands, and the runs (with each one's efficiency)
-    <suite>/<role>_seed<s>.json       # the run's final table: main scores per cell (compact_table)
-    <suite>/<role>_seed<s>.queries.npz   # its per-query scores (the intervals)
-    <suite>/<role>_seed<s>.curve.json    # learning curve: main score per probe step and key cell (every_probe)
+"""The results page of ``make paper``, written from the tables saved by :mod:`experiments.saved_tables` only, so
+``make paper ARGS=--from-tables`` rebuilds it byte-identical without training
+(``test_the_page_rebuilds_byte_identical_from_its_tables``).
 
 The first suite (the one with a baseline) gives every claim's row, the heatmaps and the efficiency; any other suite
 adds the rows of the claims it can decide (the long MEL pair: claim 3 at its budget) and its learning curves.
@@ -14,108 +8,24 @@ adds the rows of the claims it can decide (the long MEL pair: claim 3 at its bud
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
-from contracts.atomic import write_atomic
 from evaluation.claims import RULE, Claim, axes, claims, seed_agreement, top_cell, uncompressed
 from evaluation.learning_curves import draw
-from evaluation.comparison import compare, heatmaps, load_table
-from evaluation.query_scores import query_file, write_query_scores
+from evaluation.comparison import compare, heatmaps
+from experiments.saved_tables import SavedSuite, saved_suites
 
-TABLES_DIR = "tables"  # beside the page's figures: docs/results/tables/
-MANIFEST = "manifest.json"
-CURVE_SUFFIX = ".curve.json"
 VERDICTS = {True: "pass", False: "**fail**", None: "–"}  # a claim's passed: True, False or None (not run)
 # The probe's retrieval task of each domain: the claims are checked on its main score (nDCG@10).
 DOMAINS = {"GettextRetrieval": "gettext UI strings (training's domain)",
            "ManpageRetrieval": "Debian manual pages (out of domain)"}
 
 
-def compact_table(table: dict) -> dict:
-    """What the page reads of a probe table: its step, the final evaluation's seconds, tasks (with their corpus
-    revisions), the texts left out as training overlap, the full settings its cell names leave out, and per cell the
-    name, tags, bytes, each task's main score and their mean (the per-query scores go to the ``.queries.npz``)."""
-    return {"step": table["step"], "seconds": table.get("seconds"), "tasks": table["tasks"],
-            "overlap_dropped": table.get("overlap_dropped", {}), "summary": table.get("summary", {}),
-            **({"full_settings": table["full_settings"]} if "full_settings" in table else {}),
-            "cells": [{"name": cell["name"], "tags": cell["tags"], "bytes": cell["bytes"],
-                       "scores": {task: {"main_score": scores["main_score"]} for task, scores in cell["scores"].items()},
-                       "mean_main_score": cell["mean_main_score"]} for cell in table["cells"]]}
-
-
-def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifest: dict,
-                curves: dict[tuple[str, int], dict] | None = None, efficiency: list[dict] | None = None) -> Path:
-    """Writes each run's compact table (``<role>_seed<seed>.json``), its per-query scores (``.queries.npz``, when it
-    has them) and its learning curve (``.curve.json``, when in ``curves``, keyed by ``(role, seed)``) into ``folder``,
-    with ``manifest.json``: ``manifest`` (``setup``, ``smoke``, ``commands``) plus the list of runs, each with its
-    ``efficiency`` row (``trainable_parameters``, ``peak_memory_mb``, ``step_s``; in the order of ``tables``).
-    ``tables``: ``(role, seed, table, run folder)``. The runs of other seeds already saved in ``folder`` with the same
-    ``setup`` stay (a suite saved one seed at a time); with another setup they are replaced. Returns the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    new = {(name, seed) for name, seed, _, _ in tables}
-    kept = []
-    if (folder / MANIFEST).is_file():
-        before = json.loads((folder / MANIFEST).read_text())
-        if before.get("setup") == manifest["setup"]:
-            kept = [entry for entry in before["runs"] if (entry["role"], entry["seed"]) not in new
-                    and (folder / entry["table"]).is_file()]
-        else:
-            print(f"{folder}: replacing the saved runs of another setup ({before.get('setup')})")
-            for file in folder.iterdir():
-                file.unlink()
-    runs = []
-    for index, (name, seed, table, run_dir) in enumerate(tables):
-        file = folder / f"{name}_seed{seed}.json"
-        write_atomic(file, json.dumps(compact_table(table), indent=1) + "\n")
-        query_file(file).unlink(missing_ok=True)
-        if table.get("query_scores"):
-            write_query_scores(query_file(file), table["query_scores"])
-        if curves and (name, seed) in curves:
-            write_atomic(file.with_suffix(CURVE_SUFFIX), json.dumps(curves[name, seed]) + "\n")
-        runs.append({"role": name, "seed": seed, "table": file.name, "run_dir": str(run_dir),
-                     "efficiency": efficiency[index] if efficiency else {}})
-    order = {name: index for index, (name, _, _, _) in reversed(list(enumerate(tables)))}
-    runs = sorted(kept + runs, key=lambda entry: (entry["seed"], order.get(entry["role"], len(order))))
-    write_atomic(folder / MANIFEST, json.dumps({**manifest, "runs": runs}, indent=1) + "\n")
-    return folder
-
-
-class SavedSuite:
-    """One suite's saved tables: its manifest, its tables per seed and role, and the learning curves it has."""
-
-    def __init__(self, folder: Path) -> None:
-        self.manifest = json.loads((folder / MANIFEST).read_text())
-        self.by_seed: dict[int, dict[str, list[dict]]] = {}
-        self.files: dict[str, list[Path]] = {}
-        self.curves: dict[str, list[dict]] = {}
-        for entry in self.manifest["runs"]:
-            table, file = load_table(folder / entry["table"])
-            self.by_seed.setdefault(entry["seed"], {}).setdefault(entry["role"], []).append(table)
-            self.files.setdefault(entry["role"], []).append(file)
-            curve_file = file.with_suffix(CURVE_SUFFIX)
-            if curve_file.is_file():
-                self.curves.setdefault(entry["role"], []).append(json.loads(curve_file.read_text()))
-        self.runs = {name: [table for seed in self.by_seed.values() for table in seed.get(name, [])]
-                     for name in self.files}
-
-    @property
-    def setup(self) -> dict:
-        return self.manifest["setup"]
-
-    def tasks(self) -> list[str]:
-        return [task for task in DOMAINS if any(task in table["tasks"] for tables in self.runs.values()
-                                                for table in tables)]
-
-
-def saved_suites(folder: Path) -> list[SavedSuite]:
-    """The suites saved in ``folder`` (one manifest at its root, or one per sub-folder), the one with a baseline
-    first."""
-    folders = [folder] if (folder / MANIFEST).is_file() else sorted(path.parent for path in folder.glob(f"*/{MANIFEST}"))
-    suites = [SavedSuite(path) for path in folders]
-    return sorted(suites, key=lambda suite: "baseline" not in suite.runs)
+def domain_tasks(suite: SavedSuite) -> list[str]:
+    """The tasks of :data:`DOMAINS` the suite was scored on: the page's heatmaps and learning curves."""
+    return [task for task in DOMAINS if task in suite.tasks()]
 
 
 def claims_rows(suites: list[SavedSuite], task: str) -> list[tuple[str, Claim, str]]:
@@ -289,7 +199,7 @@ def write_page(folder: Path, out: Path) -> Path:
     figures_dir.mkdir(parents=True, exist_ok=True)
     figures, curve_figures = {}, {}
     if "baseline" in first.runs and "3dml" in first.runs:
-        for task in first.tasks():
+        for task in domain_tasks(first):
             path = figures_dir / f"3dml_vs_baseline_{task}.png"
             result = compare(first.runs["baseline"], first.runs["3dml"], task,
                              (first.files["baseline"], first.files["3dml"]))
@@ -301,7 +211,7 @@ def write_page(folder: Path, out: Path) -> Path:
     for suite in suites:
         if suite.curves:
             path = figures_dir / f"learning_curves_{suite.setup['suite']}.png"
-            draw(suite.curves, suite.tasks(), path)
+            draw(suite.curves, domain_tasks(suite), path)
             curve_figures[suite.setup["suite"]] = f"{figures_dir.name}/{path.name}"
     out.write_text(render(suites, figures, curve_figures))
     return out

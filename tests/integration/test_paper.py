@@ -9,7 +9,8 @@ import pytest
 
 from experiments.paper import COMMITTED_PAGE, main
 from evaluation.learning_curves import curve
-from experiments.results_page import TABLES_DIR, save_tables, write_page
+from experiments.results_page import write_page
+from experiments.saved_tables import TABLES_DIR, save_tables
 from tests.unit.test_claims import TASK, runs, table, with_queries
 
 
