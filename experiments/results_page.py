@@ -15,7 +15,7 @@ from pathlib import Path
 from evaluation.claims import RULE, Claim, axes, claims, seed_agreement, top_cell, uncompressed
 from evaluation.learning_curves import draw
 from evaluation.comparison import compare, heatmaps
-from experiments.saved_tables import SavedSuite, saved_suites
+from experiments.saved_tables import SavedSuite, saved_suites, tables_lock
 
 VERDICTS = {True: "pass", False: "**fail**", None: "–"}  # a claim's passed: True, False or None (not run)
 # The probe's retrieval task of each domain: the claims are checked on its main score (nDCG@10).
@@ -193,25 +193,26 @@ def write_page(folder: Path, out: Path) -> Path:
     """Writes the results page ``out`` (and its figures in ``<out stem>/``) from the tables saved by
     :func:`save_tables` under ``folder``: the same page whether the runs were just trained or not (``make paper
     ARGS=--from-tables``). Returns ``out``."""
-    suites = saved_suites(folder)
-    first = suites[0]
-    figures_dir = out.parent / out.stem
-    figures_dir.mkdir(parents=True, exist_ok=True)
-    figures, curve_figures = {}, {}
-    if "baseline" in first.runs and "3dml" in first.runs:
-        for task in domain_tasks(first):
-            path = figures_dir / f"3dml_vs_baseline_{task}.png"
-            result = compare(first.runs["baseline"], first.runs["3dml"], task,
-                             (first.files["baseline"], first.files["3dml"]))
-            seeds = {role: ", ".join(str(seed) for seed, roles in sorted(first.by_seed.items()) if role in roles)
-                     for role in ("baseline", "3dml")}
-            heatmaps(first.runs["baseline"][0], result, path,
-                     (f"baseline (seeds {seeds['baseline']})", f"3dml (seeds {seeds['3dml']})"))
-            figures[task] = f"{figures_dir.name}/{path.name}"
-    for suite in suites:
-        if suite.curves:
-            path = figures_dir / f"learning_curves_{suite.setup['suite']}.png"
-            draw(suite.curves, domain_tasks(suite), path)
-            curve_figures[suite.setup["suite"]] = f"{figures_dir.name}/{path.name}"
-    out.write_text(render(suites, figures, curve_figures))
+    with tables_lock(folder):  # a part of the suite saving beside it waits: the page shows every saved run
+        suites = saved_suites(folder)
+        first = suites[0]
+        figures_dir = out.parent / out.stem
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        figures, curve_figures = {}, {}
+        if "baseline" in first.runs and "3dml" in first.runs:
+            for task in domain_tasks(first):
+                path = figures_dir / f"3dml_vs_baseline_{task}.png"
+                result = compare(first.runs["baseline"], first.runs["3dml"], task,
+                                 (first.files["baseline"], first.files["3dml"]))
+                seeds = {role: ", ".join(str(seed) for seed, roles in sorted(first.by_seed.items()) if role in roles)
+                         for role in ("baseline", "3dml")}
+                heatmaps(first.runs["baseline"][0], result, path,
+                         (f"baseline (seeds {seeds['baseline']})", f"3dml (seeds {seeds['3dml']})"))
+                figures[task] = f"{figures_dir.name}/{path.name}"
+        for suite in suites:
+            if suite.curves:
+                path = figures_dir / f"learning_curves_{suite.setup['suite']}.png"
+                draw(suite.curves, domain_tasks(suite), path)
+                curve_figures[suite.setup["suite"]] = f"{figures_dir.name}/{path.name}"
+        out.write_text(render(suites, figures, curve_figures))
     return out

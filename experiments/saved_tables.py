@@ -11,8 +11,12 @@ Layout of the tables folder (``docs/results/tables/``), one sub-folder per suite
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 from pathlib import Path
+
+from filelock import FileLock
 
 from contracts.atomic import write_atomic
 from evaluation.comparison import load_table
@@ -22,6 +26,18 @@ TABLES_DIR = "tables"  # beside the page's figures: docs/results/tables/
 MANIFEST = "manifest.json"
 CURVE_SUFFIX = ".curve.json"
 
+
+def tables_lock(folder: Path) -> FileLock:
+    """The lock of a tables folder (``docs/results/tables/``): one writer at a time of its manifests and of the page
+    written from them, so parts of a suite run side by side (``--seeds 0`` and ``--seeds 1`` in two processes) keep
+    each other's runs. The lock file lives in the temp folder, not among the committed tables.
+
+    Example:
+        >>> with tables_lock(Path("docs/results/tables")):  # no part of a suite saves while it reads them
+        ...     suites = saved_suites(Path("docs/results/tables"))
+    """
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
+    return FileLock(Path(tempfile.gettempdir()) / f"matryoshka-lab-tables-{key}.lock")
 
 
 def compact_table(table: dict) -> dict:
@@ -44,34 +60,36 @@ def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifes
     ``efficiency`` row (``trainable_parameters``, ``peak_memory_mb``, ``step_s``, ``device``; in the order of
     ``tables``).
     ``tables``: ``(role, seed, table, run folder)``. The runs of other seeds already saved in ``folder`` with the same
-    ``setup`` stay (a suite saved one seed at a time); with another setup they are replaced. Returns the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    new = {(name, seed) for name, seed, _, _ in tables}
-    kept = []
-    if (folder / MANIFEST).is_file():
-        before = json.loads((folder / MANIFEST).read_text())
-        if before.get("setup") == manifest["setup"]:
-            kept = [entry for entry in before["runs"] if (entry["role"], entry["seed"]) not in new
-                    and (folder / entry["table"]).is_file()]
-        else:
-            print(f"{folder}: replacing the saved runs of another setup ({before.get('setup')})")
-            for file in folder.iterdir():
-                file.unlink()
-    runs = []
-    for index, (name, seed, table, run_dir) in enumerate(tables):
-        file = folder / f"{name}_seed{seed}.json"
-        write_atomic(file, json.dumps(compact_table(table), indent=1) + "\n")
-        query_file(file).unlink(missing_ok=True)
-        if table.get("query_scores"):
-            write_query_scores(query_file(file), table["query_scores"])
-        if curves and (name, seed) in curves:
-            write_atomic(file.with_suffix(CURVE_SUFFIX), json.dumps(curves[name, seed]) + "\n")
-        runs.append({"role": name, "seed": seed, "table": file.name, "run_dir": str(run_dir),
-                     "efficiency": efficiency[index] if efficiency else {}})
-    order = {name: index for index, (name, _, _, _) in reversed(list(enumerate(tables)))}
-    runs = sorted(kept + runs, key=lambda entry: (entry["seed"], order.get(entry["role"], len(order))))
-    write_atomic(folder / MANIFEST, json.dumps({**manifest, "runs": runs}, indent=1) + "\n")
-    return folder
+    ``setup`` stay (a suite saved one seed at a time, or by parts running side by side: :func:`tables_lock`); with
+    another setup they are replaced. Returns the folder."""
+    with tables_lock(folder.parent):  # parts of a suite saved side by side keep each other's runs
+        folder.mkdir(parents=True, exist_ok=True)
+        new = {(name, seed) for name, seed, _, _ in tables}
+        kept = []
+        if (folder / MANIFEST).is_file():
+            before = json.loads((folder / MANIFEST).read_text())
+            if before.get("setup") == manifest["setup"]:
+                kept = [entry for entry in before["runs"] if (entry["role"], entry["seed"]) not in new
+                        and (folder / entry["table"]).is_file()]
+            else:
+                print(f"{folder}: replacing the saved runs of another setup ({before.get('setup')})")
+                for file in folder.iterdir():
+                    file.unlink()
+        runs = []
+        for index, (name, seed, table, run_dir) in enumerate(tables):
+            file = folder / f"{name}_seed{seed}.json"
+            write_atomic(file, json.dumps(compact_table(table), indent=1) + "\n")
+            query_file(file).unlink(missing_ok=True)
+            if table.get("query_scores"):
+                write_query_scores(query_file(file), table["query_scores"])
+            if curves and (name, seed) in curves:
+                write_atomic(file.with_suffix(CURVE_SUFFIX), json.dumps(curves[name, seed]) + "\n")
+            runs.append({"role": name, "seed": seed, "table": file.name, "run_dir": str(run_dir),
+                         "efficiency": efficiency[index] if efficiency else {}})
+        order = {name: index for index, (name, _, _, _) in reversed(list(enumerate(tables)))}
+        runs = sorted(kept + runs, key=lambda entry: (entry["seed"], order.get(entry["role"], len(order))))
+        write_atomic(folder / MANIFEST, json.dumps({**manifest, "runs": runs}, indent=1) + "\n")
+        return folder
 
 
 class SavedSuite:

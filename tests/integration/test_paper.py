@@ -3,6 +3,7 @@ rebuild from the committed tables), which page a suite may write, and a tiny sui
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from experiments.paper import COMMITTED_PAGE, main
 from evaluation.learning_curves import curve
 from experiments.results_page import write_page
-from experiments.saved_tables import TABLES_DIR, save_tables
+from experiments.saved_tables import TABLES_DIR, save_tables, tables_lock
 from tests.unit.test_claims import TASK, runs, table, with_queries
 
 
@@ -93,6 +94,22 @@ def test_a_suite_saved_one_seed_at_a_time_keeps_its_other_seeds(tmp_path, capsys
     assert [entry["seed"] for entry in json.loads((tmp_path / "manifest.json").read_text())["runs"]] == [2]
     assert sorted(file.name for file in tmp_path.iterdir()) == ["baseline_seed2.json", "manifest.json"]
     assert "replacing the saved runs of another setup" in capsys.readouterr().out
+
+
+def test_a_part_of_a_suite_saving_beside_another_waits_for_the_tables_lock(tmp_path):
+    """Two ``--seeds`` parts finishing at once: the second's read-modify-write of the manifest waits for the first."""
+    manifest = {"setup": {"suite": "tiny", "steps": 12, "backbone": "tiny_bert"}, "smoke": True, "commands": []}
+    save_tables(tmp_path / "tiny", [("baseline", 0, table(0.6), Path("/runs/b/0"))], manifest)
+    part = threading.Thread(target=save_tables, args=(tmp_path / "tiny", [("baseline", 1, table(0.6),
+                                                                             Path("/runs/b/1"))], manifest))
+    with tables_lock(tmp_path):  # the other part, still saving
+        part.start()
+        part.join(timeout=1.0)
+        assert part.is_alive()
+        assert [entry["seed"] for entry in json.loads((tmp_path / "tiny" / "manifest.json").read_text())["runs"]] == [0]
+    part.join(timeout=60)
+    assert not part.is_alive()
+    assert [entry["seed"] for entry in json.loads((tmp_path / "tiny" / "manifest.json").read_text())["runs"]] == [0, 1]
 
 
 def test_the_page_rebuilds_byte_identical_from_its_tables(tmp_path, capsys):
