@@ -58,8 +58,7 @@ def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifes
     has them) and its learning curve (``.curve.json``, when in ``curves``, keyed by ``(role, seed)``) into ``folder``,
     with ``manifest.json``: ``manifest`` (``setup``, ``smoke``, ``commands``) plus the list of runs, each with its
     ``efficiency`` row (``trainable_parameters``, ``peak_memory_mb``, ``step_s``, ``device``; in the order of
-    ``tables``).
-    ``tables``: ``(role, seed, table, run folder)``. The runs of other seeds already saved in ``folder`` with the same
+    ``tables``). ``tables``: ``(role, seed, table, run folder)``. The runs of other seeds already saved in ``folder`` with the same
     ``setup`` stay (a suite saved one seed at a time, or by parts running side by side: :func:`tables_lock`); with
     another setup they are replaced. Returns the folder."""
     with tables_lock(folder.parent):  # parts of a suite saved side by side keep each other's runs
