@@ -6,13 +6,17 @@ Layout of the tables folder (``docs/results/tables/``), one sub-folder per suite
     <suite>/manifest.json             # setup, smoke, commands, and the runs (with each one's efficiency)
     <suite>/<role>_seed<s>.json       # the run's final table: main scores per cell (compact_table)
     <suite>/<role>_seed<s>.queries.npz   # its per-query scores (the intervals)
-    <suite>/<role>_seed<s>.curve.json    # learning curve: main score per probe step and key cell (every_probe)
+    <suite>/curves/<role>_seed<s>.json   # learning curve: main score per probe step and key cell (every_probe)
+
+The curves have their own folder so that a glob of a role's tables (``make compare A="<suite>/mel_seed*.json"``)
+matches tables only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from evaluation.query_scores import query_file, write_query_scores
 
 TABLES_DIR = "tables"  # beside the page's figures: docs/results/tables/
 MANIFEST = "manifest.json"
-CURVE_SUFFIX = ".curve.json"
+CURVES_DIR = "curves"
 
 
 def tables_lock(folder: Path) -> FileLock:
@@ -38,6 +42,11 @@ def tables_lock(folder: Path) -> FileLock:
     """
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
     return FileLock(Path(tempfile.gettempdir()) / f"matryoshka-lab-tables-{key}.lock")
+
+
+def curve_file(table_file: Path) -> Path:
+    """Where the learning curve of the run whose compact table is ``table_file`` is saved."""
+    return table_file.parent / CURVES_DIR / table_file.name
 
 
 def compact_table(table: dict) -> dict:
@@ -55,7 +64,7 @@ def compact_table(table: dict) -> dict:
 def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifest: dict,
                 curves: dict[tuple[str, int], dict] | None = None, efficiency: list[dict] | None = None) -> Path:
     """Writes each run's compact table (``<role>_seed<seed>.json``), its per-query scores (``.queries.npz``, when it
-    has them) and its learning curve (``.curve.json``, when in ``curves``, keyed by ``(role, seed)``) into ``folder``,
+    has them) and its learning curve (:func:`curve_file`, when in ``curves``, keyed by ``(role, seed)``) into ``folder``,
     with ``manifest.json``: ``manifest`` (``setup``, ``smoke``, ``commands``) plus the list of runs, each with its
     ``efficiency`` row (``trainable_parameters``, ``peak_memory_mb``, ``step_s``, ``device``; in the order of
     ``tables``). ``tables``: ``(role, seed, table, run folder)``. The runs of other seeds already saved in ``folder`` with the same
@@ -72,8 +81,8 @@ def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifes
                         and (folder / entry["table"]).is_file()]
             else:
                 print(f"{folder}: replacing the saved runs of another setup ({before.get('setup')})")
-                for file in folder.iterdir():
-                    file.unlink()
+                shutil.rmtree(folder)
+                folder.mkdir()
         runs = []
         for index, (name, seed, table, run_dir) in enumerate(tables):
             file = folder / f"{name}_seed{seed}.json"
@@ -81,8 +90,9 @@ def save_tables(folder: Path, tables: list[tuple[str, int, dict, Path]], manifes
             query_file(file).unlink(missing_ok=True)
             if table.get("query_scores"):
                 write_query_scores(query_file(file), table["query_scores"])
+            curve_file(file).unlink(missing_ok=True)
             if curves and (name, seed) in curves:
-                write_atomic(file.with_suffix(CURVE_SUFFIX), json.dumps(curves[name, seed]) + "\n")
+                write_atomic(curve_file(file), json.dumps(curves[name, seed]) + "\n")
             runs.append({"role": name, "seed": seed, "table": file.name, "run_dir": str(run_dir),
                          "efficiency": efficiency[index] if efficiency else {}})
         order = {name: index for index, (name, _, _, _) in reversed(list(enumerate(tables)))}
@@ -103,9 +113,8 @@ class SavedSuite:
             table, file = load_table(folder / entry["table"])
             self.by_seed.setdefault(entry["seed"], {}).setdefault(entry["role"], []).append(table)
             self.files.setdefault(entry["role"], []).append(file)
-            curve_file = file.with_suffix(CURVE_SUFFIX)
-            if curve_file.is_file():
-                self.curves.setdefault(entry["role"], []).append(json.loads(curve_file.read_text()))
+            if curve_file(file).is_file():
+                self.curves.setdefault(entry["role"], []).append(json.loads(curve_file(file).read_text()))
         self.runs = {name: [table for seed in self.by_seed.values() for table in seed.get(name, [])]
                      for name in self.files}
 

@@ -75,6 +75,9 @@ def test_the_results_page_shows_claims_intervals_full_cells_curves_and_costs(tmp
     assert "![3dml − baseline, GettextRetrieval](results/3dml_vs_baseline_GettextRetrieval.png)" in page
     assert "![learning curves, tiny_long](results/learning_curves_tiny_long.png)" in page
     assert (tmp_path / "results" / "learning_curves_tiny_long.png").stat().st_size > 10_000
+    # A glob of a role's tables (make compare A="<suite>/mel_seed*.json") finds tables only: curves are in curves/.
+    assert sorted(path.name for path in (folder / "tiny_long").glob("mel_seed*.json")) == ["mel_seed0.json",
+                                                                                            "mel_seed1.json"]
     assert "Failed claims: " in page and "; 2 (MLL) on GettextRetrieval;" in page
     assert "make paper ARGS=--suite tiny\nmake paper ARGS=--suite tiny_long" in page
 
@@ -204,7 +207,7 @@ def test_a_tiny_two_run_suite_end_to_end(tmp_path, corpus_dir, mlflow_dir, capsy
     out = write_results(["tiny_paper", "tiny_long"], args, tmp_path / "docs" / "results.md", smoke=True,
                         suites_dir=suites, experiments_dir=experiments)
     page = out.read_text()
-    learning = json.loads((tmp_path / "docs" / "results" / "tables" / "tiny_long" / "3dml_seed0.curve.json").read_text())
+    learning = json.loads((tmp_path / "docs" / "results" / "tables" / "tiny_long" / "curves" / "3dml_seed0.json").read_text())
     assert learning["steps"] == [6, 12] and sorted(learning["cells"]) == ["layer_4/dim_32/rank_16",
                                                                            "layer_4/dim_32/rank_8"]
     assert "![learning curves, tiny_long](results/learning_curves_tiny_long.png)" in page
