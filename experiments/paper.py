@@ -37,6 +37,9 @@ from experiments.saved_tables import MANIFEST, TABLES_DIR, save_tables
 ROLE_PREFIX = "paper_"
 PAGE_SUITES = ("paper", "paper_long")  # the suites of the committed page, in the order make paper runs them
 COMMITTED_PAGE = Path("docs/results.md")
+# The page lists `make compare` commands for the first of these (A, B) role pairs a suite has: 3D-ML against the
+# baseline (suite paper), nested against fixed-rank MEL (suite paper_long).
+COMPARED_PAIRS = (("baseline", "3dml"), ("mel_fixed", "mel"))
 
 
 def role(experiment: str) -> str:
@@ -141,9 +144,10 @@ def run_and_save(suite_name: str, args: list[str], out: Path | None, smoke: bool
     folder = out.parent / out.stem / TABLES_DIR
     make_args = " ".join(["--suite", suite_name, *args, *(["--out", str(out)] if out != COMMITTED_PAGE else [])])
     commands = [f'make paper ARGS="{make_args}"   # runs/resumes suite {suite_name}, probes, rebuilds the page']
-    if {"baseline", "3dml"} <= {name for name, _, _, _ in found_tables}:  # the saved tables: a clone has them
+    roles = {name for name, _, _, _ in found_tables}
+    for a, b in [pair for pair in COMPARED_PAIRS if set(pair) <= roles][:1]:  # the saved tables: a clone has them
         saved = folder / suite_name
-        commands += [f'make compare A="{saved}/baseline_seed*.json" B="{saved}/3dml_seed*.json" ARGS="--task {task}"'
+        commands += [f'make compare A="{saved}/{a}_seed*.json" B="{saved}/{b}_seed*.json" ARGS="--task {task}"'
                      for task in ("GettextRetrieval", "ManpageRetrieval")
                      if any(task in table["tasks"] for _, _, table, _ in found_tables)]
     setup = {"suite": suite_name, "steps": first.trainer.max_steps,

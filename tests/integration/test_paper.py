@@ -207,7 +207,8 @@ def test_a_tiny_two_run_suite_end_to_end(tmp_path, corpus_dir, mlflow_dir, capsy
     out = write_results(["tiny_paper", "tiny_long"], args, tmp_path / "docs" / "results.md", smoke=True,
                         suites_dir=suites, experiments_dir=experiments)
     page = out.read_text()
-    learning = json.loads((tmp_path / "docs" / "results" / "tables" / "tiny_long" / "curves" / "3dml_seed0.json").read_text())
+    learning = json.loads((tmp_path / "docs" / "results" / "tables" / "tiny_long" / "curves" / "3dml_seed0.json")
+                          .read_text())
     assert learning["steps"] == [6, 12] and sorted(learning["cells"]) == ["layer_4/dim_32/rank_16",
                                                                            "layer_4/dim_32/rank_8"]
     assert "![learning curves, tiny_long](results/learning_curves_tiny_long.png)" in page
