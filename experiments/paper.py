@@ -145,8 +145,9 @@ def run_and_save(suite_name: str, args: list[str], out: Path | None, smoke: bool
     make_args = " ".join(["--suite", suite_name, *args, *(["--out", str(out)] if out != COMMITTED_PAGE else [])])
     commands = [f'make paper ARGS="{make_args}"   # runs/resumes suite {suite_name}, probes, rebuilds the page']
     roles = {name for name, _, _, _ in found_tables}
-    for a, b in [pair for pair in COMPARED_PAIRS if set(pair) <= roles][:1]:  # the saved tables: a clone has them
-        saved = folder / suite_name
+    pair = next((pair for pair in COMPARED_PAIRS if set(pair) <= roles), None)
+    if pair is not None:  # commands on the saved tables: a clone has them
+        (a, b), saved = pair, folder / suite_name
         commands += [f'make compare A="{saved}/{a}_seed*.json" B="{saved}/{b}_seed*.json" ARGS="--task {task}"'
                      for task in ("GettextRetrieval", "ManpageRetrieval")
                      if any(task in table["tasks"] for _, _, table, _ in found_tables)]
