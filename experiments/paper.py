@@ -90,13 +90,14 @@ def efficiency(configs: list[DictConfig], run_dirs: list[Path]) -> list[dict]:
                     return float(logged[name].iloc[0])
             return math.nan
 
+        devices = logged["tags.device"].dropna() if "tags.device" in logged else ()  # NaN: a run logged before it
         memory = metric("metrics.run/memory/device/peak_cuda_mb")  # device memory when on CUDA
         if math.isnan(memory):
             memory = metric("metrics.run/memory/device/peak_rss_mb")
         rows.append({"trainable_parameters": metric("metrics.run/model/trainable_parameters"),
                      "peak_memory_mb": memory,
                      "step_s": config.data.batch_size / metric("metrics.run/device/samples_per_sec"),
-                     "device": logged["tags.device"].iloc[0] if "tags.device" in logged and len(logged) else None})
+                     "device": devices.iloc[0] if len(devices) else None})
     return rows
 
 

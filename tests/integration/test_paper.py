@@ -2,6 +2,7 @@
 rebuild from the committed tables), which page a suite may write, and a tiny suite end to end."""
 
 import json
+import math
 import shutil
 import threading
 from pathlib import Path
@@ -97,6 +98,29 @@ def test_a_suite_saved_one_seed_at_a_time_keeps_its_other_seeds(tmp_path, capsys
     assert [entry["seed"] for entry in json.loads((tmp_path / "manifest.json").read_text())["runs"]] == [2]
     assert sorted(file.name for file in tmp_path.iterdir()) == ["baseline_seed2.json", "manifest.json"]
     assert "replacing the saved runs of another setup" in capsys.readouterr().out
+
+
+def test_efficiency_reads_each_run_s_metrics_and_device_and_leaves_out_what_it_did_not_log(tmp_path, mlflow_dir):
+    import mlflow
+    from omegaconf import OmegaConf
+
+    from experiments.mlflow_logger import RUN_ID_FILE
+    from experiments.paper import efficiency
+
+    config = OmegaConf.create({"tracking": {"uri": f"sqlite:///{mlflow_dir}/mlflow.db", "experiment": "efficiency"},
+                               "data": {"batch_size": 32}})
+    mlflow.set_tracking_uri(config.tracking.uri)
+    mlflow.set_experiment("efficiency")
+    run_dirs = [tmp_path / "tagged", tmp_path / "untagged"]  # the second logged before runs had a device tag
+    for run_dir, tags in zip(run_dirs, ({"device": "cpu: 2 cores, torch threads 1"}, {})):
+        with mlflow.start_run(tags=tags) as run:
+            mlflow.log_metrics({"run/device/samples_per_sec": 64.0, "run/memory/device/peak_rss_mb": 1000.0})
+        run_dir.mkdir()
+        (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
+    rows = efficiency([config, config], run_dirs)
+    assert rows[0]["step_s"] == 0.5 and rows[0]["peak_memory_mb"] == 1000.0
+    assert rows[0]["device"] == "cpu: 2 cores, torch threads 1" and rows[1]["device"] is None
+    assert math.isnan(rows[1]["trainable_parameters"])
 
 
 def test_a_part_of_a_suite_saving_beside_another_waits_for_the_tables_lock(tmp_path):
