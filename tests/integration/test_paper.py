@@ -109,15 +109,21 @@ def test_efficiency_reads_each_run_s_metrics_and_device_and_leaves_out_what_it_d
 
     config = OmegaConf.create({"tracking": {"uri": f"sqlite:///{mlflow_dir}/mlflow.db", "experiment": "efficiency"},
                                "data": {"batch_size": 32}})
-    mlflow.set_tracking_uri(config.tracking.uri)
-    mlflow.set_experiment("efficiency")
+    client = mlflow.MlflowClient(config.tracking.uri)  # not the fluent API: no active experiment left to other tests
+    experiment = client.create_experiment("efficiency")
     run_dirs = [tmp_path / "tagged", tmp_path / "untagged"]  # the second logged before runs had a device tag
     for run_dir, tags in zip(run_dirs, ({"device": "cpu: 2 cores, torch threads 1"}, {})):
-        with mlflow.start_run(tags=tags) as run:
-            mlflow.log_metrics({"run/device/samples_per_sec": 64.0, "run/memory/device/peak_rss_mb": 1000.0})
+        run = client.create_run(experiment, tags=tags)
+        client.log_metric(run.info.run_id, "run/device/samples_per_sec", 64.0)
+        client.log_metric(run.info.run_id, "run/memory/device/peak_rss_mb", 1000.0)
+        client.set_terminated(run.info.run_id)
         run_dir.mkdir()
         (run_dir / RUN_ID_FILE).write_text(run.info.run_id)
-    rows = efficiency([config, config], run_dirs)
+    previous = mlflow.get_tracking_uri()
+    try:
+        rows = efficiency([config, config], run_dirs)
+    finally:
+        mlflow.set_tracking_uri(previous)
     assert rows[0]["step_s"] == 0.5 and rows[0]["peak_memory_mb"] == 1000.0
     assert rows[0]["device"] == "cpu: 2 cores, torch threads 1" and rows[1]["device"] is None
     assert math.isnan(rows[1]["trainable_parameters"])
